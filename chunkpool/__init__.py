@@ -1,0 +1,40 @@
+"""chunkpool: a ref-counted, prioritised, cancellable pool of Zarr chunks.
+
+See ``chunkpool/README.md`` for the design.
+"""
+
+from .errors import (
+    ChunkCancelledError,
+    ChunkIndexError,
+    ChunkLoadError,
+    ChunkPoolError,
+    PoolDestroyedError,
+    SourceError,
+)
+from .info import Axis, ChannelInfo, MultiscaleInfo, ScaleInfo
+from .location import ChunkLocation, ChunkState
+from .manager import ChunkManager
+from .metadata import read_multiscales
+from .pool import ChunkPool
+from .stats import PoolStats
+from .stores import open_node
+
+__all__ = [
+    "Axis",
+    "ChannelInfo",
+    "ChunkCancelledError",
+    "ChunkIndexError",
+    "ChunkLoadError",
+    "ChunkLocation",
+    "ChunkManager",
+    "ChunkPool",
+    "ChunkPoolError",
+    "ChunkState",
+    "MultiscaleInfo",
+    "PoolDestroyedError",
+    "PoolStats",
+    "ScaleInfo",
+    "SourceError",
+    "open_node",
+    "read_multiscales",
+]

@@ -1,0 +1,168 @@
+"""ChunkLocation: one chunk of one level, its refs, its data and its lifetime state.
+
+A location is created when a chunk is first requested and lives until it is
+destroyed (its last ref dropped and the cache did not keep it, or the pool was
+destroyed). Its fields are owned by the pool and change only under the pool's lock;
+the public properties are safe to read from any thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ChunkCancelledError, ChunkLoadError, ChunkPoolError
+from .info import ScaleInfo
+from .scheduler import JobState, LoadJob
+
+if TYPE_CHECKING:
+    from .pool import ChunkPool
+
+__all__ = ["ChunkKey", "ChunkLocation", "ChunkState", "Handler"]
+
+ChunkKey = tuple[int, tuple[int, ...]]
+Handler = Callable[["ChunkLocation"], Any]
+
+
+class ChunkState(enum.Enum):
+    """Where a chunk is in its life."""
+
+    PENDING = "pending"  # waiting in the pool's queue
+    LOADING = "loading"  # being fetched or decoded
+    LOADED = "loaded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # lost its last ref before it loaded
+    DESTROYED = "destroyed"  # released by the pool after it loaded or failed
+
+
+@dataclass
+class _RefEntry:
+    """What one ref registered on a chunk."""
+
+    priority: float
+    load_handler: Handler | None
+    drop_handler: Handler | None
+
+
+class ChunkLocation:
+    """A chunk of a multiscale image: where it is, who uses it, and its data."""
+
+    def __init__(self, pool: ChunkPool, scale_info: ScaleInfo, index: tuple[int, ...]):
+        self._pool = pool
+        self._scale_info = scale_info
+        self._index = index
+        self._nbytes = scale_info.chunk_nbytes(index)
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+        self._state = ChunkState.PENDING
+        self._data: np.ndarray | None = None
+        self._error: BaseException | None = None
+        self._refs: dict[str, _RefEntry] = {}
+        self._destroy_handlers: dict[str, Handler] = {}
+        self._unfired_loads: dict[str, Handler] = {}  # sync mode: fired by wait()
+        self._job: LoadJob | None = None
+        self._held_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<ChunkLocation level={self.level} index={self._index} {self.state.value}>"
+
+    @property
+    def scale_info(self) -> ScaleInfo:
+        """The info of the level this chunk belongs to."""
+        return self._scale_info
+
+    @property
+    def level(self) -> int:
+        return self._scale_info.level
+
+    @property
+    def index(self) -> tuple[int, ...]:
+        return self._index
+
+    @property
+    def key(self) -> ChunkKey:
+        """``(level, index)``: the chunk's identity in the pool."""
+        return (self._scale_info.level, self._index)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the chunk's (uncompressed, cropped to the array) data in bytes."""
+        return self._nbytes
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """The region of the level's array that this chunk covers."""
+        return self._scale_info.chunk_slices(self._index)
+
+    @property
+    def future(self) -> concurrent.futures.Future:
+        """A future resolved with the data, or the load error; cancelled on cancel."""
+        return self._future
+
+    @property
+    def state(self) -> ChunkState:
+        state = self._state
+        job = self._job
+        if state is ChunkState.PENDING and job is not None and job.state is not JobState.QUEUED:
+            return ChunkState.LOADING
+        return state
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the data is available."""
+        return self._data is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception of a failed load, else None."""
+        return self._error
+
+    @property
+    def data(self) -> np.ndarray:
+        """The chunk's data: a read-only numpy array, cropped to the array's bounds.
+
+        Raises ChunkLoadError if the load failed, and ChunkPoolError (a RuntimeError
+        too) if the data is not there yet.
+        """
+        data = self._data
+        if data is not None:
+            return data
+        if self._error is not None:
+            raise ChunkLoadError({self.key: self._error})
+        raise _NotLoadedError(f"chunk {self.key} is {self.state.value}, not loaded")
+
+    @property
+    def refs(self) -> set[str]:
+        """The refs that currently hold this chunk."""
+        return set(self._refs)
+
+    @property
+    def priority(self) -> float:
+        """The most urgent priority among the refs holding the chunk."""
+        return min((e.priority for e in self._refs.values()), default=0.0)
+
+    def wait(self, timeout: float | None = None) -> np.ndarray:
+        """Block until the chunk is loaded and return its data.
+
+        Without async handlers, this is also where the chunk's load handlers run.
+        Raises ChunkLoadError if the load failed, ChunkCancelledError if it was
+        cancelled, TimeoutError on timeout.
+        """
+        try:
+            self._future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise ChunkCancelledError(f"chunk {self.key} was cancelled") from None
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"chunk {self.key} did not load within {timeout} s") from None
+        except Exception:
+            pass  # a failed load: its handlers still run, then it raises below
+        self._pool._fire_unfired_loads(self)
+        return self.data
+
+
+class _NotLoadedError(ChunkPoolError, RuntimeError):
+    """Data accessed before the chunk loaded."""

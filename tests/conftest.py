@@ -1,0 +1,49 @@
+"""Shared fixtures: small images on disk or in memory, and pools that are always destroyed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from chunkpool import ChunkPool, read_multiscales
+
+
+def ramp(shape: tuple[int, ...], dtype: str = "uint16") -> np.ndarray:
+    """Distinct values everywhere (modulo the dtype), so any misplaced pixel shows."""
+    return (np.arange(int(np.prod(shape))) % np.iinfo(dtype).max).astype(dtype).reshape(shape)
+
+
+def make_array(
+    store: Any,
+    data: np.ndarray,
+    chunks: tuple[int, ...],
+    **kwargs: Any,
+) -> zarr.Array:
+    """Write ``data`` as a zarr array into ``store`` (a path or a store object)."""
+    arr = zarr.create_array(store, shape=data.shape, chunks=chunks, dtype=data.dtype, **kwargs)
+    arr[...] = data
+    return arr
+
+
+@pytest.fixture
+def pools() -> Iterator[Callable[..., ChunkPool]]:
+    """``pools(node, **kwargs)`` makes a ChunkPool for a zarr node; all are destroyed at
+    teardown, and no chunkpool thread may outlive them."""
+    made: list[ChunkPool] = []
+
+    def make(node: zarr.Array | zarr.Group, **kwargs: Any) -> ChunkPool:
+        (info,) = read_multiscales(node, "test")
+        pool = ChunkPool(info, **kwargs)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.destroy()
+    leftover = [t.name for t in threading.enumerate() if t.name.startswith("chunkpool-")]
+    assert not leftover, f"threads left running after destroy(): {leftover}"
