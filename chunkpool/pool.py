@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from .batch import iter_chunk_data
+from .buffers import BufferPool
 from .cache import ChunkCache
 from .dispatch import HandlerCall, HandlerDispatcher, call_handlers, resolve_call_soon
 from .errors import (
@@ -63,6 +64,9 @@ class ChunkPool:
         Fetches in flight per remote (asynchronous) store.
     cpu_workers:
         Decoding threads (default: the number of CPUs).
+    recycle_bytes:
+        Bound on the memory kept for reuse by reads and decodes (see
+        :mod:`chunkpool.buffers`).
     """
 
     def __init__(
@@ -74,9 +78,11 @@ class ChunkPool:
         io_concurrency: int = 8,
         remote_io_concurrency: int = 32,
         cpu_workers: int | None = None,
+        recycle_bytes: int = 64 << 20,
     ):
         self._info = multiscale_info
-        self._sources = [ChunkSource(scale) for scale in multiscale_info.levels]
+        self._buffers = BufferPool(recycle_bytes)
+        self._sources = [ChunkSource(scale, self._buffers) for scale in multiscale_info.levels]
         self._cache = ChunkCache(cache_size, cache_bytes)
         self._scheduler = LoadScheduler(
             io_concurrency=io_concurrency,
@@ -160,6 +166,7 @@ class ChunkPool:
                 memory_usage=self._memory,
                 cache_bytes=self._cache.nbytes,
                 pending_bytes=self._pending_bytes,
+                recycled_bytes=self._buffers.free_bytes,
             )
 
     # -- handlers -------------------------------------------------------------------
@@ -451,4 +458,5 @@ class ChunkPool:
                 calls += self._destroy_loc(loc)
             calls = self._deliver(calls)
         self._scheduler.shutdown()
+        self._buffers.clear()
         self._finish(calls)

@@ -252,6 +252,8 @@ class LoadScheduler:
             if job.state is not JobState.FETCHING or self._closed:
                 job.state = JobState.CANCELLED
                 self._active.discard(job)
+                if raw is not None:
+                    job.source.release(raw)
             elif error is not None:
                 job.state = JobState.DONE
                 self._active.discard(job)
@@ -274,6 +276,8 @@ class LoadScheduler:
                 data = job.source.decode(job.index, raw)
             except Exception as err:
                 error = err
+        else:
+            job.source.release(raw)
         with self._lock:
             self._decoding -= 1
             self._active.discard(job)

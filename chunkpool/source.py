@@ -7,11 +7,13 @@ one per core). The scheduler runs them in separate stages.
 Fetching is written once, as a small *plan* (a generator that yields the byte
 requests it needs and receives their results), and run by a sync driver for stores
 that read synchronously (local files, memory) or an async driver for the others
-(HTTP, S3), on zarr's own event loop where those stores live.
+(HTTP, S3), on zarr's own event loop where those stores live. Local files are read
+with ``preadv`` into recycled buffers (:mod:`chunkpool.buffers`).
 
-Decoding uses the array's own zarr codecs, called synchronously (``_decode_sync``)
-in the caller's thread; the rare codec without a sync path goes through zarr's async
-codec pipeline instead.
+Decoding uses the array's own codecs. The common layout (raw bytes behind at most one
+numcodecs compressor: zstd, blosc, lz4, zlib, gzip) is decoded straight into a
+recycled buffer; any other chain runs zarr's codecs synchronously (``_decode_sync``),
+and the rare codec without a sync path goes through zarr's async codec pipeline.
 
 Sharded arrays (Zarr v3): the unit is the inner chunk. Its plan reads the shard's
 index once (cached, and shared by concurrent requests for the same shard), then only
@@ -21,34 +23,47 @@ the byte range of that inner chunk.
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import numcodecs
 import numpy as np
 from numcodecs.compat import ensure_ndarray_like
 from zarr.abc.codec import SupportsSyncCodec
 from zarr.abc.store import (
     ByteRequest,
+    OffsetByteRequest,
     RangeByteRequest,
     SuffixByteRequest,
     SupportsGetSync,
 )
+from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation, _ShardIndex
 from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import Buffer, BufferPrototype, NDBuffer, default_buffer_prototype
+from zarr.core.buffer import NDBuffer, default_buffer_prototype
 from zarr.core.codec_pipeline import BatchedCodecPipeline, codecs_from_list
 from zarr.core.sync import _get_loop, sync
+from zarr.storage import LocalStore
 
+from .buffers import BufferPool, transient_size
 from .info import ScaleInfo
 
 __all__ = ["ChunkSource", "RawChunk"]
 
 #: Shard indexes kept per array; an index costs 16 bytes per inner chunk.
 SHARD_INDEX_CACHE_SIZE = 4096
+
+#: Local reads smaller than this are plain ``pread`` calls, not recycled buffers.
+SMALL_READ = 1 << 16
+
+#: numcodecs compressors whose ``decode(buf, out=...)`` writes into ``out``.
+_DECODES_INTO = (numcodecs.Zstd, numcodecs.Blosc, numcodecs.LZ4, numcodecs.Zlib, numcodecs.GZip)
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,14 @@ class _Await:
     future: Future
 
 
+class _Bytes(NamedTuple):
+    """What a read produced: the bytes as a uint8 array, and the recycled buffer that
+    holds them (to give back once used), if any."""
+
+    data: np.ndarray
+    owner: np.ndarray | None
+
+
 _Plan = Generator[_Read | _Await, Any, "RawChunk"]
 
 
@@ -77,12 +100,46 @@ class _IndexReadAbandoned(Exception):
 class RawChunk:
     """The encoded bytes of one chunk (None when the chunk does not exist)."""
 
-    data: Buffer | None
+    data: np.ndarray | None
     nbytes_fetched: int
+    owner: np.ndarray | None = None
+
+
+class _IntoDecoder:
+    """Decodes ``[one compressor] + raw bytes`` straight into a recycled buffer."""
+
+    def __init__(
+        self,
+        compressor: Any,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        order: str,
+        buffers: BufferPool,
+    ):
+        self._compressor = compressor
+        self._dtype = dtype
+        self._shape = shape
+        self._order = order
+        self._nbytes = math.prod(shape) * dtype.itemsize
+        self._buffers = buffers
+
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        out = self._buffers.take(self._nbytes)
+        try:
+            if self._compressor is None:
+                if data.nbytes != self._nbytes:
+                    raise ValueError(f"chunk has {data.nbytes} bytes, expected {self._nbytes}")
+                out[:] = data
+            else:
+                self._compressor.decode(data, out=out)
+        except BaseException:
+            self._buffers.give(out)
+            raise
+        return self._buffers.hand_out(out, self._dtype, self._shape, self._order)
 
 
 class _SyncDecoder:
-    """Decodes one encoded chunk with a fixed codec chain and chunk spec."""
+    """Decodes one encoded chunk with a zarr codec chain and chunk spec."""
 
     def __init__(self, codecs: Any, spec: ArraySpec):
         aa, ab, bb = codecs_from_list(list(codecs))
@@ -100,21 +157,22 @@ class _SyncDecoder:
         self._codecs = list(codecs)
         self._spec = steps[0][1]
         self._is_sync = all(isinstance(c, SupportsSyncCodec) for c, _ in steps)
+        self._prototype = default_buffer_prototype()
 
-    def __call__(self, data: Buffer) -> np.ndarray:
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        out: Any = self._prototype.buffer.from_array_like(data)
         if self._is_sync:
-            out: Any = data
             for codec, spec in self._steps:
                 out = codec._decode_sync(out, spec)
         else:
             pipeline = BatchedCodecPipeline.from_codecs(self._codecs)
-            (out,) = sync(pipeline.decode([(data, self._spec)]))
+            (out,) = sync(pipeline.decode([(out, self._spec)]))
         assert isinstance(out, NDBuffer)
         return out.as_numpy_array()
 
 
 class _V2Decoder:
-    """Decodes one Zarr v2 chunk: compressor, then filters in reverse, then reshape.
+    """Decodes one Zarr v2 chunk with filters: compressor, filters in reverse, reshape.
 
     zarr-python's V2Codec only offers an async path (one thread hop per codec); this is
     the same sequence of numcodecs calls, run in the caller's thread.
@@ -127,14 +185,88 @@ class _V2Decoder:
         self._dtype = dtype
         self._order = order
 
-    def __call__(self, data: Buffer) -> np.ndarray:
-        chunk: Any = data.as_array_like()
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        chunk: Any = data
         if self._compressor is not None:
             chunk = self._compressor.decode(chunk)
         for f in self._filters:
             chunk = f.decode(chunk)
         arr = ensure_ndarray_like(chunk).view(self._dtype).reshape(-1, order="A")
         return arr.reshape(self._shape, order=self._order)  # type: ignore[call-overload]
+
+
+def _numcodecs_compressor(codec: Any) -> Any | None:
+    """The numcodecs compressor behind a zarr v3 bytes-to-bytes codec, if it decodes
+    into a given buffer; else None."""
+    if isinstance(codec, ZstdCodec):
+        compressor = codec._zstd_codec
+    elif isinstance(codec, BloscCodec):
+        compressor = codec._blosc_codec
+    elif isinstance(codec, GzipCodec):
+        compressor = numcodecs.GZip(codec.level)
+    else:
+        compressor = getattr(codec, "_codec", None)  # zarr.codecs.numcodecs wrappers
+    return compressor if isinstance(compressor, _DECODES_INTO) else None
+
+
+def _make_decoder(codecs: list[Any], spec: ArraySpec, buffers: BufferPool) -> Any:
+    """The fastest decoder for a Zarr v3 codec chain and chunk spec."""
+    aa, ab, bb = codecs_from_list(codecs)
+    if not aa and isinstance(ab, BytesCodec) and len(bb) <= 1:
+        compressor = _numcodecs_compressor(bb[0]) if bb else None
+        if compressor is not None or not bb:
+            dtype = np.dtype(spec.dtype.to_native_dtype())
+            if ab.endian is not None and dtype.itemsize > 1:
+                dtype = dtype.newbyteorder("<" if ab.endian.value == "little" else ">")
+            return _IntoDecoder(compressor, dtype, spec.shape, spec.order, buffers)
+    return _SyncDecoder(codecs, spec)
+
+
+def _make_v2_decoder(codec: Any, metadata: Any, buffers: BufferPool) -> Any:
+    """The fastest decoder for a Zarr v2 array's V2Codec."""
+    dtype = np.dtype(metadata.dtype.to_native_dtype())
+    compressor = codec.compressor
+    if not codec.filters and (compressor is None or isinstance(compressor, _DECODES_INTO)):
+        return _IntoDecoder(compressor, dtype, metadata.chunks, metadata.order, buffers)
+    return _V2Decoder(codec, metadata.chunks, dtype, metadata.order)
+
+
+class _LocalReader:
+    """Reads files of a LocalStore with ``preadv`` into recycled buffers."""
+
+    def __init__(self, root: str, buffers: BufferPool):
+        self._root = root
+        self._buffers = buffers
+
+    def read(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+        try:
+            fd = os.open(os.path.join(self._root, key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            start, stop = _byte_span(byte_range, size)
+            length = max(0, stop - start)
+            if length < SMALL_READ:
+                return _Bytes(np.frombuffer(os.pread(fd, length, start), np.uint8), None)
+            owner = self._buffers.take(transient_size(length))
+            n = os.preadv(fd, [memoryview(owner)[:length]], start)
+            return _Bytes(owner[:n], owner)
+        finally:
+            os.close(fd)
+
+
+def _byte_span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
+    """``[start, stop)`` of a byte request on a file of ``size`` bytes."""
+    if byte_range is None:
+        return 0, size
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.start, min(byte_range.end, size)
+    if isinstance(byte_range, OffsetByteRequest):
+        return byte_range.offset, size
+    if isinstance(byte_range, SuffixByteRequest):
+        return max(0, size - byte_range.suffix), size
+    raise TypeError(f"unexpected byte range {byte_range!r}")
 
 
 class _ShardIndexCache:
@@ -168,27 +300,31 @@ class _ShardIndexCache:
 class ChunkSource:
     """Fetches and decodes the chunks of one level (one zarr array)."""
 
-    def __init__(self, scale: ScaleInfo):
+    def __init__(self, scale: ScaleInfo, buffers: BufferPool):
         async_array = scale.array.async_array
         self.scale = scale
         self.store = async_array.store_path.store
         self._prefix = async_array.store_path.path
         self._metadata = async_array.metadata
-        self._prototype: BufferPrototype = default_buffer_prototype()
+        self._buffers = buffers
+        self._prototype = default_buffer_prototype()
         #: Whether the store reads synchronously (then an IO thread runs the plan).
         self.is_sync = isinstance(self.store, SupportsGetSync)
+        self._local = (
+            _LocalReader(str(self.store.root), buffers)
+            if isinstance(self.store, LocalStore)
+            else None
+        )
         codecs = list(async_array.codec_pipeline)
         config = async_array.config
         self._sharding: ShardingCodec | None = None
         if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
             self._init_sharding(codecs[0], config)
         elif async_array.metadata.zarr_format == 2:
-            self._decode = _V2Decoder(
-                codecs[0], async_array.chunks, scale.dtype, async_array.metadata.order
-            )
+            self._decode = _make_v2_decoder(codecs[0], async_array.metadata, buffers)
         else:
             spec = async_array.metadata.get_chunk_spec((0,) * scale.ndim, config, self._prototype)
-            self._decode = _SyncDecoder(codecs, spec)
+            self._decode = _make_decoder(codecs, spec, buffers)
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape
@@ -205,7 +341,8 @@ class ChunkSource:
         self._decode_index = _SyncDecoder(
             codec.index_codecs, codec._get_index_chunk_spec(self._chunks_per_shard)
         )
-        self._decode = _SyncDecoder(codec.codecs, codec._get_chunk_spec(shard_spec))
+        inner_spec = codec._get_chunk_spec(shard_spec)
+        self._decode = _make_decoder(list(codec.codecs), inner_spec, self._buffers)
         self._shard_indexes = _ShardIndexCache(SHARD_INDEX_CACHE_SIZE)
 
     @property
@@ -221,16 +358,20 @@ class ChunkSource:
 
     def _plan(self, index: tuple[int, ...]) -> _Plan:
         if self._sharding is None:
-            data = yield _Read(self._key(index))
-            return RawChunk(data, 0 if data is None else len(data))
+            read = yield _Read(self._key(index))
+            if read is None:
+                return RawChunk(None, 0)
+            return RawChunk(read.data, read.data.nbytes, read.owner)
         shard = tuple(i // n for i, n in zip(index, self._chunks_per_shard, strict=True))
         inner = tuple(i % n for i, n in zip(index, self._chunks_per_shard, strict=True))
         shard_index, fetched = yield from self._shard_index_plan(shard)
         byte_slice = None if shard_index is None else shard_index.get_chunk_slice(inner)
         if byte_slice is None:  # the whole shard, or this inner chunk, is empty
             return RawChunk(None, fetched)
-        data = yield _Read(self._key(shard), RangeByteRequest(*byte_slice))
-        return RawChunk(data, fetched + (0 if data is None else len(data)))
+        read = yield _Read(self._key(shard), RangeByteRequest(*byte_slice))
+        if read is None:
+            return RawChunk(None, fetched)
+        return RawChunk(read.data, fetched + read.data.nbytes, read.owner)
 
     def _shard_index_plan(
         self, shard: tuple[int, ...]
@@ -247,16 +388,20 @@ class ChunkSource:
                     return (fut.result() if fut.done() else (yield _Await(fut))), 0
                 except _IndexReadAbandoned:
                     continue
+            read = None
             try:
-                raw = yield _Read(self._key(shard), self._index_range)
-                shard_index = None if raw is None else _ShardIndex(self._decode_index(raw))
+                read = yield _Read(self._key(shard), self._index_range)
+                shard_index = None if read is None else _ShardIndex(self._decode_index(read.data))
             except BaseException as err:
                 self._shard_indexes.forget(shard, fut)
                 cancelled = isinstance(err, asyncio.CancelledError | GeneratorExit)
                 fut.set_exception(_IndexReadAbandoned() if cancelled else err)
                 raise
+            finally:
+                if read is not None and read.owner is not None:
+                    self._buffers.give(read.owner)
             fut.set_result(shard_index)
-            return shard_index, 0 if raw is None else len(raw)
+            return shard_index, 0 if read is None else read.data.nbytes
 
     @staticmethod
     def _drive_sync(plan: _Plan, perform: Any) -> RawChunk:
@@ -279,9 +424,12 @@ class ChunkSource:
         def perform(step: _Read | _Await) -> Any:
             if isinstance(step, _Await):
                 return step.future.result()
-            return self.store.get_sync(  # type: ignore[attr-defined]
+            if self._local is not None:
+                return self._local.read(step.key, step.byte_range)
+            buf = self.store.get_sync(  # type: ignore[attr-defined]
                 step.key, prototype=self._prototype, byte_range=step.byte_range
             )
+            return None if buf is None else _Bytes(buf.as_numpy_array(), None)
 
         return self._drive_sync(self._plan(index), perform)
 
@@ -296,7 +444,8 @@ class ChunkSource:
                         # shield: cancelling this request must not cancel the shared read
                         result = await asyncio.shield(asyncio.wrap_future(step.future))
                     else:
-                        result = await self.store.get(step.key, self._prototype, step.byte_range)
+                        buf = await self.store.get(step.key, self._prototype, step.byte_range)
+                        result = None if buf is None else _Bytes(buf.as_numpy_array(), None)
                 except BaseException as err:
                     step = plan.throw(err)
                 else:
@@ -320,10 +469,18 @@ class ChunkSource:
         shape = self.scale.chunk_data_shape(index)
         if raw.data is None:
             return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
-        arr = self._decode(raw.data)
+        try:
+            arr = self._decode(raw.data)
+        finally:
+            self.release(raw)
         if arr.shape != shape:
             arr = np.ascontiguousarray(arr[tuple(slice(0, n) for n in shape)])
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         arr.flags.writeable = False
         return arr
+
+    def release(self, raw: RawChunk) -> None:
+        """Give a fetched chunk's read buffer back (once its bytes are no longer needed)."""
+        if raw.owner is not None:
+            self._buffers.give(raw.owner)

@@ -21,7 +21,8 @@ class PoolStats:
     that started a load. ``loads`` counts completed loads, ``failures`` failed ones,
     ``cancellations`` loads abandoned because their last ref was dropped.
     ``bytes_fetched`` is what was read from the store (encoded), ``bytes_loaded`` the
-    decoded data produced. Latencies (request to data, seconds) are percentiles over
+    decoded data produced. ``recycled_bytes`` is the free memory kept for reuse by
+    reads and decodes. Latencies (request to data, seconds) are percentiles over
     the last few thousand loads (NaN before the first).
     """
 
@@ -44,6 +45,7 @@ class PoolStats:
     memory_usage: int
     cache_bytes: int
     pending_bytes: int
+    recycled_bytes: int
 
 
 class StatsRecorder:
