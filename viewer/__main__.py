@@ -1,0 +1,165 @@
+"""The ``zarrscope`` command: open a multiscale Zarr image in a window, or screenshot it.
+
+    zarrscope [SOURCE] [--channel C ...] [--colormap NAME] [--clim LO HI] [--z N] [--t N]
+    zarrscope SOURCE --screenshot out.png --size W H --region X0 Y0 X1 Y1 [...]
+
+Bad input (missing or invalid source, bad option values) prints one line on stderr
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from chunkpool import ChunkPoolError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zarrscope",
+        description="View a huge multiscale Zarr / OME-Zarr image (local path, file://, "
+        "http(s):// or s3:// URL). Without SOURCE, opens the built-in sample.",
+    )
+    p.add_argument("source", nargs="?", help="image to open (default: the built-in sample)")
+    p.add_argument("--channel", type=int, nargs="+", metavar="C", help="channel(s) to show")
+    p.add_argument("--colormap", metavar="NAME", help="colormap or colour, e.g. gray, viridis")
+    p.add_argument("--clim", type=float, nargs=2, metavar=("LO", "HI"), help="contrast window")
+    p.add_argument("--z", type=int, metavar="N", help="z index (level-0 planes)")
+    p.add_argument("--t", type=int, metavar="N", help="time point")
+    p.add_argument(
+        "--bias",
+        type=float,
+        default=1.0,
+        help="level choice: >1 coarser (faster), <1 sharper (default 1)",
+    )
+    shot = p.add_argument_group("screenshot mode (offscreen, then exit)")
+    shot.add_argument("--screenshot", metavar="OUT.png", help="write a PNG and exit")
+    shot.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        default=None,
+        help="image / window size in pixels",
+    )
+    shot.add_argument(
+        "--region",
+        type=float,
+        nargs=4,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="level-0 pixel region to show (default: the whole image)",
+    )
+    shot.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the view to load (default 120)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.size is not None and (args.size[0] < 1 or args.size[1] < 1):
+        parser.error("--size must be positive")
+    if args.region is not None and not (
+        args.region[2] > args.region[0] and args.region[3] > args.region[1]
+    ):
+        parser.error("--region needs X1 > X0 and Y1 > Y0")
+    if args.clim is not None and not args.clim[1] > args.clim[0]:
+        parser.error("--clim needs HI > LO")
+    try:
+        if args.screenshot:
+            return _screenshot(args)
+        return _interactive(args)
+    except (ChunkPoolError, ValueError, OSError) as err:
+        print(f"zarrscope: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _source(args: argparse.Namespace) -> str:
+    if args.source is not None:
+        return args.source
+    from sample_data import ensure_sample
+
+    return str(ensure_sample())
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {
+        "channels": args.channel,
+        "colormap": args.colormap,
+        "clim": tuple(args.clim) if args.clim else None,
+        "z": args.z,
+        "t": args.t,
+        "bias": args.bias,
+    }
+
+
+def _screenshot(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .app import Viewer
+
+    size = tuple(args.size) if args.size else (1024, 1024)
+    with Viewer(_source(args), None, size=size, show_hud=False, **_options(args)) as viewer:
+        if args.region is not None:
+            viewer.show_region(*args.region)
+        else:
+            viewer.fit()
+        started = time.perf_counter()
+        if not viewer.wait_settled(args.timeout):
+            print(
+                f"zarrscope: error: the view did not load within {args.timeout:g} s",
+                file=sys.stderr,
+            )
+            return 1
+        image = viewer.screenshot()
+        Image.fromarray(image).save(args.screenshot)
+        failed = viewer.layer.status().failed
+        print(
+            f"zarrscope: wrote {args.screenshot} ({image.shape[1]}x{image.shape[0]}, "
+            f"level {viewer.layer.target_level}, settled in "
+            f"{time.perf_counter() - started:.2f} s"
+            + (f", {failed} tiles failed" if failed else "")
+            + ")",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _interactive(args: argparse.Namespace) -> int:
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        raise OSError("no display to open a window on (use --screenshot, or run under X)")
+    from rendercanvas.auto import RenderCanvas, loop
+
+    from .app import Viewer
+
+    source = _source(args)
+    size = tuple(args.size) if args.size else (1280, 800)
+    canvas = RenderCanvas(size=size, title=f"zarrscope — {source}", update_mode="ondemand")
+    try:
+        viewer = Viewer(source, canvas, size=size, **_options(args))
+    except BaseException:
+        canvas.close()
+        raise
+    try:
+        loop.run()
+    finally:
+        viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
