@@ -44,7 +44,7 @@ ChannelTile = tuple[int, SlicePosition, int, int, int]
 ChunkKey = tuple[int, tuple[int, ...]]
 
 #: Re-rank a pending tile only when its priority moved by more than this (screen px).
-RERANK_THRESHOLD = 32.0
+RERANK_THRESHOLD = 128.0
 
 
 def _stripes() -> np.ndarray:
@@ -81,10 +81,12 @@ class _Tile:
     chunk: ChunkKey
     select: tuple[int | slice, ...]
     priority: float
+    bounds: tuple[float, float, float, float]  # world (y0, y1, x0, x1)
     plane: np.ndarray | None = None
     image: gfx.Image | None = None
     failed: bool = False
     overlay: gfx.Image | None = None
+    shown: bool = False  # the image's visibility, as last set
     last_shown: int = -1
 
     @property
@@ -151,7 +153,9 @@ class ImageLayer(ChunkManager):
         self._chunk_users: dict[ChunkKey, set[ChannelTile]] = {}
         self._last_state: tuple | None = None
         self._frame = 0
-        self._texture_bytes = 0
+        self._texture_bytes = 0  # textures of images in the scene
+        self._spare_bytes = 0  # textures of spare images, kept for reuse
+        self._spares: dict[tuple[int, tuple[int, ...], np.dtype], list[gfx.Image]] = {}
         self.target_level = len(self.levels) - 1
         self.view: View | None = None
 
@@ -248,7 +252,10 @@ class ImageLayer(ChunkManager):
         return [
             t.plane
             for k, t in self._channels[channel].tiles.items()
-            if t.plane is not None and k[1] == self.position and view and self._in_view(k, view)
+            if t.plane is not None
+            and k[1] == self.position
+            and view
+            and _intersects(t.bounds, view)
         ]
 
     def close(self) -> None:
@@ -289,9 +296,13 @@ class ImageLayer(ChunkManager):
         if ch.display.visible:
             wanted = {(c, position, *k): p for k, p in plan.items()}
             done = {k[2:] for k, t in ch.tiles.items() if t.done and k[1] == position}
-            shown = [k[2:] for k, t in ch.tiles.items() if t.done and k[1] == position]
-            for k in tiles_to_keep(shown, self.levels, view, target, done):
-                wanted.setdefault((c, position, *k), ch.tiles[(c, position, *k)].priority)
+            outside = [
+                k[2:]
+                for k, t in ch.tiles.items()
+                if k[1] == position and t.plane is not None and k not in wanted
+            ]
+            for k in tiles_to_keep(outside, self.levels, view, target, done):
+                wanted[(c, position, *k)] = ch.tiles[(c, position, *k)].priority
             if any(k[1] != position for k in ch.tiles):
                 self._keep_previous_slice(ch, wanted, view, target, done)
         for key in [k for k in ch.tiles if k not in wanted]:
@@ -305,17 +316,18 @@ class ImageLayer(ChunkManager):
                 self.get_chunk(*tile.chunk, priority=priority)
         frame = self._frame
         for key, tile in ch.tiles.items():
-            if tile.plane is None:
-                continue
-            visible = self._in_view(key, view)
-            if tile.image is None and visible:
-                self._make_image(ch, tile)  # its texture was evicted while out of view
-            if tile.image is not None:
-                tile.image.visible = visible
+            visible = _intersects(tile.bounds, view)
+            if tile.plane is not None:
+                if tile.image is None and visible:
+                    self._make_image(ch, tile)  # its texture was freed while out of view
+                if tile.image is not None and tile.shown != visible:
+                    tile.image.visible = tile.shown = visible
                 if visible:
                     tile.last_shown = frame
             if tile.overlay is not None:
-                tile.overlay.visible = key[1] == position and self._in_view(key, view)
+                overlay_visible = visible and key[1] == position
+                if tile.overlay.visible != overlay_visible:
+                    tile.overlay.visible = overlay_visible
 
     def _keep_previous_slice(
         self,
@@ -333,18 +345,18 @@ class ImageLayer(ChunkManager):
         if complete:
             return
         for key, tile in ch.tiles.items():
-            if key[1] != self.position and tile.plane is not None and self._in_view(key, view):
+            if (
+                key[1] != self.position
+                and tile.plane is not None
+                and _intersects(tile.bounds, view)
+            ):
                 wanted[key] = tile.priority
-
-    def _in_view(self, key: ChannelTile, view: View) -> bool:
-        y0, y1, x0, x1 = self.levels[key[2]].tile_bounds(key[3], key[4])
-        return y0 < view.y1 and y1 > view.y0 and x0 < view.x1 and x1 > view.x0
 
     def _add_tile(self, ch: _ChannelGroup, key: ChannelTile, priority: float) -> None:
         c, position, level, iy, ix = key
         index, select = self.plane.chunk_and_selection(level, iy, ix, c, position)
         chunk = (level, index)
-        tile = _Tile(key, chunk, select, priority)
+        tile = _Tile(key, chunk, select, priority, self.levels[level].tile_bounds(iy, ix))
         ch.tiles[key] = tile
         users = self._chunk_users.setdefault(chunk, set())
         users.add(key)
@@ -365,19 +377,28 @@ class ImageLayer(ChunkManager):
             self.drop_chunk(*tile.chunk)
 
     def _make_image(self, ch: _ChannelGroup, tile: _Tile) -> None:
-        """Upload a loaded tile's plane as a texture and place it in the scene."""
-        assert tile.plane is not None
-        image = gfx.Image(gfx.Geometry(grid=gfx.Texture(tile.plane, dim=2)), ch.material)
+        """Show a loaded tile's plane: reuse a spare image of the same shape (its
+        texture gets the new data), else create one."""
+        plane = tile.plane
+        assert plane is not None
+        spares = self._spares.get((ch.display.index, plane.shape, plane.dtype))
+        if spares:
+            image = spares.pop()
+            self._spare_bytes -= plane.nbytes
+            image.geometry.grid.set_data(plane)
+        else:
+            image = gfx.Image(gfx.Geometry(grid=gfx.Texture(plane, dim=2)), ch.material)
         _, _, level, iy, ix = tile.key
         geo = self.levels[level]
         (cy, cx), (sy, sx), (oy, ox) = geo.chunk, geo.scale, geo.offset
         image.local.position = (ox + ix * cx * sx, oy + iy * cy * sy, 0)
         image.local.scale = (sx, sy, 1)
-        image.visible = self.view is not None and self._in_view(tile.key, self.view)
+        tile.shown = self.view is not None and _intersects(tile.bounds, self.view)
+        image.visible = tile.shown
         tile.image = image
         self._place(tile)
         ch.group.add(image)
-        self._texture_bytes += tile.plane.nbytes
+        self._texture_bytes += plane.nbytes
 
     def _place(self, tile: _Tile) -> None:
         """Depth and draw order of a tile's image: in its channel's band, finer levels
@@ -390,10 +411,17 @@ class ImageLayer(ChunkManager):
         tile.image.render_order = level + (0 if current else n)
 
     def _free_image(self, ch: _ChannelGroup, tile: _Tile) -> None:
-        if tile.image is not None:
-            ch.group.remove(tile.image)
-            self._texture_bytes -= tile.plane.nbytes
-            tile.image = None
+        """Take a tile's image out of the scene; keep it as a spare while the budget
+        allows (creating images and their GPU resources costs far more than reusing)."""
+        image, plane = tile.image, tile.plane
+        if image is None or plane is None:
+            return
+        ch.group.remove(image)
+        tile.image = None
+        self._texture_bytes -= plane.nbytes
+        if self._texture_bytes + self._spare_bytes + plane.nbytes <= self.texture_budget:
+            self._spares.setdefault((ch.display.index, plane.shape, plane.dtype), []).append(image)
+            self._spare_bytes += plane.nbytes
 
     def _hatch(self, key: ChannelTile) -> gfx.Image:
         _, _, level, iy, ix = key
@@ -406,15 +434,19 @@ class ImageLayer(ChunkManager):
         return image
 
     def _enforce_texture_budget(self, view: View) -> None:
-        """Free the textures of tiles out of view, least recently shown first, until the
-        layer is within its texture budget (they are re-uploaded if needed again)."""
+        """Stay within the texture budget: let spare images go, then free the textures
+        of tiles out of view, least recently shown first (re-made if needed again)."""
+        if self._texture_bytes + self._spare_bytes <= self.texture_budget:
+            return
+        self._spares.clear()
+        self._spare_bytes = 0
         if self._texture_bytes <= self.texture_budget:
             return
         hidden = {
             key: (ch, tile)
             for ch in self._channels
             for key, tile in ch.tiles.items()
-            if tile.image is not None and not tile.image.visible
+            if tile.image is not None and not tile.shown
         }
         last = {k[2:]: t.last_shown for k, (_, t) in hidden.items()}
         by_tile: dict[TileKey, list[ChannelTile]] = {}
@@ -445,6 +477,11 @@ class ImageLayer(ChunkManager):
         if plane is not None and 0 <= row < plane.shape[0] and 0 <= col < plane.shape[1]:
             return float(plane[row, col])
         return None
+
+
+def _intersects(bounds: tuple[float, float, float, float], view: View) -> bool:
+    y0, y1, x0, x1 = bounds
+    return y0 < view.y1 and y1 > view.y0 and x0 < view.x1 and x1 > view.x0
 
 
 def _lut_map(display: ChannelDisplay) -> gfx.TextureMap:
