@@ -8,6 +8,7 @@ from .errors import (
     ChunkIndexError,
     ChunkLoadError,
     ChunkPoolError,
+    ChunkReadError,
     PoolDestroyedError,
     SourceError,
 )
@@ -16,6 +17,7 @@ from .location import ChunkLocation, ChunkState
 from .manager import ChunkManager
 from .metadata import read_multiscales
 from .pool import ChunkPool
+from .retry import RetryPolicy
 from .stats import PoolStats
 from .stores import open_node
 
@@ -29,10 +31,12 @@ __all__ = [
     "ChunkManager",
     "ChunkPool",
     "ChunkPoolError",
+    "ChunkReadError",
     "ChunkState",
     "MultiscaleInfo",
     "PoolDestroyedError",
     "PoolStats",
+    "RetryPolicy",
     "ScaleInfo",
     "SourceError",
     "open_node",

@@ -34,6 +34,13 @@ class ChunkCancelledError(ChunkPoolError):
     """The chunk's load was cancelled because its last ref was dropped."""
 
 
+class ChunkReadError(ChunkPoolError):
+    """Reading a chunk's bytes from its store failed (after any retries).
+
+    The message names the store (without credentials), the key and the cause.
+    """
+
+
 class ChunkLoadError(ChunkPoolError):
     """One or more chunks failed to load.
 

@@ -32,6 +32,7 @@ from .errors import (
 from .info import MultiscaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
+from .retry import RetryPolicy
 from .scheduler import LoadJob, LoadScheduler
 from .source import ChunkSource
 from .stats import PoolStats, StatsRecorder
@@ -67,6 +68,8 @@ class ChunkPool:
     recycle_bytes:
         Bound on the memory kept for reuse by reads and decodes (see
         :mod:`chunkpool.buffers`).
+    retry:
+        Timeout and retries of remote reads (see :class:`~chunkpool.retry.RetryPolicy`).
     """
 
     def __init__(
@@ -79,10 +82,14 @@ class ChunkPool:
         remote_io_concurrency: int = 32,
         cpu_workers: int | None = None,
         recycle_bytes: int = 64 << 20,
+        retry: RetryPolicy | None = None,
     ):
         self._info = multiscale_info
         self._buffers = BufferPool(recycle_bytes)
-        self._sources = [ChunkSource(scale, self._buffers) for scale in multiscale_info.levels]
+        self._sources = [
+            ChunkSource(scale, self._buffers, name=multiscale_info.source, retry=retry)
+            for scale in multiscale_info.levels
+        ]
         self._cache = ChunkCache(cache_size, cache_bytes)
         self._scheduler = LoadScheduler(
             io_concurrency=io_concurrency,
@@ -104,14 +111,23 @@ class ChunkPool:
         cache_size: int = 0,
         *,
         storage_options: dict[str, Any] | None = None,
+        disk_cache: str | os.PathLike | None = None,
+        disk_cache_bytes: int = 2 << 30,
         **kwargs: Any,
     ) -> list[ChunkPool]:
         """A pool for every multiscale image in a zarr Group/Array, path or URL.
 
         ``zarr_node`` may be a local path, a ``file://``, ``http(s)://`` or ``s3://``
-        URL. Raises SourceError if it cannot be opened or holds no valid image.
+        URL; ``storage_options`` go to fsspec. With ``disk_cache`` (a directory), what
+        is read from a remote store is kept there too, up to ``disk_cache_bytes``.
+        Raises SourceError if the source cannot be opened or holds no valid image.
         """
-        node, name = open_node(zarr_node, storage_options=storage_options)
+        node, name = open_node(
+            zarr_node,
+            storage_options=storage_options,
+            disk_cache=disk_cache,
+            disk_cache_bytes=disk_cache_bytes,
+        )
         return [cls(info, cache_size, **kwargs) for info in read_multiscales(node, name)]
 
     def __repr__(self) -> str:

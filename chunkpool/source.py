@@ -52,7 +52,10 @@ from zarr.core.sync import _get_loop, sync
 from zarr.storage import LocalStore
 
 from .buffers import BufferPool, transient_size
+from .errors import ChunkReadError
 from .info import ScaleInfo
+from .retry import RetryPolicy, get_with_retries
+from .stores import describe_error
 
 __all__ = ["ChunkSource", "RawChunk"]
 
@@ -300,9 +303,18 @@ class _ShardIndexCache:
 class ChunkSource:
     """Fetches and decodes the chunks of one level (one zarr array)."""
 
-    def __init__(self, scale: ScaleInfo, buffers: BufferPool):
+    def __init__(
+        self,
+        scale: ScaleInfo,
+        buffers: BufferPool,
+        *,
+        name: str = "",
+        retry: RetryPolicy | None = None,
+    ):
         async_array = scale.array.async_array
         self.scale = scale
+        self.name = name  # the store's display name, for messages (no credentials)
+        self.retry = retry or RetryPolicy()
         self.store = async_array.store_path.store
         self._prefix = async_array.store_path.path
         self._metadata = async_array.metadata
@@ -424,11 +436,14 @@ class ChunkSource:
         def perform(step: _Read | _Await) -> Any:
             if isinstance(step, _Await):
                 return step.future.result()
-            if self._local is not None:
-                return self._local.read(step.key, step.byte_range)
-            buf = self.store.get_sync(  # type: ignore[attr-defined]
-                step.key, prototype=self._prototype, byte_range=step.byte_range
-            )
+            try:
+                if self._local is not None:
+                    return self._local.read(step.key, step.byte_range)
+                buf = self.store.get_sync(  # type: ignore[attr-defined]
+                    step.key, prototype=self._prototype, byte_range=step.byte_range
+                )
+            except Exception as err:
+                raise ChunkReadError(f"{self.name}/{step.key}: {describe_error(err)}") from err
             return None if buf is None else _Bytes(buf.as_numpy_array(), None)
 
         return self._drive_sync(self._plan(index), perform)
@@ -444,7 +459,14 @@ class ChunkSource:
                         # shield: cancelling this request must not cancel the shared read
                         result = await asyncio.shield(asyncio.wrap_future(step.future))
                     else:
-                        buf = await self.store.get(step.key, self._prototype, step.byte_range)
+                        buf = await get_with_retries(
+                            self.store,
+                            step.key,
+                            self._prototype,
+                            step.byte_range,
+                            self.retry,
+                            self.name,
+                        )
                         result = None if buf is None else _Bytes(buf.as_numpy_array(), None)
                 except BaseException as err:
                     step = plan.throw(err)

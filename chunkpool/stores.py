@@ -24,6 +24,7 @@ from zarr.abc.store import Store
 from zarr.errors import MetadataValidationError, NodeNotFoundError, UnknownCodecError
 from zarr.storage import FsspecStore, LocalStore
 
+from .diskcache import DiskCacheStore
 from .errors import SourceError
 
 __all__ = ["describe_error", "open_node", "redact"]
@@ -49,6 +50,8 @@ def open_node(
     source: zarr.Group | zarr.Array | str | os.PathLike[str],
     *,
     storage_options: dict[str, Any] | None = None,
+    disk_cache: str | os.PathLike[str] | None = None,
+    disk_cache_bytes: int = 2 << 30,
 ) -> tuple[zarr.Group | zarr.Array, str]:
     """Open ``source`` read-only and return ``(node, display name)``.
 
@@ -57,6 +60,9 @@ def open_node(
     Zarr v2 and v3 are both detected by zarr. ``storage_options`` go to fsspec for URLs
     (unused for local paths). For ``s3://`` without any authentication option and
     without AWS credentials in the environment or config, access is anonymous.
+
+    With ``disk_cache`` (a directory), everything read from a remote store is also kept
+    there, within ``disk_cache_bytes`` (see :mod:`chunkpool.diskcache`).
 
     The display name is the source with credentials removed (see :func:`redact`); use
     it whenever the source is named. Raises :class:`SourceError` on any failure.
@@ -67,6 +73,8 @@ def open_node(
     name = redact(location)
     try:
         store = _make_store(location, storage_options)
+        if disk_cache is not None and not isinstance(store, LocalStore):
+            store = DiskCacheStore(store, disk_cache, disk_cache_bytes, location=name)
         node = zarr.open(store, mode="r")
     except Exception as err:
         raise SourceError(f"{name}: {describe_error(err)}") from err

@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 
 from chunkpool import ChunkPoolError
+from chunkpool.diskcache import default_cache_dir
+from chunkpool.stores import redact
 
 __all__ = ["main"]
 
@@ -102,6 +104,8 @@ def _options(args: argparse.Namespace) -> dict:
         "z": args.z,
         "t": args.t,
         "bias": args.bias,
+        "disk_cache": args.disk_cache,
+        "disk_cache_bytes": args.disk_cache_mb << 20,
     }
 
 
@@ -148,7 +152,7 @@ def _interactive(args: argparse.Namespace) -> int:
 
     source = _source(args)
     size = tuple(args.size) if args.size else (1280, 800)
-    canvas = RenderCanvas(size=size, title=f"zarrscope — {source}", update_mode="ondemand")
+    canvas = RenderCanvas(size=size, title=f"zarrscope — {redact(source)}", update_mode="ondemand")
     try:
         viewer = Viewer(source, canvas, size=size, **_options(args))
     except BaseException:

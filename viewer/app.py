@@ -49,7 +49,8 @@ class Viewer:
     screenshots and tests); otherwise it draws into the given rendercanvas canvas
     (glfw, Qt widget, Jupyter, ...). ``channels`` limits the shown channels;
     ``colormap`` and ``clim`` apply to every shown channel; ``z`` and ``t`` are
-    level-0 indices.
+    level-0 indices. ``disk_cache`` (a directory) keeps what is read from a remote
+    store on disk, up to ``disk_cache_bytes``.
     """
 
     def __init__(
@@ -67,13 +68,19 @@ class Viewer:
         cache_bytes: int = 512 << 20,
         texture_budget: int = 512 << 20,
         storage_options: dict[str, Any] | None = None,
+        disk_cache: str | None = None,
+        disk_cache_bytes: int = 2 << 30,
         show_hud: bool = True,
     ):
         if colormap is not None:
             parse_colormap(colormap)  # fail early, before any I/O
         self.opened_at = time.perf_counter()
         pools = ChunkPool.from_zarr_node(
-            source, cache_bytes=cache_bytes, storage_options=storage_options
+            source,
+            cache_bytes=cache_bytes,
+            storage_options=storage_options,
+            disk_cache=disk_cache,
+            disk_cache_bytes=disk_cache_bytes,
         )
         for extra in pools[1:]:
             extra.destroy()

@@ -55,14 +55,18 @@ def write(path: Path, data: np.ndarray, sharded: bool) -> zarr.Array:
     return arr
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (page cache, imports, thread start)
-    times = []
+def median_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median time of each method, the methods interleaved round-robin so that the
+    machine's load drifts affect them alike."""
+    for fn in methods.values():
+        fn()  # warm-up (page cache, imports, thread start)
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def main() -> None:
@@ -88,6 +92,13 @@ def main() -> None:
         pool.wait_for_chunks_to_load()
         for idx in keys:
             pool.drop_chunk(0, idx)
+
+    def run_fresh_pool() -> None:
+        (fresh,) = ChunkPool.from_zarr_node(str(tmp / "img.zarr"))
+        for idx in keys:
+            fresh.get_chunk(0, idx)
+        fresh.wait_for_chunks_to_load()
+        fresh.destroy()
 
     # check correctness once, so the numbers below are for real work
     for loc in [pool.get_chunk(0, idx, "check") for idx in keys[::37]]:
@@ -135,17 +146,22 @@ def main() -> None:
 
     methods = {
         "chunkpool": run_pool,
+        "chunkpool, fresh pool each run": run_fresh_pool,
         "tensorstore": run_tensorstore,
         "zarr-python gather+Semaphore(8)": run_zarr_gather,
     }
     if not args.sharded:
         methods["raw read+zstd, 2 threads"] = run_raw_threads
-    results = {name: median_ms(fn, args.repeats) for name, fn in methods.items()}
+    results = median_ms(methods, args.repeats)
     pool.destroy()
     pool_ms = results["chunkpool"]
     print(f"{'method':34s} {'ms':>8s} {'pool throughput / this':>24s}")
     for name, ms in results.items():
         print(f"{name:34s} {ms:8.1f} {ms / pool_ms:24.2f}")
+    print(
+        "(chunkpool: one pool, chunks dropped between runs, buffers recycled as in a "
+        "viewer; fresh pool: new pool, threads and buffers each run)"
+    )
 
 
 if __name__ == "__main__":

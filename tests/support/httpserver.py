@@ -27,10 +27,11 @@ from types import TracebackType
 from typing import Literal, Self, get_args
 from urllib.parse import unquote, urlsplit
 
-FaultKind = Literal["500", "503", "reset", "stall"]
+FaultKind = Literal["403", "500", "503", "reset", "stall"]
 """What a matching request gets instead of its normal answer:
 
-* ``"500"`` / ``"503"`` - that status with a short text body (the connection stays open);
+* ``"403"`` / ``"500"`` / ``"503"`` - that status with a short text body (the connection
+  stays open);
 * ``"reset"`` - the connection is closed with SO_LINGER 0, so the client sees a TCP reset;
 * ``"stall"`` - no answer until :attr:`ZarrHTTPServer.stall_release` is set (then the request
   is served normally) or the server stops (then the connection is closed unanswered).
@@ -118,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # stopped meanwhile: drop it unanswered
             elif out.fault == "reset":
                 self._reset_connection()
-            elif out.fault in ("500", "503"):
+            elif out.fault in ("403", "500", "503"):
                 self._respond_text(int(out.fault), f"injected {out.fault}\n", send_body, out)
             else:
                 self._respond_file(path, range_header, send_body, bandwidth, out)
@@ -435,7 +436,7 @@ class ZarrHTTPServer(ThreadingHTTPServer):
             match: a predicate on the percent-decoded URL path (e.g. ``"/img.zarr/0/c/1/2"``),
                 or a glob matched against it with :func:`fnmatch.fnmatchcase`, where ``*``
                 also matches ``/``.
-            kind: ``"500"``, ``"503"``, ``"reset"`` or ``"stall"``.
+            kind: ``"403"``, ``"500"``, ``"503"``, ``"reset"`` or ``"stall"``.
             times: fault only the first ``times`` matching requests; ``None`` for all.
 
         The predicate runs in handler threads under the server's lock: keep it quick and do
