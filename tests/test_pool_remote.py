@@ -43,7 +43,7 @@ def test_http_source_loads_every_chunk(served, name):
 
 
 def test_sharded_http_reads_each_index_once_and_only_inner_chunks(served):
-    server, data = served
+    server, _ = served
     (pool,) = ChunkPool.from_zarr_node(f"{server.url}/sharded.zarr")
     try:
         server.reset_stats()
@@ -63,7 +63,7 @@ def test_sharded_http_reads_each_index_once_and_only_inner_chunks(served):
 
 
 def test_http_server_error_fails_only_that_chunk(served):
-    server, data = served
+    server, _ = served
     server.add_fault("*/plain.zarr/c/1/1", "500")
     (pool,) = ChunkPool.from_zarr_node(f"{server.url}/plain.zarr")
     try:

@@ -40,6 +40,20 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="level choice: >1 coarser (faster), <1 sharper (default 1)",
     )
+    p.add_argument(
+        "--disk-cache",
+        metavar="DIR",
+        nargs="?",
+        const=str(default_cache_dir()),
+        help="keep what is read from remote sources on disk (default dir: %(const)s)",
+    )
+    p.add_argument(
+        "--disk-cache-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="size bound of the disk cache (default 2048)",
+    )
     shot = p.add_argument_group("screenshot mode (offscreen, then exit)")
     shot.add_argument("--screenshot", metavar="OUT.png", help="write a PNG and exit")
     shot.add_argument(
