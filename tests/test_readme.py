@@ -12,7 +12,8 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_python_example_runs(tmp_path):
-    (example,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    section = README[README.index("## chunkpool in a few lines") :]
+    example = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     script = tmp_path / "example.py"
     script.write_text(example.replace("/tmp/demo.zarr", str(tmp_path / "demo.zarr")))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
