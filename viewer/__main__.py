@@ -156,17 +156,33 @@ def _screenshot(args: argparse.Namespace) -> int:
 
 
 def _interactive(args: argparse.Namespace) -> int:
+    """Open a window: Qt (with sliders for z, t, ...) if a binding is installed, else glfw."""
     if sys.platform.startswith("linux") and not (
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     ):
         raise OSError("no display to open a window on (use --screenshot, or run under X)")
-    from rendercanvas.auto import RenderCanvas, loop
+    source = _source(args)
+    size = tuple(args.size) if args.size else (1280, 800)
+    title = f"zarrscope — {redact(source)}"
+    try:
+        from .qtwindow import ViewerWindow, loop
+    except ImportError:
+        return _glfw_window(source, size, title, args)
+    window = ViewerWindow(source, size, title, **_options(args))
+    window.show()
+    try:
+        loop.run()
+    finally:
+        window.viewer.close()
+    return 0
+
+
+def _glfw_window(source: str, size: tuple[int, int], title: str, args: argparse.Namespace) -> int:
+    from rendercanvas.glfw import RenderCanvas, loop
 
     from .app import Viewer
 
-    source = _source(args)
-    size = tuple(args.size) if args.size else (1280, 800)
-    canvas = RenderCanvas(size=size, title=f"zarrscope — {redact(source)}", update_mode="ondemand")
+    canvas = RenderCanvas(size=size, title=title, update_mode="ondemand")
     try:
         viewer = Viewer(source, canvas, size=size, **_options(args))
     except BaseException:

@@ -132,10 +132,13 @@ class Viewer:
         self.hud.visible = show_hud
         self.active_channel = next((d.index for d in displays if d.visible), 0)
         self.cursor: tuple[float, float] | None = None
+        #: Called with the new slice position when z, t, ... change (e.g. Qt sliders).
+        self.position_listeners: list[Callable[[SlicePosition], None]] = []
         self.frame_times: deque[float] = deque(maxlen=240)
         self.first_pixel_at: float | None = None
         self._last_width = None
         self._zoom_in_until = 0.0
+        self._view_chosen = False  # by show_world/show_region, as opposed to fit()
         self._canvas_size = self._size()
         self.renderer.add_event_handler(self._on_pointer, "pointer_move", "pointer_leave")
         self.renderer.add_event_handler(self._on_key, "key_down")
@@ -253,6 +256,10 @@ class Viewer:
 
     def show_world(self, x0: float, y0: float, x1: float, y1: float) -> None:
         """Map the world rectangle (edges) onto the whole canvas."""
+        self._view_chosen = True
+        self._set_camera(x0, y0, x1, y1)
+
+    def _set_camera(self, x0: float, y0: float, x1: float, y1: float) -> None:
         self.camera.width, self.camera.height = x1 - x0, y1 - y0
         self.camera.local.position = ((x0 + x1) / 2, (y0 + y1) / 2, 0)
         self.canvas.request_draw()
@@ -274,7 +281,7 @@ class Viewer:
         w, h = self._size()
         per_px = max((x1 - x0) / w, (y1 - y0) / h)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        self.show_world(
+        self._set_camera(
             cx - w * per_px / 2, cy - h * per_px / 2, cx + w * per_px / 2, cy + h * per_px / 2
         )
 
@@ -354,7 +361,9 @@ class Viewer:
     def _on_resize(self, event: Any) -> None:
         old_w, old_h = self._canvas_size
         self._canvas_size = (event.width, event.height)
-        if old_w and old_h:
+        if not self._view_chosen and not self.frame_times:
+            self.fit()  # a window gets its real size only once shown: fit to that
+        elif old_w and old_h:
             self.camera.width *= event.width / old_w
             self.camera.height *= event.height / old_h
         self.canvas.request_draw()
@@ -381,13 +390,24 @@ class Viewer:
         self.camera.height /= factor
         self.camera.local.position = (fx + (x - fx) / factor, fy + (y - fy) / factor, z)
 
+    def set_index(self, axis: int, index: int) -> None:
+        """Show plane ``index`` (a level-0 index, clamped) along a slider axis (z, t...).
+
+        The previous plane stays on screen until the new one has loaded."""
+        if axis not in self.plane.slider_axes:
+            raise ValueError(f"axis {axis} is not a slider axis of this image")
+        position = dict(self.layer.position)
+        position[axis] = index
+        position_t = self.plane.clamp(position)
+        if position_t != self.layer.position:
+            self.layer.set_position(position_t)
+            for listener in self.position_listeners:
+                listener(position_t)
+
     def step_axis(self, axis: int | None, delta: int) -> None:
         """Move the slice position along ``axis`` (z, t, ...) by ``delta``."""
-        if axis is None or axis not in self.plane.slider_axes:
-            return
-        position = dict(self.layer.position)
-        position[axis] += delta
-        self.layer.set_position(self.plane.clamp(position))
+        if axis is not None and axis in self.plane.slider_axes:
+            self.set_index(axis, dict(self.layer.position)[axis] + delta)
 
     def toggle_channel(self, index: int) -> None:
         displays = self.layer.displays
