@@ -141,13 +141,13 @@ def _screenshot(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+        settled_in = time.perf_counter() - started
         image = viewer.screenshot()
         Image.fromarray(image).save(args.screenshot)
         failed = viewer.layer.status().failed
         print(
             f"zarrscope: wrote {args.screenshot} ({image.shape[1]}x{image.shape[0]}, "
-            f"level {viewer.layer.target_level}, settled in "
-            f"{time.perf_counter() - started:.2f} s"
+            f"level {viewer.layer.target_level}, settled in {settled_in:.2f} s"
             + (f", {failed} tiles failed" if failed else "")
             + ")",
             file=sys.stderr,

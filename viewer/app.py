@@ -197,20 +197,18 @@ class Viewer:
         side = max(1, int(math.sqrt(CONTRAST_SAMPLE_CHUNKS)))
         ys = range(max(0, gy // 2 - side // 2), min(gy, gy // 2 - side // 2 + side))
         xs = range(max(0, gx // 2 - side // 2), min(gx, gx // 2 - side // 2 + side))
-        samples = []
-        for c in range(plane.n_channels):
-            keys, selects = [], []
-            for iy in ys:
-                for ix in xs:
-                    index, select = plane.chunk_and_selection(level, iy, ix, c, position)
-                    keys.append((level, index))
-                    selects.append(select)
-            planes = [
-                plane.plane_of(data, sel).ravel()
-                for data, sel in zip(self.pool.iter_data(keys), selects, strict=True)
-            ]
-            samples.append(np.concatenate(planes))
-        return samples
+        requests = [
+            (c, (level, index), select)
+            for c in range(plane.n_channels)
+            for iy in ys
+            for ix in xs
+            for index, select in [plane.chunk_and_selection(level, iy, ix, c, position)]
+        ]
+        planes: list[list[np.ndarray]] = [[] for _ in range(plane.n_channels)]
+        data = self.pool.iter_data([key for _, key, _ in requests], max_ahead=len(requests))
+        for (c, _, select), chunk in zip(requests, data, strict=True):
+            planes[c].append(plane.plane_of(chunk, select).ravel())
+        return [np.concatenate(p) for p in planes]
 
     # -- event loop plumbing --------------------------------------------------------
 
