@@ -8,6 +8,7 @@ the code that decides *which* chunks to hold (calling :meth:`get_chunk` /
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 from .location import ChunkKey, ChunkLocation
 from .pool import ChunkPool
@@ -51,14 +52,17 @@ class ChunkManager:
         """Release a chunk; :meth:`on_drop` is called for it."""
         self._pool.drop_chunk(level, index, self._ref)
 
+    def drop_chunks(self, keys: Iterable[ChunkKey]) -> None:
+        """Release many chunks at once (their loads are cancelled together)."""
+        self._pool.drop_chunks(keys, self._ref)
+
     def held_chunks(self) -> list[ChunkKey]:
         """The keys of the chunks this manager holds."""
         return [loc.key for loc in self._pool.iter_held(self._ref)]
 
     def drop_all(self) -> None:
         """Release every chunk this manager holds."""
-        for level, index in self.held_chunks():
-            self.drop_chunk(level, index)
+        self.drop_chunks(self.held_chunks())
 
     def on_load(self, chunk_location: ChunkLocation) -> None:
         """Called when a chunk's data is there, or its load failed (``.error``)."""

@@ -79,7 +79,7 @@ class ChunkPool:
         *,
         cache_bytes: int | None = None,
         io_concurrency: int = 8,
-        remote_io_concurrency: int = 32,
+        remote_io_concurrency: int = 64,
         cpu_workers: int | None = None,
         recycle_bytes: int = 64 << 20,
         retry: RetryPolicy | None = None,
@@ -317,34 +317,48 @@ class ChunkPool:
         if it is loaded and the cache is enabled; otherwise it is destroyed (a pending
         load is cancelled: it never starts, or its in-flight read is aborted).
         """
-        key = self._validate(level, index)
+        self.drop_chunks([(level, index)], ref)
+
+    def drop_chunks(self, keys: Iterable[tuple[int, tuple[int, ...]]], ref: str = "pool") -> None:
+        """:meth:`drop_chunk` for many ``(level, index)`` keys at once.
+
+        Their loads are cancelled together, so that a slot freed by one cancelled
+        request is not handed to another chunk of the same batch.
+        """
+        keys = [self._validate(level, index) for level, index in keys]
+        calls: list[HandlerCall] = []
         with self._lock:
-            loc = self._chunks.get(key)
-            entry = None if loc is None else loc._refs.pop(ref, None)
-            if loc is None or entry is None:
-                return
-            loc._unfired_loads.pop(ref, None)
-            calls: list[HandlerCall] = []
-            if entry.drop_handler is not None:
-                calls.append((entry.drop_handler, loc))
-            if not loc._refs:
-                del self._chunks[key]
-                calls += self._release(loc, keep=True)
-            elif loc._job is not None:
-                self._scheduler.reprioritize(loc._job, loc.priority)
+            cancelled: list[LoadJob] = []
+            for key in keys:
+                loc = self._chunks.get(key)
+                entry = None if loc is None else loc._refs.pop(ref, None)
+                if loc is None or entry is None:
+                    continue
+                loc._unfired_loads.pop(ref, None)
+                if entry.drop_handler is not None:
+                    calls.append((entry.drop_handler, loc))
+                if not loc._refs:
+                    del self._chunks[key]
+                    calls += self._release(loc, cancelled, keep=True)
+                elif loc._job is not None:
+                    self._scheduler.reprioritize(loc._job, loc.priority)
+            self._scheduler.cancel_many(cancelled)
             calls = self._deliver(calls)
         self._finish(calls)
 
-    def _release(self, loc: ChunkLocation, *, keep: bool) -> list[HandlerCall]:
-        """``loc`` lost its last ref: cache it (if ``keep`` allows) or let it go.
-        Returns the destroy-handler calls due. Holds ``_lock``."""
+    def _release(
+        self, loc: ChunkLocation, cancelled: list[LoadJob], *, keep: bool
+    ) -> list[HandlerCall]:
+        """``loc`` lost its last ref: cache it (if ``keep`` allows) or let it go; a
+        pending load joins ``cancelled``. Returns the destroy-handler calls due. Holds
+        ``_lock``."""
         if loc._state is ChunkState.LOADED and keep and self._cache.enabled:
             calls: list[HandlerCall] = []
             for old in self._cache.add(loc):
                 calls += self._destroy_loc(old)
             return calls
         if loc._job is not None:
-            self._scheduler.cancel(loc._job)
+            cancelled.append(loc._job)
             loc._job = None
             loc._state = ChunkState.CANCELLED
             self._pending_bytes -= loc.nbytes
@@ -464,11 +478,12 @@ class ChunkPool:
                 return
             self._destroyed = True
             calls: list[HandlerCall] = []
+            cancelled: list[LoadJob] = []  # the scheduler's shutdown cancels them all
             for loc in self._chunks.values():
                 calls += [(e.drop_handler, loc) for e in loc._refs.values() if e.drop_handler]
                 loc._refs.clear()
                 loc._unfired_loads.clear()
-                calls += self._release(loc, keep=False)
+                calls += self._release(loc, cancelled, keep=False)
             self._chunks.clear()
             for loc in self._cache.clear():
                 calls += self._destroy_loc(loc)

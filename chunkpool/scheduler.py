@@ -98,7 +98,7 @@ class LoadScheduler:
         self,
         *,
         io_concurrency: int = 8,
-        remote_io_concurrency: int = 32,
+        remote_io_concurrency: int = 64,
         cpu_workers: int = 2,
         decode_backlog: int | None = None,
     ):
@@ -141,18 +141,20 @@ class LoadScheduler:
                 job._version += 1
                 self._windows[job.source.window_key].push(job)
 
-    def cancel(self, job: LoadJob) -> None:
-        """Cancel a job: a waiting one never starts, an async fetch is aborted, and the
-        result of a running one is discarded. ``on_done`` is not called afterwards."""
+    def cancel_many(self, jobs: list[LoadJob]) -> None:
+        """Cancel jobs: a waiting one never starts, an async fetch is aborted, and the
+        result of a running one is discarded. ``on_done`` is not called afterwards.
+        All are cancelled before any freed slot is reused."""
         with self._lock:
-            state = job.state
-            if state in (JobState.DONE, JobState.CANCELLED):
-                return
-            job.state = JobState.CANCELLED
-            if state is JobState.QUEUED:
-                self._windows[job.source.window_key].queued -= 1
-            elif state is JobState.FETCHING and job._io_future is not None:
-                job._io_future.cancel()
+            for job in jobs:
+                state = job.state
+                if state in (JobState.DONE, JobState.CANCELLED):
+                    continue
+                job.state = JobState.CANCELLED
+                if state is JobState.QUEUED:
+                    self._windows[job.source.window_key].queued -= 1
+                elif state is JobState.FETCHING and job._io_future is not None:
+                    job._io_future.cancel()
 
     def counts(self) -> tuple[int, int, int]:
         """(waiting, fetching, decoding) job counts."""

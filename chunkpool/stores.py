@@ -27,10 +27,10 @@ from zarr.storage import FsspecStore, LocalStore
 from .diskcache import DiskCacheStore
 from .errors import SourceError
 
-__all__ = ["describe_error", "open_node", "redact"]
+__all__ = ["describe_error", "open_node", "redact", "redact_text"]
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)://")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://[^\s'\"<>()]+")
 _USERINFO = re.compile(r"(://)[^/@]*@")
 
 # Query parameters that carry secrets: presigned S3/GCS URLs, Azure SAS, API tokens.
@@ -44,6 +44,9 @@ _SECRET_PARAM_PARTS = ("token", "secret", "signature", "password", "credential")
 _S3_AUTH_OPTIONS = frozenset({"anon", "key", "secret", "token", "profile", "session"})
 
 _MAX_DETAIL = 300
+
+#: Connections s3fs may keep to S3 (above any pool's in-flight window).
+S3_CONNECTIONS = 128
 
 
 def open_node(
@@ -88,9 +91,14 @@ def _node_name(node: zarr.Group | zarr.Array) -> str:
         base = str(store.root)
     elif isinstance(store, FsspecStore):
         base = store.fs.unstrip_protocol(store.path)
-    else:
-        base = str(store)
+    else:  # e.g. ObjectStore: object_store://HTTPStore("https://user:pw@host/x")
+        base = redact_text(str(store))
     return redact(f"{base.rstrip('/')}/{node.path}" if node.path else base)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact`."""
+    return _URL_IN_TEXT.sub(lambda m: redact(m.group()), text)
 
 
 def redact(url: str) -> str:
@@ -153,8 +161,17 @@ def _file_url_path(url: str) -> Path:
 
 
 def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` plus ``anon=True`` when nothing says how to authenticate and botocore
-    finds no credentials, so public buckets open without any AWS setup."""
+    """s3fs options for reading many small objects fast, plus ``anon=True`` when nothing
+    says how to authenticate and botocore finds no credentials (so public buckets open
+    without any AWS setup).
+
+    Measured here (tests/benchmarks/bench_remote.py): s3fs's defaults send a HEAD before
+    every whole-object GET (``max_concurrency`` > 1) and keep at most 10 connections
+    (botocore's pool), which together made chunk reads 2-3x slower.
+    """
+    options = {"max_concurrency": 1, **options}
+    config = {"max_pool_connections": S3_CONNECTIONS, **options.get("config_kwargs", {})}
+    options["config_kwargs"] = config
     if _S3_AUTH_OPTIONS & options.keys() or _aws_credentials_available():
         return options
     return {**options, "anon": True}
@@ -206,7 +223,7 @@ def _describe_aiohttp_error(err: BaseException) -> str | None:
 
 def _detail(err: BaseException) -> str:
     """``"Type: text"`` of an exception, on one line, redacted and not too long."""
-    text = _URL_IN_TEXT.sub(lambda m: redact(m.group()), " ".join(str(err).split()))
+    text = redact_text(" ".join(str(err).split()))
     if len(text) > _MAX_DETAIL:
         text = text[: _MAX_DETAIL - 1] + "…"
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

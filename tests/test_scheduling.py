@@ -160,3 +160,21 @@ def test_slow_async_reads_do_not_block_the_caller(pools, grid):
     assert time.perf_counter() - t0 < 1.0  # requesting never waits on IO
     arr.store.rec.open_gate()
     pool.wait_for_chunks_to_load()
+
+
+def test_dropping_a_batch_never_starts_its_queued_loads(pools, grid):
+    """Cancelling in-flight reads frees slots; a batch drop cancels the queued ones of
+    the same batch first, so none of them slips into a freed slot."""
+    for _ in range(5):
+        arr = gated(grid, AsyncGatedStore)
+        rec = arr.store.rec
+        pool = pools(arr, remote_io_concurrency=4)
+        indices = [(2, j) for j in range(16)]
+        for idx in indices:
+            pool.get_chunk(0, idx)
+        rec.wait_started(4)
+        pool.drop_chunks([(0, idx) for idx in indices])  # in-flight ones first
+        time.sleep(0.1)
+        assert len(rec.started) == 4 and rec.finished == []
+        assert pool.stats.cancellations == 16
+        rec.open_gate()

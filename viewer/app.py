@@ -50,7 +50,8 @@ class Viewer:
     (glfw, Qt widget, Jupyter, ...). ``channels`` limits the shown channels;
     ``colormap`` and ``clim`` apply to every shown channel; ``z`` and ``t`` are
     level-0 indices. ``disk_cache`` (a directory) keeps what is read from a remote
-    store on disk, up to ``disk_cache_bytes``.
+    store on disk, up to ``disk_cache_bytes``. ``pool_options`` go to the
+    :class:`~chunkpool.ChunkPool` (e.g. ``remote_io_concurrency``, ``retry``).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Viewer:
         storage_options: dict[str, Any] | None = None,
         disk_cache: str | None = None,
         disk_cache_bytes: int = 2 << 30,
+        pool_options: dict[str, Any] | None = None,
         show_hud: bool = True,
     ):
         if colormap is not None:
@@ -81,6 +83,7 @@ class Viewer:
             storage_options=storage_options,
             disk_cache=disk_cache,
             disk_cache_bytes=disk_cache_bytes,
+            **(pool_options or {}),
         )
         for extra in pools[1:]:
             extra.destroy()
@@ -359,8 +362,11 @@ class Viewer:
     def _on_resize(self, event: Any) -> None:
         old_w, old_h = self._canvas_size
         self._canvas_size = (event.width, event.height)
-        if not self._view_chosen and not self.frame_times:
-            self.fit()  # a window gets its real size only once shown: fit to that
+        if not self.frame_times:
+            # a window gets its real size only once shown: fit to that, or keep the
+            # region asked for, mapped onto the whole canvas
+            if not self._view_chosen:
+                self.fit()
         elif old_w and old_h:
             self.camera.width *= event.width / old_w
             self.camera.height *= event.height / old_h

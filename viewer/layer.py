@@ -151,6 +151,7 @@ class ImageLayer(ChunkManager):
             self._channels.append(_ChannelGroup(display, group, material))
         self._root.add(self._overlays)
         self._chunk_users: dict[ChunkKey, set[ChannelTile]] = {}
+        self._drops: list[ChunkKey] = []  # chunks to release at the end of this update
         self._last_state: tuple | None = None
         self._frame = 0
         self._texture_bytes = 0  # textures of images in the scene
@@ -212,7 +213,15 @@ class ImageLayer(ChunkManager):
         )
         for ch in self._channels:
             self._update_channel(ch, plan, view, target)
+        self._flush_drops()
         self._enforce_texture_budget(view)
+
+    def _flush_drops(self) -> None:
+        """Release the chunks no tile uses any more, in one batch (so their loads are
+        cancelled together)."""
+        if self._drops:
+            self.drop_chunks(self._drops)
+            self._drops = []
 
     def status(self) -> LayerStatus:
         """How far the visible tiles of the current level have got."""
@@ -263,6 +272,7 @@ class ImageLayer(ChunkManager):
         for ch in self._channels:
             for key in list(ch.tiles):
                 self._remove_tile(ch, key)
+        self._flush_drops()
         self._root.parent.remove(self._root)
 
     # -- handlers (on the canvas's event loop) ----------------------------------------
@@ -284,7 +294,8 @@ class ImageLayer(ChunkManager):
         elif tile.plane is None:
             plane = self.plane.plane_of(loc.data, tile.select)
             tile.plane = np.ascontiguousarray(plane, dtype=texture_dtype(plane.dtype))
-            self._make_image(ch, tile)
+            if self.view is not None and _intersects(tile.bounds, self.view):
+                self._make_image(ch, tile)  # out of view: made when it comes into view
 
     # -- internals ------------------------------------------------------------------
 
@@ -374,7 +385,7 @@ class ImageLayer(ChunkManager):
         users.discard(key)
         if not users:
             del self._chunk_users[tile.chunk]
-            self.drop_chunk(*tile.chunk)
+            self._drops.append(tile.chunk)
 
     def _make_image(self, ch: _ChannelGroup, tile: _Tile) -> None:
         """Show a loaded tile's plane: reuse a spare image of the same shape (its
