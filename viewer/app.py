@@ -109,6 +109,10 @@ class Viewer:
         # one internal pixel per physical pixel: data pixels stay crisp, no SSAA cost
         self.renderer.pixel_scale = 1
         self.scene = gfx.Scene()
+        # pygfx clears the frame only in a render pass: a background is always drawn,
+        # so that a view with nothing in it (channels hidden, panned off the image) is
+        # black instead of the previous frame
+        self.scene.add(gfx.Background.from_color("#000000"))
         self._inbox: deque[Callable[[], Any]] = deque()
         self._inbox_lock = threading.Lock()
         self._wake = threading.Event()

@@ -83,8 +83,10 @@ def main() -> None:
         jump = time.perf_counter() - started
         raw = raw_pool_seconds(source, [k for k in held_keys(viewer) if k[0] == 0])
         jumps.append((jump, raw))
-        print(f"jump to ({x0}, {y0}) at 1:1: settled+drawn {ms(jump)}; "
-              f"pool alone for its {viewer.layer.status().loaded} level-0 tiles {ms(raw)}")
+        print(
+            f"jump to ({x0}, {y0}) at 1:1: settled+drawn {ms(jump)}; "
+            f"pool alone for its {viewer.layer.status().loaded} level-0 tiles {ms(raw)}"
+        )
 
     # -- per-frame bookkeeping -------------------------------------------------------
     viewer.show_region(4000, 4000, 4000 + W, 4000 + H)
@@ -104,13 +106,18 @@ def main() -> None:
             viewer.wait_settled()
     held = len(held_keys(viewer))
     print(f"per-frame bookkeeping at {W}x{H}, 256² chunks, 2 channels, ~{held} chunks held:")
-    print(f"  panning:   median {ms(statistics.median(pan))}, "
-          f"p90 {ms(float(np.percentile(pan, 90)))}")
-    print(f"  unchanged: median {ms(statistics.median(idle))}, "
-          f"p90 {ms(float(np.percentile(idle, 90)))}")
+    print(
+        f"  panning:   median {ms(statistics.median(pan))}, p90 {ms(float(np.percentile(pan, 90)))}"
+    )
+    print(
+        f"  unchanged: median {ms(statistics.median(idle))}, "
+        f"p90 {ms(float(np.percentile(idle, 90)))}"
+    )
     frames = list(viewer.frame_times)
-    print(f"  full frames drawn (render on lavapipe included): median "
-          f"{ms(statistics.median(frames))} over {len(frames)}")
+    print(
+        f"  full frames drawn (render on lavapipe included): median "
+        f"{ms(statistics.median(frames))} over {len(frames)}"
+    )
     viewer.close()
 
 
