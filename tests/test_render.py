@@ -266,6 +266,23 @@ def test_non_integer_zooms_sample_the_chosen_level(gray: tuple[Pyramid, Viewer])
         assert_view(got, expected, what=f"zoom {zoom} (level {level})")
 
 
+def test_finer_tiles_fetched_ahead_are_not_shown(gray: tuple[Pyramid, Viewer]) -> None:
+    """Right after zooming in, the next finer level is prefetched around the focus;
+    zooming straight back out, those tiles (loaded, in view) must not cover the chosen
+    level: the screen is exactly the level chosen for the zoom."""
+    pyramid, viewer = gray
+    viewer.show_region(*aligned_region(256, 256, 2))
+    settle(viewer)
+    viewer.show_region(*aligned_region(256, 256, 1))  # zoom in: level 0 is the target
+    settle(viewer)
+    region = aligned_region(192, 192, 2)  # and out again, within the prefetch window
+    viewer.show_region(*region)
+    got = grey(settle(viewer))
+    assert viewer.layer.target_level == 1
+    expected = expected_view(pyramid, 1, region_world(pyramid, region), SIZE)
+    assert_view(got, expected, what="zoomed back out to level 1")
+
+
 def test_fit_shows_the_whole_image(gray: tuple[Pyramid, Viewer]) -> None:
     """``fit()``: the whole image, centred, with square pixels, at a non-integer zoom."""
     pyramid, viewer = gray

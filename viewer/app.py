@@ -234,14 +234,16 @@ class Viewer:
                 with self._inbox_lock:
                     self._wake_scheduled = False
 
-    def _process_inbox(self) -> None:
-        """Run queued handlers (they create textures and request a redraw)."""
+    def _process_inbox(self) -> bool:
+        """Run queued handlers (they create textures and request a redraw); whether
+        there were any."""
         with self._inbox_lock:
             callbacks = list(self._inbox)
             self._inbox.clear()
             self._wake_scheduled = False
         for callback in callbacks:
             callback()
+        return bool(callbacks)
 
     def _request_draw(self) -> None:
         self.canvas.request_draw()
@@ -308,7 +310,10 @@ class Viewer:
         if self._last_width is not None and view.x1 - view.x0 < self._last_width * 0.999:
             self._zoom_in_until = started + ZOOM_PREFETCH_SECONDS
         self._last_width = view.x1 - view.x0
-        self.layer.update(view, zoom_in=started < self._zoom_in_until)
+        zoom_in = started < self._zoom_in_until
+        self.layer.update(view, zoom_in=zoom_in)
+        if self._process_inbox():  # chunks the update found in the pool's cache: show them
+            self.layer.update(view, zoom_in=zoom_in)  # now, and let what they replace go
         status = self.layer.status()
         if self.first_pixel_at is None and status.loaded:
             self.first_pixel_at = started

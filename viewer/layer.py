@@ -100,6 +100,7 @@ class _ChannelGroup:
     group: gfx.Group
     material: gfx.ImageBasicMaterial
     tiles: dict[ChannelTile, _Tile] = field(default_factory=dict)
+    kept: set[ChannelTile] = field(default_factory=set)  # shown while target tiles load
 
 
 class ImageLayer(ChunkManager):
@@ -294,8 +295,9 @@ class ImageLayer(ChunkManager):
         elif tile.plane is None:
             plane = self.plane.plane_of(loc.data, tile.select)
             tile.plane = np.ascontiguousarray(plane, dtype=texture_dtype(plane.dtype))
-            if self.view is not None and _intersects(tile.bounds, self.view):
-                self._make_image(ch, tile)  # out of view: made when it comes into view
+            in_view = self.view is not None and _intersects(tile.bounds, self.view)
+            if self._should_show(ch, tile, in_view):
+                self._make_image(ch, tile)  # otherwise: made when it is to be shown
 
     # -- internals ------------------------------------------------------------------
 
@@ -304,18 +306,21 @@ class ImageLayer(ChunkManager):
     ) -> None:
         c, position = ch.display.index, self.position
         wanted: dict[ChannelTile, float] = {}
+        ch.kept = set()
         if ch.display.visible:
             wanted = {(c, position, *k): p for k, p in plan.items()}
             done = {k[2:] for k, t in ch.tiles.items() if t.done and k[1] == position}
-            outside = [
+            loaded = [
                 k[2:]
                 for k, t in ch.tiles.items()
-                if k[1] == position and t.plane is not None and k not in wanted
+                if k[1] == position and t.plane is not None and k[2] != target
             ]
-            for k in tiles_to_keep(outside, self.levels, view, target, done):
-                wanted[(c, position, *k)] = ch.tiles[(c, position, *k)].priority
+            for k in tiles_to_keep(loaded, self.levels, view, target, done):
+                ch.kept.add((c, position, *k))
             if any(k[1] != position for k in ch.tiles):
-                self._keep_previous_slice(ch, wanted, view, target, done)
+                self._keep_previous_slice(ch, view, target, done)
+            for key in ch.kept:
+                wanted.setdefault(key, ch.tiles[key].priority)
         for key in [k for k in ch.tiles if k not in wanted]:
             self._remove_tile(ch, key)
         for key, priority in wanted.items():
@@ -327,8 +332,9 @@ class ImageLayer(ChunkManager):
                 self.get_chunk(*tile.chunk, priority=priority)
         frame = self._frame
         for key, tile in ch.tiles.items():
-            visible = _intersects(tile.bounds, view)
+            in_view = _intersects(tile.bounds, view)
             if tile.plane is not None:
+                visible = self._should_show(ch, tile, in_view)
                 if tile.image is None and visible:
                     self._make_image(ch, tile)  # its texture was freed while out of view
                 if tile.image is not None and tile.shown != visible:
@@ -336,17 +342,19 @@ class ImageLayer(ChunkManager):
                 if visible:
                     tile.last_shown = frame
             if tile.overlay is not None:
-                overlay_visible = visible and key[1] == position
+                overlay_visible = in_view and key[1] == position
                 if tile.overlay.visible != overlay_visible:
                     tile.overlay.visible = overlay_visible
 
+    def _should_show(self, ch: _ChannelGroup, tile: _Tile, in_view: bool) -> bool:
+        """A loaded tile in view is drawn if it is of the target level or coarser, or
+        stands in for target tiles still loading. Finer tiles fetched ahead (while
+        zooming in) wait until their level is the target: the screen shows exactly the
+        level chosen for the zoom."""
+        return in_view and (tile.key[2] >= self.target_level or tile.key in ch.kept)
+
     def _keep_previous_slice(
-        self,
-        ch: _ChannelGroup,
-        wanted: dict[ChannelTile, float],
-        view: View,
-        target: int,
-        done: set[TileKey],
+        self, ch: _ChannelGroup, view: View, target: int, done: set[TileKey]
     ) -> None:
         """Tiles of the previous slice stay until every visible tile of the new slice
         at the target level is done."""
@@ -361,7 +369,7 @@ class ImageLayer(ChunkManager):
                 and tile.plane is not None
                 and _intersects(tile.bounds, view)
             ):
-                wanted[key] = tile.priority
+                ch.kept.add(key)
 
     def _add_tile(self, ch: _ChannelGroup, key: ChannelTile, priority: float) -> None:
         c, position, level, iy, ix = key
@@ -404,7 +412,8 @@ class ImageLayer(ChunkManager):
         (cy, cx), (sy, sx), (oy, ox) = geo.chunk, geo.scale, geo.offset
         image.local.position = (ox + ix * cx * sx, oy + iy * cy * sy, 0)
         image.local.scale = (sx, sy, 1)
-        tile.shown = self.view is not None and _intersects(tile.bounds, self.view)
+        in_view = self.view is not None and _intersects(tile.bounds, self.view)
+        tile.shown = self._should_show(ch, tile, in_view)
         image.visible = tile.shown
         tile.image = image
         self._place(tile)
