@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .source import ChunkSource, RawChunk
+from .workers import Workers
 
 __all__ = ["JobState", "LoadJob", "LoadScheduler"]
 
@@ -111,12 +112,8 @@ class LoadScheduler:
         self._active: set[LoadJob] = set()  # fetching or decoding
         self._seq = itertools.count()
         self._closed = False
-        self._io_pool = concurrent.futures.ThreadPoolExecutor(
-            io_concurrency, thread_name_prefix="chunkpool-io"
-        )
-        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
-            cpu_workers, thread_name_prefix="chunkpool-decode"
-        )
+        self._io_workers = Workers("io", io_concurrency)
+        self._cpu_workers = Workers("decode", cpu_workers)
 
     # -- the owner's side -------------------------------------------------------------
 
@@ -176,9 +173,8 @@ class LoadScheduler:
                 job.state = JobState.CANCELLED
                 if job._io_future is not None:
                     job._io_future.cancel()
-        in_worker = threading.current_thread().name.startswith("chunkpool-")
-        self._io_pool.shutdown(wait=not in_worker, cancel_futures=True)
-        self._cpu_pool.shutdown(wait=not in_worker, cancel_futures=True)
+        self._io_workers.shutdown()
+        self._cpu_workers.shutdown()
 
     # -- internals --------------------------------------------------------------------
 
@@ -215,7 +211,7 @@ class LoadScheduler:
 
     def _start_fetch(self, job: LoadJob) -> None:
         if job.source.is_sync:
-            self._io_pool.submit(self._fetch_sync, job)
+            self._io_workers.submit(self._fetch_sync, job)
         else:
             job._io_future = asyncio.run_coroutine_threadsafe(
                 self._fetch_async(job), job.source.io_loop()
@@ -264,7 +260,7 @@ class LoadScheduler:
                 job.nbytes_fetched = raw.nbytes_fetched
                 job.state = JobState.DECODING
                 self._decoding += 1
-                self._cpu_pool.submit(self._decode, job, raw)
+                self._cpu_workers.submit(self._decode, job, raw)
             self._pump()
         if failed:
             job.on_done(job, None, error)

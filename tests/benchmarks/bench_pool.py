@@ -55,23 +55,24 @@ def write(path: Path, data: np.ndarray, sharded: bool) -> zarr.Array:
     return arr
 
 
-def median_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each method, the methods interleaved round-robin so that the
-    machine's load drifts affect them alike."""
+def timings(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run of each method. The methods run round-robin, in a rotated
+    order each round, so that drifts in the machine's load affect them alike."""
     for fn in methods.values():
         fn()  # warm-up (page cache, imports, thread start)
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            methods[name]()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--sharded", action="store_true", help="2048² shards of 512² chunks")
     args = parser.parse_args()
 
@@ -144,6 +145,11 @@ def main() -> None:
 
         asyncio.run(main())
 
+    # 1. head to head: the pool and tensorstore alternate, nothing else runs between
+    head = timings({"chunkpool": run_pool, "tensorstore": run_tensorstore}, args.repeats)
+    print("head to head (alternating runs):")
+    report(head)
+    # 2. every method, round-robin
     methods = {
         "chunkpool": run_pool,
         "chunkpool, fresh pool each run": run_fresh_pool,
@@ -152,16 +158,23 @@ def main() -> None:
     }
     if not args.sharded:
         methods["raw read+zstd, 2 threads"] = run_raw_threads
-    results = median_ms(methods, args.repeats)
+    print("all methods (round-robin, rotated order):")
+    report(timings(methods, args.repeats))
     pool.destroy()
-    pool_ms = results["chunkpool"]
-    print(f"{'method':34s} {'ms':>8s} {'pool throughput / this':>24s}")
-    for name, ms in results.items():
-        print(f"{name:34s} {ms:8.1f} {ms / pool_ms:24.2f}")
     print(
         "(chunkpool: one pool, chunks dropped between runs, buffers recycled as in a "
         "viewer; fresh pool: new pool, threads and buffers each run)"
     )
+
+
+def report(times: dict[str, list[float]]) -> None:
+    """Median times, and the pool's throughput over each method's as the median and
+    quartiles of the per-round ratios (paired, so load drifts cancel)."""
+    pool_times = np.array(times["chunkpool"])
+    print(f"  {'method':34s} {'median ms':>9s}   pool throughput / this: median [quartiles]")
+    for name, t in times.items():
+        q1, q2, q3 = np.percentile(np.array(t) / pool_times, [25, 50, 75])
+        print(f"  {name:34s} {statistics.median(t) * 1000:9.1f}   {q2:5.2f} [{q1:.2f}..{q3:.2f}]")
 
 
 if __name__ == "__main__":
