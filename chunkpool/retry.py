@@ -47,14 +47,12 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, TimeoutError | ConnectionError):
         return True
+    if type(err).__module__.startswith("obstore"):
+        return False  # obstore stores retry transient errors themselves (10 times)
     aiohttp = sys.modules.get("aiohttp")
     if aiohttp is not None and isinstance(err, aiohttp.ClientError):
         return True
-    # obstore raises its own exception types; its 4xx errors say so in their names
-    name = type(err).__name__
-    if name in ("PermissionDeniedError", "UnauthenticatedError", "NotFoundError"):
-        return False
-    return isinstance(err, OSError) or type(err).__module__.startswith("obstore")
+    return isinstance(err, OSError)
 
 
 def _http_status(err: BaseException) -> int | None:

@@ -45,6 +45,9 @@ _S3_AUTH_OPTIONS = frozenset({"anon", "key", "secret", "token", "profile", "sess
 
 _MAX_DETAIL = 300
 
+# obstore's exception types for refused credentials (stores it backs raise them as is)
+_OBSTORE_DENIED = frozenset({"PermissionDeniedError", "UnauthenticatedError"})
+
 #: Connections s3fs may keep to S3 (above any pool's in-flight window).
 S3_CONNECTIONS = 128
 
@@ -126,7 +129,7 @@ def describe_error(err: BaseException) -> str:
         return "not a Zarr store (no zarr.json, .zgroup or .zarray)"
     if isinstance(err, FileNotFoundError):
         return "no such file or directory"
-    if isinstance(err, PermissionError):
+    if isinstance(err, PermissionError) or type(err).__name__ in _OBSTORE_DENIED:
         return "permission denied"
     http = _describe_aiohttp_error(err)
     if http is not None:

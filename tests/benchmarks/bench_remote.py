@@ -923,7 +923,7 @@ def bench_cancel(servers: Servers, root: Path, rounds: int) -> None:
             )
     print(
         f"\n5. cancellation: {len(keys)} chunks requested at {latency:.0f} s latency "
-        f"(remote_io_concurrency=32), all dropped after {drop_after} s, then {wait_after} s "
+        f"(the default window), all dropped after {drop_after} s, then {wait_after} s "
         f"wait; per round:"
     )
     for client in CLIENTS:
