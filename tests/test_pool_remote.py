@@ -9,7 +9,7 @@ from conftest import make_array, ramp
 from support.httpserver import ZarrHTTPServer
 from support.s3server import S3Server
 
-from chunkpool import ChunkLoadError, ChunkPool, ChunkState
+from chunkpool import ChunkLoadError, ChunkPool, ChunkState, SourceError
 
 
 @pytest.fixture
@@ -109,3 +109,25 @@ def test_remote_group_pyramid(tmp_path):
             np.testing.assert_array_equal(pool.get_chunk(1, (0, 0)).wait(), full[::2, ::2])
         finally:
             pool.destroy()
+
+
+def test_s3_credentials_from_the_environment(tmp_path, monkeypatch):
+    """No storage options: s3fs finds the endpoint and keys in the usual AWS_* variables,
+    and neither the key nor the secret shows in names or errors."""
+    data = ramp((32, 32), "int16")
+    make_array(tmp_path / "img.zarr", data, (16, 16))
+    with S3Server() as s3:
+        s3.create_bucket("env-creds")
+        s3.upload_dir(tmp_path / "img.zarr", "env-creds", "img.zarr")
+        env = s3.env()
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        (pool,) = ChunkPool.from_zarr_node("s3://env-creds/img.zarr")
+        try:
+            assert pool.multiscale_info.source == "s3://env-creds/img.zarr"
+            np.testing.assert_array_equal(pool.get_chunk(0, (1, 1)).wait(), data[16:, 16:])
+        finally:
+            pool.destroy()
+        with pytest.raises(SourceError) as info:
+            ChunkPool.from_zarr_node("s3://env-creds/missing.zarr")
+        assert env["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
