@@ -834,3 +834,19 @@ def test_cli_bad_input_is_one_line_and_status_2(
     assert len(lines) == 1 and lines[0].startswith("zarrscope: error: "), result.stderr
     assert says in lines[0]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_telemetry_reports_first_pixel_frames_and_settling(
+    gray: tuple[Pyramid, Viewer],
+) -> None:
+    """``telemetry()``: time to first pixel, frame times, and how long the last view
+    took to settle, measured from when it was first drawn."""
+    _, viewer = gray
+    viewer.show_region(*aligned_region(64, 64, 1))
+    viewer.screenshot()  # the new view's first frame
+    settle(viewer)
+    t = viewer.telemetry()
+    assert 0 < t["time_to_first_pixel"] < 600
+    assert 0 < t["frame_time_median"] <= t["frame_time_p90"]
+    assert t["last_settle"] is not None and t["last_settle"] >= 0
+    assert t["stats"].loads > 0

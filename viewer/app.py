@@ -143,6 +143,9 @@ class Viewer:
         self.position_listeners: list[Callable[[SlicePosition], None]] = []
         self.frame_times: deque[float] = deque(maxlen=240)
         self.first_pixel_at: float | None = None
+        self._shown: tuple | None = None  # the view last drawn
+        self._view_changed_at: float | None = None  # when it was first drawn, until settled
+        self.last_settle_seconds: float | None = None
         self._last_width = None
         self._zoom_in_until = 0.0
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
@@ -317,6 +320,12 @@ class Viewer:
         status = self.layer.status()
         if self.first_pixel_at is None and status.loaded:
             self.first_pixel_at = started
+        shown = (view.x0, view.y0, view.x1, view.y1, view.width, view.height, self.layer.position)
+        if shown != self._shown:  # a new view (the cursor alone does not count)
+            self._shown, self._view_changed_at = shown, started
+        if status.settled and self._view_changed_at is not None:
+            self.last_settle_seconds = time.perf_counter() - self._view_changed_at
+            self._view_changed_at = None
         if self.hud.visible:
             self.hud.update(self._hud_lines(view, status), self._progress(status), self._size())
             self.renderer.render(self.scene, self.camera, flush=False)
@@ -324,6 +333,20 @@ class Viewer:
         else:
             self.renderer.render(self.scene, self.camera)
         self.frame_times.append(time.perf_counter() - started)
+
+    def telemetry(self) -> dict[str, Any]:
+        """What the user experienced, in seconds: time to the first pixel of data after
+        opening, the median and 90th percentile frame (CPU) time, how long the last
+        view took to settle; and the pool's counters (``stats``)."""
+        frames = sorted(self.frame_times)
+        first = None if self.first_pixel_at is None else self.first_pixel_at - self.opened_at
+        return {
+            "time_to_first_pixel": first,
+            "frame_time_median": frames[len(frames) // 2] if frames else None,
+            "frame_time_p90": frames[int(len(frames) * 0.9)] if frames else None,
+            "last_settle": self.last_settle_seconds,
+            "stats": self.pool.stats,
+        }
 
     @staticmethod
     def _progress(status: Any) -> float | None:
