@@ -216,3 +216,30 @@ def test_disk_cache_stays_within_its_byte_budget(tmp_path):
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= budget
     assert 15 <= len(files) <= 22
+
+
+@pytest.mark.render
+def test_closing_the_viewer_with_1000_pending_remote_loads_is_quick(tmp_path):
+    """A slow server never holds the viewer: with over 1000 tile loads in flight or
+    queued, frames still come, and closing takes well under 2 s."""
+    from viewer import Viewer
+
+    make_array(tmp_path / "big.zarr", ramp((1024, 2048), "uint8"), (16, 16))
+    with ZarrHTTPServer(tmp_path) as srv:
+        viewer = Viewer(
+            f"{srv.url}/big.zarr",
+            None,
+            size=(1024, 512),
+            show_hud=False,
+            colormap="gray",
+            clim=(0, 255),
+        )
+        srv.latency = 5.0
+        viewer.show_region(0, 0, 1024, 512)  # 1:1: 64 x 32 tiles of 16², none cached
+        started = time.perf_counter()
+        viewer.screenshot()
+        assert time.perf_counter() - started < 5.0  # the frame did not wait for data
+        assert viewer.pool.stats.chunks_pending >= 1000
+        started = time.perf_counter()
+        viewer.close()
+        assert time.perf_counter() - started < 2.0
