@@ -38,9 +38,6 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: ChunkKey) -> bool:
-        return key in self._entries
-
     def __iter__(self) -> Iterator[ChunkLocation]:
         return iter(self._entries.values())
 

@@ -36,6 +36,7 @@ __all__ = [
     "plan_tiles",
     "plane_levels",
     "tiles_to_keep",
+    "visible_tiles",
 ]
 
 TileKey = tuple[int, int, int]  # (level, iy, ix)
