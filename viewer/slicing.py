@@ -1,6 +1,11 @@
 """From an nD image to the 2D plane on screen: axes, slice positions, chunk indices.
 
-The displayed plane is spanned by the image's last two spatial axes (y, x). Every
+The displayed plane is spanned by two spatial axes, chosen by name: the axis named x
+(any case) is always the screen's horizontal and the one named y its vertical, whatever
+their order in the array, so an image stored as (x, y), (x, c, y) or (y, z, x) shows the
+same picture as in OME's (..., z, y, x) order. Where one of the names is missing, the
+last other spatial axis takes its role; without either name (e.g. spatial axes named a,
+b), the last two spatial axes are (y, x). Every
 other axis is held at a position: the channel axis by the channel being drawn, the
 others (z, t, ...) by a slice position given in level-0 indices and carried to each
 level through world coordinates (so a z that is downsampled in coarser levels maps to
@@ -33,14 +38,15 @@ class Plane:
 
     @classmethod
     def of(cls, info: MultiscaleInfo) -> Plane:
-        """The plane of an image: its last two spatial axes. Raises SourceError if the
-        image has fewer than two."""
+        """The plane of an image: its spatial axes named y and x (see the module's
+        docstring for the rule). Raises SourceError if the image has fewer than two
+        spatial axes."""
         scale = info.levels[0]
         spatial = scale.spatial_axes
         if len(spatial) < 2:
             names = ", ".join(a.name for a in scale.axes)
             raise SourceError(f"{info.source}: needs two spatial axes to show, has axes {names}")
-        y_axis, x_axis = spatial[-2], spatial[-1]
+        y_axis, x_axis = _plane_axes(scale)
         others = tuple(
             i for i in range(scale.ndim) if i not in (y_axis, x_axis, scale.channel_axis)
         )
@@ -91,6 +97,21 @@ class Plane:
         return tuple(index), tuple(select)
 
     def plane_of(self, data: np.ndarray, select: tuple[int | slice, ...]) -> np.ndarray:
-        """The 2D (y, x) plane of a chunk's data."""
+        """The 2D (y, x) plane of a chunk's data (a view: transposed when x comes before
+        y in the array)."""
         plane = data[select]
         return plane.T if self.x_axis < self.y_axis else plane
+
+
+def _plane_axes(scale: ScaleInfo) -> tuple[int, int]:
+    """(y axis, x axis) of the displayed plane: the spatial axes named y and x; a role
+    whose name is absent goes to the last spatial axis left."""
+    spatial = scale.spatial_axes
+    named = {scale.axes[i].name.lower(): i for i in spatial}
+    y_axis, x_axis = named.get("y"), named.get("x")
+    rest = [i for i in spatial if i not in (y_axis, x_axis)]
+    if x_axis is None:
+        x_axis = rest.pop()
+    if y_axis is None:
+        y_axis = rest.pop()
+    return y_axis, x_axis
