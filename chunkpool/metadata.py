@@ -10,15 +10,20 @@ format), validation strict: anything the loader or viewer could not handle raise
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
 from .errors import SourceError
 from .info import Axis, ChannelInfo, MultiscaleInfo, ScaleInfo, spatial_axis_indices
+from .links import LinkEscapeError, StoreRoot
 from .stores import describe_error
 
 __all__ = ["SUPPORTED_DTYPES", "read_multiscales"]
@@ -48,6 +53,16 @@ _AXIS_TYPES_BY_NAME = {
 }
 # OME-Zarr versions without coordinateTransformations: level scales follow from shapes.
 _VERSIONS_WITHOUT_TRANSFORMS = frozenset({"0.1", "0.2", "0.3"})
+# The order OME-Zarr wants: time, then channel or custom axes, then space (as z, y, x).
+_TIME_RANK, _OTHER_RANK, _SPACE_RANK = 0, 1, 2
+_SPATIAL_ORDER = ("z", "y", "x")
+# Metadata documents a node's directory may hold (Zarr v3, then v2).
+_METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+# How far a level's world extent may be from level 0's, in that level's pixels (plus
+# rounding): sizes rounded up or down when downsampling stay within one pixel.
+_EXTENT_TOLERANCE = 1 + 1e-6
+
+logger = logging.getLogger("chunkpool")
 
 Transform = tuple[tuple[float, ...], tuple[float, ...]]  # (scale, translation) per axis
 
@@ -114,26 +129,68 @@ def _ome_image(
         raise SourceError(f"{where}: multiscales has no datasets")
     paths = [_dataset_path(ds, i, where) for i, ds in enumerate(datasets)]
     arrays = [_dataset_array(group, path, where) for path in paths]
+    order = _finest_first(arrays)
+    if order != sorted(order):
+        logger.warning(
+            "%s: datasets are not listed finest first (%s); read in order of size (%s)",
+            where,
+            ", ".join(map(repr, paths)),
+            ", ".join(repr(paths[i]) for i in order),
+        )
+        datasets, paths, arrays = ([items[i] for i in order] for items in (datasets, paths, arrays))
     _check_levels(arrays, paths, where)
     axes = _ome_axes(entry.get("axes"), arrays[0], where)
     _check_axes(axes, arrays[0].ndim, where)
+    if entry.get("axes") is not None:
+        _warn_about_axis_order(axes, where)
     has_transforms = "coordinateTransformations" in entry or any(
         "coordinateTransformations" in ds for ds in datasets
     )
-    if version in _VERSIONS_WITHOUT_TRANSFORMS and not has_transforms:
-        transforms = _transforms_from_shapes(arrays, paths, axes, where)
+    if not has_transforms:
+        if version not in _VERSIONS_WITHOUT_TRANSFORMS and len(arrays) > 1:
+            logger.warning(
+                "%s: no coordinateTransformations (OME-Zarr %s wants a scale per dataset); "
+                "scales inferred from the level shapes",
+                where,
+                version or "0.4+",
+            )
+        transforms = _transforms_from_shapes(arrays, axes)
     else:
         transforms = _dataset_transforms(entry, datasets, paths, arrays[0].ndim, where)
     name = entry.get("name")
     return MultiscaleInfo(
         source=source,
         path=group.path,
-        levels=_make_levels(arrays, paths, axes, transforms),
+        levels=_make_levels(arrays, paths, axes, transforms, where),
         name=name if isinstance(name, str) else None,
         channels=channels,
         ome_version=version,
         attributes=entry,
     )
+
+
+def _finest_first(arrays: Sequence[zarr.Array]) -> list[int]:
+    """Indices of ``arrays`` by decreasing number of pixels (stable: ties keep their
+    listed order, and then the level checks decide)."""
+    return sorted(range(len(arrays)), key=lambda i: -math.prod(arrays[i].shape))
+
+
+def _warn_about_axis_order(axes: tuple[Axis, ...], where: str) -> None:
+    """Log a warning if the axes are not in OME-Zarr's order. Such an order is still
+    unambiguous: every axis is read (and shown) by its name and type."""
+    spatial = spatial_axis_indices(axes)
+    ranks = [
+        _SPACE_RANK if i in spatial else _TIME_RANK if a.type == "time" else _OTHER_RANK
+        for i, a in enumerate(axes)
+    ]
+    names = [axes[i].name.lower() for i in spatial if axes[i].name.lower() in _SPATIAL_ORDER]
+    if ranks != sorted(ranks) or names != sorted(names, key=_SPATIAL_ORDER.index):
+        logger.warning(
+            "%s: axes %s are not in OME-Zarr's order (time, then channel or custom, then "
+            "space as z, y, x); each axis is read by its name",
+            where,
+            ", ".join(a.name for a in axes),
+        )
 
 
 def _dataset_transforms(
@@ -320,7 +377,9 @@ def _plain_array_image(array: zarr.Array, source: str) -> MultiscaleInfo:
     _check_axes(axes, array.ndim, where)
     identity = ((1.0,) * array.ndim, (0.0,) * array.ndim)
     return MultiscaleInfo(
-        source=source, path=group_path, levels=_make_levels([array], [name], axes, [identity])
+        source=source,
+        path=group_path,
+        levels=_make_levels([array], [name], axes, [identity], where),
     )
 
 
@@ -344,30 +403,26 @@ def _plain_group_image(group: zarr.Group, where: str, source: str) -> Multiscale
     _check_levels(levels, names, where)
     axes = _default_axes(levels[0])
     _check_axes(axes, levels[0].ndim, where)
-    transforms = _transforms_from_shapes(levels, names, axes, where)
+    transforms = _transforms_from_shapes(levels, axes)
     return MultiscaleInfo(
-        source=source, path=group.path, levels=_make_levels(levels, names, axes, transforms)
+        source=source, path=group.path, levels=_make_levels(levels, names, axes, transforms, where)
     )
 
 
 def _transforms_from_shapes(
-    arrays: Sequence[zarr.Array], paths: Sequence[str], axes: tuple[Axis, ...], where: str
+    arrays: Sequence[zarr.Array], axes: tuple[Axis, ...]
 ) -> list[Transform]:
     """Scales of a pyramid without metadata: level-0 size / level size per spatial axis,
-    with pixel centres of block-averaged levels at (scale - 1) / 2. Non-spatial axes
-    must keep their size."""
+    with pixel centres of block-averaged levels at (scale - 1) / 2 (non-spatial axes
+    must keep their size: :func:`_check_geometry`)."""
     spatial = set(spatial_axis_indices(axes))
     base = arrays[0].shape
     transforms = []
-    for array, path in zip(arrays, paths, strict=True):
-        scale = []
-        for i, (n0, n) in enumerate(zip(base, array.shape, strict=True)):
-            if i not in spatial and n != n0:
-                raise SourceError(
-                    f"{where}: array {path!r} changes the size of non-spatial axis "
-                    f"{axes[i].name!r} ({n0} → {n})"
-                )
-            scale.append(n0 / n if i in spatial else 1.0)
+    for array in arrays:
+        scale = [
+            n0 / n if i in spatial else 1.0
+            for i, (n0, n) in enumerate(zip(base, array.shape, strict=True))
+        ]
         transforms.append((tuple(scale), tuple((s - 1) / 2 for s in scale)))
     return transforms
 
@@ -390,10 +445,12 @@ def _named_axis(name: str) -> Axis:
 
 
 def _check_levels(arrays: Sequence[zarr.Array], paths: Sequence[str], where: str) -> None:
-    """Levels must share a supported dtype and ndim, be non-empty and never grow."""
+    """Levels must lie inside their (local) store, share a supported dtype and ndim, be
+    non-empty, have chunks (and shards) of at least one pixel and never grow."""
     first = _native_dtype(arrays[0])
     for level, (array, path) in enumerate(zip(arrays, paths, strict=True)):
         label = f"level {level} ({path!r})"
+        _check_inside_store(array, f"{where}: {label}")
         dtype = _native_dtype(array)
         if dtype not in SUPPORTED_DTYPES:
             raise SourceError(f"{where}: {label} has unsupported dtype {array.dtype}")
@@ -405,11 +462,34 @@ def _check_levels(arrays: Sequence[zarr.Array], paths: Sequence[str], where: str
             raise SourceError(f"{where}: {label} has dtype {dtype} but level 0 has {first}")
         if 0 in array.shape:
             raise SourceError(f"{where}: {label} is empty (shape {array.shape})")
+        for what, sizes in (("chunk", array.chunks), ("shard", array.shards)):
+            if sizes is not None and any(n < 1 for n in sizes):
+                raise SourceError(
+                    f"{where}: {label} has {what} shape {tuple(sizes)}: every size must be at "
+                    "least 1"
+                )
         if level and any(n > p for n, p in zip(array.shape, arrays[level - 1].shape, strict=True)):
             raise SourceError(
                 f"{where}: {label} shape {array.shape} is larger than level {level - 1}'s "
                 f"{arrays[level - 1].shape}"
             )
+
+
+def _check_inside_store(node: zarr.Array | zarr.Group, what: str) -> None:
+    """A node of a local store, its directory and its metadata documents, must resolve
+    inside the store's root: no symbolic link out of it is followed (see
+    :mod:`chunkpool.links`)."""
+    store = node.store
+    if not isinstance(store, LocalStore):
+        return
+    root = StoreRoot(store.root)
+    prefix = f"{node.path}/" if node.path else ""
+    try:
+        root.check(node.path)
+        for name in _METADATA_FILES:
+            root.check(prefix + name)
+    except LinkEscapeError as err:
+        raise SourceError(f"{what}: {err}") from None
 
 
 def _native_dtype(array: zarr.Array) -> np.dtype:
@@ -434,13 +514,69 @@ def _make_levels(
     paths: Sequence[str],
     axes: tuple[Axis, ...],
     transforms: Sequence[Transform],
+    where: str,
 ) -> tuple[ScaleInfo, ...]:
-    return tuple(
+    levels = tuple(
         _scale_info(level, path, array, axes, transform)
         for level, (array, path, transform) in enumerate(
             zip(arrays, paths, transforms, strict=True)
         )
     )
+    _check_geometry(levels, where)
+    return levels
+
+
+def _check_geometry(levels: Sequence[ScaleInfo], where: str) -> None:
+    """The levels' world geometry (transforms composed) must be computable and describe
+    one picture at decreasing resolutions (the rules: this module's docstring)."""
+    for scale in levels:
+        label = f"level {scale.level} ({scale.path!r})"
+        for axis, s, t, n in zip(
+            scale.axes, scale.scale, scale.translation, scale.shape, strict=True
+        ):
+            along = f"along {axis.name}"
+            if not (math.isfinite(s) and s >= sys.float_info.min):
+                raise SourceError(
+                    f"{where}: {label} has scale {s!r} {along} (transforms composed): "
+                    "not a positive, finite, normal number"
+                )
+            if not math.isfinite(t):
+                raise SourceError(f"{where}: {label} has translation {t!r} {along}")
+            if not (math.isfinite(t - s / 2) and math.isfinite(t + (n - 0.5) * s)):
+                raise SourceError(
+                    f"{where}: {label} reaches beyond the largest float {along} "
+                    f"(translation {t!r}, {n} pixels of {s!r})"
+                )
+    base = levels[0]
+    spatial = set(base.spatial_axes)
+    for previous, scale in itertools.pairwise(levels):
+        label = f"level {scale.level} ({scale.path!r})"
+        for i, axis in enumerate(scale.axes):
+            n0, n = previous.shape[i], scale.shape[i]
+            if i not in spatial:
+                if n != base.shape[i]:
+                    raise SourceError(
+                        f"{where}: {label} changes the size of non-spatial axis "
+                        f"{axis.name!r} ({base.shape[i]} → {n})"
+                    )
+                continue
+            s0, s = previous.scale[i], scale.scale[i]
+            if s < s0:
+                raise SourceError(
+                    f"{where}: {label} is finer than level {previous.level} along "
+                    f"{axis.name} (scale {s!r} < {s0!r})"
+                )
+            if n < n0 and s <= s0:
+                raise SourceError(
+                    f"{where}: {label} shrinks along {axis.name} ({n0} → {n} pixels) but "
+                    f"its scale does not grow ({s!r})"
+                )
+            extent, extent0 = n * s, base.shape[i] * base.scale[i]
+            if abs(extent - extent0) > s * _EXTENT_TOLERANCE:
+                raise SourceError(
+                    f"{where}: {label} spans {extent!r} along {axis.name} but level 0 spans "
+                    f"{extent0!r}: more than one of its pixels apart"
+                )
 
 
 def _scale_info(

@@ -6,6 +6,8 @@ Stores are small and hold metadata only (no chunk is ever written), so this is f
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
+from chunkpool import ChunkPool
 from chunkpool.errors import SourceError
 from chunkpool.info import Axis, MultiscaleInfo
 from chunkpool.metadata import read_multiscales
@@ -180,7 +183,12 @@ def test_level_fields(tmp_path: Path, zarr_format: int) -> None:
     )
 
 
-def test_missing_transforms_are_identity(tmp_path: Path, zarr_format: int) -> None:
+def test_missing_transforms_are_inferred_from_shapes(
+    tmp_path: Path, zarr_format: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OME-Zarr 0.4+ wants a scale per dataset; without any transformation the levels'
+    scales follow from their shapes (as for 0.1-0.3), with a warning: taking them as
+    identity would draw level 1 at half the size of level 0."""
     group = zarr.open_group(
         tmp_path / "img.zarr",
         mode="w",
@@ -192,10 +200,13 @@ def test_missing_transforms_are_identity(tmp_path: Path, zarr_format: int) -> No
     group.create_array("0", shape=(8, 8), dtype="uint8")
     group.create_array("1", shape=(4, 4), dtype="uint8")
 
-    levels = read_one(tmp_path / "img.zarr").levels
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        levels = read_one(tmp_path / "img.zarr").levels
 
-    assert [lv.scale for lv in levels] == [(1.0, 1.0), (1.0, 1.0)]
-    assert [lv.translation for lv in levels] == [(0.0, 0.0), (0.0, 0.0)]
+    assert [lv.scale for lv in levels] == [(1.0, 1.0), (2.0, 2.0)]
+    assert [lv.translation for lv in levels] == [(0.0, 0.0), (0.5, 0.5)]
+    (record,) = caplog.records
+    assert "no coordinateTransformations" in record.getMessage()
 
 
 def test_identity_transform_is_accepted(tmp_path: Path, zarr_format: int) -> None:
@@ -841,7 +852,7 @@ def test_group_of_groups_lists_them(tmp_path: Path) -> None:
         ({"0": ((8, 8), U8), "1": ((4, 16), U8)}, "level 1 ('1') shape (4, 16) is larger"),
         (
             {"0": ((3, 8, 8, 8), U8), "1": ((2, 4, 4, 4), U8)},
-            "array '1' changes the size of non-spatial axis 'c' (3 → 2)",
+            "level 1 ('1') changes the size of non-spatial axis 'c' (3 → 2)",
         ),
     ],
     ids=["ndim", "dtype", "larger", "channels"],
@@ -861,3 +872,276 @@ def test_unreadable_dataset_metadata(tmp_path: Path) -> None:
     message = source_error(tmp_path / "img.zarr")
 
     assert "dataset '0': invalid Zarr metadata (JSONDecodeError: " in message
+
+
+# --- what describes a different picture: geometry checks (issue 7) ---------------------
+
+
+def ome_with_transforms(
+    root: Path,
+    zarr_format: int,
+    shapes: list[tuple[int, ...]],
+    transforms: list[list[dict[str, Any]]],
+    *,
+    axes: str = "yx",
+    multiscale_transforms: list[dict[str, Any]] | None = None,
+    paths: list[str] | None = None,
+) -> None:
+    """An OME image whose datasets have the given shapes and coordinateTransformations
+    (listed in that order, under ``paths``, default "0", "1", ...)."""
+    paths = paths or [str(i) for i in range(len(shapes))]
+    multiscale: dict[str, Any] = {
+        "axes": axes_meta(axes),
+        "datasets": [
+            {"path": p, "coordinateTransformations": tf}
+            for p, tf in zip(paths, transforms, strict=True)
+        ],
+    }
+    if multiscale_transforms is not None:
+        multiscale["coordinateTransformations"] = multiscale_transforms
+    write_ome(
+        root, zarr_format, multiscale, {p: (s, U8) for p, s in zip(paths, shapes, strict=True)}
+    )
+
+
+def translate_tf(*values: Any) -> list[dict[str, Any]]:
+    return [{"type": "translation", "translation": list(values)}]
+
+
+PYRAMID_2 = [(8, 8), (4, 4)]
+
+# (shapes, dataset transforms, multiscale transforms, what the message must say)
+WRONG_GEOMETRY = {
+    "denormal scale": ([(8, 8)], [scale_tf(1e-320, 1)], None, "level 0 ('0') has scale 1e-320"),
+    "scale composing to 0": (
+        [(8, 8)],
+        [scale_tf(1e-200, 1)],
+        scale_tf(1e-200, 1),
+        "level 0 ('0') has scale 0.0 along y",
+    ),
+    "scale composing to inf": (
+        [(8, 8)],
+        [scale_tf(1, 1e200)],
+        scale_tf(1, 1e200),
+        "level 0 ('0') has scale inf along x",
+    ),
+    "translation composing to inf": (
+        [(8, 8)],
+        [scale_tf(1, 1) + translate_tf(0, 1e300)],
+        scale_tf(1, 1e10),
+        "level 0 ('0') has translation inf along x",
+    ),
+    "world coordinates overflowing": (
+        [(8, 8)],
+        [scale_tf(1, 1e308)],
+        None,
+        "level 0 ('0') reaches beyond the largest float along x",
+    ),
+    "level finer than level 0": (
+        PYRAMID_2,
+        [scale_tf(2, 2), scale_tf(1, 1)],
+        None,
+        "level 1 ('1') is finer than level 0 along y (scale 1.0 < 2.0)",
+    ),
+    "level with level 0's scale": (
+        PYRAMID_2,
+        [scale_tf(1, 1), scale_tf(1, 1)],
+        None,
+        "level 1 ('1') shrinks along y (8 → 4 pixels) but its scale does not grow (1.0)",
+    ),
+    "scale not growing along one axis": (
+        PYRAMID_2,
+        [scale_tf(1, 1), scale_tf(2, 1)],
+        None,
+        "level 1 ('1') shrinks along x (8 → 4 pixels) but its scale does not grow (1.0)",
+    ),
+    "one pixel shrinking without growing": (
+        [(2, 8), (1, 4)],
+        [scale_tf(1, 1), scale_tf(1, 2)],
+        None,
+        "level 1 ('1') shrinks along y (2 → 1 pixels) but its scale does not grow (1.0)",
+    ),
+    "level covering another extent": (
+        PYRAMID_2,
+        [scale_tf(1, 1), scale_tf(4, 2)],
+        None,
+        "level 1 ('1') spans 16.0 along y but level 0 spans 8.0",
+    ),
+    "level not shrinking but coarser": (
+        PYRAMID_2[:1] * 2,
+        [scale_tf(1, 1), scale_tf(1, 2)],
+        None,
+        "level 1 ('1') spans 16.0 along x but level 0 spans 8.0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_GEOMETRY.values(), ids=WRONG_GEOMETRY.keys())
+def test_geometry_that_cannot_be_right_is_refused(
+    tmp_path: Path, zarr_format: int, case: tuple[Any, ...]
+) -> None:
+    """Scales and translations are checked after composing the dataset's transforms
+    with the multiscale's: non-finite, non-positive or denormal scales, world
+    coordinates that overflow, and levels that do not describe the same picture
+    coarser (finer than the previous level, a shape that shrinks at the same scale, a
+    world extent off by more than one of the level's pixels) are a SourceError."""
+    shapes, transforms, multiscale_tf, problem = case
+    ome_with_transforms(
+        tmp_path / "img.zarr", zarr_format, shapes, transforms, multiscale_transforms=multiscale_tf
+    )
+
+    assert problem in source_error(tmp_path / "img.zarr")
+
+
+@pytest.mark.parametrize(
+    ("axes", "shapes", "problem"),
+    [
+        ("cyx", [(3, 8, 8), (2, 4, 4)], "level 1 ('1') changes the size of non-spatial axis 'c'"),
+        ("tyx", [(3, 8, 8), (2, 4, 4)], "level 1 ('1') changes the size of non-spatial axis 't'"),
+    ],
+    ids=["channels", "timepoints"],
+)
+def test_non_spatial_axis_changing_size_between_levels(
+    tmp_path: Path, zarr_format: int, axes: str, shapes: list[tuple[int, ...]], problem: str
+) -> None:
+    make_image(tmp_path / "img.zarr", zarr_format, shapes, axes=axes)
+
+    assert problem in source_error(tmp_path / "img.zarr")
+
+
+def set_array_metadata(array_dir: Path, zarr_format: int, edit: Any) -> None:
+    """Rewrite an array's metadata document (zarr.json or .zarray) through ``edit``."""
+    name = "zarr.json" if zarr_format == 3 else ".zarray"
+    meta = json.loads((array_dir / name).read_text())
+    edit(meta)
+    (array_dir / name).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_zero_chunk_size_is_refused(tmp_path: Path, zarr_format: int, level: int) -> None:
+    """A chunk size of 0 (which zarr reads, and which made chunk maths divide by zero)."""
+    make_image(tmp_path / "img.zarr", zarr_format, PYRAMID_2)
+
+    def zero_chunks(meta: dict[str, Any]) -> None:
+        if zarr_format == 3:
+            meta["chunk_grid"]["configuration"]["chunk_shape"] = [0, 4]
+        else:
+            meta["chunks"] = [0, 4]
+
+    set_array_metadata(tmp_path / "img.zarr" / str(level), zarr_format, zero_chunks)
+
+    message = source_error(tmp_path / "img.zarr")
+
+    assert f"level {level} ('{level}') has chunk shape (0, 4)" in message
+
+
+def test_zero_shard_size_is_refused(tmp_path: Path) -> None:
+    zarr.create_array(tmp_path / "a.zarr", shape=(16, 16), chunks=(4, 4), shards=(8, 8), dtype=U8)
+
+    def zero_shards(meta: dict[str, Any]) -> None:
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [0, 8]
+
+    set_array_metadata(tmp_path / "a.zarr", 3, zero_shards)
+
+    assert "has shard shape (0, 8)" in source_error(tmp_path / "a.zarr")
+
+
+def test_zero_chunk_size_fails_when_the_pool_opens(tmp_path: Path) -> None:
+    """Not a ZeroDivisionError from ``get_chunk`` later: the pool does not open."""
+    zarr.create_array(tmp_path / "a.zarr", shape=(16, 16), chunks=(8, 8), dtype=U8)
+    set_array_metadata(
+        tmp_path / "a.zarr",
+        3,
+        lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[8, 0]),
+    )
+
+    with pytest.raises(SourceError, match="chunk shape"):
+        ChunkPool.from_zarr_node(str(tmp_path / "a.zarr"))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "scales"),
+    [
+        ([(9, 9), (5, 5), (3, 3), (2, 2)], [1, 2, 4, 8]),  # sizes rounded up
+        ([(9, 9), (4, 4), (2, 2), (1, 1)], [1, 2, 4, 8]),  # sizes rounded down
+        ([(10, 10), (3, 3)], [0.325, 0.325 * 10 / 3]),  # a non-integer factor
+        ([(8, 8), (8, 8)], [1e-9, 1e-9]),  # a level repeated, nanometres in metres
+        ([(1, 8), (1, 4)], [1, 2]),  # one pixel high: its scale is free
+    ],
+    ids=["ceil", "floor", "non-integer", "repeated", "one-pixel"],
+)
+def test_plausible_pyramids_are_accepted(
+    tmp_path: Path,
+    zarr_format: int,
+    shapes: list[tuple[int, int]],
+    scales: list[float],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Levels whose world extent matches level 0's within one of their pixels (however
+    their sizes were rounded) are fine, and say nothing."""
+    make_image(tmp_path / "img.zarr", zarr_format, shapes, scales=[[s, s] for s in scales])
+
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        image = read_one(tmp_path / "img.zarr")
+
+    assert [lv.shape for lv in image.levels] == shapes
+    assert not caplog.records
+
+
+def test_datasets_listed_coarse_first_are_sorted_with_a_warning(
+    tmp_path: Path, zarr_format: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The spec wants datasets finest first; listed the other way round they are
+    unambiguous: read finest first, with a warning on the "chunkpool" logger."""
+    ome_with_transforms(
+        tmp_path / "img.zarr",
+        zarr_format,
+        [(2, 2), (8, 8), (4, 4)],
+        [scale_tf(4, 4), scale_tf(1, 1), scale_tf(2, 2)],
+        paths=["s2", "s0", "s1"],
+    )
+
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        image = read_one(tmp_path / "img.zarr")
+
+    assert [lv.path for lv in image.levels] == ["s0", "s1", "s2"]
+    assert [lv.level for lv in image.levels] == [0, 1, 2]
+    assert [lv.scale for lv in image.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
+    (record,) = caplog.records
+    assert record.name.startswith("chunkpool") and record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert str(tmp_path / "img.zarr") in message and "\n" not in message
+    assert "datasets are not listed finest first" in message
+
+
+@pytest.mark.parametrize("names", ["xy", "xcy", "yzx", "ctyx"])
+def test_axes_out_of_spec_order_are_read_by_name_with_a_warning(
+    tmp_path: Path, zarr_format: int, names: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OME wants time, channel, then space axes, and z, y, x among those: other orders
+    are still unambiguous (each axis has its name), so they are read as they are, with
+    a warning."""
+    make_image(
+        tmp_path / "img.zarr", zarr_format, [tuple(4 + i for i in range(len(names)))], axes=names
+    )
+
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        image = read_one(tmp_path / "img.zarr")
+
+    assert [a.name for a in image.axes] == list(names)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert f"axes {', '.join(names)} are not in OME-Zarr's order" in message
+    assert str(tmp_path / "img.zarr") in message
+
+
+@pytest.mark.parametrize("names", ["yx", "zyx", "tczyx", "cyx"])
+def test_axes_in_spec_order_say_nothing(
+    tmp_path: Path, zarr_format: int, names: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_image(tmp_path / "img.zarr", zarr_format, [tuple(4 + i for i in range(len(names)))])
+
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        read_one(tmp_path / "img.zarr")
+
+    assert not caplog.records
