@@ -23,6 +23,7 @@ the byte range of that inner chunk.
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 import os
 import threading
@@ -54,6 +55,7 @@ from zarr.storage import LocalStore
 from .buffers import BufferPool, transient_size
 from .errors import ChunkReadError
 from .info import ScaleInfo
+from .links import StoreRoot
 from .retry import RetryPolicy, get_with_retries
 from .stores import describe_error
 
@@ -64,6 +66,9 @@ SHARD_INDEX_CACHE_SIZE = 4096
 
 #: Local reads smaller than this are plain ``pread`` calls, not recycled buffers.
 SMALL_READ = 1 << 16
+
+#: Directories of a local store remembered as resolving inside its root (then forgotten).
+MAX_CHECKED_DIRS = 1 << 16
 
 #: numcodecs compressors whose ``decode(buf, out=...)`` writes into ``out``.
 _DECODES_INTO = (numcodecs.Zstd, numcodecs.Blosc, numcodecs.LZ4, numcodecs.Zlib, numcodecs.GZip)
@@ -235,17 +240,38 @@ def _make_v2_decoder(codec: Any, metadata: Any, buffers: BufferPool) -> Any:
 
 
 class _LocalReader:
-    """Reads files of a LocalStore with ``preadv`` into recycled buffers."""
+    """Reads files of a LocalStore with ``preadv`` into recycled buffers, never through
+    a symbolic link out of the store's root (:mod:`chunkpool.links`): each directory
+    holding chunk files is resolved once, and files are opened with ``O_NOFOLLOW``."""
 
     def __init__(self, root: str, buffers: BufferPool):
         self._root = root
         self._buffers = buffers
+        self._store_root = StoreRoot(root)
+        self._checked_dirs: set[str] = set()  # directories known to resolve inside
 
     def read(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+        """The bytes of ``key`` (None if there is no such file). Raises
+        :class:`LinkEscapeError` if reading it would follow a link out of the root."""
+        directory = key.rpartition("/")[0]
+        if directory not in self._checked_dirs:
+            self._store_root.check(directory)
+            if len(self._checked_dirs) >= MAX_CHECKED_DIRS:
+                self._checked_dirs.clear()
+            self._checked_dirs.add(directory)
+        path = os.path.join(self._root, key)
         try:
-            fd = os.open(os.path.join(self._root, key), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            self._store_root.check(key)  # the file is a link: follow it only inside
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
         try:
             size = os.fstat(fd).st_size
             start, stop = _byte_span(byte_range, size)
