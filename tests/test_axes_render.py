@@ -10,6 +10,7 @@ the rendered checks are pixel-exact, as in ``test_render.py`` (whose helpers the
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -21,7 +22,7 @@ from PIL import Image
 from support.images import Pyramid, expected_view, noise_image, region_world, write_pyramid
 from test_render import GRAY, assert_view, grey, settle
 
-from chunkpool import read_multiscales
+from chunkpool import SourceError, read_multiscales
 from viewer import Viewer
 from viewer.slicing import Plane
 
@@ -101,6 +102,42 @@ def test_plane_of_a_chunk_is_y_by_x(tmp_path: pathlib.Path) -> None:
 
     assert index == (0, 0, 0)
     np.testing.assert_array_equal(plane.plane_of(data, select), data[:, 3, :].T)
+
+
+@pytest.mark.parametrize(
+    ("pixel_size", "shift", "problem"),
+    [
+        (1e-300, 0.0, "pixel size 1e-300 along y is outside 1e-30..1e+30"),
+        (1e-40, 0.0, "pixel size 1e-40 along y"),
+        (1e300, 0.0, "pixel size 1e+300 along y"),
+        (1.0, 1e35, "world coordinates along x reach beyond 1e+32"),
+        (1e-9, 0.0, None),  # nanometres in metres
+        (1e-30, 1e-25, None),
+        (1e20, 1e30, None),
+    ],
+)
+def test_plane_refuses_what_float32_cannot_draw(
+    tmp_path: pathlib.Path, pixel_size: float, shift: float, problem: str | None
+) -> None:
+    """Pixel sizes and world coordinates beyond float32's range drew a black canvas
+    (and exited 0): they are a SourceError; anything in range is shown."""
+    pyramid = write_pyramid(
+        tmp_path / "img.ome.zarr",
+        noise_image((8, 8)),
+        chunks=(8, 8),
+        n_levels=1,
+        pixel_size=pixel_size,
+        level_translations=[(0.0, shift)],
+    )
+    (info,) = read_multiscales(zarr.open_group(pyramid.path, mode="r"), "img")
+
+    if problem is None:
+        assert (Plane.of(info).y_axis, Plane.of(info).x_axis) == (0, 1)
+    else:
+        with pytest.raises(
+            SourceError, match="^img: level 0 cannot be shown: .*" + re.escape(problem)
+        ):
+            Plane.of(info)
 
 
 # -- rendered -------------------------------------------------------------------------

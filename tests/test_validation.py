@@ -228,6 +228,15 @@ def write_denormal_scale(root: pathlib.Path) -> None:
     group.attrs["ome"] = ome
 
 
+def write_tiny_pixels(root: pathlib.Path) -> None:
+    ome_pyramid(root)
+    group = zarr.open_group(root, mode="r+")
+    ome = group.attrs["ome"]
+    for i, dataset in enumerate(ome["multiscales"][0]["datasets"]):
+        dataset["coordinateTransformations"][0]["scale"] = [1e-300 * 2**i] * 2
+    group.attrs["ome"] = ome
+
+
 def write_level_linked_out(root: pathlib.Path) -> None:
     ome_pyramid(root)
     move_out_and_link(root / "1", root.parent / SECRET / "1")
@@ -237,9 +246,10 @@ def write_level_linked_out(root: pathlib.Path) -> None:
     ("write", "says"),
     [
         (write_denormal_scale, "level 0 ('0') has scale 1e-320 along y"),
+        (write_tiny_pixels, "level 0 cannot be shown: its pixel size 1e-300 along y"),
         (write_level_linked_out, "'1' is a symbolic link out of the store"),
     ],
-    ids=["denormal-scale", "level-linked-out"],
+    ids=["denormal-scale", "beyond-float32", "level-linked-out"],
 )
 def test_cli_refuses_with_one_line_and_status_2(
     tmp_path: pathlib.Path, write: Callable[[pathlib.Path], None], says: str

@@ -10,6 +10,10 @@ other axis is held at a position: the channel axis by the channel being drawn, t
 others (z, t, ...) by a slice position given in level-0 indices and carried to each
 level through world coordinates (so a z that is downsampled in coarser levels maps to
 the right plane). Pure functions: no GPU, no I/O.
+
+The GPU places tiles in 32-bit floats: an image whose pixel size or world coordinates
+(in the plane) lie outside ``MIN_PIXEL_SIZE``..``MAX_WORLD`` would be drawn black or
+collapsed, so :meth:`Plane.of` refuses it with a :class:`~chunkpool.SourceError`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from chunkpool import MultiscaleInfo, ScaleInfo, SourceError
 __all__ = ["Plane", "SlicePosition"]
 
 SlicePosition = tuple[tuple[int, int], ...]  # ((axis, level-0 index), ...), hashable
+
+#: The range of pixel sizes and world coordinates the viewer draws (float32 holds about
+#: 1.2e-38 to 3.4e38; the camera's matrices multiply and divide these, so keep a margin).
+MIN_PIXEL_SIZE, MAX_PIXEL_SIZE, MAX_WORLD = 1e-30, 1e30, 1e32
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class Plane:
             names = ", ".join(a.name for a in scale.axes)
             raise SourceError(f"{info.source}: needs two spatial axes to show, has axes {names}")
         y_axis, x_axis = _plane_axes(scale)
+        for level in info.levels:
+            _check_drawable(info, level, (y_axis, x_axis))
         others = tuple(
             i for i in range(scale.ndim) if i not in (y_axis, x_axis, scale.channel_axis)
         )
@@ -115,3 +125,21 @@ def _plane_axes(scale: ScaleInfo) -> tuple[int, int]:
     if y_axis is None:
         y_axis = rest.pop()
     return y_axis, x_axis
+
+
+def _check_drawable(info: MultiscaleInfo, scale: ScaleInfo, axes: tuple[int, int]) -> None:
+    """Raise SourceError if a level's geometry in the plane is outside what float32
+    world coordinates can draw (see the module's docstring)."""
+    for axis in axes:
+        size, offset, n = scale.scale[axis], scale.translation[axis], scale.shape[axis]
+        name = scale.axes[axis].name
+        if not MIN_PIXEL_SIZE <= size <= MAX_PIXEL_SIZE:
+            raise SourceError(
+                f"{info.source}: level {scale.level} cannot be shown: its pixel size {size!r} "
+                f"along {name} is outside {MIN_PIXEL_SIZE:g}..{MAX_PIXEL_SIZE:g}"
+            )
+        if max(abs(offset - size / 2), abs(offset + (n - 0.5) * size)) > MAX_WORLD:
+            raise SourceError(
+                f"{info.source}: level {scale.level} cannot be shown: its world coordinates "
+                f"along {name} reach beyond {MAX_WORLD:g}"
+            )
