@@ -4,8 +4,38 @@ Understands OME-Zarr 0.4 (Zarr v2, ``multiscales``/``omero`` attributes), 0.5 (Z
 the same under ``ome``) and, where easy, 0.1-0.3; the ``bioformats2raw.layout``
 collection of images; and, without any OME metadata, a plain array or a plain group of
 arrays taken as a pyramid. Reading is liberal (either attribute layout on either Zarr
-format), validation strict: anything the loader or viewer could not handle raises a
-:class:`~chunkpool.errors.SourceError` naming the source, the image and the problem.
+format), validation strict: anything the loader or viewer could not handle, and any
+metadata that would describe another picture than the data holds, raises a
+:class:`~chunkpool.errors.SourceError` whose one line names the source, the image, the
+level (number and path) and the problem.
+
+What is an error (it cannot be right, or cannot be read correctly):
+
+- a level's dtype unsupported or different from level 0's, its ndim different, a size
+  0, a chunk or shard size below 1;
+- a scale or translation that is not a finite number; a *composed* scale (dataset
+  transforms, then the multiscale's) that is not a positive, finite, normal float
+  (1e-320 is a denormal: 1/scale overflows); a composed translation that is not
+  finite; world coordinates of a level's edges (translation + shape x scale) that
+  overflow;
+- levels that are not one picture at decreasing resolution: a level larger than the
+  one before, finer than it along a spatial axis, shrinking along an axis at the same
+  scale, or spanning a world extent more than one of its own pixels away from level
+  0's (sizes rounded up or down when downsampling stay within one pixel);
+- a non-spatial axis (channel, time, custom) whose size changes between levels;
+- axes that do not match the arrays (count, duplicate names, fewer than two spatial);
+- for local stores, a level (its directory or metadata document) that resolves out of
+  the store's root through a symbolic link (see :mod:`chunkpool.links`).
+
+What is a warning (a spec violation that is still unambiguous), logged when the image
+is read, on the ``"chunkpool"`` logger (:mod:`logging`, level WARNING); it is read as meant:
+
+- axes out of OME-Zarr's order (time, then channel or custom, then space as z, y, x),
+  e.g. ``[x, y]`` or ``[x, c, y]``: every axis keeps its name and type, and a viewer
+  shows the axis named x horizontally whatever its position;
+- datasets not listed finest first: they are read in order of decreasing size;
+- OME-Zarr 0.4+ datasets without any coordinateTransformations (the spec wants a scale
+  each): the scales follow from the level shapes, as for 0.1-0.3.
 """
 
 from __future__ import annotations
