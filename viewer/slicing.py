@@ -5,15 +5,16 @@ The displayed plane is spanned by two spatial axes, chosen by name: the axis nam
 their order in the array, so an image stored as (x, y), (x, c, y) or (y, z, x) shows the
 same picture as in OME's (..., z, y, x) order. Where one of the names is missing, the
 last other spatial axis takes its role; without either name (e.g. spatial axes named a,
-b), the last two spatial axes are (y, x). Every
-other axis is held at a position: the channel axis by the channel being drawn, the
-others (z, t, ...) by a slice position given in level-0 indices and carried to each
-level through world coordinates (so a z that is downsampled in coarser levels maps to
-the right plane). Pure functions: no GPU, no I/O.
+b), the last two spatial axes are (y, x). Every other axis is held at a position: the
+channel axis by the channel being drawn, the others (z, t, ...) by a slice position
+given in level-0 indices and carried to each level through world coordinates (so a z
+that is downsampled in coarser levels maps to the right plane). Pure functions: no GPU,
+no I/O.
 
-The GPU places tiles in 32-bit floats: an image whose pixel size or world coordinates
-(in the plane) lie outside ``MIN_PIXEL_SIZE``..``MAX_WORLD`` would be drawn black or
-collapsed, so :meth:`Plane.of` refuses it with a :class:`~chunkpool.SourceError`.
+The GPU places tiles in 32-bit floats: an image whose pixel sizes in the plane lie
+outside ``MIN_PIXEL_SIZE``..``MAX_PIXEL_SIZE``, or whose world coordinates reach beyond
+``MAX_WORLD``, would be drawn black or collapsed, so :meth:`Plane.of` refuses it with a
+:class:`~chunkpool.SourceError`.
 """
 
 from __future__ import annotations
