@@ -126,6 +126,7 @@ class Viewer:
             request_draw=self._request_draw,
             bias=bias,
             texture_budget=texture_budget,
+            call_later=None if self._loop is None else self._loop.call_later,
         )
         self.pool.enable_async_load_handlers(self._post)
         extent = self.layer.depth_extent + 2
@@ -361,8 +362,12 @@ class Viewer:
         zoom = level0.pixel_size / view.pixel_size
         lines = [
             f"level {status.level}/{len(self.layer.levels) - 1}   zoom {zoom * 100:.4g}%",
-            f"tiles {status.loaded} loaded, {status.pending} pending, {status.failed} failed"
-            + ("" if status.settled else "   loading…"),
+            (
+                f"zoom in: {_fmt_count(status.overflow)} tiles in view at the coarsest level"
+                if status.overflow
+                else f"tiles {status.loaded} loaded, {status.pending} pending, "
+                f"{status.failed} failed" + ("" if status.settled else "   loading…")
+            ),
         ]
         position = ", ".join(f"{info.levels[0].axes[a].name}={i}" for a, i in self.layer.position)
         if position:
@@ -531,6 +536,11 @@ def _z_axis(plane: Plane) -> int | None:
     """The spatial slider axis (z), if any."""
     spatial = plane.info.levels[0].spatial_axes
     return next((a for a in plane.slider_axes if a in spatial), None)
+
+
+def _fmt_count(n: int) -> str:
+    """A count, exact up to a million, else like 1.2e+19."""
+    return str(n) if n < 1_000_000 else f"{n:.2g}"
 
 
 def _fmt(value: float) -> str:
