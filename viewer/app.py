@@ -134,6 +134,10 @@ class Viewer:
             *size, maintain_aspect=False, depth_range=(-extent, extent)
         )
         self.camera.local.scale_y = -1  # y down: array row 0 at the top
+        # the camera is placed relative to the layer's render origin, as the tiles are
+        # (float32 on the GPU): its local position stays in world coordinates
+        self._camera_frame = gfx.Group()
+        self._camera_frame.add(self.camera)
         self.controller = gfx.PanZoomController(self.camera, register_events=self.renderer)
         self.controller.controls.pop("mouse2", None)  # it would stretch x and y apart
         self.hud = Hud()
@@ -318,6 +322,8 @@ class Viewer:
         self.layer.update(view, zoom_in=zoom_in)
         if self._process_inbox():  # chunks the update found in the pool's cache: show them
             self.layer.update(view, zoom_in=zoom_in)  # now, and let what they replace go
+        ox, oy = self.layer.origin
+        self._camera_frame.local.position = (-ox, -oy, 0)
         status = self.layer.status()
         if self.first_pixel_at is None and status.loaded:
             self.first_pixel_at = started

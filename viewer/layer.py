@@ -13,6 +13,10 @@ a frame when a try is due. The hatch stays until a try succeeds. A view with mor
 in view than its budget (see :mod:`viewer.tiling`) loads nothing and reports how many
 (:attr:`LayerStatus.overflow`).
 
+Tiles are placed relative to :attr:`ImageLayer.origin` (the layer's root group sits at
+minus it), which follows the view (:func:`~viewer.tiling.follow_origin`): the camera
+must be placed relative to it too, for float32 on the GPU to stay exact far out.
+
 Drawing order (checked pixel-exact on lavapipe): each channel is a group drawn in turn
 with additive blending; inside a channel, tiles sit in a depth band with finer levels
 nearer the camera and drawn first, so a loaded fine tile hides the coarse ones beneath
@@ -39,6 +43,7 @@ from .tiling import (
     TileKey,
     View,
     eviction_order,
+    follow_origin,
     plan_tiles,
     plane_levels,
     tile_count,
@@ -177,6 +182,8 @@ class ImageLayer(ChunkManager):
         #: Tiles in view at the coarsest level when there are too many to load, else 0.
         self.overflow = 0
         self.view: View | None = None
+        #: World (x, y) that the scene is drawn relative to (see :mod:`viewer.tiling`).
+        self.origin: tuple[float, float] = (0.0, 0.0)
         #: When failed chunks are tried again (keyed by chunk; its clock may be replaced).
         self.retry: RetrySchedule[ChunkKey] = RetrySchedule()
         self._call_later = call_later
@@ -231,6 +238,10 @@ class ImageLayer(ChunkManager):
         self._last_state = state
         self._frame += 1
         self.view = view
+        origin = follow_origin(self.origin, view)
+        if origin != self.origin:
+            self.origin = origin
+            self._root.local.position = (-origin[0], -origin[1], 0)
         target, self.overflow = view_level(self.levels, view, self.bias)
         self.target_level = target
         plan = plan_tiles(

@@ -38,6 +38,11 @@ So no view plans more than a few budgets' worth of tiles, and a screenshot of an
 overflowing view returns at once with that message instead of loading millions of
 chunks.
 
+**Precision.** The GPU works in float32: a tile 2^39 world units from the origin would
+be placed to within 2^16 units. The scene is therefore drawn relative to a *render
+origin* near the view (:func:`follow_origin`), moved when the view gets far from it
+relative to its size, so that what is on screen is always within float32's reach.
+
 **Failed tiles** are tried again with exponential, capped backoff
 (:class:`RetrySchedule`, on an injected clock) as long as they are held, including the
 always-resident coarsest level: a tile that keeps failing stays hatched between tries.
@@ -68,6 +73,7 @@ __all__ = [
     "View",
     "choose_level",
     "eviction_order",
+    "follow_origin",
     "plan_tiles",
     "plane_levels",
     "tile_budget",
@@ -93,6 +99,9 @@ MAX_DENSITY = 4
 MAX_TILES = 1 << 16
 #: A coarsest level of at most this many tiles is held whole; budgets are never smaller.
 RESIDENT_TILES = 64
+
+#: The render origin moves once the view's centre is this many view sizes away.
+ORIGIN_SLACK = 16.0
 
 TileRange = tuple[int, int, int, int]  # [iy0, iy1) x [ix0, ix1)
 
@@ -212,6 +221,21 @@ def choose_level(levels: Sequence[PlaneLevel], view: View, bias: float = 1.0) ->
         if level.pixel_size <= limit:
             best = i
     return best
+
+
+def follow_origin(origin: tuple[float, float], view: View) -> tuple[float, float]:
+    """The render origin (world x, y) to draw ``view`` relative to: ``origin`` while the
+    view's centre is within ``ORIGIN_SLACK`` view sizes of it, else the view's centre.
+
+    Everything on screen is then within ``ORIGIN_SLACK`` view sizes (plus a tile) of
+    the origin, so float32 places it to about 2^-20 of the view size, a small fraction of
+    a screen pixel, however far from the world's origin the view is.
+    """
+    cx, cy = (view.x0 + view.x1) / 2, (view.y0 + view.y1) / 2
+    size = max(view.x1 - view.x0, view.y1 - view.y0)
+    if max(abs(cx - origin[0]), abs(cy - origin[1])) <= ORIGIN_SLACK * size:
+        return origin
+    return (cx, cy)
 
 
 def tile_count(tiles: TileRange) -> int:
