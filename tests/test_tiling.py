@@ -12,6 +12,7 @@ from viewer import tiling
 from viewer.tiling import (
     MAX_DENSITY,
     MAX_TILES,
+    ORIGIN_SLACK,
     PREFETCH,
     RESIDENT_TILES,
     VISIBLE,
@@ -21,6 +22,7 @@ from viewer.tiling import (
     View,
     choose_level,
     eviction_order,
+    follow_origin,
     plan_tiles,
     tile_budget,
     tile_count,
@@ -442,3 +444,23 @@ def test_retry_schedule_stays_bounded_through_many_failures_and_forgets():
             retry.forget(i % 7)
     assert len(retry) <= 7
     assert len(retry._heap) <= 2 * 7 + 17  # stale entries are dropped as they pile up
+
+
+def test_render_origin_follows_the_view_far_out():
+    """The origin stays while the view is within ORIGIN_SLACK view sizes of it, and
+    moves to the view's centre otherwise: what is on screen stays near the origin,
+    where float32 is exact enough (here 2^39 pixels out, 1:1)."""
+    origin = (0.0, 0.0)
+    whole = View(-0.5, -0.5, HUGE - 0.5, HUGE - 0.5, 1024, 1024)
+    assert follow_origin(origin, whole) == origin  # the view is as large as its distance
+    far = View(2.0**39, 2.0**39, 2.0**39 + 1024, 2.0**39 + 768, 1024, 768)
+    moved = follow_origin(origin, far)
+    assert moved == (2.0**39 + 512, 2.0**39 + 384)
+    panned = View(far.x0 + 5000, far.y0, far.x1 + 5000, far.y1, 1024, 768)
+    assert follow_origin(moved, panned) == moved  # 5000 < 16 x 1024: it stays
+    gone = View(far.x0 + 20000, far.y0, far.x1 + 20000, far.y1, 1024, 768)
+    new = follow_origin(moved, gone)
+    assert new != moved
+    assert max(abs(new[0] - (gone.x0 + gone.x1) / 2), abs(new[1] - (gone.y0 + gone.y1) / 2)) <= (
+        ORIGIN_SLACK * 1024
+    )

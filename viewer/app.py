@@ -480,8 +480,9 @@ class Viewer:
     # -- waiting and screenshots ----------------------------------------------------
 
     def settled(self) -> bool:
-        """Whether every visible tile at the view's level has loaded or failed (runs the
-        pending handlers and bookkeeping first)."""
+        """Whether every visible tile at the view's level has loaded or failed, or there
+        are too many to load any (``layer.status().overflow``); runs the pending
+        handlers and bookkeeping first."""
         self._process_inbox()
         self.layer.update(self.view(), zoom_in=False)
         return self.layer.status().settled

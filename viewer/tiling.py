@@ -63,6 +63,7 @@ from chunkpool import MultiscaleInfo
 __all__ = [
     "MAX_DENSITY",
     "MAX_TILES",
+    "ORIGIN_SLACK",
     "PREFETCH",
     "RESIDENT_TILES",
     "VISIBLE",
