@@ -8,8 +8,8 @@ A *tile* is one chunk of the displayed plane at one level: ``(level, iy, ix)``. 
 plan for a view holds, with a priority each (lower loads sooner):
 
 - **visible** tiles of the target level (the coarsest level whose pixels are no larger
-  than a screen pixel, times a bias), and of the coarsest level (the fallback that is
-  always there), coarser first, then nearer the cursor (else the view centre) first;
+  than a screen pixel, times a bias), and of the coarsest level (the fallback beneath
+  them), coarser first, then nearer the cursor (else the view centre) first;
 - **prefetch** tiles: a ring around the view at the target level, and, while zooming
   in, the next finer level's tiles around the cursor.
 
@@ -31,7 +31,9 @@ when the view is zoomed out beyond the coarsest level (or for a bias below 1/2).
 - when even the coarsest level does not fit (say a 2^40-pixel-wide image without a
   pyramid, or one whose coarsest level is 2^30 wide, seen whole), the view is
   *overflowing*: nothing is loaded, nothing stands in, the view is settled at once (there
-  is nothing to wait for), and the viewer says how many tiles are in view ("zoom in");
+  is nothing to wait for), and the viewer says how many tiles are in view ("zoom in").
+  Nothing rather than a part: each tile there is far smaller than a screen pixel, and
+  a part of the image (the tiles near the cursor, say) would pass for all of it;
 - the coarsest level is held whole only when it has at most ``RESIDENT_TILES`` tiles.
 
 So no view plans more than a few budgets' worth of tiles, and a screenshot of an
