@@ -142,6 +142,14 @@ def _screenshot(args: argparse.Namespace) -> int:
             )
             return 1
         settled_in = time.perf_counter() - started
+        overflow = viewer.layer.status().overflow
+        if overflow:
+            print(
+                f"zarrscope: error: nothing to show: {overflow} tiles of the coarsest level "
+                "are in view, too many to load; show a smaller --region",
+                file=sys.stderr,
+            )
+            return 1
         image = viewer.screenshot()
         Image.fromarray(image).save(args.screenshot)
         failed = viewer.layer.status().failed

@@ -126,6 +126,7 @@ class Viewer:
             request_draw=self._request_draw,
             bias=bias,
             texture_budget=texture_budget,
+            call_later=None if self._loop is None else self._loop.call_later,
         )
         self.pool.enable_async_load_handlers(self._post)
         extent = self.layer.depth_extent + 2
@@ -133,6 +134,10 @@ class Viewer:
             *size, maintain_aspect=False, depth_range=(-extent, extent)
         )
         self.camera.local.scale_y = -1  # y down: array row 0 at the top
+        # the camera is placed relative to the layer's render origin, as the tiles are
+        # (float32 on the GPU): its local position stays in world coordinates
+        self._camera_frame = gfx.Group()
+        self._camera_frame.add(self.camera)
         self.controller = gfx.PanZoomController(self.camera, register_events=self.renderer)
         self.controller.controls.pop("mouse2", None)  # it would stretch x and y apart
         self.hud = Hud()
@@ -317,6 +322,8 @@ class Viewer:
         self.layer.update(view, zoom_in=zoom_in)
         if self._process_inbox():  # chunks the update found in the pool's cache: show them
             self.layer.update(view, zoom_in=zoom_in)  # now, and let what they replace go
+        ox, oy = self.layer.origin
+        self._camera_frame.local.position = (-ox, -oy, 0)
         status = self.layer.status()
         if self.first_pixel_at is None and status.loaded:
             self.first_pixel_at = started
@@ -361,8 +368,12 @@ class Viewer:
         zoom = level0.pixel_size / view.pixel_size
         lines = [
             f"level {status.level}/{len(self.layer.levels) - 1}   zoom {zoom * 100:.4g}%",
-            f"tiles {status.loaded} loaded, {status.pending} pending, {status.failed} failed"
-            + ("" if status.settled else "   loading…"),
+            (
+                f"zoom in: {_fmt_count(status.overflow)} tiles in view at the coarsest level"
+                if status.overflow
+                else f"tiles {status.loaded} loaded, {status.pending} pending, "
+                f"{status.failed} failed" + ("" if status.settled else "   loading…")
+            ),
         ]
         position = ", ".join(f"{info.levels[0].axes[a].name}={i}" for a, i in self.layer.position)
         if position:
@@ -469,8 +480,9 @@ class Viewer:
     # -- waiting and screenshots ----------------------------------------------------
 
     def settled(self) -> bool:
-        """Whether every visible tile at the view's level has loaded or failed (runs the
-        pending handlers and bookkeeping first)."""
+        """Whether every visible tile at the view's level has loaded or failed, or there
+        are too many to load any (``layer.status().overflow``); runs the pending
+        handlers and bookkeeping first."""
         self._process_inbox()
         self.layer.update(self.view(), zoom_in=False)
         return self.layer.status().settled
@@ -531,6 +543,11 @@ def _z_axis(plane: Plane) -> int | None:
     """The spatial slider axis (z), if any."""
     spatial = plane.info.levels[0].spatial_axes
     return next((a for a in plane.slider_axes if a in spatial), None)
+
+
+def _fmt_count(n: int) -> str:
+    """A count, exact up to a million, else like 1.2e+19."""
+    return str(n) if n < 1_000_000 else f"{n:.2g}"
 
 
 def _fmt(value: float) -> str:

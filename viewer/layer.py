@@ -6,6 +6,17 @@ their priorities, re-ranks the pending ones, and drops the rest (cancelling thei
 loads). When a chunk arrives, :meth:`on_load` runs on the canvas's event loop, uploads
 its plane as a texture, and asks for a redraw. Nothing here waits for data.
 
+A chunk that failed is hatched, and tried again while any tile still holds it: it is
+dropped and requested anew when :attr:`ImageLayer.retry` (exponential backoff) says so,
+checked at every :meth:`~ImageLayer.update`; ``call_later`` (the canvas loop's) asks for
+a frame when a try is due. The hatch stays until a try succeeds. A view with more tiles
+in view than its budget (see :mod:`viewer.tiling`) loads nothing and reports how many
+(:attr:`LayerStatus.overflow`).
+
+Tiles are placed relative to :attr:`ImageLayer.origin` (the layer's root group sits at
+minus it), which follows the view (:func:`~viewer.tiling.follow_origin`): the camera
+must be placed relative to it too, for float32 on the GPU to stay exact far out.
+
 Drawing order (checked pixel-exact on lavapipe): each channel is a group drawn in turn
 with additive blending; inside a channel, tiles sit in a depth band with finer levels
 nearer the camera and drawn first, so a loaded fine tile hides the coarse ones beneath
@@ -28,13 +39,17 @@ from .display import ChannelDisplay, texture_dtype
 from .slicing import Plane, SlicePosition
 from .tiling import (
     PlaneLevel,
+    RetrySchedule,
     TileKey,
     View,
-    choose_level,
     eviction_order,
+    follow_origin,
     plan_tiles,
     plane_levels,
+    tile_count,
     tiles_to_keep,
+    view_complete,
+    view_level,
 )
 
 __all__ = ["ImageLayer", "LayerStatus"]
@@ -60,12 +75,16 @@ def _stripes() -> np.ndarray:
 @dataclass(frozen=True)
 class LayerStatus:
     """Progress of the current view: its level, and the state of the visible tiles of
-    that level (over every shown channel). ``settled`` when none is pending."""
+    that level (over every shown channel). ``settled`` when none is pending.
+
+    ``overflow`` is, when not 0, how many tiles of ``level`` (the coarsest) are in view:
+    more than the screen can use, so none is loaded (zoom in to see the image)."""
 
     level: int
     loaded: int
     pending: int
     failed: int
+    overflow: int = 0
 
     @property
     def settled(self) -> bool:
@@ -117,6 +136,7 @@ class ImageLayer(ChunkManager):
         bias: float = 1.0,
         prefetch_ring: int = 1,
         texture_budget: int = 512 << 20,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
     ):
         super().__init__(pool)
         self.plane = Plane.of(pool.multiscale_info)
@@ -159,7 +179,14 @@ class ImageLayer(ChunkManager):
         self._spare_bytes = 0  # textures of spare images, kept for reuse
         self._spares: dict[tuple[int, tuple[int, ...], np.dtype], list[gfx.Image]] = {}
         self.target_level = len(self.levels) - 1
+        #: Tiles in view at the coarsest level when there are too many to load, else 0.
+        self.overflow = 0
         self.view: View | None = None
+        #: World (x, y) that the scene is drawn relative to (see :mod:`viewer.tiling`).
+        self.origin: tuple[float, float] = (0.0, 0.0)
+        #: When failed chunks are tried again (keyed by chunk; its clock may be replaced).
+        self.retry: RetrySchedule[ChunkKey] = RetrySchedule()
+        self._call_later = call_later
 
     # -- public ---------------------------------------------------------------------
 
@@ -200,14 +227,22 @@ class ImageLayer(ChunkManager):
             self._request_draw()
 
     def update(self, view: View, *, zoom_in: bool = False) -> None:
-        """Bring the held tiles in line with ``view``. Cheap when nothing changed."""
+        """Bring the held tiles in line with ``view``, and try again the failed chunks
+        whose time has come. Cheap when nothing changed."""
+        due = self.retry.due()
+        if due:
+            self._retry_chunks(due)
         state = (view, zoom_in, self.position, tuple(ch.display.visible for ch in self._channels))
         if state == self._last_state:
             return
         self._last_state = state
         self._frame += 1
         self.view = view
-        target = choose_level(self.levels, view, self.bias)
+        origin = follow_origin(self.origin, view)
+        if origin != self.origin:
+            self.origin = origin
+            self._root.local.position = (-origin[0], -origin[1], 0)
+        target, self.overflow = view_level(self.levels, view, self.bias)
         self.target_level = target
         plan = plan_tiles(
             self.levels, view, target, prefetch_ring=self.prefetch_ring, zoom_in=zoom_in
@@ -225,27 +260,37 @@ class ImageLayer(ChunkManager):
             self._drops = []
 
     def status(self) -> LayerStatus:
-        """How far the visible tiles of the current level have got."""
-        loaded = pending = failed = 0
-        view = self.view
+        """How far the visible tiles of the current level have got. Counts the held
+        tiles (O(held)), not the view's range: a visible tile not held is pending. A
+        failed tile being tried again counts as failed (it stays hatched)."""
+        view, target = self.view, self.target_level
         if view is None:
-            return LayerStatus(self.target_level, 0, 0, 0)
-        level = self.levels[self.target_level]
-        iy0, iy1, ix0, ix1 = level.tile_range(view.y0, view.y1, view.x0, view.x1)
+            return LayerStatus(target, 0, 0, 0)
+        if self.overflow:
+            return LayerStatus(target, 0, 0, 0, self.overflow)
+        loaded = pending = failed = 0
+        tiles = self.levels[target].tile_range(view.y0, view.y1, view.x0, view.x1)
+        iy0, iy1, ix0, ix1 = tiles
+        in_view = tile_count(tiles)
         for ch in self._channels:
             if not ch.display.visible:
                 continue
-            c = ch.display.index
-            for iy in range(iy0, iy1):
-                for ix in range(ix0, ix1):
-                    tile = ch.tiles.get((c, self.position, self.target_level, iy, ix))
-                    if tile is None or not tile.done:
-                        pending += 1
-                    elif tile.failed:
-                        failed += 1
-                    else:
-                        loaded += 1
-        return LayerStatus(self.target_level, loaded, pending, failed)
+            done = 0
+            for (_, position, level, iy, ix), tile in ch.tiles.items():
+                if (
+                    level != target
+                    or position != self.position
+                    or not (iy0 <= iy < iy1 and ix0 <= ix < ix1)
+                    or not tile.done
+                ):
+                    continue
+                done += 1
+                if tile.failed:
+                    failed += 1
+                else:
+                    loaded += 1
+            pending += in_view - done
+        return LayerStatus(target, loaded, pending, failed)
 
     def value_at(self, x: float, y: float) -> list[tuple[ChannelDisplay, float | None]]:
         """Per shown channel, the value of the finest loaded tile under world (x, y)."""
@@ -274,15 +319,24 @@ class ImageLayer(ChunkManager):
             for key in list(ch.tiles):
                 self._remove_tile(ch, key)
         self._flush_drops()
+        self.retry.clear()
         self._root.parent.remove(self._root)
 
     # -- handlers (on the canvas's event loop) ----------------------------------------
 
     def on_load(self, chunk_location: ChunkLocation) -> None:
-        """A chunk arrived (or failed): give its tiles an image (or a hatch)."""
-        users = self._chunk_users.get(chunk_location.key)
+        """A chunk arrived (or failed): give its tiles an image (or a hatch, and
+        schedule the next try)."""
+        chunk = chunk_location.key
+        users = self._chunk_users.get(chunk)
         if not users:
             return  # dropped meanwhile
+        if chunk_location.error is not None:
+            delay = self.retry.failed(chunk)
+            if self._call_later is not None:
+                self._call_later(delay, self._request_draw)  # the frame that tries again
+        else:
+            self.retry.forget(chunk)
         for key in users:
             self._loaded(self._channels[key[0]], self._channels[key[0]].tiles[key], chunk_location)
         self._last_state = None  # tiles to keep may change
@@ -291,8 +345,13 @@ class ImageLayer(ChunkManager):
     def _loaded(self, ch: _ChannelGroup, tile: _Tile, loc: ChunkLocation) -> None:
         if loc.error is not None:
             tile.failed = True
-            tile.overlay = self._hatch(tile.key)
+            if tile.overlay is None:  # failed again: it keeps its hatch
+                tile.overlay = self._hatch(tile.key)
         elif tile.plane is None:
+            if tile.overlay is not None:  # a try after failures succeeded
+                self._overlays.remove(tile.overlay)
+                tile.overlay = None
+            tile.failed = False
             plane = self.plane.plane_of(loc.data, tile.select)
             tile.plane = np.ascontiguousarray(plane, dtype=texture_dtype(plane.dtype))
             in_view = self.view is not None and _intersects(tile.bounds, self.view)
@@ -300,6 +359,18 @@ class ImageLayer(ChunkManager):
                 self._make_image(ch, tile)  # otherwise: made when it is to be shown
 
     # -- internals ------------------------------------------------------------------
+
+    def _retry_chunks(self, chunks: list[ChunkKey]) -> None:
+        """Try failed chunks again: drop them (the pool lets a failed chunk go, it is
+        never cached) and request them anew, at their tiles' priority. Their tiles keep
+        their hatch meanwhile; :meth:`on_load` tells how it went."""
+        chunks = [c for c in chunks if c in self._chunk_users]
+        if not chunks:
+            return
+        self.drop_chunks(chunks)
+        for chunk in chunks:
+            tiles = [self._channels[k[0]].tiles[k] for k in self._chunk_users[chunk]]
+            self.get_chunk(*chunk, priority=min(t.priority for t in tiles))
 
     def _update_channel(
         self, ch: _ChannelGroup, plan: dict[TileKey, float], view: View, target: int
@@ -317,7 +388,7 @@ class ImageLayer(ChunkManager):
             ]
             for k in tiles_to_keep(loaded, self.levels, view, target, done):
                 ch.kept.add((c, position, *k))
-            if any(k[1] != position for k in ch.tiles):
+            if not self.overflow and any(k[1] != position for k in ch.tiles):
                 self._keep_previous_slice(ch, view, target, done)
             for key in ch.kept:
                 wanted.setdefault(key, ch.tiles[key].priority)
@@ -358,10 +429,7 @@ class ImageLayer(ChunkManager):
     ) -> None:
         """Tiles of the previous slice stay until every visible tile of the new slice
         at the target level is done."""
-        level = self.levels[target]
-        iy0, iy1, ix0, ix1 = level.tile_range(view.y0, view.y1, view.x0, view.x1)
-        complete = all((target, iy, ix) in done for iy in range(iy0, iy1) for ix in range(ix0, ix1))
-        if complete:
+        if view_complete(self.levels, view, target, done):
             return
         for key, tile in ch.tiles.items():
             if (
@@ -394,6 +462,7 @@ class ImageLayer(ChunkManager):
         if not users:
             del self._chunk_users[tile.chunk]
             self._drops.append(tile.chunk)
+            self.retry.forget(tile.chunk)
 
     def _make_image(self, ch: _ChannelGroup, tile: _Tile) -> None:
         """Show a loaded tile's plane: reuse a spare image of the same shape (its

@@ -8,34 +8,83 @@ A *tile* is one chunk of the displayed plane at one level: ``(level, iy, ix)``. 
 plan for a view holds, with a priority each (lower loads sooner):
 
 - **visible** tiles of the target level (the coarsest level whose pixels are no larger
-  than a screen pixel, times a bias), and of the coarsest level (the fallback that is
-  always there), coarser first, then nearer the cursor (else the view centre) first;
+  than a screen pixel, times a bias), and of the coarsest level (the fallback beneath
+  them), coarser first, then nearer the cursor (else the view centre) first;
 - **prefetch** tiles: a ring around the view at the target level, and, while zooming
   in, the next finer level's tiles around the cursor.
 
 While a view's target tiles load, the tiles shown before stay (:func:`tiles_to_keep`),
 so that nothing goes blank or flashes when the level changes.
+
+**Cost and the tile budget.** Planning costs O(tiles on screen), whatever the size of the
+image: tile ranges are computed arithmetically (:meth:`PlaneLevel.tile_range`,
+:func:`tile_count`) and only ranges that fit a level's *tile budget* are ever enumerated.
+The budget (:func:`tile_budget`) is what the screen can use: the tiles needed to show
+``MAX_DENSITY`` texels per screen pixel along each axis, edges included, at least
+``RESIDENT_TILES`` and at most ``MAX_TILES``. The level choice gives at most 2 / bias
+texels per screen pixel in a pyramid that halves per level, so the budget binds only
+when the view is zoomed out beyond the coarsest level (or for a bias below 1/2). Then:
+
+- a level whose tiles in view exceed its budget is never loaded, not even in part: the
+  view shows the finest level at or coarser than the chosen one that fits
+  (:func:`view_level`);
+- when even the coarsest level does not fit (say a 2^40-pixel-wide image without a
+  pyramid, or one whose coarsest level is 2^30 wide, seen whole), the view is
+  *overflowing*: nothing is loaded, nothing stands in, the view is settled at once (there
+  is nothing to wait for), and the viewer says how many tiles are in view ("zoom in").
+  Nothing rather than a part: each tile there is far smaller than a screen pixel, and
+  a part of the image (the tiles near the cursor, say) would pass for all of it;
+- the coarsest level is held whole only when it has at most ``RESIDENT_TILES`` tiles.
+
+So no view plans more than a few budgets' worth of tiles, and a screenshot of an
+overflowing view returns at once with that message instead of loading millions of
+chunks.
+
+**Precision.** The GPU works in float32: a tile 2^39 world units from the origin would
+be placed to within 2^16 units. The scene is therefore drawn relative to a *render
+origin* near the view (:func:`follow_origin`), moved when the view gets far from it
+relative to its size, so that what is on screen is always within float32's reach.
+
+**Failed tiles** are tried again with exponential, capped backoff
+(:class:`RetrySchedule`, on an injected clock) as long as they are held, including the
+always-resident coarsest level: a tile that keeps failing stays hatched between tries.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from chunkpool import MultiscaleInfo
 
 __all__ = [
+    "MAX_DENSITY",
+    "MAX_TILES",
+    "ORIGIN_SLACK",
     "PREFETCH",
+    "RESIDENT_TILES",
     "VISIBLE",
     "PlaneLevel",
+    "RetrySchedule",
     "TileKey",
+    "TooManyTilesError",
     "View",
     "choose_level",
     "eviction_order",
+    "follow_origin",
     "plan_tiles",
     "plane_levels",
+    "tile_budget",
+    "tile_count",
+    "tiles_in_view",
     "tiles_to_keep",
+    "view_complete",
+    "view_level",
     "visible_tiles",
 ]
 
@@ -46,6 +95,18 @@ VISIBLE, PREFETCH = 0, 1
 _TIER = 1e9
 _LEVEL = 1e6
 _MAX_DISTANCE = _LEVEL - 1
+
+#: Texels per screen pixel (along each axis) up to which a level in view is loaded.
+MAX_DENSITY = 4
+#: The most tiles of one level loaded for one view, whatever the screen and chunks.
+MAX_TILES = 1 << 16
+#: A coarsest level of at most this many tiles is held whole; budgets are never smaller.
+RESIDENT_TILES = 64
+
+#: The render origin moves once the view's centre is this many view sizes away.
+ORIGIN_SLACK = 16.0
+
+TileRange = tuple[int, int, int, int]  # [iy0, iy1) x [ix0, ix1)
 
 
 @dataclass(frozen=True)
@@ -99,9 +160,15 @@ class PlaneLevel:
 def _index_range(
     lo: float, hi: float, offset: float, scale: float, chunk: int, count: int, margin: int
 ) -> tuple[int, int]:
-    """Chunks along one axis whose world extent intersects ``(lo, hi)``."""
-    first = math.floor(((lo - offset) / scale + 0.5) / chunk)
-    last = math.ceil(((hi - offset) / scale + 0.5) / chunk)
+    """Chunks along one axis whose world extent intersects ``(lo, hi)``. Positions far
+    outside the image (or infinite) are clamped first, so the result is exact and cheap
+    for any view; NaN gives an empty range."""
+    first = ((lo - offset) / scale + 0.5) / chunk
+    last = ((hi - offset) / scale + 0.5) / chunk
+    if not (first == first and last == last):  # NaN
+        return 0, 0
+    first = math.floor(min(max(first, -1.0), count + 1.0))
+    last = math.ceil(min(max(last, -1.0), count + 1.0))
     return max(0, first - margin), min(count, max(first, last) + margin)
 
 
@@ -159,14 +226,65 @@ def choose_level(levels: Sequence[PlaneLevel], view: View, bias: float = 1.0) ->
     return best
 
 
-def _priority(tier: int, rank: int, distance: float) -> float:
-    return tier * _TIER + rank * _LEVEL + min(distance, _MAX_DISTANCE)
+def follow_origin(origin: tuple[float, float], view: View) -> tuple[float, float]:
+    """The render origin (world x, y) to draw ``view`` relative to: ``origin`` while the
+    view's centre is within ``ORIGIN_SLACK`` view sizes of it, else the view's centre.
+
+    Everything on screen is then within ``ORIGIN_SLACK`` view sizes (plus a tile) of
+    the origin, so float32 places it to about 2^-20 of the view size, a small fraction of
+    a screen pixel, however far from the world's origin the view is.
+    """
+    cx, cy = (view.x0 + view.x1) / 2, (view.y0 + view.y1) / 2
+    size = max(view.x1 - view.x0, view.y1 - view.y0)
+    if max(abs(cx - origin[0]), abs(cy - origin[1])) <= ORIGIN_SLACK * size:
+        return origin
+    return (cx, cy)
+
+
+def tile_count(tiles: TileRange) -> int:
+    """Number of tiles in a range ``(iy0, iy1, ix0, ix1)``: O(1), however large."""
+    iy0, iy1, ix0, ix1 = tiles
+    return max(0, iy1 - iy0) * max(0, ix1 - ix0)
+
+
+def tiles_in_view(level: PlaneLevel, view: View) -> int:
+    """How many tiles of ``level`` intersect the view (counted, not enumerated)."""
+    return tile_count(level.tile_range(view.y0, view.y1, view.x0, view.x1))
+
+
+def tile_budget(level: PlaneLevel, view: View) -> int:
+    """The most tiles of ``level`` worth loading for ``view``: enough to show
+    ``MAX_DENSITY`` texels per screen pixel along each axis (edge tiles included), at
+    least ``RESIDENT_TILES``, at most ``MAX_TILES``. It depends on the canvas size and
+    the chunk size only, never on the image size."""
+    ny = math.ceil(view.height * MAX_DENSITY / level.chunk[0]) + 2
+    nx = math.ceil(view.width * MAX_DENSITY / level.chunk[1]) + 2
+    return max(RESIDENT_TILES, min(MAX_TILES, ny * nx))
+
+
+def _fits(level: PlaneLevel, view: View, tiles: TileRange) -> bool:
+    return tile_count(tiles) <= tile_budget(level, view)
+
+
+def view_level(levels: Sequence[PlaneLevel], view: View, bias: float = 1.0) -> tuple[int, int]:
+    """The level to show for ``view``, and how many tiles are in view if there are too
+    many to show any level (else 0).
+
+    That is :func:`choose_level`'s level if its tiles in view fit its budget, else the
+    finest coarser level that fits; if none does, the view *overflows*: the coarsest
+    level is returned with its count of tiles in view, and nothing is to be loaded.
+    """
+    chosen = choose_level(levels, view, bias)
+    for i in range(chosen, len(levels)):
+        if tiles_in_view(levels[i], view) <= tile_budget(levels[i], view):
+            return i, 0
+    return len(levels) - 1, tiles_in_view(levels[-1], view)
 
 
 def _add_tiles(
     plan: dict[TileKey, float],
     level: PlaneLevel,
-    tiles: tuple[int, int, int, int],
+    tiles: TileRange,
     tier: int,
     rank: int,
     focus: tuple[float, float],
@@ -195,7 +313,7 @@ def plan_tiles(
     *,
     prefetch_ring: int = 1,
     zoom_in: bool = False,
-    resident_tiles: int = 64,
+    resident_tiles: int = RESIDENT_TILES,
 ) -> dict[TileKey, float]:
     """The tiles to hold for ``view`` at ``target`` level, with their priorities.
 
@@ -203,6 +321,12 @@ def plan_tiles(
     the focus first), then the prefetch ring around the view and, when ``zoom_in``,
     the next finer level around the focus. The whole coarsest level is held when it
     has at most ``resident_tiles`` tiles, so it can always stand in.
+
+    A block of tiles is planned only if it fits its level's :func:`tile_budget` (the
+    ring goes with the visible tiles it surrounds), so the plan holds at most
+    ``resident_tiles`` plus a few budgets of tiles, and costs as much to make, for any
+    image and any ``target``. A target level that does not fit (see
+    :func:`view_level`) gets no tiles.
     """
     plan: dict[TileKey, float] = {}
     coarsest = len(levels) - 1
@@ -212,10 +336,15 @@ def plan_tiles(
     gy, gx = top.grid
     if gy * gx <= resident_tiles:
         _add_tiles(plan, top, (0, gy, 0, gx), PREFETCH, 0, focus, px)
-    _add_tiles(plan, top, top.tile_range(*rect), VISIBLE, 0, focus, px)
+    top_tiles = top.tile_range(*rect)
+    if _fits(top, view, top_tiles):
+        _add_tiles(plan, top, top_tiles, VISIBLE, 0, focus, px)
     level = levels[target]
     rank = coarsest - target
-    _add_tiles(plan, level, level.tile_range(*rect), VISIBLE, rank, focus, px)
+    tiles = level.tile_range(*rect)
+    if not _fits(level, view, tiles):
+        return plan
+    _add_tiles(plan, level, tiles, VISIBLE, rank, focus, px)
     if prefetch_ring:
         ring = level.tile_range(*rect, margin=prefetch_ring)
         _add_tiles(plan, level, ring, PREFETCH, rank, focus, px)
@@ -224,14 +353,33 @@ def plan_tiles(
         fx, fy = focus
         half_w, half_h = (view.x1 - view.x0) / 4, (view.y1 - view.y0) / 4
         around = finer.tile_range(fy - half_h, fy + half_h, fx - half_w, fx + half_w)
-        _add_tiles(plan, finer, around, PREFETCH, rank + 1, focus, px)
+        if _fits(finer, view, around):
+            _add_tiles(plan, finer, around, PREFETCH, rank + 1, focus, px)
     return plan
 
 
-def visible_tiles(level: PlaneLevel, view: View) -> list[TileKey]:
-    """The tiles of ``level`` that intersect the view."""
-    iy0, iy1, ix0, ix1 = level.tile_range(view.y0, view.y1, view.x0, view.x1)
+class TooManyTilesError(ValueError):
+    """More tiles are in view than a caller asked to enumerate."""
+
+
+def visible_tiles(level: PlaneLevel, view: View, limit: int = MAX_TILES) -> list[TileKey]:
+    """The tiles of ``level`` that intersect the view; :class:`TooManyTilesError` if
+    there are more than ``limit`` (counted first, never enumerated)."""
+    tiles = level.tile_range(view.y0, view.y1, view.x0, view.x1)
+    count = tile_count(tiles)
+    if count > limit:
+        raise TooManyTilesError(f"{count} tiles of level {level.level} in view, over {limit}")
+    iy0, iy1, ix0, ix1 = tiles
     return [(level.level, iy, ix) for iy in range(iy0, iy1) for ix in range(ix0, ix1)]
+
+
+def _all_done(level: int, tiles: TileRange, done: Mapping[TileKey, object] | set[TileKey]) -> bool:
+    """Whether every tile of ``level`` in the range is in ``done``. A range larger than
+    ``done`` cannot be (pigeonhole), so this costs O(min(range, done))."""
+    if tile_count(tiles) > len(done):
+        return False
+    iy0, iy1, ix0, ix1 = tiles
+    return all((level, iy, ix) in done for iy in range(iy0, iy1) for ix in range(ix0, ix1))
 
 
 def tiles_to_keep(
@@ -245,10 +393,15 @@ def tiles_to_keep(
 
     A shown tile outside the new plan stays if it intersects the view and covers a
     target-level tile that is not ``done`` (loaded or failed) yet: it stands in for it.
+    Nothing stays when the target level has too many tiles in view to be loaded (see
+    :func:`view_level`): those tiles would stand in forever. Costs O(shown x
+    min(covered, done)), never the size of the image.
     """
+    goal = levels[target]
+    if tiles_in_view(goal, view) > tile_budget(goal, view):
+        return set()
     keep: set[TileKey] = set()
     rect = (view.y0, view.y1, view.x0, view.x1)
-    goal = levels[target]
     for key in shown:
         level, iy, ix = key
         if level == target:
@@ -256,12 +409,111 @@ def tiles_to_keep(
         y0, y1, x0, x1 = levels[level].tile_bounds(iy, ix)
         if y1 <= rect[0] or y0 >= rect[1] or x1 <= rect[2] or x0 >= rect[3]:
             continue  # out of view
-        cy0, cy1, cx0, cx1 = goal.tile_range(
+        covered = goal.tile_range(
             max(y0, rect[0]), min(y1, rect[1]), max(x0, rect[2]), min(x1, rect[3])
         )
-        if any((target, jy, jx) not in done for jy in range(cy0, cy1) for jx in range(cx0, cx1)):
+        if not _all_done(target, covered, done):
             keep.add(key)
     return keep
+
+
+def view_complete(
+    levels: Sequence[PlaneLevel],
+    view: View,
+    target: int,
+    done: Mapping[TileKey, object] | set[TileKey],
+) -> bool:
+    """Whether every tile of ``target`` in view is ``done``, in O(min(in view, done))."""
+    level = levels[target]
+    return _all_done(target, level.tile_range(view.y0, view.y1, view.x0, view.x1), done)
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class RetrySchedule(Generic[K]):
+    """When to load again what failed: per key, exponential backoff, capped.
+
+    After the ``n``-th failure in a row of a key (:meth:`failed`), its next try is due
+    ``min(cap, first * factor ** (n - 1))`` seconds later; :meth:`due` hands out each key
+    whose time has come, once (until it fails again); :meth:`forget` ends a key's
+    series (it loaded, or is no longer wanted). ``clock`` gives seconds (monotonic); it is
+    injected so that tests step time instead of waiting. Memory: O(keys tracked).
+    """
+
+    def __init__(
+        self,
+        first: float = 1.0,
+        factor: float = 2.0,
+        cap: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not (first > 0 and factor >= 1 and cap >= first):
+            raise ValueError("backoff needs first > 0, factor >= 1 and cap >= first")
+        self.first, self.factor, self.cap, self.clock = first, factor, cap, clock
+        self._failures: dict[K, int] = {}
+        self._when: dict[K, float] = {}  # the keys waiting for their next try
+        self._heap: list[tuple[float, int, K]] = []  # (when, order, key); stale ones skipped
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        """How many keys have failed and are not forgotten."""
+        return len(self._failures)
+
+    def failures(self, key: K) -> int:
+        """Failures in a row of ``key`` so far."""
+        return self._failures.get(key, 0)
+
+    def delay(self, failures: int) -> float:
+        """Seconds from the ``failures``-th failure in a row to the next try."""
+        delay = self.first
+        for _ in range(failures - 1):  # at most log(cap / first) steps: it stops at the cap
+            if delay >= self.cap or self.factor == 1:
+                break
+            delay *= self.factor
+        return min(self.cap, delay)
+
+    def failed(self, key: K) -> float:
+        """``key`` failed (again): schedule its next try; the delay until then."""
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        delay = self.delay(n)
+        when = self.clock() + delay
+        self._when[key] = when
+        heapq.heappush(self._heap, (when, next(self._order), key))
+        if len(self._heap) > 2 * len(self._when) + 16:  # drop stale entries
+            self._heap = [(w, o, k) for w, o, k in self._heap if self._when.get(k) == w]
+            heapq.heapify(self._heap)
+        return delay
+
+    def due(self) -> list[K]:
+        """The keys whose next try is due now (each handed out once)."""
+        now, out = self.clock(), []
+        while self._heap and self._heap[0][0] <= now:
+            when, _, key = heapq.heappop(self._heap)
+            if self._when.get(key) == when:
+                del self._when[key]
+                out.append(key)
+        return out
+
+    def next_due(self) -> float | None:
+        """Seconds until the next try is due (0 if one is), None if none is waiting."""
+        while self._heap and self._when.get(self._heap[0][2]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            return None
+        return max(0.0, self._heap[0][0] - self.clock())
+
+    def forget(self, key: K) -> None:
+        """End ``key``'s series: the next failure starts from ``first`` again."""
+        self._failures.pop(key, None)
+        self._when.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every key."""
+        self._failures.clear()
+        self._when.clear()
+        self._heap.clear()
 
 
 def eviction_order(
