@@ -41,6 +41,16 @@ class ChunkReadError(ChunkPoolError):
     """
 
 
+class ChunkDecodeError(ChunkPoolError):
+    """A chunk's bytes do not decode to the chunk the array's metadata describes.
+
+    Raised for corrupt or truncated data, a valid compressed frame of the wrong size
+    (the message says the bytes expected and those found), a decoded array of the wrong
+    shape, or a declared chunk too large to decode. The message names the store (without
+    credentials) and the key.
+    """
+
+
 class ChunkLoadError(ChunkPoolError):
     """One or more chunks failed to load.
 
