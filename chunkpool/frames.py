@@ -39,7 +39,7 @@ import numpy as np
 from .buffers import BufferPool
 from .errors import ChunkDecodeError
 
-__all__ = ["into_decoder", "wrong_size"]
+__all__ = ["IntoDecode", "into_decoder", "wrong_size"]
 
 #: ``decode(compressor, data, nbytes, buffers) -> (uint8 buffer of nbytes, recycled)``
 IntoDecode = Callable[[Any, np.ndarray, int, BufferPool], tuple[np.ndarray, bool]]

@@ -57,7 +57,7 @@ from zarr.core.sync import _get_loop, sync
 from zarr.storage import LocalStore
 
 from .buffers import BufferPool, transient_size
-from .errors import ChunkDecodeError, ChunkReadError
+from .errors import ChunkDecodeError, ChunkReadError, SourceError
 from .frames import IntoDecode, into_decoder, wrong_size
 from .info import ScaleInfo
 from .retry import RetryPolicy, get_with_retries
@@ -353,16 +353,28 @@ class ChunkSource:
             if isinstance(self.store, LocalStore)
             else None
         )
+        self._sharding: ShardingCodec | None = None
+        try:
+            self._init_decoders(async_array)
+        except Exception as err:  # codecs zarr opened but that cannot decode this array
+            where = f"{name}/{self._prefix}" if self._prefix else name
+            detail = " ".join(str(err).split())
+            raise SourceError(
+                f"{where}: its codecs cannot decode chunks ({type(err).__name__}: {detail})"
+            ) from err
+
+    def _init_decoders(self, async_array: Any) -> None:
         codecs = list(async_array.codec_pipeline)
         config = async_array.config
-        self._sharding: ShardingCodec | None = None
         if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
             self._init_sharding(codecs[0], config)
         elif async_array.metadata.zarr_format == 2:
-            self._decode = _make_v2_decoder(codecs[0], async_array.metadata, buffers)
+            self._decode = _make_v2_decoder(codecs[0], async_array.metadata, self._buffers)
         else:
-            spec = async_array.metadata.get_chunk_spec((0,) * scale.ndim, config, self._prototype)
-            self._decode = _make_decoder(codecs, spec, buffers)
+            spec = async_array.metadata.get_chunk_spec(
+                (0,) * self.scale.ndim, config, self._prototype
+            )
+            self._decode = _make_decoder(codecs, spec, self._buffers)
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape

@@ -273,3 +273,11 @@ def test_chunk_declared_larger_than_stored_fails(pools, tmp_path, monkeypatch, c
     assert isinstance(error, ChunkDecodeError), repr(error)
     assert loc.state is ChunkState.FAILED
     assert max(sizes, default=0) <= 1 << 24, f"tried to allocate {max(sizes)} bytes"
+
+
+def test_empty_buffer_carves_no_spares():
+    """1c: a zero-byte buffer (a chunk with a 0 dimension) must not carve an arena into
+    4 Mi empty spares (seconds and hundreds of MiB of bookkeeping)."""
+    buffers = BufferPool()
+    assert buffers.take(0).nbytes == 0
+    assert len(buffers._free.get(0, [])) <= 1
