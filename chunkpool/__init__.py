@@ -5,6 +5,7 @@ See ``chunkpool/README.md`` for the design.
 
 from .errors import (
     ChunkCancelledError,
+    ChunkDecodeError,
     ChunkIndexError,
     ChunkLoadError,
     ChunkPoolError,
@@ -25,6 +26,7 @@ __all__ = [
     "Axis",
     "ChannelInfo",
     "ChunkCancelledError",
+    "ChunkDecodeError",
     "ChunkIndexError",
     "ChunkLoadError",
     "ChunkLocation",

@@ -61,7 +61,7 @@ class BufferPool:
                 self.free_bytes -= nbytes
                 self.reused += 1
                 return free.pop()
-            count = max(1, ARENA_BYTES // max(nbytes, 1))
+            count = max(1, ARENA_BYTES // nbytes) if nbytes else 1  # (not 4 Mi empty ones)
             self.allocated += 1
         arena = np.ndarray.__new__(_Owner, (count * nbytes,), np.uint8)
         slices = [arena[i * nbytes : (i + 1) * nbytes] for i in range(count)]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+#: How many failed chunks a ChunkLoadError's message names (``failures`` has them all).
+_NAMED_FAILURES = 3
+
 
 class ChunkPoolError(Exception):
     """Base class of every error raised by chunkpool."""
@@ -41,17 +44,34 @@ class ChunkReadError(ChunkPoolError):
     """
 
 
+class ChunkDecodeError(ChunkPoolError):
+    """A chunk's bytes do not decode to the chunk the array's metadata describes.
+
+    Raised for corrupt or truncated data, a valid compressed frame of the wrong size
+    (the message says the bytes expected and those found), a decoded array of the wrong
+    shape, or a declared chunk too large to decode. The message names the store (without
+    credentials) and the key.
+    """
+
+
 class ChunkLoadError(ChunkPoolError):
     """One or more chunks failed to load.
 
-    ``failures`` maps ``(level, index)`` to the exception of each failed chunk.
+    ``failures`` maps ``(level, index)`` to the exception of each failed chunk; the
+    message, one line, names the first few.
     """
 
     def __init__(self, failures: Mapping[tuple[int, tuple[int, ...]], BaseException]):
         self.failures = dict(failures)
-        lines = [
-            f"level {level} chunk {index}: {type(err).__name__}: {err}"
-            for (level, index), err in sorted(self.failures.items())
-        ]
-        noun = "chunk" if len(lines) == 1 else "chunks"
-        super().__init__(f"{len(lines)} {noun} failed to load:\n  " + "\n  ".join(lines))
+        items = sorted(self.failures.items())
+        named = "; ".join(
+            f"level {level} chunk {index}: {type(err).__name__}: {' '.join(str(err).split())}"
+            for (level, index), err in items[:_NAMED_FAILURES]
+        )
+        more = len(items) - _NAMED_FAILURES
+        noun = "chunk" if len(items) == 1 else "chunks"
+        # One line (the command line tool prints it as its one line of error).
+        super().__init__(
+            f"{len(items)} {noun} failed to load: {named}"
+            + (f"; and {more} more" if more > 0 else "")
+        )

@@ -12,8 +12,13 @@ with ``preadv`` into recycled buffers (:mod:`chunkpool.buffers`).
 
 Decoding uses the array's own codecs. The common layout (raw bytes behind at most one
 numcodecs compressor: zstd, blosc, lz4, zlib, gzip) is decoded straight into a
-recycled buffer; any other chain runs zarr's codecs synchronously (``_decode_sync``),
-and the rare codec without a sync path goes through zarr's async codec pipeline.
+recycled buffer, after the frame's own header said it holds exactly the chunk
+(:mod:`chunkpool.frames`); any other chain runs zarr's codecs synchronously
+(``_decode_sync``), and the rare codec without a sync path runs its async decode on
+zarr's loop. Whatever the path, a chunk that does not decode to exactly its declared
+shape fails with :class:`~chunkpool.errors.ChunkDecodeError`: never trust what a
+recycled buffer held before. What the pool keeps (decoded chunks, shard indexes) owns
+its memory, or views memory that nothing else reuses.
 
 Sharded arrays (Zarr v3): the unit is the inner chunk. Its plan reads the shard's
 index once (cached, and shared by concurrent requests for the same shard), then only
@@ -48,12 +53,13 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation, _ShardIndex
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import NDBuffer, default_buffer_prototype
-from zarr.core.codec_pipeline import BatchedCodecPipeline, codecs_from_list
+from zarr.core.codec_pipeline import codecs_from_list
 from zarr.core.sync import _get_loop, sync
 from zarr.storage import LocalStore
 
 from .buffers import BufferPool, transient_size
-from .errors import ChunkReadError
+from .errors import ChunkDecodeError, ChunkReadError, SourceError
+from .frames import IntoDecode, into_decoder, wrong_size
 from .info import ScaleInfo
 from .links import StoreRoot
 from .retry import RetryPolicy, get_with_retries
@@ -70,8 +76,12 @@ SMALL_READ = 1 << 16
 #: Directories of a local store remembered as resolving inside its root (then forgotten).
 MAX_CHECKED_DIRS = 1 << 16
 
-#: numcodecs compressors whose ``decode(buf, out=...)`` writes into ``out``.
-_DECODES_INTO = (numcodecs.Zstd, numcodecs.Blosc, numcodecs.LZ4, numcodecs.Zlib, numcodecs.GZip)
+#: The largest chunk the pool decodes, in bytes. A larger declared chunk (a corrupt or
+#: hostile shape, e.g. 2**40 items) fails with ChunkDecodeError before any allocation.
+MAX_CHUNK_BYTES = 1 << 31
+
+#: The value of an absent inner chunk's offset and length in a shard index.
+_NO_CHUNK = np.uint64(2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -114,36 +124,31 @@ class RawChunk:
 
 
 class _IntoDecoder:
-    """Decodes ``[one compressor] + raw bytes`` straight into a recycled buffer."""
+    """Decodes ``[one compressor] + raw bytes`` straight into a recycled buffer (or, for
+    zlib and gzip, into the memory they inflate to), checking the decoded size."""
 
     def __init__(
         self,
         compressor: Any,
+        decode_into: IntoDecode,
         dtype: np.dtype,
         shape: tuple[int, ...],
         order: str,
         buffers: BufferPool,
     ):
         self._compressor = compressor
+        self._decode_into = decode_into
         self._dtype = dtype
-        self._shape = shape
+        self.shape = shape
         self._order = order
-        self._nbytes = math.prod(shape) * dtype.itemsize
+        self.nbytes = math.prod(shape) * dtype.itemsize
         self._buffers = buffers
 
     def __call__(self, data: np.ndarray) -> np.ndarray:
-        out = self._buffers.take(self._nbytes)
-        try:
-            if self._compressor is None:
-                if data.nbytes != self._nbytes:
-                    raise ValueError(f"chunk has {data.nbytes} bytes, expected {self._nbytes}")
-                out[:] = data
-            else:
-                self._compressor.decode(data, out=out)
-        except BaseException:
-            self._buffers.give(out)
-            raise
-        return self._buffers.hand_out(out, self._dtype, self._shape, self._order)
+        out, recycled = self._decode_into(self._compressor, data, self.nbytes, self._buffers)
+        if recycled:
+            return self._buffers.hand_out(out, self._dtype, self.shape, self._order)
+        return out.view(self._dtype).reshape(self.shape, order=self._order)  # type: ignore[call-overload]
 
 
 class _SyncDecoder:
@@ -157,26 +162,40 @@ class _SyncDecoder:
             steps.append((codec, spec))
             spec = codec.resolve_metadata(spec)
         steps.append((ab, spec))
+        #: Bytes the array-to-bytes step must receive, when that is fixed (raw bytes).
+        self._serialized_nbytes = (
+            math.prod(spec.shape) * spec.dtype.to_native_dtype().itemsize
+            if isinstance(ab, BytesCodec)
+            else None
+        )
         spec = ab.resolve_metadata(spec)
         for codec in bb:
             steps.append((codec, spec))
             spec = codec.resolve_metadata(spec)
-        self._steps = steps[::-1]
-        self._codecs = list(codecs)
-        self._spec = steps[0][1]
-        self._is_sync = all(isinstance(c, SupportsSyncCodec) for c, _ in steps)
+        self._steps = [(c, s, isinstance(c, SupportsSyncCodec)) for c, s in steps[::-1]]
+        self._n_bytes_steps = len(bb)
+        self.shape = tuple(steps[0][1].shape)
+        self.nbytes = math.prod(self.shape) * steps[0][1].dtype.to_native_dtype().itemsize
         self._prototype = default_buffer_prototype()
 
     def __call__(self, data: np.ndarray) -> np.ndarray:
         out: Any = self._prototype.buffer.from_array_like(data)
-        if self._is_sync:
-            for codec, spec in self._steps:
+        for step, (codec, spec, is_sync) in enumerate(self._steps):
+            expected = self._serialized_nbytes
+            if step == self._n_bytes_steps and expected is not None and len(out) != expected:
+                raise wrong_size("chunk decodes to", len(out), expected)
+            if is_sync:
                 out = codec._decode_sync(out, spec)
-        else:
-            pipeline = BatchedCodecPipeline.from_codecs(self._codecs)
-            (out,) = sync(pipeline.decode([(out, self._spec)]))
-        assert isinstance(out, NDBuffer)
-        return out.as_numpy_array()
+            else:  # the rare codec without a sync path: its async decode on zarr's loop
+                (out,) = sync(codec.decode([(out, spec)]))
+                if out is None:
+                    raise ChunkDecodeError(f"{codec} decoded nothing")
+        if not isinstance(out, NDBuffer):
+            raise ChunkDecodeError(f"the codecs decoded {type(out).__name__}, not an array")
+        arr = out.as_numpy_array()
+        if arr.shape != self.shape:
+            raise ChunkDecodeError(f"chunk decodes to shape {arr.shape}, expected {self.shape}")
+        return arr
 
 
 class _V2Decoder:
@@ -189,7 +208,8 @@ class _V2Decoder:
     def __init__(self, codec: Any, shape: tuple[int, ...], dtype: np.dtype, order: str):
         self._compressor = codec.compressor
         self._filters = tuple(reversed(codec.filters or ()))
-        self._shape = shape
+        self.shape = shape
+        self.nbytes = math.prod(shape) * dtype.itemsize
         self._dtype = dtype
         self._order = order
 
@@ -199,13 +219,16 @@ class _V2Decoder:
             chunk = self._compressor.decode(chunk)
         for f in self._filters:
             chunk = f.decode(chunk)
-        arr = ensure_ndarray_like(chunk).view(self._dtype).reshape(-1, order="A")
-        return arr.reshape(self._shape, order=self._order)  # type: ignore[call-overload]
+        flat = ensure_ndarray_like(chunk).reshape(-1, order="A")
+        if flat.nbytes != self.nbytes:
+            raise wrong_size("chunk decodes to", flat.nbytes, self.nbytes)
+        arr = flat.view(self._dtype)
+        return arr.reshape(self.shape, order=self._order)  # type: ignore[call-overload]
 
 
 def _numcodecs_compressor(codec: Any) -> Any | None:
     """The numcodecs compressor behind a zarr v3 bytes-to-bytes codec, if it decodes
-    into a given buffer; else None."""
+    into a given buffer with a checked size; else None."""
     if isinstance(codec, ZstdCodec):
         compressor = codec._zstd_codec
     elif isinstance(codec, BloscCodec):
@@ -214,7 +237,7 @@ def _numcodecs_compressor(codec: Any) -> Any | None:
         compressor = numcodecs.GZip(codec.level)
     else:
         compressor = getattr(codec, "_codec", None)  # zarr.codecs.numcodecs wrappers
-    return compressor if isinstance(compressor, _DECODES_INTO) else None
+    return compressor if compressor is not None and into_decoder(compressor) else None
 
 
 def _make_decoder(codecs: list[Any], spec: ArraySpec, buffers: BufferPool) -> Any:
@@ -222,20 +245,23 @@ def _make_decoder(codecs: list[Any], spec: ArraySpec, buffers: BufferPool) -> An
     aa, ab, bb = codecs_from_list(codecs)
     if not aa and isinstance(ab, BytesCodec) and len(bb) <= 1:
         compressor = _numcodecs_compressor(bb[0]) if bb else None
-        if compressor is not None or not bb:
+        decode_into = into_decoder(compressor)
+        if decode_into is not None and (compressor is not None or not bb):
             dtype = np.dtype(spec.dtype.to_native_dtype())
             if ab.endian is not None and dtype.itemsize > 1:
                 dtype = dtype.newbyteorder("<" if ab.endian.value == "little" else ">")
-            return _IntoDecoder(compressor, dtype, spec.shape, spec.order, buffers)
+            return _IntoDecoder(compressor, decode_into, dtype, spec.shape, spec.order, buffers)
     return _SyncDecoder(codecs, spec)
 
 
 def _make_v2_decoder(codec: Any, metadata: Any, buffers: BufferPool) -> Any:
     """The fastest decoder for a Zarr v2 array's V2Codec."""
     dtype = np.dtype(metadata.dtype.to_native_dtype())
-    compressor = codec.compressor
-    if not codec.filters and (compressor is None or isinstance(compressor, _DECODES_INTO)):
-        return _IntoDecoder(compressor, dtype, metadata.chunks, metadata.order, buffers)
+    decode_into = into_decoder(codec.compressor)
+    if not codec.filters and decode_into is not None:
+        return _IntoDecoder(
+            codec.compressor, decode_into, dtype, metadata.chunks, metadata.order, buffers
+        )
     return _V2Decoder(codec, metadata.chunks, dtype, metadata.order)
 
 
@@ -353,16 +379,28 @@ class ChunkSource:
             if isinstance(self.store, LocalStore)
             else None
         )
+        self._sharding: ShardingCodec | None = None
+        try:
+            self._init_decoders(async_array)
+        except Exception as err:  # codecs zarr opened but that cannot decode this array
+            where = f"{name}/{self._prefix}" if self._prefix else name
+            detail = " ".join(str(err).split())
+            raise SourceError(
+                f"{where}: its codecs cannot decode chunks ({type(err).__name__}: {detail})"
+            ) from err
+
+    def _init_decoders(self, async_array: Any) -> None:
         codecs = list(async_array.codec_pipeline)
         config = async_array.config
-        self._sharding: ShardingCodec | None = None
         if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
             self._init_sharding(codecs[0], config)
         elif async_array.metadata.zarr_format == 2:
-            self._decode = _make_v2_decoder(codecs[0], async_array.metadata, buffers)
+            self._decode = _make_v2_decoder(codecs[0], async_array.metadata, self._buffers)
         else:
-            spec = async_array.metadata.get_chunk_spec((0,) * scale.ndim, config, self._prototype)
-            self._decode = _make_decoder(codecs, spec, buffers)
+            spec = async_array.metadata.get_chunk_spec(
+                (0,) * self.scale.ndim, config, self._prototype
+            )
+            self._decode = _make_decoder(codecs, spec, self._buffers)
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape
@@ -429,7 +467,7 @@ class ChunkSource:
             read = None
             try:
                 read = yield _Read(self._key(shard), self._index_range)
-                shard_index = None if read is None else _ShardIndex(self._decode_index(read.data))
+                shard_index = None if read is None else self._read_index(shard, read.data)
             except BaseException as err:
                 self._shard_indexes.forget(shard, fut)
                 cancelled = isinstance(err, asyncio.CancelledError | GeneratorExit)
@@ -440,6 +478,22 @@ class ChunkSource:
                     self._buffers.give(read.owner)
             fut.set_result(shard_index)
             return shard_index, 0 if read is None else read.data.nbytes
+
+    def _read_index(self, shard: tuple[int, ...], data: np.ndarray) -> _ShardIndex:
+        """Decode a shard's index into memory of its own (``data`` may be a read buffer
+        that is reused as soon as this returns), and check that every entry is absent
+        or a byte range that can exist."""
+        try:
+            offsets_and_lengths = np.array(self._decode_index(data), np.uint64, order="C")
+        except Exception as err:
+            raise self._decode_error(f"{self._key(shard)} (shard index)", err) from err
+        starts, lengths = offsets_and_lengths[..., 0], offsets_and_lengths[..., 1]
+        present = (starts != _NO_CHUNK) | (lengths != _NO_CHUNK)
+        if np.any(present & ((starts >= 1 << 62) | (lengths >= 1 << 62))):
+            raise ChunkDecodeError(
+                f"{self.name}/{self._key(shard)}: shard index holds impossible byte ranges"
+            )
+        return _ShardIndex(offsets_and_lengths)
 
     @staticmethod
     def _drive_sync(plan: _Plan, perform: Any) -> RawChunk:
@@ -518,7 +572,16 @@ class ChunkSource:
         if raw.data is None:
             return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
         try:
+            if self._decode.nbytes > MAX_CHUNK_BYTES:
+                raise ChunkDecodeError(
+                    f"declared chunks of {self._decode.nbytes} bytes exceed the limit of "
+                    f"{MAX_CHUNK_BYTES} bytes per chunk"
+                )
             arr = self._decode(raw.data)
+            if raw.owner is not None and np.may_share_memory(arr, raw.owner):
+                arr = arr.copy()  # a codec returned a view of the read buffer, reused next
+        except Exception as err:
+            raise self._decode_error(self._chunk_key(index), err) from err
         finally:
             self.release(raw)
         if arr.shape != shape:
@@ -527,6 +590,19 @@ class ChunkSource:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         arr.flags.writeable = False
         return arr
+
+    def _chunk_key(self, index: tuple[int, ...]) -> str:
+        """The store key of chunk ``index`` (its shard's, and where in it), for messages."""
+        if self._sharding is None:
+            return self._key(index)
+        shard = tuple(i // n for i, n in zip(index, self._chunks_per_shard, strict=True))
+        inner = tuple(i % n for i, n in zip(index, self._chunks_per_shard, strict=True))
+        return f"{self._key(shard)} (inner chunk {inner})"
+
+    def _decode_error(self, key: str, err: Exception) -> ChunkDecodeError:
+        """``err``, raised decoding ``key``, as a ChunkDecodeError naming the store."""
+        what = str(err) if isinstance(err, ChunkDecodeError) else f"{type(err).__name__}: {err}"
+        return ChunkDecodeError(f"{self.name}/{key}: {what}")
 
     def release(self, raw: RawChunk) -> None:
         """Give a fetched chunk's read buffer back (once its bytes are no longer needed)."""
