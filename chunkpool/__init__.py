@@ -9,6 +9,7 @@ from .errors import (
     ChunkLoadError,
     ChunkPoolError,
     ChunkReadError,
+    EventLoopError,
     PoolDestroyedError,
     SourceError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ChunkPoolError",
     "ChunkReadError",
     "ChunkState",
+    "EventLoopError",
     "MultiscaleInfo",
     "PoolDestroyedError",
     "PoolStats",
