@@ -168,15 +168,15 @@ class LoadScheduler:
             fetching = sum(w.in_flight for w in self._windows.values())
             return waiting, fetching, self._decoding
 
-    def shutdown(self, timeout: float | None = None) -> Abandoned:
+    def shutdown(self, timeout: float) -> Abandoned:
         """Cancel everything and stop the worker threads.
 
-        In-flight reads and decodes are cancelled: their results will be discarded. With
-        a ``timeout`` (seconds, for both stages together), wait that long at most for the
-        threads to end, and report those still busy, with their chunks: a synchronous
-        read may never return (a FIFO, a stuck network filesystem). Such a thread is
-        abandoned; if its read ever returns, the result is discarded (the job is
-        cancelled and the scheduler closed) and the thread ends by itself.
+        In-flight reads and decodes are cancelled: their results will be discarded. Wait
+        ``timeout`` seconds at most (both stages together) for the threads to end, and
+        report those still busy, with their chunks: a synchronous read may never return
+        (a FIFO, a stuck network filesystem). Such a thread is abandoned; if its read
+        ever returns, the result is discarded (the job is cancelled and the scheduler
+        closed) and the thread ends by itself.
         """
         with self._lock:
             self._closed = True
@@ -192,7 +192,7 @@ class LoadScheduler:
                 job.state = JobState.CANCELLED
                 if job._io_future is not None:
                     job._io_future.cancel()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         busy = self._io_workers.shutdown(deadline) + self._cpu_workers.shutdown(deadline)
         if not busy:
             return Abandoned(0, [])

@@ -69,14 +69,14 @@ class Workers:
             except Exception:
                 logger.exception("chunkpool: %s worker task failed", self._name)
 
-    def shutdown(self, deadline: float | None = None) -> list[threading.Thread]:
+    def shutdown(self, deadline: float) -> list[threading.Thread]:
         """Stop the threads once the tasks queued before are done.
 
-        With a ``deadline`` (a ``time.monotonic()`` value), wait until then at most for
-        them to end (never for the calling thread itself), and return the threads still
-        running: each one is busy in a task that has not returned (a read that blocks).
-        They are abandoned, not killed: each still ends by itself when its task returns,
-        since a stop marker is queued for every thread.
+        Wait until ``deadline`` (a ``time.monotonic()`` value) at most for them to end
+        (never for the calling thread itself), and return the threads still running:
+        each is busy in a task that has not returned (a read that blocks). They are
+        abandoned, not killed: each still ends by itself when its task returns, since a
+        stop marker is queued for every thread.
         """
         with self._lock:
             self._closed = True
@@ -85,8 +85,6 @@ class Workers:
             self._queue.put(None)
         current = threading.current_thread()
         others = [thread for thread in threads if thread is not current]
-        if deadline is None:
-            return others
         for thread in others:
             thread.join(max(0.0, deadline - time.monotonic()))
         return [thread for thread in others if thread.is_alive()]
