@@ -10,6 +10,7 @@ from .errors import (
     ChunkLoadError,
     ChunkPoolError,
     ChunkReadError,
+    EventLoopError,
     PoolDestroyedError,
     SourceError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ChunkPoolError",
     "ChunkReadError",
     "ChunkState",
+    "EventLoopError",
     "MultiscaleInfo",
     "PoolDestroyedError",
     "PoolStats",

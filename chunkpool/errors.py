@@ -33,6 +33,10 @@ class PoolDestroyedError(ChunkPoolError):
     """The pool was destroyed; it accepts no new requests."""
 
 
+class EventLoopError(ChunkPoolError, RuntimeError):
+    """Handlers cannot be bound to the event loop asked for (none is running)."""
+
+
 class ChunkCancelledError(ChunkPoolError):
     """The chunk's load was cancelled because its last ref was dropped."""
 

@@ -10,6 +10,7 @@ pool.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -41,6 +42,9 @@ from .stores import open_node
 __all__ = ["ChunkPool"]
 
 logger = logging.getLogger("chunkpool")
+
+#: Seconds :meth:`ChunkPool.destroy` waits for its threads before abandoning them.
+DESTROY_TIMEOUT = 5.0
 
 
 def _held_bytes(data: np.ndarray) -> int:
@@ -193,16 +197,20 @@ class ChunkPool:
         """Run handlers on an event loop, as soon as their event happens.
 
         Pass the loop's ``call_soon_threadsafe`` (any framework), "asyncio" for the
-        running (or current) asyncio loop, or "none" to go back to the default, where
-        load handlers run inside ``wait()`` / ``wait_for_chunks_to_load()`` and drop
-        and destroy handlers in the thread that drops or destroys.
+        asyncio loop running in this thread (EventLoopError if none is running), or
+        "none" to go back to the default, where load handlers run inside ``wait()`` /
+        ``wait_for_chunks_to_load()`` and drop and destroy handlers in the thread that
+        drops or destroys. Calls never wait for a loop that cannot run them: if an
+        asyncio loop stops or closes (or any loop's ``call_soon`` raises), they are
+        dropped with one WARNING and no handler is called until this is called again
+        (see :mod:`chunkpool.dispatch`).
         """
         call_soon = resolve_call_soon(call_soon_threadsafe)
         with self._lock:
             if call_soon is None:
                 self._dispatcher = None
                 return
-            self._dispatcher = HandlerDispatcher(call_soon)
+            self._dispatcher = HandlerDispatcher(call_soon, self._info.source)
             for loc in self._chunks.values():  # loads that were waiting for wait()
                 self._dispatcher.post([(h, loc) for h in loc._unfired_loads.values()])
                 loc._unfired_loads.clear()
@@ -468,11 +476,18 @@ class ChunkPool:
         """
         return iter_chunk_data(self, keys, max_ahead=max_ahead, priority=priority)
 
-    def destroy(self) -> None:
+    def destroy(self, timeout: float = DESTROY_TIMEOUT) -> None:
         """Drop and destroy all chunks, cancel all loads, and stop the worker threads.
 
-        Drop and destroy handlers run for everything still held or cached.
+        Drop and destroy handlers run for everything still held or cached. Waits at
+        most ``timeout`` seconds for the worker threads to end: a synchronous read that
+        does not return by then (a FIFO, a stuck network filesystem) is abandoned with
+        its thread, named in one WARNING of the "chunkpool" logger. Its chunk is already
+        cancelled; if the read ever returns, its result is discarded, its buffer is not
+        recycled, and the thread ends by itself. Calling it again does nothing.
         """
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise ValueError(f"destroy() timeout must be a finite number >= 0, not {timeout!r}")
         with self._lock:
             if self._destroyed:
                 return
@@ -488,6 +503,22 @@ class ChunkPool:
             for loc in self._cache.clear():
                 calls += self._destroy_loc(loc)
             calls = self._deliver(calls)
-        self._scheduler.shutdown()
+        # from now on nothing is recycled: not the buffer of a read that returns late,
+        # nor those of chunk arrays the application still holds when it lets them go
+        self._buffers.max_free_bytes = 0
         self._buffers.clear()
+        abandoned = self._scheduler.shutdown(timeout)
+        if abandoned.threads:
+            shown = ", ".join(f"level {lvl} chunk {idx}" for lvl, idx in abandoned.chunks[:8])
+            more = len(abandoned.chunks) - 8
+            logger.warning(
+                "chunkpool: %s: destroy() abandoned %d %s still busy after %g s (%s%s); "
+                "their chunks are cancelled and late results will be discarded",
+                self._info.source,
+                abandoned.threads,
+                "thread" if abandoned.threads == 1 else "threads",
+                timeout,
+                shown or "no chunk",
+                f" and {more} more" if more > 0 else "",
+            )
         self._finish(calls)

@@ -28,13 +28,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .source import ChunkSource, RawChunk
 from .workers import Workers
 
-__all__ = ["JobState", "LoadJob", "LoadScheduler"]
+__all__ = ["Abandoned", "JobState", "LoadJob", "LoadScheduler"]
 
 
 class JobState(enum.Enum):
@@ -43,6 +44,13 @@ class JobState(enum.Enum):
     DECODING = "decoding"
     DONE = "done"
     CANCELLED = "cancelled"
+
+
+class Abandoned(NamedTuple):
+    """What :meth:`LoadScheduler.shutdown` left running when its timeout ran out."""
+
+    threads: int  # worker threads still busy
+    chunks: list[tuple[int, tuple[int, ...]]]  # (level, index) of the loads they run
 
 
 DoneCallback = Callable[["LoadJob", "np.ndarray | None", "BaseException | None"], None]
@@ -160,8 +168,16 @@ class LoadScheduler:
             fetching = sum(w.in_flight for w in self._windows.values())
             return waiting, fetching, self._decoding
 
-    def shutdown(self) -> None:
-        """Cancel everything and stop the worker threads (in-flight reads finish)."""
+    def shutdown(self, timeout: float) -> Abandoned:
+        """Cancel everything and stop the worker threads.
+
+        In-flight reads and decodes are cancelled: their results will be discarded. Wait
+        ``timeout`` seconds at most (both stages together) for the threads to end, and
+        report those still busy, with their chunks: a synchronous read may never return
+        (a FIFO, a stuck network filesystem). Such a thread is abandoned; if its read
+        ever returns, the result is discarded (the job is cancelled and the scheduler
+        closed) and the thread ends by itself.
+        """
         with self._lock:
             self._closed = True
             for window in self._windows.values():
@@ -169,12 +185,21 @@ class LoadScheduler:
                     job.state = JobState.CANCELLED
                 window.heap.clear()
                 window.queued = 0
+            in_threads: set[LoadJob] = set()  # jobs a worker thread of ours is running
             for job in self._active:
+                if job.source.is_sync or job.state is JobState.DECODING:
+                    in_threads.add(job)
                 job.state = JobState.CANCELLED
                 if job._io_future is not None:
                     job._io_future.cancel()
-        self._io_workers.shutdown()
-        self._cpu_workers.shutdown()
+        deadline = time.monotonic() + timeout
+        busy = self._io_workers.shutdown(deadline) + self._cpu_workers.shutdown(deadline)
+        if not busy:
+            return Abandoned(0, [])
+        with self._lock:  # what the busy threads are still running
+            stuck = [job for job in self._active if job in in_threads]
+        keys = sorted((job.source.scale.level, job.index) for job in stuck)
+        return Abandoned(len(busy), keys)
 
     # -- internals --------------------------------------------------------------------
 

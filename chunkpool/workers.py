@@ -7,7 +7,9 @@ queues, so the queue never holds more than a stage's window.
 
 Threads start with the first task, are daemons (a forgotten pool never blocks the
 interpreter's exit), and stop when :meth:`Workers.shutdown` queues one stop marker
-per thread.
+per thread. Shutting down waits for them until a deadline only: a task that never
+returns (a read of a FIFO, a stuck network filesystem) leaves its thread abandoned, and
+that thread ends by itself if the task ever returns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,16 +69,22 @@ class Workers:
             except Exception:
                 logger.exception("chunkpool: %s worker task failed", self._name)
 
-    def shutdown(self, *, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop the threads once the tasks queued before are done; with ``wait``, join
-        them (never the calling thread itself)."""
+    def shutdown(self, deadline: float) -> list[threading.Thread]:
+        """Stop the threads once the tasks queued before are done.
+
+        Wait until ``deadline`` (a ``time.monotonic()`` value) at most for them to end
+        (never for the calling thread itself), and return the threads still running:
+        each is busy in a task that has not returned (a read that blocks). They are
+        abandoned, not killed: each still ends by itself when its task returns, since a
+        stop marker is queued for every thread.
+        """
         with self._lock:
             self._closed = True
             threads = list(self._threads)
         for _ in threads:
             self._queue.put(None)
-        if wait:
-            current = threading.current_thread()
-            for thread in threads:
-                if thread is not current:
-                    thread.join(timeout)
+        current = threading.current_thread()
+        others = [thread for thread in threads if thread is not current]
+        for thread in others:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [thread for thread in others if thread.is_alive()]
