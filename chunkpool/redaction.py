@@ -65,7 +65,7 @@ _SECRET_FIELD = (
 )
 _QUOTED_FIELD = re.compile(
     rf"""(?ix)
-    (['"]{_SECRET_FIELD}['"]\s*:\s*b?)   # 'Authorization': b'...'
+    (['"]?{_SECRET_FIELD}['"]?\s*[:=]\s*b?)   # 'Authorization': b'...', password='...'
     (['"])(?:(?!\2).)*\2
     """
 )
@@ -154,8 +154,10 @@ def remember_secrets(location: str, storage_options: Mapping[str, Any] | None = 
     found: set[str] = set()
     if _SCHEME.match(location):
         userinfo, url = split_userinfo(location.lstrip())
-        user, _, password = userinfo.partition(":")
-        found.update((userinfo, user, password))
+        _, colon, password = userinfo.partition(":")
+        # "user:password": the password (and the pair); a lone userinfo is a token. A
+        # user name alone is not masked in free text (it names local paths too).
+        found.update((userinfo, password) if colon else (userinfo,))
         try:
             parts = urlsplit(url)
         except ValueError:
@@ -164,7 +166,8 @@ def remember_secrets(location: str, storage_options: Mapping[str, Any] | None = 
             name, _, value = param.partition("=")
             if value and _is_secret_param(name):
                 found.add(value)
-        found.add(parts.fragment)
+        if len(parts.fragment) >= _MIN_ENV_SECRET:  # a bare token (a short one: a name)
+            found.add(parts.fragment)
     found.update(_option_secrets(storage_options or {}))
     found |= {unquote(s) for s in found} | {unquote_plus(s) for s in found}
     _add_secrets(s for s in found if len(s) >= _MIN_SECRET)
