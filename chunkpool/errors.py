@@ -42,10 +42,17 @@ class ChunkCancelledError(ChunkPoolError):
 
 
 class ChunkReadError(ChunkPoolError):
-    """Reading a chunk's bytes from its store failed (after any retries).
+    """Reading from a store failed (after any retries): a chunk, or metadata while
+    opening (then it surfaces as the reason of a :class:`SourceError`).
 
-    The message names the store (without credentials), the key and the cause.
+    The message names the store (without credentials), the key and the cause;
+    ``reason`` is the cause alone (e.g. ``"timed out after 4 attempts"``). The library
+    exception behind it is not chained: its text may quote a signed URL.
     """
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class ChunkDecodeError(ChunkPoolError):

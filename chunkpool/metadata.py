@@ -419,7 +419,7 @@ def _plain_group_image(group: zarr.Group, where: str, source: str) -> Multiscale
     try:
         members = list(group.members())
     except Exception as err:
-        raise SourceError(f"{where}: listing the group: {describe_error(err)}") from err
+        raise SourceError(f"{where}: listing the group: {describe_error(err)}") from None
     arrays = sorted(
         ((name, node) for name, node in members if isinstance(node, zarr.Array)),
         key=lambda item: (-math.prod(item[1].shape), item[0]),
@@ -650,7 +650,7 @@ def _optional_child(
     except KeyError:
         return None
     except Exception as err:
-        raise SourceError(f"{where}: {what} {path!r}: {describe_error(err)}") from err
+        raise SourceError(f"{where}: {what} {path!r}: {describe_error(err)}") from None
 
 
 def _where(source: str, path: str) -> str:

@@ -73,7 +73,9 @@ class ChunkPool:
         Bound on the memory kept for reuse by reads and decodes (see
         :mod:`chunkpool.buffers`).
     retry:
-        Timeout and retries of remote reads (see :class:`~chunkpool.retry.RetryPolicy`).
+        Timeout and retries of remote reads (see :class:`~chunkpool.retry.RetryPolicy`),
+        for stores that have none yet: a store opened by :func:`~chunkpool.open_node`
+        (as :meth:`from_zarr_node` does, with this same policy) keeps its own.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class ChunkPool:
         storage_options: dict[str, Any] | None = None,
         disk_cache: str | os.PathLike | None = None,
         disk_cache_bytes: int = 2 << 30,
+        retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> list[ChunkPool]:
         """A pool for every multiscale image in a zarr Group/Array, path or URL.
@@ -124,15 +127,20 @@ class ChunkPool:
         ``zarr_node`` may be a local path, a ``file://``, ``http(s)://`` or ``s3://``
         URL; ``storage_options`` go to fsspec. With ``disk_cache`` (a directory), what
         is read from a remote store is kept there too, up to ``disk_cache_bytes``.
-        Raises SourceError if the source cannot be opened or holds no valid image.
+        ``retry`` governs every remote read, opening's metadata reads as much as the
+        pools' chunk reads. Raises SourceError if the source cannot be opened or holds
+        no valid image.
         """
         node, name = open_node(
             zarr_node,
             storage_options=storage_options,
             disk_cache=disk_cache,
             disk_cache_bytes=disk_cache_bytes,
+            retry=retry,
         )
-        return [cls(info, cache_size, **kwargs) for info in read_multiscales(node, name)]
+        return [
+            cls(info, cache_size, retry=retry, **kwargs) for info in read_multiscales(node, name)
+        ]
 
     def __repr__(self) -> str:
         return f"<ChunkPool {self._info!r} held={len(self._chunks)} cached={len(self._cache)}>"

@@ -5,7 +5,12 @@ exponentially growing, jittered delay; a permanent failure (403, 400, ...) is no
 the attempts run out, the read fails with a :class:`~chunkpool.errors.ChunkReadError`
 whose message names the key and the cause, never credentials (the store is named by
 its redacted display name, and the original exception, which may quote a signed URL,
-is not chained).
+is neither chained nor kept as context).
+
+One mechanism serves every remote read: :class:`~chunkpool.stores.RemoteStore` sends
+each of its reads (metadata while opening, chunks while loading) through
+:func:`call_with_retries`. A policy may also carry a ``deadline`` that bounds all the
+reads of a one-shot job together (``zarrscope --screenshot --timeout``).
 """
 
 from __future__ import annotations
@@ -13,29 +18,43 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 from .errors import ChunkReadError
-from .stores import describe_error
+from .redaction import describe_error
 
-__all__ = ["RetryPolicy", "get_with_retries", "is_transient"]
+__all__ = ["RetryPolicy", "call_with_retries", "is_transient"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard to try: ``attempts`` in all, each limited to ``timeout`` seconds, the
-    delay between attempts doubling from ``base_delay`` up to ``max_delay``."""
+    delay between attempts doubling from ``base_delay`` up to ``max_delay``.
+
+    ``deadline`` (a :func:`time.monotonic` value, or None) is a time no read goes
+    past: an attempt is cut at it, and no attempt or pause starts that would end after
+    it. It bounds a whole job, whatever the number of reads.
+    """
 
     attempts: int = 4
     timeout: float = 30.0
     base_delay: float = 0.2
     max_delay: float = 3.0
+    deadline: float | None = None
 
     def delay(self, attempt: int) -> float:
         """The pause before retry number ``attempt`` (1-based), with 0-50% jitter."""
         base = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return base * (1 + 0.5 * random.random())
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
 
 def is_transient(err: BaseException) -> bool:
@@ -66,20 +85,32 @@ def _http_status(err: BaseException) -> int | None:
     return None
 
 
-async def get_with_retries(
-    store: Any, key: str, prototype: Any, byte_range: Any, policy: RetryPolicy, name: str
-) -> Any:
-    """``store.get(key, ...)`` with a timeout per attempt and retries on transient
-    errors. Raises ChunkReadError (naming ``name``/``key``) when it gives up."""
-    attempt = 1
-    while True:
-        try:
-            return await asyncio.wait_for(store.get(key, prototype, byte_range), policy.timeout)
-        except Exception as err:
-            transient = is_transient(err)
-            if not transient or attempt >= policy.attempts:
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
-                message = f"{name}/{key}: {describe_error(err)}{tries}"
-                raise ChunkReadError(message) from None
-        await asyncio.sleep(policy.delay(attempt))
+async def call_with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
+    """``await call()`` with a timeout per attempt and retries on transient errors.
+
+    ``what`` names the read in the error (``"<store name>/<key>"``, no credentials).
+    Raises :class:`ChunkReadError` when it gives up: a permanent error, the attempts
+    used up, or the policy's deadline reached. Cancellation is never retried.
+    """
+    attempt = 0
+    reason = "timed out"  # if the deadline leaves no time for a first attempt
+    while attempt < policy.attempts:
+        if attempt:
+            pause = policy.delay(attempt)
+            if pause >= policy.remaining():
+                break
+            await asyncio.sleep(pause)
+        timeout = min(policy.timeout, policy.remaining())
+        if timeout <= 0:
+            break
         attempt += 1
+        try:
+            return await asyncio.wait_for(call(), timeout)
+        except Exception as err:
+            reason = describe_error(err)
+            if not is_transient(err):
+                break
+    if attempt > 1:
+        reason = f"{reason} after {attempt} attempts"
+    # raised outside the handler: the library's exception is neither cause nor context
+    raise ChunkReadError(f"{what}: {reason}", reason=reason)

@@ -62,8 +62,8 @@ from .errors import ChunkDecodeError, ChunkReadError, SourceError
 from .frames import IntoDecode, into_decoder, wrong_size
 from .info import ScaleInfo
 from .links import StoreRoot
-from .retry import RetryPolicy, get_with_retries
-from .stores import describe_error
+from .retry import RetryPolicy
+from .stores import describe_error, with_retries
 
 __all__ = ["ChunkSource", "RawChunk"]
 
@@ -366,7 +366,6 @@ class ChunkSource:
         async_array = scale.array.async_array
         self.scale = scale
         self.name = name  # the store's display name, for messages (no credentials)
-        self.retry = retry or RetryPolicy()
         self.store = async_array.store_path.store
         self._prefix = async_array.store_path.path
         self._metadata = async_array.metadata
@@ -374,6 +373,9 @@ class ChunkSource:
         self._prototype = default_buffer_prototype()
         #: Whether the store reads synchronously (then an IO thread runs the plan).
         self.is_sync = isinstance(self.store, SupportsGetSync)
+        # Asynchronous (remote) reads are retried by one RemoteStore layer: the one
+        # open_node put in, or, for a node opened elsewhere, one with ``retry``.
+        self._remote = None if self.is_sync else with_retries(self.store, name, retry)
         self._local = (
             _LocalReader(str(self.store.root), buffers)
             if isinstance(self.store, LocalStore)
@@ -523,8 +525,11 @@ class ChunkSource:
                     step.key, prototype=self._prototype, byte_range=step.byte_range
                 )
             except Exception as err:
-                raise ChunkReadError(f"{self.name}/{step.key}: {describe_error(err)}") from err
-            return None if buf is None else _Bytes(buf.as_numpy_array(), None)
+                reason = describe_error(err)
+            else:
+                return None if buf is None else _Bytes(buf.as_numpy_array(), None)
+            # raised outside the handler: the store's exception is neither cause nor context
+            raise ChunkReadError(f"{self.name}/{step.key}: {reason}", reason=reason)
 
         return self._drive_sync(self._plan(index), perform)
 
@@ -539,14 +544,7 @@ class ChunkSource:
                         # shield: cancelling this request must not cancel the shared read
                         result = await asyncio.shield(asyncio.wrap_future(step.future))
                     else:
-                        buf = await get_with_retries(
-                            self.store,
-                            step.key,
-                            self._prototype,
-                            step.byte_range,
-                            self.retry,
-                            self.name,
-                        )
+                        buf = await self._remote.get(step.key, self._prototype, step.byte_range)
                         result = None if buf is None else _Bytes(buf.as_numpy_array(), None)
                 except BaseException as err:
                     step = plan.throw(err)

@@ -2,51 +2,58 @@
 
 Every failure becomes a :class:`~chunkpool.errors.SourceError` whose one-line message
 names the source and what is wrong, so an application can show it as is. Sources are
-always named through :func:`redact`: messages and logs must never carry credentials.
+always named through :func:`redact`, and no error chains the library exception it came
+from (its text may quote a signed URL): messages, reprs, logs and tracebacks must never
+carry credentials (see :mod:`chunkpool.redaction`).
 
 Stores are opened with zarr-python's synchronous API, so remote (async) filesystems bind
-to zarr's own event loop rather than to whatever loop the caller may be running.
+to zarr's own event loop rather than to whatever loop the caller may be running. Every
+remote store is wrapped in a :class:`RemoteStore`: all its reads, metadata and chunks
+alike, have a timeout per attempt and are retried on transient errors
+(:class:`~chunkpool.retry.RetryPolicy`), and it is known by its redacted name only, so
+that nothing built on it (zarr arrays and groups, the disk cache) shows credentials.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
-import re
-import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
-from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import zarr
-from zarr.abc.store import Store
-from zarr.errors import MetadataValidationError, NodeNotFoundError, UnknownCodecError
-from zarr.storage import FsspecStore, LocalStore
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .diskcache import DiskCacheStore
 from .errors import SourceError
-
-__all__ = ["describe_error", "open_node", "redact", "redact_text"]
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)://")
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://[^\s'\"<>()]+")
-_USERINFO = re.compile(r"(://)[^/@]*@")
-
-# Query parameters that carry secrets: presigned S3/GCS URLs, Azure SAS, API tokens.
-_SECRET_PARAMS = frozenset(
-    {"sig", "key", "apikey", "api_key", "awsaccesskeyid", "policy", "key-pair-id"}
+from .redaction import (
+    _SCHEME,
+    describe_error,
+    redact,
+    redact_text,
+    remember_secrets,
+    split_userinfo,
 )
-_SECRET_PARAM_PREFIXES = ("x-amz-", "x-goog-")
-_SECRET_PARAM_PARTS = ("token", "secret", "signature", "password", "credential")
+from .retry import RetryPolicy, call_with_retries
+
+__all__ = [
+    "RemoteStore",
+    "describe_error",
+    "open_node",
+    "redact",
+    "redact_text",
+    "with_retries",
+]
+
+T = TypeVar("T")
 
 # s3fs options that already say how to authenticate: then we leave credentials alone.
 _S3_AUTH_OPTIONS = frozenset({"anon", "key", "secret", "token", "profile", "session"})
-
-_MAX_DETAIL = 300
-
-# obstore's exception types for refused credentials (stores it backs raise them as is)
-_OBSTORE_DENIED = frozenset({"PermissionDeniedError", "UnauthenticatedError"})
 
 #: Connections s3fs may keep to S3 (above any pool's in-flight window).
 S3_CONNECTIONS = 128
@@ -58,6 +65,7 @@ def open_node(
     storage_options: dict[str, Any] | None = None,
     disk_cache: str | os.PathLike[str] | None = None,
     disk_cache_bytes: int = 2 << 30,
+    retry: RetryPolicy | None = None,
 ) -> tuple[zarr.Group | zarr.Array, str]:
     """Open ``source`` read-only and return ``(node, display name)``.
 
@@ -65,9 +73,12 @@ def open_node(
     ``os.PathLike``), or a ``file://``, ``http(s)://``, ``s3://`` (or other fsspec) URL.
     Zarr v2 and v3 are both detected by zarr. ``storage_options`` go to fsspec for URLs
     (unused for local paths). For ``s3://`` without any authentication option and
-    without AWS credentials in the environment or config, access is anonymous.
+    without AWS credentials in the environment or config, access is anonymous;
+    ``s3://KEY:SECRET@bucket/...`` authenticates with that key and secret.
 
-    With ``disk_cache`` (a directory), everything read from a remote store is also kept
+    A URL's store is a :class:`RemoteStore`: every read (the metadata read here, and
+    later every chunk read) follows ``retry`` (default :class:`RetryPolicy()`). With
+    ``disk_cache`` (a directory), everything read from a remote store is also kept
     there, within ``disk_cache_bytes`` (see :mod:`chunkpool.diskcache`).
 
     The display name is the source with credentials removed (see :func:`redact`); use
@@ -76,22 +87,116 @@ def open_node(
     if isinstance(source, zarr.Group | zarr.Array):
         return source, _node_name(source)
     location = os.fspath(source)
+    remember_secrets(location, storage_options)
     name = redact(location)
     try:
         store = _make_store(location, storage_options)
-        if disk_cache is not None and not isinstance(store, LocalStore):
-            store = DiskCacheStore(store, disk_cache, disk_cache_bytes, location=name)
+        if not isinstance(store, LocalStore):
+            store = RemoteStore(store, name, retry)
+            if disk_cache is not None:
+                store = DiskCacheStore(store, disk_cache, disk_cache_bytes, location=name)
         node = zarr.open(store, mode="r")
     except Exception as err:
-        raise SourceError(f"{name}: {describe_error(err)}") from err
-    return node, name
+        failure = describe_error(err)
+    else:
+        return node, name
+    # raised outside the handler: the library's exception is neither cause nor context
+    raise SourceError(f"{name}: {failure}")
+
+
+class RemoteStore(WrapperStore[Store]):
+    """A remote store as chunkpool reads it: every read retried, and a redacted name.
+
+    Each read (``get``, ``get_partial_values``, ``exists``, ``getsize``, listings) is one
+    :func:`~chunkpool.retry.call_with_retries` call under ``retry``, so opening and
+    loading share one timeout-and-retry mechanism; a read that gives up raises a
+    :class:`~chunkpool.errors.ChunkReadError` naming ``name`` and the key. ``str`` and
+    ``repr`` show ``name`` only (the wrapped fsspec store's would show the URL as given,
+    credentials included), and so do those of zarr arrays and groups on top of it.
+    """
+
+    def __init__(self, store: Store, name: str, retry: RetryPolicy | None = None):
+        super().__init__(store)
+        self.name = name
+        self.retry = retry or RetryPolicy()
+
+    def _with_store(self, store: Store) -> RemoteStore:
+        return type(self)(store, self.name, self.retry)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.name!r})"
+
+    def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        return call_with_retries(call, self.retry, f"{self.name}/{what}")
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return await self._retrying(key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return list(
+            await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges))
+        )
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncIterator[tuple[str, Buffer | None]]:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key: str) -> bool:
+        return await self._retrying(key, lambda: self._store.exists(key))
+
+    async def is_empty(self, prefix: str) -> bool:
+        return await self._retrying(prefix, lambda: self._store.is_empty(prefix))
+
+    async def getsize(self, key: str) -> int:
+        return await self._retrying(key, lambda: self._store.getsize(key))
+
+    async def list(self) -> AsyncIterator[str]:
+        for item in await self._retrying("", lambda: _collect(self._store.list())):
+            yield item
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for item in await self._retrying(prefix, lambda: _collect(self._store.list_prefix(prefix))):
+            yield item
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        for item in await self._retrying(prefix, lambda: _collect(self._store.list_dir(prefix))):
+            yield item
+
+
+def with_retries(store: Store, name: str, retry: RetryPolicy | None = None) -> Store:
+    """``store`` itself if a :class:`RemoteStore` is in it (under any wrappers, e.g. the
+    disk cache), else ``store`` wrapped in one: so that a read is retried by exactly one
+    layer, whoever opened the store."""
+    inner: Store = store
+    while isinstance(inner, WrapperStore):
+        if isinstance(inner, RemoteStore):
+            return store
+        inner = inner._store
+    return RemoteStore(store, name, retry)
+
+
+async def _collect(items: AsyncIterator[str]) -> list[str]:
+    return [item async for item in items]
 
 
 def _node_name(node: zarr.Group | zarr.Array) -> str:
     """A display name for an already open zarr node: its store location plus its path."""
     store = node.store
+    while isinstance(store, WrapperStore) and not isinstance(store, RemoteStore):
+        store = store._store
     if isinstance(store, LocalStore):
         base = str(store.root)
+    elif isinstance(store, RemoteStore):
+        base = store.name
     elif isinstance(store, FsspecStore):
         base = store.fs.unstrip_protocol(store.path)
     else:  # e.g. ObjectStore: object_store://HTTPStore("https://user:pw@host/x")
@@ -99,58 +204,18 @@ def _node_name(node: zarr.Group | zarr.Array) -> str:
     return redact(f"{base.rstrip('/')}/{node.path}" if node.path else base)
 
 
-def redact_text(text: str) -> str:
-    """``text`` with every URL in it passed through :func:`redact`."""
-    return _URL_IN_TEXT.sub(lambda m: redact(m.group()), text)
-
-
-def redact(url: str) -> str:
-    """``url`` without credentials: no ``user:password@`` and no secret query parameters.
-
-    Secret parameters are those of signed or token-authenticated URLs (``X-Amz-*``,
-    ``X-Goog-*``, ``sig``, ``token``, ``key``, ``signature``, ...); other parameters are
-    kept. Strings that are not URLs (local paths) are returned unchanged.
-    """
-    if not _SCHEME.match(url):
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # malformed (e.g. a bad IPv6 host): drop everything risky
-        return _USERINFO.sub(r"\1", url.split("?", 1)[0].split("#", 1)[0])
-    return urlunsplit(_redacted_parts(parts))
-
-
-def describe_error(err: BaseException) -> str:
-    """What ``err`` means for a source, as a short phrase for a one-line message.
-
-    Any URL quoted in the error's text is passed through :func:`redact`.
-    """
-    if isinstance(err, NodeNotFoundError):
-        return "not a Zarr store (no zarr.json, .zgroup or .zarray)"
-    if isinstance(err, FileNotFoundError):
-        return "no such file or directory"
-    if isinstance(err, PermissionError) or type(err).__name__ in _OBSTORE_DENIED:
-        return "permission denied"
-    http = _describe_aiohttp_error(err)
-    if http is not None:
-        return http
-    if isinstance(err, TimeoutError):
-        return "timed out"
-    if isinstance(err, json.JSONDecodeError | MetadataValidationError | UnknownCodecError):
-        return f"invalid Zarr metadata ({_detail(err)})"
-    return f"cannot read ({_detail(err)})"
-
-
 def _make_store(location: str, storage_options: dict[str, Any] | None) -> Store:
     """A read-only zarr store for a local path or URL (nothing is read yet)."""
     match = _SCHEME.match(location)
     if match is None:
         return LocalStore(Path(location).expanduser(), read_only=True)
+    location = location.lstrip()  # " https://..." is a URL, not a relative path
     scheme = match.group(1).lower()
     if scheme == "file":
         return LocalStore(_file_url_path(location), read_only=True)
     options = dict(storage_options or {})
     if scheme in ("s3", "s3a"):
+        location, options = _s3_userinfo(location, options)
         options = _s3_options(options)
     return FsspecStore.from_url(location, storage_options=options, read_only=True)
 
@@ -161,6 +226,17 @@ def _file_url_path(url: str) -> Path:
     if parts.netloc not in ("", "localhost"):
         raise ValueError(f"file:// URL names a remote host {parts.netloc!r}")
     return Path(url2pathname(parts.path))
+
+
+def _s3_userinfo(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``s3://KEY:SECRET@bucket/x`` as ``s3://bucket/x`` with ``key``/``secret`` options
+    (s3fs would take ``KEY:SECRET@bucket`` for the bucket's name, and quote it in its
+    errors). Explicit options win over the URL's."""
+    userinfo, url = split_userinfo(url)
+    key, _, secret = userinfo.partition(":")
+    if not secret:
+        return url, options
+    return url, {"key": unquote(key), "secret": unquote(secret), **options}
 
 
 def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -186,47 +262,3 @@ def _aws_credentials_available() -> bool:
     import botocore.session  # only needed for s3://, and slow to import
 
     return botocore.session.Session().get_credentials() is not None
-
-
-def _redacted_parts(parts: SplitResult) -> SplitResult:
-    netloc = parts.netloc.rpartition("@")[2]
-    query = "&".join(
-        param
-        for param in parts.query.split("&")
-        if param and not _is_secret_param(param.partition("=")[0])
-    )
-    return parts._replace(netloc=netloc, query=query)
-
-
-def _is_secret_param(name: str) -> bool:
-    name = unquote_plus(name).lower()
-    return (
-        name in _SECRET_PARAMS
-        or name.startswith(_SECRET_PARAM_PREFIXES)
-        or any(part in name for part in _SECRET_PARAM_PARTS)
-    )
-
-
-def _describe_aiohttp_error(err: BaseException) -> str | None:
-    """The phrase for an HTTP status or connection error of aiohttp (fsspec's HTTP
-    client), None for other errors. aiohttp is not imported just for this: if it is not
-    loaded, no HTTP store raised ``err``."""
-    aiohttp = sys.modules.get("aiohttp")
-    if aiohttp is None:
-        return None
-    if isinstance(err, aiohttp.ClientResponseError):
-        reason = f" {err.message}" if err.message else ""  # str(err) would show the URL
-        if err.status in (401, 403):
-            return f"permission denied (HTTP {err.status}{reason})"
-        return f"HTTP error {err.status}{reason}"
-    if isinstance(err, aiohttp.ClientConnectionError):
-        return f"connection failed ({_detail(err)})"
-    return None
-
-
-def _detail(err: BaseException) -> str:
-    """``"Type: text"`` of an exception, on one line, redacted and not too long."""
-    text = redact_text(" ".join(str(err).split()))
-    if len(text) > _MAX_DETAIL:
-        text = text[: _MAX_DETAIL - 1] + "…"
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -4,19 +4,27 @@
     zarrscope SOURCE --screenshot out.png --size W H --region X0 Y0 X1 Y1 [...]
 
 Bad input (missing or invalid source, bad option values) prints one line on stderr
-and exits with status 2.
+and exits with status 2. In screenshot mode, ``--timeout`` bounds the whole command
+(opening, loading, drawing): when it expires, one line on stderr and status 1.
+
+Log records (WARNING and up, or ``--log-level``) go to stderr through
+:class:`~chunkpool.redaction.RedactingFilter`, third-party ones included, so that no
+credential of the source is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
-from chunkpool import ChunkPoolError
+from chunkpool import ChunkPoolError, RetryPolicy
 from chunkpool.diskcache import default_cache_dir
+from chunkpool.redaction import RedactingFilter
 from chunkpool.stores import redact
 
 __all__ = ["main"]
@@ -54,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="size bound of the disk cache (default 2048)",
     )
+    p.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default="WARNING",
+        help="log records shown on stderr, credentials removed (default WARNING)",
+    )
     shot = p.add_argument_group("screenshot mode (offscreen, then exit)")
     shot.add_argument("--screenshot", metavar="OUT.png", help="write a PNG and exit")
     shot.add_argument(
@@ -75,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=120.0,
-        help="seconds to wait for the view to load (default 120)",
+        help="seconds the whole command may take: opening, loading, drawing (default 120)",
     )
     return p
 
@@ -91,9 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--region needs X1 > X0 and Y1 > Y0")
     if args.clim is not None and not args.clim[1] > args.clim[0]:
         parser.error("--clim needs HI > LO")
+    if not args.timeout > 0:
+        parser.error("--timeout must be positive")
+    handler = _log_to_stderr(args.log_level)
     try:
         if args.screenshot:
-            return _screenshot(args)
+            return _screenshot(args, handler)
         return _interactive(args)
     except (ChunkPoolError, ValueError, OSError) as err:
         print(f"zarrscope: error: {err}", file=sys.stderr)
@@ -123,23 +140,98 @@ def _options(args: argparse.Namespace) -> dict:
     }
 
 
-def _screenshot(args: argparse.Namespace) -> int:
+def _log_to_stderr(level: str) -> logging.Handler:
+    """Show log records of ``level`` and up (and warnings) on stderr, redacted; the
+    handler doing it."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.addFilter(RedactingFilter())
+        handler.setFormatter(logging.Formatter("zarrscope: %(levelname)s [%(name)s] %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    return handler
+
+
+class _StderrHandler(logging.StreamHandler):
+    """The command's own log handler (on stderr, with a RedactingFilter)."""
+
+
+#: Seconds past --timeout that the watchdog lets the command wind down before it ends
+#: the process (a synchronous read that never returns cannot be interrupted).
+WATCHDOG_GRACE = 2.0
+
+
+def _screenshot(args: argparse.Namespace, log: logging.Handler) -> int:
+    """Open, load and draw within ``--timeout`` seconds, all together.
+
+    Every remote read follows a retry policy whose deadline is the end of the command,
+    so opening a server that never answers and loading from one give up in time; what
+    opening leaves of the time is what loading gets. Reads nothing can interrupt (a
+    local file that never answers) are covered by a watchdog, which ends the process
+    shortly after the deadline with the same one line. Once the deadline has passed,
+    the chunk loads the command gives up on are not logged one by one (on ``log``):
+    the one line says it all.
+    """
+    deadline = time.monotonic() + args.timeout
+    abandoned = _PoolRecordsAfter(deadline)
+    log.addFilter(abandoned)
+    expired = (
+        f"zarrscope: error: {redact(args.source or 'the sample')} did not load within "
+        f"{args.timeout:g} s"
+    )
+    watchdog = _Watchdog(deadline + max(WATCHDOG_GRACE, args.timeout / 2), expired)
+    try:
+        return _screenshot_within(args, deadline, expired, watchdog)
+    finally:
+        watchdog.cancel()
+        log.removeFilter(abandoned)
+
+
+class _PoolRecordsAfter(logging.Filter):
+    """Drops chunkpool's records once ``deadline`` (:func:`time.monotonic`) has passed."""
+
+    def __init__(self, deadline: float):
+        super().__init__()
+        self._deadline = deadline
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] != "chunkpool" or time.monotonic() < self._deadline
+
+
+def _screenshot_within(
+    args: argparse.Namespace, deadline: float, expired: str, watchdog: _Watchdog
+) -> int:
     from PIL import Image
 
     from .app import Viewer
 
     size = tuple(args.size) if args.size else (1024, 1024)
-    with Viewer(_source(args), None, size=size, show_hud=False, **_options(args)) as viewer:
+    retry = RetryPolicy(timeout=min(RetryPolicy.timeout, args.timeout), deadline=deadline)
+    try:
+        viewer = Viewer(
+            _source(args),
+            None,
+            size=size,
+            show_hud=False,
+            pool_options={"retry": retry},
+            **_options(args),
+        )
+    except ChunkPoolError as err:
+        if time.monotonic() < deadline:
+            raise
+        watchdog.report(f"{expired} ({' '.join(str(err).split())})")
+        return 1
+    with viewer:
         if args.region is not None:
             viewer.show_region(*args.region)
         else:
             viewer.fit()
         started = time.perf_counter()
-        if not viewer.wait_settled(args.timeout):
-            print(
-                f"zarrscope: error: the view did not load within {args.timeout:g} s",
-                file=sys.stderr,
-            )
+        if not viewer.wait_settled(max(0.0, deadline - time.monotonic())):
+            watchdog.report(expired)
             return 1
         settled_in = time.perf_counter() - started
         overflow = viewer.layer.status().overflow
@@ -161,6 +253,38 @@ def _screenshot(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+class _Watchdog:
+    """Ends the process with status 1 at ``at`` (a :func:`time.monotonic` time) unless
+    cancelled first, printing ``message`` unless a line was already reported."""
+
+    def __init__(self, at: float, message: str):
+        self._message = message
+        self._lock = threading.Lock()
+        self._reported = False
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(at,), name="zarrscope-watchdog", daemon=True
+        )
+        self._thread.start()
+
+    def report(self, line: str) -> None:
+        """Print the command's one error line (once)."""
+        with self._lock:
+            if not self._reported:
+                self._reported = True
+                print(line, file=sys.stderr, flush=True)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._thread.join()
+
+    def _run(self, at: float) -> None:
+        if self._cancelled.wait(max(0.0, at - time.monotonic())):
+            return
+        self.report(f"{self._message} (a read never returned)")
+        os._exit(1)
 
 
 def _interactive(args: argparse.Namespace) -> int:
