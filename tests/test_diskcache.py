@@ -9,9 +9,11 @@ read that reaches it: "exactly one refetch" is counted, not guessed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import sqlite3
 import tempfile
@@ -70,7 +72,11 @@ def expected(data: bytes, byte_range: ByteRequest | None) -> bytes:
 def open_cache(remote: Path, cache: Path, budget: int = 1 << 20, **kwargs) -> DiskCacheStore:
     """A disk cache over the fake remote; ``store._store.rec.started`` lists remote reads."""
     return DiskCacheStore(
-        AsyncGatedStore(LocalStore(remote, read_only=True)), cache, budget, location=LOCATION, **kwargs
+        AsyncGatedStore(LocalStore(remote, read_only=True)),
+        cache,
+        budget,
+        location=LOCATION,
+        **kwargs,
     )
 
 
@@ -94,7 +100,9 @@ def entry_files(cache: Path) -> set[Path]:
     for path in cache.rglob("*"):
         if is_index_file(path):
             continue
-        if path.is_file() or (path.is_dir() and path.parent != cache and path.parent.parent != cache):
+        if path.is_file() or (
+            path.is_dir() and path.parent != cache and path.parent.parent != cache
+        ):
             found.add(path)
     return found
 
@@ -104,27 +112,27 @@ def bytes_on_disk(cache: Path) -> int:
     for dirpath, _dirs, files in os.walk(cache):
         for name in files:
             if not name.startswith(INDEX_NAME):
-                try:
+                with contextlib.suppress(FileNotFoundError):  # evicted while we walked
                     total += os.stat(os.path.join(dirpath, name)).st_size
-                except FileNotFoundError:
-                    pass  # evicted while we walked
     return total
 
 
 # --- many processes and threads -------------------------------------------------------
 
 
+ROUNDS, BATCHES, BATCH = 8, 8, 8  # per worker: reopen the cache 8 times, 512 reads
+
+
 def _hammer(remote: str, cache: str, budget: int, seed: int, go, results) -> None:
-    """One viewer process: reopen the cache every few rounds (as a new viewer would) and
-    read random keys and ranges, 8 at a time; report reads, failures and remote reads."""
+    """One viewer process: reopen the cache every round (as a new viewer would) and read
+    random keys and ranges, 8 at a time (so in several threads); report (reads, remote
+    reads, failures). Every outcome is reported, whatever happens."""
     logging.disable(logging.WARNING)  # expected noise (e.g. skipped writes) stays quiet
     objects = {key: (Path(remote) / key).read_bytes() for key in make_keys()}
+    keys = [*objects, "c/9/missing"]  # and one the remote does not have
     rng = random.Random(seed)
     failures: list[str] = []
     reads = fetched = 0
-    if not go.wait(60):
-        results.put((seed, 0, 0, ["never told to start"]))
-        return
 
     async def one(store: DiskCacheStore, key: str, byte_range: ByteRequest | None) -> None:
         nonlocal reads
@@ -135,47 +143,45 @@ def _hammer(remote: str, cache: str, budget: int, seed: int, go, results) -> Non
             return
         reads += 1
         want = expected(objects[key], byte_range) if key in objects else None
-        got = None if buf is None else buf.to_bytes()
-        if got != want:
+        if (None if buf is None else buf.to_bytes()) != want:
             failures.append(f"{key} {byte_range}: wrong bytes")
 
     async def main() -> None:
         nonlocal fetched
-        for _round in range(12):
+        for _round in range(ROUNDS):
             try:
                 store = open_cache(Path(remote), Path(cache), budget)
             except Exception as err:
                 failures.append(f"open: {type(err).__name__}: {err}")
                 continue
-            for _batch in range(10):
-                picks = [
-                    (rng.choice(list(objects) + ["c/9/missing"]), rng.choice(RANGES))
-                    for _ in range(8)
-                ]
+            for _batch in range(BATCHES):
+                picks = [(rng.choice(keys), rng.choice(RANGES)) for _ in range(BATCH)]
                 await asyncio.gather(*(one(store, key, rng_) for key, rng_ in picks))
             fetched += len(store._store.rec.started)
             store.close()
 
-    asyncio.run(main())
-    results.put((seed, reads, fetched, failures))
+    try:
+        if not go.wait(60):
+            raise TimeoutError("never told to start")
+        asyncio.run(main())
+    except BaseException as err:
+        failures.append(f"worker: {type(err).__name__}: {err}")
+    finally:
+        results.put((reads, fetched, failures))
 
 
 def make_keys(n: int = 24) -> list[str]:
     return [f"c/0/{i}" for i in range(n)]
 
 
-def _locked_bytes_on_disk(cache: Path) -> int:
+def _locked_bytes_on_disk(db: sqlite3.Connection, cache: Path) -> int:
     """The bytes of the entries, counted while holding the index's write lock: every change
     to the files happens under that lock, so this is one consistent instant."""
-    db = sqlite3.connect(cache / INDEX_NAME, timeout=30, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            return bytes_on_disk(cache)
-        finally:
-            db.execute("ROLLBACK")
+        return bytes_on_disk(cache)
     finally:
-        db.close()
+        db.execute("ROLLBACK")
 
 
 def test_two_processes_share_one_cache_within_its_budget(tmp_path):
@@ -196,28 +202,33 @@ def test_two_processes_share_one_cache_within_its_budget(tmp_path):
         proc.start()
     open_cache(remote, cache, budget).close()  # the index exists before the first sample
     go.set()
-    samples = []
+    samples, outcomes = [], []
+    db = sqlite3.connect(cache / INDEX_NAME, timeout=30, isolation_level=None)
     try:
         deadline = time.monotonic() + 240
-        while any(proc.is_alive() for proc in procs) and time.monotonic() < deadline:
-            samples.append(_locked_bytes_on_disk(cache))
-            procs[0].join(0.01)  # pace the sampling on the workers' own exit
-        outcomes = [results.get(timeout=60) for _ in procs]
+        while len(outcomes) < len(procs):
+            assert time.monotonic() < deadline, "the workers did not report"
+            assert any(p.is_alive() for p in procs) or not results.empty(), "a worker died"
+            samples.append(_locked_bytes_on_disk(db, cache))
+            with contextlib.suppress(queue.Empty):  # paced by the workers' own reports
+                outcomes.append(results.get(timeout=0.05))
     finally:
+        db.close()
         for proc in procs:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-    failures = [f for _seed, _reads, _fetched, fails in outcomes for f in fails]
+    failures = [f for _reads, _fetched, fails in outcomes for f in fails]
     assert failures == [], failures[:10]
-    assert sum(reads for _s, reads, _f, _x in outcomes) == 2 * 12 * 10 * 8
-    assert sum(fetched for _s, _r, fetched, _x in outcomes) > 0
+    assert [reads for reads, _f, _x in outcomes] == [ROUNDS * BATCHES * BATCH] * 2
+    assert all(fetched > 0 for _r, fetched, _x in outcomes)
     assert len(samples) >= 3, "the workers finished before the disk could be sampled"
     assert max(samples) <= budget + ENTRY
-    store = open_cache(remote, cache, budget)
+    store = open_cache(remote, cache, budget)  # nothing for its sweep to repair
     try:
-        assert bytes_on_disk(cache) <= budget
-        assert store.stats.bytes == bytes_on_disk(cache)  # the index is the truth
+        stats = store.stats
+        assert (stats.temp_files_removed, stats.strays_removed, stats.healed) == (0, 0, 0)
+        assert stats.bytes == bytes_on_disk(cache) <= budget  # the index is the truth
     finally:
         store.close()
 
