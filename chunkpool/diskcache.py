@@ -18,9 +18,10 @@ healing, sweeping) happens inside an SQLite write transaction, so no one sees an
 half-done work, and the byte budget is shared: whoever inserts first evicts the least
 recently used entries of *any* dataset in ``DIR`` until the new entry fits in its own
 ``max_bytes`` (an entry larger than that is not kept). A writer waits at most
-``_BUSY_TIMEOUT`` seconds for another's transaction, then skips keeping that read. Reads
-take no lock: a file that vanishes or changes under a reader is a miss. Last use is
-recorded at most ``_TOUCH_INTERVAL`` seconds late, which costs eviction order nothing.
+``_BUSY_TIMEOUT`` seconds for the other threads of its process (they queue on a lock), and
+as long for other processes (SQLite's busy timeout), then skips keeping that read. Reads
+take no lock: a file that vanishes or changes under a reader is a miss. A hit records its
+time only when the recorded one is over ``_TOUCH_INTERVAL`` seconds old.
 
 **Healing.** A hit is checked against the size and checksum in the index (CRC-32: 51 µs
 per 128 KiB here, against 241 µs for an 8-byte BLAKE2b): a short, long, garbage,
@@ -38,7 +39,8 @@ failures is a miss or a skipped write.
 is a digest of ``location`` (the source without credentials) and of ``identity``:
 everything credential-bearing the caller knows, e.g. the URL as given with its user info
 and secret query parameters, the storage options, and for s3 the access key id that
-botocore resolves from the environment (see ``chunkpool.stores``). So two identities never
+botocore resolves from the environment (see ``chunkpool.stores``; credentials that other
+libraries find by themselves, e.g. for ``gs://``, are not seen). So two identities never
 share entries, even for one URL, and one identity shares them across sessions. The
 identity is stretched with PBKDF2 before it enters the digest, and is kept nowhere: no
 secret is written to the disk, to a file name, a log line or a repr.
@@ -59,6 +61,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,7 +79,7 @@ log = logging.getLogger(__name__)
 #: The index's file name in the cache directory (SQLite adds ``-wal`` and ``-shm``).
 INDEX_NAME = "index.sqlite3"
 
-_BUSY_TIMEOUT = 10.0  # s: how long a writer waits for another process's write transaction
+_BUSY_TIMEOUT = 10.0  # s: how long a writer waits for other threads, then other processes
 _TOUCH_INTERVAL = 1.0  # s: a hit records its time only if the recorded one is older
 _TEMP_PREFIX = ".tmp"
 _IDENTITY_ROUNDS = 100_000  # PBKDF2 rounds: 40 ms here, once per open with an identity
@@ -145,6 +148,10 @@ def _is_corrupt(err: BaseException) -> bool:
     return isinstance(err, _CorruptIndex) or (code is not None and code & 0xFF in _CORRUPT_CODES)
 
 
+class _Connection(sqlite3.Connection):
+    """A connection that can be weakly referenced (one of a thread that ended closes)."""
+
+
 class _Index:
     """The SQLite index of one cache directory: one connection per thread (reconnected
     after :meth:`close`), and every change to the directory's files made inside a write
@@ -156,7 +163,7 @@ class _Index:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._generation = 0
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._file_id: tuple[int, int] | None = None
         with _WRITERS_LOCK:
             self._writer = _WRITERS.setdefault(os.path.abspath(root), threading.Lock())
@@ -165,18 +172,22 @@ class _Index:
         local = self._local
         if getattr(local, "generation", None) != self._generation:
             db = sqlite3.connect(
-                self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=_BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=_Connection,
             )
             db.execute("PRAGMA synchronous = NORMAL")  # WAL: durable enough for a cache
             with self._lock:
-                self._connections.append(db)
+                self._connections.add(db)
                 local.db, local.generation = db, self._generation
         return local.db
 
     def close(self) -> None:
         with self._lock:
             self._generation += 1
-            connections, self._connections = self._connections, []
+            connections, self._connections = list(self._connections), weakref.WeakSet()
         for db in connections:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
@@ -216,11 +227,13 @@ class _Index:
     def rebuild(self) -> None:
         """Replace a corrupt index by an empty one, deleting the entries it indexed."""
         self.close()
-        with contextlib.suppress(OSError):
+        try:
             info = os.stat(self.path)
-            if self._file_id is not None and (info.st_dev, info.st_ino) != self._file_id:
-                self.setup()  # another process rebuilt it already
-                return
+        except FileNotFoundError:
+            info = None
+        if info and self._file_id and (info.st_dev, info.st_ino) != self._file_id:
+            self.setup()  # another process rebuilt it already
+            return
         for suffix in ("-wal", "-shm", "-journal", ""):
             (self.root / (INDEX_NAME + suffix)).unlink(missing_ok=True)
         for item in _scandir(self.root):

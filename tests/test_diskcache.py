@@ -233,6 +233,23 @@ def test_two_processes_share_one_cache_within_its_budget(tmp_path):
         store.close()
 
 
+def test_datasets_in_one_directory_share_its_budget(tmp_path):
+    remote, cache = tmp_path / "remote", tmp_path / "cache"
+    objects = make_remote(remote, n=10)
+    budget = 6 * ENTRY
+    stores = [
+        DiskCacheStore(LocalStore(remote), cache, budget, location=f"https://host/{name}.zarr")
+        for name in ("a", "b")
+    ]
+    for store in stores:
+        for key, data in objects.items():
+            assert get(store, key) == data
+            assert bytes_on_disk(cache) <= budget
+    assert {store.stats.bytes for store in stores} == {budget}
+    for store in stores:
+        store.close()
+
+
 # --- corrupt entries ------------------------------------------------------------------
 
 
@@ -248,6 +265,9 @@ def corrupt(entry: Path, kind: str) -> None:
         entry.unlink()
         entry.mkdir()
         (entry / "something").write_bytes(b"x")
+    elif kind == "fifo":  # reading it would block forever
+        entry.unlink()
+        os.mkfifo(entry)
     elif kind == "absent-marker":  # a cached 404 that contradicts the data entry
         entry.unlink()
         entry.with_name(entry.name + ".absent").write_bytes(b"")
@@ -256,7 +276,7 @@ def corrupt(entry: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["truncated", "garbage", "zero-length", "directory", "absent-marker"]
+    "kind", ["truncated", "garbage", "zero-length", "directory", "fifo", "absent-marker"]
 )
 def test_a_corrupt_entry_is_refetched_once_then_served_again(tmp_path, kind):
     remote, cache = tmp_path / "remote", tmp_path / "cache"
