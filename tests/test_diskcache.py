@@ -9,6 +9,7 @@ read that reaches it: "exactly one refetch" is counted, not guessed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -17,6 +18,7 @@ import queue
 import random
 import sqlite3
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,8 +83,19 @@ def open_cache(remote: Path, cache: Path, budget: int = 1 << 20, **kwargs) -> Di
 
 
 def get(store: DiskCacheStore, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
-    buf = asyncio.run(store.get(key, default_buffer_prototype(), byte_range))
-    return None if buf is None else buf.to_bytes()
+    """``store.get`` on a loop of its own, in a daemon thread: a read that hangs fails the
+    test (after a minute) instead of hanging it."""
+    done: concurrent.futures.Future[bytes | None] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            buf = asyncio.run(store.get(key, default_buffer_prototype(), byte_range))
+            done.set_result(None if buf is None else buf.to_bytes())
+        except BaseException as err:
+            done.set_exception(err)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.result(timeout=60)
 
 
 def remote_reads(store: DiskCacheStore, key: str) -> int:
