@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import s3fs
 import zarr
 from conftest import make_array, ramp
 from support.httpserver import ZarrHTTPServer
@@ -495,6 +496,9 @@ def test_s3_identities_from_the_environment_do_not_share_entries(tmp_path, monke
             monkeypatch.setenv(name, value)
 
         def datasets_after_reading_as(key_id: str) -> set[str]:
+            """Read as a new viewer process would: s3fs's cached clients (keyed on the
+            arguments, not on the environment) would carry the last identity's keys."""
+            s3fs.S3FileSystem.clear_instance_cache()
             monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
             monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"secret-of-{key_id}")
             node, _ = open_node("s3://cache-ids/img.zarr", disk_cache=cache)
@@ -502,10 +506,13 @@ def test_s3_identities_from_the_environment_do_not_share_entries(tmp_path, monke
             np.testing.assert_array_equal(node[16:, :16], data[16:, :16])
             return {p.name for p in cache.iterdir() if p.is_dir()}
 
-        first = datasets_after_reading_as("AKIDFIRSTEXAMPLE")
-        assert datasets_after_reading_as("AKIDFIRSTEXAMPLE") == first
-        second = datasets_after_reading_as("AKIDSECONDEXAMPLE")
-        assert len(first) == 1 and len(second) == 2 and first < second
+        try:
+            first = datasets_after_reading_as("AKIDFIRSTEXAMPLE")
+            assert datasets_after_reading_as("AKIDFIRSTEXAMPLE") == first
+            second = datasets_after_reading_as("AKIDSECONDEXAMPLE")
+            assert len(first) == 1 and len(second) == 2 and first < second
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()  # no client of this server outlives it
     for path in cache.rglob("*"):
         assert "AKID" not in path.name and "secret-of" not in path.name
         if path.is_file():
