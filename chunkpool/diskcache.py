@@ -514,6 +514,7 @@ class DiskCacheStore(WrapperStore):
 
     @property
     def stats(self) -> DiskCacheStats:
+        """What this store did since it was opened, and the directory's bytes now."""
         c = self._counts
         total = self._cached(_Index.total)
         with c.lock:
