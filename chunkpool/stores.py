@@ -92,9 +92,13 @@ def open_node(
     try:
         store = _make_store(location, storage_options)
         if not isinstance(store, LocalStore):
-            store = RemoteStore(store, name, retry)
+            remote = store
+            store = RemoteStore(remote, name, retry)
             if disk_cache is not None:
-                store = DiskCacheStore(store, disk_cache, disk_cache_bytes, location=name)
+                identity = _disk_cache_identity(location, name, storage_options, remote)
+                store = DiskCacheStore(
+                    store, disk_cache, disk_cache_bytes, location=name, identity=identity
+                )
         node = zarr.open(store, mode="r")
     except Exception as err:
         failure = describe_error(err)
@@ -186,6 +190,31 @@ def with_retries(store: Store, name: str, retry: RetryPolicy | None = None) -> S
 
 async def _collect(items: AsyncIterator[str]) -> list[str]:
     return [item async for item in items]
+
+
+def _disk_cache_identity(
+    location: str, name: str, storage_options: dict[str, Any] | None, store: Store
+) -> str:
+    """Who reads ``location``, for the disk cache to keep identities apart: the URL as
+    given (user info, secret query parameters), the storage options, and for s3 without
+    authentication options the access key id (and endpoint) botocore finds in the
+    environment. Empty when there is none of these. Only a digest of it is kept."""
+    parts: dict[str, Any] = {}
+    if location != name:
+        parts["url"] = location
+    if storage_options:
+        parts["options"] = storage_options
+    fs = getattr(store, "fs", None)
+    if "s3" in getattr(fs, "protocol", ()):
+        for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if os.environ.get(variable):
+                parts[variable] = os.environ[variable]
+        if not fs.anon and not _S3_AUTH_OPTIONS & (storage_options or {}).keys():
+            import botocore.session  # only needed for s3://, and slow to import
+
+            credentials = botocore.session.Session().get_credentials()
+            parts["aws_access_key_id"] = credentials and credentials.access_key
+    return json.dumps(parts, sort_keys=True, default=repr) if parts else ""
 
 
 def _node_name(node: zarr.Group | zarr.Array) -> str:

@@ -19,6 +19,7 @@ from chunkpool import (
     RetryPolicy,
     SourceError,
 )
+from chunkpool.diskcache import INDEX_NAME
 from chunkpool.retry import is_transient
 
 FAST_RETRY = RetryPolicy(attempts=3, timeout=1.0, base_delay=0.05, max_delay=0.2)
@@ -213,7 +214,8 @@ def test_disk_cache_stays_within_its_byte_budget(tmp_path):
             pool.wait_for_chunks_to_load()
         finally:
             pool.destroy()
-    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    entries = (p for p in (tmp_path / "cache").rglob("*") if not p.name.startswith(INDEX_NAME))
+    files = [p for p in entries if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= budget
     assert 15 <= len(files) <= 22
 
