@@ -17,6 +17,7 @@ that nothing built on it (zarr arrays and groups, the disk cache) shows credenti
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
