@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -64,6 +65,12 @@ SHARD_INDEX_CACHE_SIZE = 4096
 
 #: Local reads smaller than this are plain ``pread`` calls, not recycled buffers.
 SMALL_READ = 1 << 16
+
+#: What :meth:`_ShardIndexCache.cached` returns for a shard that does not exist.
+_MISSING = object()
+
+#: An empty inner chunk's offset and length in a shard index.
+_EMPTY = 2**64 - 1
 
 #: numcodecs compressors whose ``decode(buf, out=...)`` writes into ``out``.
 _DECODES_INTO = (numcodecs.Zstd, numcodecs.Blosc, numcodecs.LZ4, numcodecs.Zlib, numcodecs.GZip)
@@ -293,6 +300,17 @@ class _ShardIndexCache:
                 self._entries.popitem(last=False)
             return fut, True
 
+    def cached(self, shard: tuple[int, ...]) -> Any:
+        """A shard's index if it was read already (``_MISSING`` if the shard does not
+        exist), else None (not read, being read, or failed)."""
+        with self._lock:
+            fut = self._entries.get(shard)
+            if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+                return None
+            self._entries.move_to_end(shard)
+        index = fut.result()
+        return _MISSING if index is None else index
+
     def forget(self, shard: tuple[int, ...], fut: Future) -> None:
         """Drop a failed entry so that a later request retries."""
         with self._lock:
@@ -320,6 +338,7 @@ class ChunkSource:
         self._metadata = async_array.metadata
         self._buffers = buffers
         self._prototype = default_buffer_prototype()
+        self._full_grid: tuple[int, ...] | None = None  # chunks not cut by the array's edge
         #: Whether the store reads synchronously (then an IO thread runs the plan).
         self.is_sync = isinstance(self.store, SupportsGetSync)
         self._local = (
@@ -432,6 +451,10 @@ class ChunkSource:
 
     def fetch_sync(self, index: tuple[int, ...]) -> RawChunk:
         """Fetch a chunk's bytes from a synchronous store, in the calling thread."""
+        if self._local is not None:
+            raw = self._fetch_local(index)
+            if raw is not None:
+                return raw
 
         def perform(step: _Read | _Await) -> Any:
             if isinstance(step, _Await):
@@ -447,6 +470,39 @@ class ChunkSource:
             return None if buf is None else _Bytes(buf.as_numpy_array(), None)
 
         return self._drive_sync(self._plan(index), perform)
+
+    def _read_local(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+        assert self._local is not None
+        try:
+            return self._local.read(key, byte_range)
+        except Exception as err:
+            raise ChunkReadError(f"{self.name}/{key}: {describe_error(err)}") from err
+
+    def _fetch_local(self, index: tuple[int, ...]) -> RawChunk | None:
+        """The plan's common cases for local files, without its generator machinery
+        (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
+        index is already cached. None means: run the plan."""
+        if self._sharding is None:
+            read = self._read_local(self._key(index), None)
+            if read is None:
+                return RawChunk(None, 0)
+            return RawChunk(read.data, read.data.nbytes, read.owner)
+        per = self._chunks_per_shard
+        shard = tuple(map(operator.floordiv, index, per))
+        shard_index = self._shard_indexes.cached(shard)
+        if shard_index is None:
+            return None
+        if shard_index is _MISSING:
+            return RawChunk(None, 0)
+        offset, length = shard_index.offsets_and_lengths[
+            tuple(map(operator.mod, index, per))
+        ].tolist()
+        if offset == _EMPTY and length == _EMPTY:
+            return RawChunk(None, 0)
+        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length))
+        if read is None:
+            return RawChunk(None, 0)
+        return RawChunk(read.data, read.data.nbytes, read.owner)
 
     async def fetch_async(self, index: tuple[int, ...]) -> RawChunk:
         """Fetch a chunk's bytes from an asynchronous store, on zarr's event loop."""
@@ -488,7 +544,7 @@ class ChunkSource:
         A missing chunk is the array's fill value, as a broadcast view that holds no
         memory of its own.
         """
-        shape = self.scale.chunk_data_shape(index)
+        shape = self.chunk_data_shape(index)
         if raw.data is None:
             return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
         try:
@@ -501,6 +557,19 @@ class ChunkSource:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         arr.flags.writeable = False
         return arr
+
+    def chunk_data_shape(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        """:meth:`ScaleInfo.chunk_data_shape`, without its per-axis loop for the chunks
+        away from the array's far edges (most of them)."""
+        full = self._full_grid
+        if full is None:
+            scale = self.scale
+            full = self._full_grid = tuple(
+                s // c for s, c in zip(scale.shape, scale.chunk_shape, strict=True)
+            )
+        if any(map(operator.ge, index, full)):
+            return self.scale.chunk_data_shape(index)
+        return self.scale.chunk_shape
 
     def release(self, raw: RawChunk) -> None:
         """Give a fetched chunk's read buffer back (once its bytes are no longer needed)."""

@@ -14,8 +14,9 @@ warm) with three methods, in paired rounds that alternate their order:
 
 It reports, per case, the median time of each method and the pool's throughput over
 each reference's as the median and quartiles of the per-round ratios (paired, so that
-drifts in the machine's load cancel). Timings on shared machines are noisy: compare
-the ratios, not the absolute numbers.
+drifts in the machine's load cancel), and the CPU time (all threads) each method spends
+per chunk. Timings on shared machines are noisy: compare the ratios, not the absolute
+numbers.
 
     python tests/benchmarks/bench_pool.py [--rounds 15] [--chunks 128,256,512]
         [--layouts unsharded,sharded] [--size 8192]
@@ -181,19 +182,24 @@ def raw_method(case: Case, threads: int) -> Callable[[], None]:
     return run
 
 
-def paired_rounds(methods: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each method in each round. Every round runs every method once, in an
-    order rotated each round, so that drifts in the machine's load hit them alike."""
+def paired_rounds(
+    methods: dict[str, Callable[[], None]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds (the whole process's, all threads) of each method in each
+    round. Every round runs every method once, in an order rotated each round, so
+    that drifts in the machine's load hit them alike."""
     for fn in methods.values():
         fn()  # warm-up (page cache, thread start, buffers)
     names = list(methods)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             methods[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def ratio(pool: list[float], other: list[float]) -> tuple[float, float, float]:
@@ -202,7 +208,9 @@ def ratio(pool: list[float], other: list[float]) -> tuple[float, float, float]:
     return float(q1), float(q2), float(q3)
 
 
-def run_case(case: Case, rounds: int, threads: int) -> dict[str, list[float]]:
+def run_case(
+    case: Case, rounds: int, threads: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     pool_run, destroy = pool_method(case)
     try:
         methods = {
@@ -246,17 +254,22 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]
         )
         print(
             f"{'case':28s} {'chunks':>6s} {'pool ms':>8s} {'ts ms':>8s} {'raw ms':>8s}"
-            "   pool/tensorstore [q1..q3]   pool/raw [q1..q3]"
+            "   pool/tensorstore [q1..q3]   pool/raw [q1..q3]   CPU µs/chunk pool ts raw"
         )
         for case in cases(Path(tmp), data, chunks, layouts):
-            times = run_case(case, args.rounds, args.threads)
+            times, cpu = run_case(case, args.rounds, args.threads)
             med = {name: statistics.median(t) * 1000 for name, t in times.items()}
+            per_chunk = {
+                name: statistics.median(t) * 1e6 / len(case.keys) for name, t in cpu.items()
+            }
             t1, t2, t3 = ratio(times["chunkpool"], times["tensorstore"])
             r1, r2, r3 = ratio(times["chunkpool"], times["raw"])
             print(
                 f"{case.label:28s} {len(case.keys):6d} {med['chunkpool']:8.1f}"
                 f" {med['tensorstore']:8.1f} {med['raw']:8.1f}"
-                f"   {t2:5.2f} [{t1:.2f}..{t3:.2f}]          {r2:5.2f} [{r1:.2f}..{r3:.2f}]",
+                f"   {t2:5.2f} [{t1:.2f}..{t3:.2f}]          {r2:5.2f} [{r1:.2f}..{r3:.2f}]"
+                f"        {per_chunk['chunkpool']:4.0f} {per_chunk['tensorstore']:4.0f}"
+                f" {per_chunk['raw']:4.0f}",
                 flush=True,
             )
             results.append((case.label, times))
