@@ -475,7 +475,12 @@ class ChunkPool:
             s = self._stats
             s.latencies.append(time.perf_counter() - job.submitted_at)
             s.bytes_fetched += job.nbytes_fetched
-            handlers = {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
+            handlers: dict[str, Handler] | None = None
+            for r, e in loc._refs.items():
+                if e.load_handler is not None:
+                    if handlers is None:
+                        handlers = {}
+                    handlers[r] = e.load_handler
             dispatcher = self._dispatcher
             if handlers and dispatcher is None:
                 # before the data: wait() reads the data, then these, without the lock

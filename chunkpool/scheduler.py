@@ -64,6 +64,9 @@ _CANCELLED = JobState.CANCELLED
 #: :meth:`LoadScheduler._fetched`'s answer when the fetch failed.
 _FAILED = object()
 
+#: A decode done: the job, its data or error, and how many seconds it took.
+_Decoded = tuple["LoadJob", "np.ndarray | None", "BaseException | None", float]
+
 DoneCallback = Callable[["LoadJob", "np.ndarray | None", "BaseException | None"], None]
 
 
@@ -288,15 +291,20 @@ class LoadScheduler:
                 job._io_future = asyncio.run_coroutine_threadsafe(
                     self._fetch_async(job), job.source.io_loop()
                 )
-        if not self._sync_windows:
+        # Start a thread only for work no started thread will take, up to the number of
+        # threads wanted, or beyond while every running one waits on its read.
+        loopers = self._loopers
+        if (
+            not self._sync_windows
+            or loopers >= self._io_concurrency
+            or (loopers >= self._wanted and self._in_fetch != loopers)
+        ):
             return
         startable = self._decode_backlog - self._decoding
         if startable <= self._starting:
             return
         waiting = sum(min(w.queued, w.limit - w.in_flight) for w in self._sync_windows)
         startable = min(startable, waiting)
-        # Start a thread only for work no started thread will take, up to the number of
-        # threads wanted, or beyond while every running one waits on its read.
         while (
             startable > self._starting
             and self._loopers < self._io_concurrency
@@ -325,44 +333,37 @@ class LoadScheduler:
     def _io_loop(self) -> None:
         """An IO thread ("looper"): take the best startable synchronous job, read it,
         decode it here if a CPU slot is free, and go on while there is work (a backlog
-        decode first, when a slot is free) and this thread is wanted."""
+        decode first, when a slot is free) and this thread is wanted. A decode's
+        bookkeeping and the choice of the next job share one hold of ``_lock``."""
         lock = self._lock
-        lock.acquire()
-        self._starting -= 1
-        self._in_fetch -= 1
-        try:
-            while True:
+        finished: _Decoded | None = None
+        with lock:
+            self._starting -= 1
+            self._in_fetch -= 1
+        while True:
+            item: tuple[LoadJob, RawChunk] | None = None
+            job: LoadJob | None = None
+            with lock:
+                report = None if finished is None else self._decoded(finished)
                 if self._closed:
-                    break
-                if self._backlog and self._cpu_busy < self._cpu_limit:
+                    pass
+                elif self._backlog and self._cpu_busy < self._cpu_limit:
                     self._cpu_busy += 1
-                    job, raw = self._backlog.popleft()
-                    lock.release()
-                    try:
-                        self._decode_loop(job, raw, looper=True)
-                    finally:
-                        lock.acquire()
-                    continue
-                job = self._take_sync()
-                if job is None:
-                    break
-                self._in_fetch += 1
-                lock.release()
-                try:
-                    item = self._fetch_one(job)
-                finally:
-                    lock.acquire()
-                if item is not None:
-                    lock.release()
-                    try:
-                        self._decode_loop(*item, looper=True)
-                    finally:
-                        lock.acquire()
-                if self._loopers > self._wanted and self._in_fetch < self._loopers - 1:
-                    break  # not needed: the others keep up (and not all of them wait on reads)
-        finally:
-            self._loopers -= 1
-            lock.release()
+                    item = self._backlog.popleft()
+                elif self._loopers <= self._wanted or self._in_fetch == self._loopers - 1:
+                    # (a surplus thread stops, unless all the others wait on reads)
+                    job = self._take_sync()
+                    if job is not None:
+                        self._in_fetch += 1
+                if item is None and job is None:
+                    self._loopers -= 1
+            if report is not None:
+                self._deliver(*report)
+            if job is not None:
+                item = self._fetch_one(job)
+            elif item is None:
+                return
+            finished = None if item is None else self._run_decode(*item)
 
     def _fetch_one(self, job: LoadJob) -> tuple[LoadJob, RawChunk] | None:
         """Read a started sync job (without ``_lock``), then do its bookkeeping; returns
@@ -442,42 +443,54 @@ class LoadScheduler:
         self._pump()
         return outcome
 
-    def _decode_loop(self, job: LoadJob, raw: RawChunk, looper: bool = False) -> None:
-        """CPU stage, holding a CPU slot: decode ``job`` and report it. A decoder
-        thread then goes on with the backlog; a looper gives the slot back (and looks
-        for work itself)."""
-        lock = self._lock
-        while True:
-            data: np.ndarray | None = None
-            error: BaseException | None = None
-            t0 = time.perf_counter()
-            if job.state is _DECODING:
-                try:
-                    data = job.source.decode(job.index, raw)
-                except Exception as err:
-                    error = err
-            else:
-                job.source.release(raw)
-            elapsed = time.perf_counter() - t0
-            following: tuple[LoadJob, RawChunk] | None = None
-            with lock:
-                self._decoding -= 1
-                self._active.discard(job)
-                deliver = job.state is _DECODING and not self._closed
-                job.state = _DONE if deliver else _CANCELLED
-                if deliver:
-                    self._decode_s = _typical(self._decode_s, elapsed)
-                    self._update_wanted()
-                if self._backlog and not looper:
-                    following = self._backlog.popleft()
-                else:
-                    self._cpu_busy -= 1
-                self._pump()
-            if deliver:
-                self._deliver(job, data, error)
-            if following is None:
-                return
-            job, raw = following
+    @staticmethod
+    def _run_decode(job: LoadJob, raw: RawChunk) -> _Decoded:
+        """Decode a job's bytes (a CPU slot held, ``_lock`` not), or give them back if
+        the job was cancelled meanwhile."""
+        data: np.ndarray | None = None
+        error: BaseException | None = None
+        t0 = time.perf_counter()
+        if job.state is _DECODING:
+            try:
+                data = job.source.decode(job.index, raw)
+            except Exception as err:
+                error = err
+        else:
+            job.source.release(raw)
+        return job, data, error, time.perf_counter() - t0
+
+    def _decoded(
+        self, finished: _Decoded
+    ) -> tuple[LoadJob, np.ndarray | None, BaseException | None] | None:
+        """A decode is over: end the job and give its CPU slot back. Returns the
+        completion to report (without ``_lock``), unless the job was cancelled. Holds
+        ``_lock``."""
+        job, data, error, seconds = finished
+        self._decoding -= 1
+        self._cpu_busy -= 1
+        self._active.discard(job)
+        deliver = job.state is _DECODING and not self._closed
+        job.state = _DONE if deliver else _CANCELLED
+        if deliver:
+            self._decode_s = _typical(self._decode_s, seconds)
+            self._update_wanted()
+        self._pump()
+        return (job, data, error) if deliver else None
+
+    def _decode_loop(self, job: LoadJob, raw: RawChunk) -> None:
+        """A decoder thread (asynchronous stores), holding a CPU slot: decode ``job``,
+        then whatever waits in the backlog, then give the slot back."""
+        item: tuple[LoadJob, RawChunk] | None = (job, raw)
+        while item is not None:
+            finished = self._run_decode(*item)
+            with self._lock:
+                item = None
+                if self._backlog and not self._closed:
+                    item = self._backlog.popleft()
+                    self._cpu_busy += 1  # the slot goes on to it
+                report = self._decoded(finished)
+            if report is not None:
+                self._deliver(*report)
 
     def _update_wanted(self) -> None:
         """IO threads wanted to keep the CPU slots busy (Little's law): each thread
