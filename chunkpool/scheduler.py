@@ -5,21 +5,23 @@ heap per store window), so re-prioritising or cancelling a waiting job is cheap 
 never touches an executor. Only a few jobs are in flight at once:
 
 - **IO stage** (fetch the encoded bytes): at most ``io_concurrency`` jobs per store
-  window. Synchronous stores (local files, memory) are read by IO threads that pull
-  the started jobs from a ready list while there are any (so a busy thread goes on to
-  the next job without a hand-off, and a thread is woken only when no running one will
-  take the job); asynchronous stores (HTTP, S3) are read by tasks on zarr's event loop,
-  which a cancel really aborts.
+  window. Synchronous stores (local files, memory) are read by IO threads
+  ("loopers") that take the best waiting job themselves whenever they are free, so a
+  busy thread goes on to the next job without a hand-off, and a sleeping one is woken
+  only for work that no running thread will take. How many run follows from what a
+  fetch and a decode typically take (``_update_wanted``). Asynchronous stores (HTTP,
+  S3) are read by tasks on zarr's event loop, which a cancel really aborts.
 - **CPU stage** (decode): at most ``cpu_workers`` decodes at once (the codecs release
-  the GIL). A chunk read by an IO thread is decoded in that same thread when a CPU slot
-  is free (no thread hop); otherwise, and for asynchronous stores, it waits in a FIFO
-  backlog that the thread holding a slot drains before giving the slot up (decoder
-  threads serve the asynchronous stores). While ``decode_backlog`` fetched jobs wait
-  for or run a decode, no new fetch starts: memory stays bounded and late
-  re-prioritisations still count.
+  the GIL). A looper decodes the chunk it read itself when a CPU slot is free (no
+  thread hop); otherwise, and for asynchronous stores, the chunk waits in a FIFO
+  backlog, served by whoever next holds a slot (decoder threads serve the
+  asynchronous stores). While ``decode_backlog`` fetched jobs wait for or run a
+  decode, no new fetch starts: memory stays bounded and late re-prioritisations still
+  count.
 
-A job is started, in priority order, whenever a slot frees up (``_pump``). The
-scheduler never calls back into its owner while holding its lock; ``on_done`` runs in
+A job starts, in priority order, when a slot frees up: a looper takes it
+(``_take_sync``), or ``_pump`` starts an async fetch. The scheduler never calls back
+into its owner while holding its lock; ``on_done`` runs in
 a worker thread (or on zarr's loop) once per job that was not cancelled.
 """
 
