@@ -11,8 +11,10 @@ pool reads and decodes into buffers it recycles:
 - A *decoded* chunk's buffer is handed out inside a numpy array. It comes back to the
   free list when the last array or view of it dies: the buffer's owner is an instance
   of a private ndarray subclass, which stops numpy from collapsing view bases past the
-  *handle* array, so every view of the data keeps the handle alive, and a finalizer on
-  the handle returns the buffer.
+  *handle* array, so every view of the data keeps the handle alive; the handle is an
+  instance of another private subclass whose ``__del__`` returns the buffer (a
+  ``weakref.finalize`` per chunk did the same at three times the cost: thousands of
+  chunks a second pass through here).
 
 New buffers are carved from arenas of at least 4 MiB, which numpy backs with huge pages
 where the kernel allows. The free list is bounded in bytes; buffers beyond it are let go.
@@ -21,7 +23,6 @@ where the kernel allows. The free list is bounded in bytes; buffers beyond it ar
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import defaultdict
 
 import numpy as np
@@ -37,6 +38,20 @@ class _Owner(np.ndarray):
     subclass)."""
 
 
+class _Handle(np.ndarray):
+    """A handed-out buffer's handle: the one array whose views the data are. Its
+    death means no array views the buffer any more, so it returns the buffer."""
+
+    _pool: BufferPool  # set on the subclass each BufferPool makes
+
+    def __del__(self) -> None:
+        buffer = self.base
+        # Only the handle itself: an array derived from it (``data.base[...]``) is a
+        # _Handle too, but its base is the handle, not the recycled buffer.
+        if type(buffer) is _Owner:
+            self._pool.give(buffer)
+
+
 def transient_size(nbytes: int) -> int:
     """Size class of a transient buffer: the next power of two, at least 64 KiB."""
     return max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
@@ -47,11 +62,14 @@ class BufferPool:
 
     def __init__(self, max_free_bytes: int = 64 << 20):
         self.max_free_bytes = max_free_bytes
-        self._lock = threading.Lock()
+        # re-entrant: a handle collected by the garbage collector (which may run at
+        # any allocation, also under this lock) gives its buffer back at once
+        self._lock = threading.RLock()
         self._free: defaultdict[int, list[np.ndarray]] = defaultdict(list)
         self.free_bytes = 0
         self.reused = 0
         self.allocated = 0
+        self._handle = type("_Handle", (_Handle,), {"_pool": self})
 
     def take(self, nbytes: int) -> np.ndarray:
         """A uint8 buffer of exactly ``nbytes`` bytes (contents undefined)."""
@@ -82,9 +100,9 @@ class BufferPool:
     ) -> np.ndarray:
         """An array of ``dtype`` and ``shape`` over ``buffer``, which returns to the free
         list once that array and every view of it are gone."""
-        handle = buffer.view(np.ndarray)
-        weakref.finalize(handle, self.give, buffer)
-        return handle.view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+        handle = buffer.view(self._handle)
+        data = handle.view(dtype, np.ndarray)  # a plain array: only the handle gives back
+        return data.reshape(shape, order=order)  # type: ignore[call-overload]
 
     def clear(self) -> None:
         """Let go of every free buffer."""

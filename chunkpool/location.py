@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,25 +39,59 @@ class ChunkState(enum.Enum):
     DESTROYED = "destroyed"  # released by the pool after it loaded or failed
 
 
-@dataclass
 class _RefEntry:
     """What one ref registered on a chunk."""
 
-    priority: float
-    load_handler: Handler | None
-    drop_handler: Handler | None
+    __slots__ = ("drop_handler", "load_handler", "priority")
+
+    def __init__(self, priority: float, load_handler: Handler | None, drop_handler: Handler | None):
+        self.priority = priority
+        self.load_handler = load_handler
+        self.drop_handler = drop_handler
+
+
+_PENDING = ChunkState.PENDING
+_QUEUED = JobState.QUEUED
 
 
 class ChunkLocation:
-    """A chunk of a multiscale image: where it is, who uses it, and its data."""
+    """A chunk of a multiscale image: where it is, who uses it, and its data.
 
-    def __init__(self, pool: ChunkPool, scale_info: ScaleInfo, index: tuple[int, ...]):
+    Thousands are made per second, so a location is a slots object and its future is
+    made only when someone asks for it (:attr:`future`, or :meth:`wait` on a chunk
+    still loading).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_data",
+        "_destroy_handlers",
+        "_error",
+        "_future",
+        "_held_bytes",
+        "_index",
+        "_job",
+        "_nbytes",
+        "_pool",
+        "_refs",
+        "_scale_info",
+        "_state",
+        "_unfired_loads",
+    )
+
+    def __init__(
+        self,
+        pool: ChunkPool,
+        scale_info: ScaleInfo,
+        index: tuple[int, ...],
+        nbytes: int | None = None,
+    ):
         self._pool = pool
         self._scale_info = scale_info
         self._index = index
-        self._nbytes = scale_info.chunk_nbytes(index)
-        self._future: concurrent.futures.Future = concurrent.futures.Future()
-        self._state = ChunkState.PENDING
+        self._nbytes = scale_info.chunk_nbytes(index) if nbytes is None else nbytes
+        self._future: concurrent.futures.Future | None = None  # made on demand
+        self._state = _PENDING
         self._data: np.ndarray | None = None
         self._error: BaseException | None = None
         self._refs: dict[str, _RefEntry] = {}
@@ -101,13 +134,14 @@ class ChunkLocation:
     @property
     def future(self) -> concurrent.futures.Future:
         """A future resolved with the data, or the load error; cancelled on cancel."""
-        return self._future
+        future = self._future
+        return future if future is not None else self._pool._future_of(self)
 
     @property
     def state(self) -> ChunkState:
         state = self._state
         job = self._job
-        if state is ChunkState.PENDING and job is not None and job.state is not JobState.QUEUED:
+        if state is _PENDING and job is not None and job.state is not _QUEUED:
             return ChunkState.LOADING
         return state
 
@@ -143,7 +177,11 @@ class ChunkLocation:
     @property
     def priority(self) -> float:
         """The most urgent priority among the refs holding the chunk."""
-        return min((e.priority for e in self._refs.values()), default=0.0)
+        refs = self._refs
+        if len(refs) == 1:
+            for entry in refs.values():
+                return entry.priority
+        return min((e.priority for e in refs.values()), default=0.0)
 
     def wait(self, timeout: float | None = None) -> np.ndarray:
         """Block until the chunk is loaded and return its data.
@@ -152,15 +190,17 @@ class ChunkLocation:
         Raises ChunkLoadError if the load failed, ChunkCancelledError if it was
         cancelled, TimeoutError on timeout.
         """
-        try:
-            self._future.result(timeout)
-        except concurrent.futures.CancelledError:
-            raise ChunkCancelledError(f"chunk {self.key} was cancelled") from None
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"chunk {self.key} did not load within {timeout} s") from None
-        except Exception:
-            pass  # a failed load: its handlers still run, then it raises below
-        self._pool._fire_unfired_loads(self)
+        if self._data is None and self._error is None:  # not loaded or failed (yet)
+            try:
+                self.future.result(timeout)
+            except concurrent.futures.CancelledError:
+                raise ChunkCancelledError(f"chunk {self.key} was cancelled") from None
+            except concurrent.futures.TimeoutError:
+                raise TimeoutError(f"chunk {self.key} did not load within {timeout} s") from None
+            except Exception:
+                pass  # a failed load: its handlers still run, then it raises below
+        if self._unfired_loads:  # set before the data or error is (see ChunkPool)
+            self._pool._fire_unfired_loads(self)
         return self.data
 
 

@@ -9,8 +9,10 @@ pool.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import operator
 import os
 import threading
 import time
@@ -25,7 +27,6 @@ from .buffers import BufferPool
 from .cache import ChunkCache
 from .dispatch import HandlerCall, HandlerDispatcher, call_handlers, resolve_call_soon
 from .errors import (
-    ChunkCancelledError,
     ChunkIndexError,
     ChunkLoadError,
     PoolDestroyedError,
@@ -45,6 +46,32 @@ logger = logging.getLogger("chunkpool")
 
 #: Seconds :meth:`ChunkPool.destroy` waits for its threads before abandoning them.
 DESTROY_TIMEOUT = 5.0
+
+
+# Enum member lookups cost ~0.1 µs each on Python 3.11; the hot paths use these.
+_PENDING = ChunkState.PENDING
+_LOADED = ChunkState.LOADED
+_FAILED = ChunkState.FAILED
+_CANCELLED = ChunkState.CANCELLED
+_DESTROYED = ChunkState.DESTROYED
+
+
+class _Level:
+    """What ``get_chunk`` needs of a level, precomputed: its chunk grid, and the
+    size of its full (not edge) chunks."""
+
+    __slots__ = ("full_grid", "full_nbytes", "grid", "scale")
+
+    def __init__(self, scale: Any):
+        self.scale = scale
+        self.grid: tuple[int, ...] = scale.chunk_grid_shape
+        self.full_grid = tuple(s // c for s, c in zip(scale.shape, scale.chunk_shape, strict=True))
+        self.full_nbytes = math.prod(scale.chunk_shape) * scale.dtype.itemsize
+
+    def nbytes(self, index: tuple[int, ...]) -> int:
+        if any(map(operator.ge, index, self.full_grid)):  # an edge chunk
+            return self.scale.chunk_nbytes(index)
+        return self.full_nbytes
 
 
 def _held_bytes(data: np.ndarray) -> int:
@@ -68,7 +95,9 @@ class ChunkPool:
     remote_io_concurrency:
         Fetches in flight per remote (asynchronous) store.
     cpu_workers:
-        Decoding threads (default: the number of CPUs).
+        Decodes at once (default: one per CPU, plus one: a thread that waits for the
+        GIL between two decodes leaves its core to the extra one; measured on 2 cores
+        at 128² and 256² chunks, 10-40% more throughput than one per CPU).
     recycle_bytes:
         Bound on the memory kept for reuse by reads and decodes (see
         :mod:`chunkpool.buffers`).
@@ -100,10 +129,13 @@ class ChunkPool:
         self._scheduler = LoadScheduler(
             io_concurrency=io_concurrency,
             remote_io_concurrency=remote_io_concurrency,
-            cpu_workers=cpu_workers or os.cpu_count() or 2,
+            cpu_workers=cpu_workers or (os.cpu_count() or 1) + 1,
         )
         self._lock = threading.RLock()
         self._chunks: dict[ChunkKey, ChunkLocation] = {}  # chunks with at least one ref
+        self._levels: list[_Level | None] = [None] * len(multiscale_info.levels)
+        self._loading = 0  # held chunks whose load is pending
+        self._all_loaded = threading.Condition(self._lock)  # notified when _loading is 0
         self._dispatcher: HandlerDispatcher | None = None
         self._stats = StatsRecorder()
         self._memory = 0
@@ -173,7 +205,7 @@ class ChunkPool:
         with self._lock:
             s = self._stats
             p50, p90, p99 = s.latency_percentiles()
-            pending = sum(1 for loc in self._chunks.values() if loc._job is not None)
+            pending = self._loading
             return PoolStats(
                 hits=s.hits,
                 misses=s.misses,
@@ -253,18 +285,43 @@ class ChunkPool:
             loc._unfired_loads.clear()
         call_handlers(calls)
 
+    def _future_of(self, loc: ChunkLocation) -> concurrent.futures.Future:
+        """``loc``'s future, made on first demand and resolved at once if the chunk
+        already loaded, failed or was cancelled (see :attr:`ChunkLocation.future`)."""
+        with self._lock:
+            future = loc._future
+            if future is None:
+                future = loc._future = concurrent.futures.Future()
+                if loc._data is not None:
+                    future.set_result(loc._data)
+                elif loc._error is not None:
+                    future.set_exception(loc._error)
+                elif loc._state is _CANCELLED:
+                    future.cancel()
+            return future
+
     # -- get / drop -----------------------------------------------------------------
 
-    def _validate(self, level: int, index: Iterable[int]) -> tuple[int, tuple[int, ...]]:
-        levels = self._info.levels
+    def _level(self, level: int) -> _Level:
+        """The checked level's precomputed facts (made on first use)."""
+        levels = self._levels
         if not 0 <= level < len(levels):
             raise ChunkIndexError(f"level {level} out of range (image has {len(levels)} levels)")
-        index = tuple(int(i) for i in index)
-        scale = levels[level]
-        if not scale.check_index(index):
+        fast = levels[level]
+        if fast is None:
+            fast = levels[level] = _Level(self._info.levels[level])
+        return fast
+
+    def _validate(self, level: int, index: Iterable[int]) -> tuple[int, tuple[int, ...]]:
+        grid = self._level(level).grid
+        index = tuple(map(int, index))
+        if (
+            len(index) != len(grid)
+            or (index and min(index) < 0)
+            or any(map(operator.ge, index, grid))
+        ):
             raise ChunkIndexError(
-                f"chunk index {index} out of range for level {level} "
-                f"(chunk grid {scale.chunk_grid_shape})"
+                f"chunk index {index} out of range for level {level} (chunk grid {grid})"
             )
         return level, index
 
@@ -287,43 +344,51 @@ class ChunkPool:
         the data is there (or the load failed: see ``location.error``), ``drop_handler``
         when this ref drops it, ``destroy_handler`` when the pool lets the chunk go.
         """
-        level, index = self._validate(level, index)
-        key = (level, index)
+        key = self._validate(level, index)
+        kick = False
         with self._lock:
             if self._destroyed:
                 raise PoolDestroyedError("the pool was destroyed")
             loc = self._chunks.get(key)
-            new_load = False
             if loc is None:
-                loc = self._cache.take(key)
-                if loc is None:
-                    loc = ChunkLocation(self, self._info.levels[level], index)
+                loc = self._cache.take(key) if self._cache else None
+                if loc is None:  # a new load
+                    fast = self._levels[level]
+                    assert fast is not None  # made by _validate
+                    index = key[1]
+                    loc = ChunkLocation(self, fast.scale, index, fast.nbytes(index))
+                    p = priority or 0.0
+                    loc._refs[ref] = _RefEntry(p, load_handler, drop_handler)
+                    if destroy_handler is not None:
+                        loc._destroy_handlers[ref] = destroy_handler
+                    self._chunks[key] = loc
                     self._stats.misses += 1
-                    new_load = True
-                else:
-                    self._stats.hits += 1
+                    self._pending_bytes += loc._nbytes
+                    self._loading += 1
+                    loc._job = job = LoadJob(self._sources[level], index, p, self._on_job_done)
+                    self._scheduler.submit(job)
+                    return loc
+                self._stats.hits += 1
                 self._chunks[key] = loc
+            elif ref not in loc._refs:
+                self._stats.hits += 1
             entry = loc._refs.get(ref)
             if entry is None:
-                if not new_load and loc._refs:
-                    self._stats.hits += 1
                 loc._refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
                 if destroy_handler is not None:
                     loc._destroy_handlers[ref] = destroy_handler
-                if load_handler is not None and loc._state in (
-                    ChunkState.LOADED,
-                    ChunkState.FAILED,
-                ):
+                if load_handler is not None and (loc._state is _LOADED or loc._state is _FAILED):
                     self._queue_loads(loc, {ref: load_handler})
+                    kick = True
             elif priority is not None:
                 entry.priority = priority
-            if new_load:
-                self._pending_bytes += loc.nbytes
-                loc._job = LoadJob(self._sources[level], index, loc.priority, self._on_job_done)
-                self._scheduler.submit(loc._job)
-            elif loc._job is not None:
-                self._scheduler.reprioritize(loc._job, loc.priority)
-        self._finish([])
+            job = loc._job
+            if job is not None:
+                p = loc.priority
+                if job.priority != p:  # written only under this lock
+                    self._scheduler.reprioritize(job, p)
+        if kick:
+            self._finish([])
         return loc
 
     def drop_chunk(self, level: int, index: tuple[int, ...], ref: str = "pool") -> None:
@@ -345,52 +410,75 @@ class ChunkPool:
         calls: list[HandlerCall] = []
         with self._lock:
             cancelled: list[LoadJob] = []
+            chunks = self._chunks
             for key in keys:
-                loc = self._chunks.get(key)
-                entry = None if loc is None else loc._refs.pop(ref, None)
-                if loc is None or entry is None:
+                loc = chunks.get(key)
+                if loc is None:
                     continue
-                loc._unfired_loads.pop(ref, None)
+                refs = loc._refs
+                entry = refs.pop(ref, None)
+                if entry is None:
+                    continue
+                if loc._unfired_loads:
+                    loc._unfired_loads.pop(ref, None)
                 if entry.drop_handler is not None:
                     calls.append((entry.drop_handler, loc))
-                if not loc._refs:
-                    del self._chunks[key]
-                    calls += self._release(loc, cancelled, keep=True)
+                if not refs:
+                    del chunks[key]
+                    self._release(loc, cancelled, calls, keep=True)
                 elif loc._job is not None:
                     self._scheduler.reprioritize(loc._job, loc.priority)
-            self._scheduler.cancel_many(cancelled)
+            if cancelled:
+                self._scheduler.cancel_many(cancelled)
             calls = self._deliver(calls)
-        self._finish(calls)
+        if calls or self._dispatcher is not None:
+            self._finish(calls)
 
     def _release(
-        self, loc: ChunkLocation, cancelled: list[LoadJob], *, keep: bool
-    ) -> list[HandlerCall]:
+        self,
+        loc: ChunkLocation,
+        cancelled: list[LoadJob],
+        calls: list[HandlerCall],
+        *,
+        keep: bool,
+    ) -> None:
         """``loc`` lost its last ref: cache it (if ``keep`` allows) or let it go; a
-        pending load joins ``cancelled``. Returns the destroy-handler calls due. Holds
-        ``_lock``."""
-        if loc._state is ChunkState.LOADED and keep and self._cache.enabled:
-            calls: list[HandlerCall] = []
+        pending load joins ``cancelled``, the destroy-handler calls due join ``calls``.
+        Holds ``_lock``."""
+        if loc._state is _LOADED and keep and self._cache.enabled:
             for old in self._cache.add(loc):
-                calls += self._destroy_loc(old)
-            return calls
-        if loc._job is not None:
-            cancelled.append(loc._job)
+                self._destroy_loc(old, calls)
+            return
+        job = loc._job
+        if job is not None:
+            cancelled.append(job)
             loc._job = None
-            loc._state = ChunkState.CANCELLED
-            self._pending_bytes -= loc.nbytes
+            loc._state = _CANCELLED
+            self._pending_bytes -= loc._nbytes
             self._stats.cancellations += 1
-            loc._future.cancel()
-        return self._destroy_loc(loc)
+            self._loaded_one()
+            if loc._future is not None:
+                loc._future.cancel()
+        self._destroy_loc(loc, calls)
 
-    def _destroy_loc(self, loc: ChunkLocation) -> list[HandlerCall]:
-        """The pool lets ``loc`` go for good. Holds ``_lock``."""
-        if loc._state in (ChunkState.LOADED, ChunkState.FAILED):
-            loc._state = ChunkState.DESTROYED
+    def _destroy_loc(self, loc: ChunkLocation, calls: list[HandlerCall]) -> None:
+        """The pool lets ``loc`` go for good; its destroy-handler calls join ``calls``.
+        Holds ``_lock``."""
+        state = loc._state
+        if state is _LOADED or state is _FAILED:
+            loc._state = _DESTROYED
         self._memory -= loc._held_bytes
         loc._held_bytes = 0
-        calls = [(h, loc) for h in loc._destroy_handlers.values()]
-        loc._destroy_handlers.clear()
-        return calls
+        handlers = loc._destroy_handlers
+        if handlers:
+            calls += [(h, loc) for h in handlers.values()]
+            handlers.clear()
+
+    def _loaded_one(self) -> None:
+        """A held chunk's load is over (done, failed or cancelled). Holds ``_lock``."""
+        self._loading -= 1
+        if not self._loading:
+            self._all_loaded.notify_all()
 
     def _on_job_done(self, job: LoadJob, data: np.ndarray | None, error: BaseException | None):
         """A load finished (in a worker thread): publish the data or the failure."""
@@ -400,24 +488,35 @@ class ChunkPool:
             if loc is None or loc._job is not job:
                 return  # cancelled meanwhile
             loc._job = None
-            self._pending_bytes -= loc.nbytes
+            self._pending_bytes -= loc._nbytes
             s = self._stats
             s.latencies.append(time.perf_counter() - job.submitted_at)
             s.bytes_fetched += job.nbytes_fetched
+            handlers: dict[str, Handler] | None = None
+            for r, e in loc._refs.items():
+                if e.load_handler is not None:
+                    if handlers is None:
+                        handlers = {}
+                    handlers[r] = e.load_handler
+            dispatcher = self._dispatcher
+            if handlers and dispatcher is None:
+                # before the data: wait() reads the data, then these, without the lock
+                loc._unfired_loads.update(handlers)
             if error is not None or data is None:
-                loc._state = ChunkState.FAILED
                 loc._error = error
+                loc._state = _FAILED
                 s.failures += 1
             else:
-                loc._state = ChunkState.LOADED
                 loc._data = data
-                loc._held_bytes = _held_bytes(data)
-                self._memory += loc._held_bytes
+                loc._state = _LOADED
+                loc._held_bytes = held = _held_bytes(data)
+                self._memory += held
                 s.loads += 1
                 s.bytes_loaded += data.nbytes
-            self._queue_loads(
-                loc, {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
-            )
+            if handlers and dispatcher is not None:
+                dispatcher.post([(h, loc) for h in handlers.values()])
+            self._loaded_one()
+            future = loc._future
         if error is not None:
             logger.warning(
                 "chunkpool: %s level %d chunk %s failed: %r",
@@ -426,10 +525,12 @@ class ChunkPool:
                 key[1],
                 error,
             )
-            loc._future.set_exception(error)
-        else:
-            loc._future.set_result(data)
-        self._finish([])
+            if future is not None:
+                future.set_exception(error)
+        elif future is not None:
+            future.set_result(data)
+        if handlers and dispatcher is not None:
+            dispatcher.kick()
 
     # -- bulk -----------------------------------------------------------------------
 
@@ -453,19 +554,22 @@ class ChunkPool:
         seen: set[int] = set()
         while True:
             with self._lock:
+                while self._loading:  # one wake-up when the last pending load ends
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(
+                            f"{self._loading} chunks did not load within {timeout} s"
+                        )
+                    self._all_loaded.wait(remaining)
                 todo = [loc for loc in self._chunks.values() if id(loc) not in seen]
             if not todo:
                 break
-            for loc in todo:
+            for loc in todo:  # handlers run here may request more chunks: loop
                 seen.add(id(loc))
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    loc.wait(remaining)
-                except ChunkCancelledError:
-                    continue
-                except ChunkLoadError:
-                    assert loc.error is not None
-                    failures[loc.key] = loc.error
+                if loc._unfired_loads:
+                    self._fire_unfired_loads(loc)
+                if loc._error is not None:
+                    failures[loc.key] = loc._error
         if failures:
             raise ChunkLoadError(failures)
 
@@ -506,10 +610,10 @@ class ChunkPool:
                 calls += [(e.drop_handler, loc) for e in loc._refs.values() if e.drop_handler]
                 loc._refs.clear()
                 loc._unfired_loads.clear()
-                calls += self._release(loc, cancelled, keep=False)
+                self._release(loc, cancelled, calls, keep=False)
             self._chunks.clear()
             for loc in self._cache.clear():
-                calls += self._destroy_loc(loc)
+                self._destroy_loc(loc, calls)
             calls = self._deliver(calls)
         # from now on nothing is recycled: not the buffer of a read that returns late,
         # nor those of chunk arrays the application still holds when it lets them go

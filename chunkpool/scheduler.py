@@ -5,15 +5,23 @@ heap per store window), so re-prioritising or cancelling a waiting job is cheap 
 never touches an executor. Only a few jobs are in flight at once:
 
 - **IO stage** (fetch the encoded bytes): at most ``io_concurrency`` jobs per store
-  window. Synchronous stores (local files, memory) are read in a small pool of IO
-  threads; asynchronous stores (HTTP, S3) are read by tasks on zarr's event loop,
-  which a cancel really aborts.
-- **CPU stage** (decode): a pool of ``cpu_workers`` threads (the codecs release the
-  GIL). While ``decode_backlog`` fetched jobs wait for a decoder, no new fetch starts:
-  memory stays bounded and late re-prioritisations still count.
+  window. Synchronous stores (local files, memory) are read by IO threads
+  ("loopers") that take the best waiting job themselves whenever they are free, so a
+  busy thread goes on to the next job without a hand-off, and a sleeping one is woken
+  only for work that no running thread will take. How many run follows from what a
+  fetch and a decode typically take (``_update_wanted``). Asynchronous stores (HTTP,
+  S3) are read by tasks on zarr's event loop, which a cancel really aborts.
+- **CPU stage** (decode): at most ``cpu_workers`` decodes at once (the codecs release
+  the GIL). A looper decodes the chunk it read itself when a CPU slot is free (no
+  thread hop); otherwise, and for asynchronous stores, the chunk waits in a FIFO
+  backlog, served by whoever next holds a slot (decoder threads serve the
+  asynchronous stores). While ``decode_backlog`` fetched jobs wait for or run a
+  decode, no new fetch starts: memory stays bounded and late re-prioritisations still
+  count.
 
-A job is started, in priority order, whenever a slot frees up (``_pump``). The
-scheduler never calls back into its owner while holding its lock; ``on_done`` runs in
+A job starts, in priority order, when a slot frees up: a looper takes it
+(``_take_sync``), or ``_pump`` starts an async fetch. The scheduler never calls back
+into its owner while holding its lock; ``on_done`` runs in
 a worker thread (or on zarr's loop) once per job that was not cancelled.
 """
 
@@ -24,10 +32,11 @@ import concurrent.futures
 import enum
 import heapq
 import itertools
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +45,8 @@ from .source import ChunkSource, RawChunk
 from .workers import Workers
 
 __all__ = ["Abandoned", "JobState", "LoadJob", "LoadScheduler"]
+
+logger = logging.getLogger("chunkpool")
 
 
 class JobState(enum.Enum):
@@ -53,40 +64,78 @@ class Abandoned(NamedTuple):
     chunks: list[tuple[int, tuple[int, ...]]]  # (level, index) of the loads they run
 
 
+# Enum member lookups cost ~0.1 µs each on Python 3.11; the hot paths use these.
+_QUEUED = JobState.QUEUED
+_FETCHING = JobState.FETCHING
+_DECODING = JobState.DECODING
+_DONE = JobState.DONE
+_CANCELLED = JobState.CANCELLED
+
+#: :meth:`LoadScheduler._fetched`'s answer when the fetch failed.
+_FAILED = object()
+
+#: A decode done: the job, its data or error, and how many seconds it took.
+_Decoded = tuple["LoadJob", "np.ndarray | None", "BaseException | None", float]
+
 DoneCallback = Callable[["LoadJob", "np.ndarray | None", "BaseException | None"], None]
 
 
-@dataclass(eq=False)
 class LoadJob:
     """One chunk to load: where from, how urgent, and what to call when done."""
 
-    source: ChunkSource
-    index: tuple[int, ...]
-    priority: float
-    on_done: DoneCallback
-    state: JobState = JobState.QUEUED
-    submitted_at: float = field(default_factory=time.perf_counter)
-    nbytes_fetched: int = 0
-    _seq: int = 0
-    _version: int = 0
-    _io_future: concurrent.futures.Future | None = None
+    __slots__ = (
+        "_io_future",
+        "_seq",
+        "_version",
+        "index",
+        "nbytes_fetched",
+        "on_done",
+        "priority",
+        "source",
+        "state",
+        "submitted_at",
+    )
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        index: tuple[int, ...],
+        priority: float,
+        on_done: DoneCallback,
+    ):
+        self.source = source
+        self.index = index
+        self.priority = priority
+        self.on_done = on_done
+        self.state = _QUEUED
+        self.submitted_at = time.perf_counter()
+        self.nbytes_fetched = 0
+        self._seq = 0
+        self._version = 0
+        self._io_future: concurrent.futures.Future | None = None
+
+    def __repr__(self) -> str:
+        return f"<LoadJob {self.index} priority={self.priority} {self.state.value}>"
 
 
-@dataclass(eq=False)
 class _Window:
     """The waiting jobs and in-flight fetches of one store."""
 
-    limit: int
-    heap: list[tuple[float, int, int, LoadJob]] = field(default_factory=list)
-    queued: int = 0
-    in_flight: int = 0
+    __slots__ = ("heap", "in_flight", "limit", "queued", "sync")
+
+    def __init__(self, limit: int, sync: bool):
+        self.limit = limit
+        self.sync = sync
+        self.heap: list[tuple[float, int, int, LoadJob]] = []
+        self.queued = 0
+        self.in_flight = 0
 
     def peek(self) -> LoadJob | None:
         """The best live job, dropping stale heap entries on the way."""
         heap = self.heap
         while heap:
             _, _, version, job = heap[0]
-            if job.state is JobState.QUEUED and version == job._version:
+            if job.state is _QUEUED and version == job._version:
                 return job
             heapq.heappop(heap)
         return None
@@ -94,10 +143,18 @@ class _Window:
     def push(self, job: LoadJob) -> None:
         heapq.heappush(self.heap, (job.priority, job._seq, job._version, job))
         if len(self.heap) > 64 + 4 * self.queued:  # many stale entries: rebuild
-            self.heap = [
-                e for e in self.heap if e[3].state is JobState.QUEUED and e[2] == e[3]._version
-            ]
+            self.heap = [e for e in self.heap if e[3].state is _QUEUED and e[2] == e[3]._version]
             heapq.heapify(self.heap)
+
+
+def _typical(estimate: float, sample: float) -> float:
+    """A decaying minimum of durations: what a step takes when nothing else gets in
+    its way. Waits for the GIL or for a core only add to a sample, so the minimum
+    sees through them, and rising by 5% per sample it follows a real slow-down
+    (a cold disk) within a few dozen samples."""
+    if estimate <= 0.0:
+        return sample
+    return min(sample, estimate * 1.05)
 
 
 class LoadScheduler:
@@ -116,7 +173,19 @@ class LoadScheduler:
         self._decode_backlog = decode_backlog if decode_backlog is not None else 2 * cpu_workers
         self._lock = threading.Lock()
         self._windows: dict[object, _Window] = {}
-        self._decoding = 0
+        self._sync_windows: list[_Window] = []
+        self._async_windows: list[_Window] = []
+        self._decoding = 0  # fetched jobs waiting for or running a decode
+        self._cpu_limit = cpu_workers
+        self._cpu_busy = 0  # CPU slots taken (a decode running or about to)
+        self._backlog: deque[tuple[LoadJob, RawChunk]] = deque()  # fetched, waiting for a slot
+        # IO threads reading synchronous stores ("loopers"), and how many are wanted
+        self._loopers = 0
+        self._in_fetch = 0  # loopers fetching, or started and about to
+        self._starting = 0  # loopers started that have not taken a job yet
+        self._wanted = io_concurrency  # until fetch and decode times are measured
+        self._fetch_s = 0.0  # typical seconds of one sync fetch and one decode (_typical)
+        self._decode_s = 0.0
         self._active: set[LoadJob] = set()  # fetching or decoding
         self._seq = itertools.count()
         self._closed = False
@@ -131,7 +200,7 @@ class LoadScheduler:
             if self._closed:
                 raise RuntimeError("scheduler is shut down")
             job._seq = next(self._seq)
-            window = self._window_for(job.source)
+            window = self._windows.get(job.source.window_key) or self._window_for(job.source)
             window.queued += 1
             window.push(job)
             self._pump()
@@ -142,7 +211,7 @@ class LoadScheduler:
             if job.priority == priority:
                 return
             job.priority = priority
-            if job.state is JobState.QUEUED:
+            if job.state is _QUEUED:
                 job._version += 1
                 self._windows[job.source.window_key].push(job)
 
@@ -153,12 +222,12 @@ class LoadScheduler:
         with self._lock:
             for job in jobs:
                 state = job.state
-                if state in (JobState.DONE, JobState.CANCELLED):
+                if state is _DONE or state is _CANCELLED:
                     continue
-                job.state = JobState.CANCELLED
-                if state is JobState.QUEUED:
+                job.state = _CANCELLED
+                if state is _QUEUED:
                     self._windows[job.source.window_key].queued -= 1
-                elif state is JobState.FETCHING and job._io_future is not None:
+                elif state is _FETCHING and job._io_future is not None:
                     job._io_future.cancel()
 
     def counts(self) -> tuple[int, int, int]:
@@ -207,105 +276,266 @@ class LoadScheduler:
         window = self._windows.get(source.window_key)
         if window is None:
             limit = self._io_concurrency if source.is_sync else self._remote_io_concurrency
-            window = self._windows[source.window_key] = _Window(limit)
+            window = self._windows[source.window_key] = _Window(limit, source.is_sync)
+            (self._sync_windows if source.is_sync else self._async_windows).append(window)
         return window
 
+    @staticmethod
+    def _best(windows: list[_Window]) -> _Window | None:
+        """The window holding the best waiting job that may start. Holds ``_lock``."""
+        best: _Window | None = None
+        best_job: LoadJob | None = None
+        for window in windows:
+            if window.in_flight >= window.limit or not window.queued:
+                continue
+            job = window.peek()
+            if job is not None and (
+                best_job is None or (job.priority, job._seq) < (best_job.priority, best_job._seq)
+            ):
+                best, best_job = window, job
+        return best
+
+    def _start(self, window: _Window) -> LoadJob:
+        """Move the best job of ``window`` (just peeked) to the IO stage. Holds ``_lock``."""
+        job = heapq.heappop(window.heap)[3]
+        window.queued -= 1
+        window.in_flight += 1
+        job.state = _FETCHING
+        self._active.add(job)
+        return job
+
     def _pump(self) -> None:
-        """Start the best waiting jobs while slots are free. Holds ``_lock``."""
+        """Start the best waiting async fetches while slots are free, and make sure
+        enough IO threads run for the synchronous ones. Holds ``_lock``."""
         if self._closed:
             return
-        while self._decoding < self._decode_backlog:
-            best: tuple[_Window, LoadJob] | None = None
-            for window in self._windows.values():
-                if window.in_flight >= window.limit or not window.queued:
-                    continue
-                job = window.peek()
-                if job is not None and (
-                    best is None or (job.priority, job._seq) < (best[1].priority, best[1]._seq)
-                ):
-                    best = (window, job)
-            if best is None:
-                return
-            window, job = best
-            heapq.heappop(window.heap)
-            window.queued -= 1
-            window.in_flight += 1
-            job.state = JobState.FETCHING
-            self._active.add(job)
-            self._start_fetch(job)
-
-    def _start_fetch(self, job: LoadJob) -> None:
-        if job.source.is_sync:
-            self._io_workers.submit(self._fetch_sync, job)
-        else:
-            job._io_future = asyncio.run_coroutine_threadsafe(
-                self._fetch_async(job), job.source.io_loop()
-            )
-
-    def _fetch_sync(self, job: LoadJob) -> None:
-        """IO stage for a synchronous store, in an IO thread."""
-        if job.state is not JobState.FETCHING:  # cancelled while waiting for a thread
-            self._fetched(job, None, None)
+        if self._async_windows:
+            while self._decoding < self._decode_backlog:
+                window = self._best(self._async_windows)
+                if window is None:
+                    break
+                job = self._start(window)
+                job._io_future = asyncio.run_coroutine_threadsafe(
+                    self._fetch_async(job), job.source.io_loop()
+                )
+        # Start a thread only for work no started thread will take, up to the number of
+        # threads wanted, or beyond while every running one waits on its read.
+        loopers = self._loopers
+        if (
+            not self._sync_windows
+            or loopers >= self._io_concurrency
+            or (loopers >= self._wanted and self._in_fetch != loopers)
+        ):
             return
-        try:
-            raw = job.source.fetch_sync(job.index)
-        except Exception as err:
-            self._fetched(job, None, err)
+        startable = self._decode_backlog - self._decoding
+        if startable <= self._starting:
+            return
+        waiting = sum(min(w.queued, w.limit - w.in_flight) for w in self._sync_windows)
+        startable = min(startable, waiting)
+        while (
+            startable > self._starting
+            and self._loopers < self._io_concurrency
+            and (self._loopers < self._wanted or self._in_fetch == self._loopers)
+        ):
+            self._loopers += 1
+            self._starting += 1
+            self._in_fetch += 1
+            self._io_workers.submit(self._io_loop)
+
+    def _take_sync(self) -> LoadJob | None:
+        """Start the best waiting sync job, if one may start. Holds ``_lock``."""
+        if self._decoding >= self._decode_backlog:
+            return None
+        windows = self._sync_windows
+        if len(windows) == 1:
+            window: _Window | None = windows[0]
+            if window.in_flight >= window.limit or not window.queued or window.peek() is None:
+                return None
         else:
-            self._fetched(job, raw, None)
+            window = self._best(windows)
+            if window is None:
+                return None
+        return self._start(window)
+
+    def _io_loop(self) -> None:
+        """An IO thread ("looper"): take the best startable synchronous job, read it,
+        decode it here if a CPU slot is free, and go on while there is work (a backlog
+        decode first, when a slot is free) and this thread is wanted. A decode's
+        bookkeeping and the choice of the next job share one hold of ``_lock``."""
+        lock = self._lock
+        finished: _Decoded | None = None
+        with lock:
+            self._starting -= 1
+            self._in_fetch -= 1
+        while True:
+            item: tuple[LoadJob, RawChunk] | None = None
+            job: LoadJob | None = None
+            with lock:
+                report = None if finished is None else self._decoded(finished)
+                if self._closed:
+                    pass
+                elif self._backlog and self._cpu_busy < self._cpu_limit:
+                    self._cpu_busy += 1
+                    item = self._backlog.popleft()
+                elif self._loopers <= self._wanted or self._in_fetch == self._loopers - 1:
+                    # (a surplus thread stops, unless all the others wait on reads)
+                    job = self._take_sync()
+                    if job is not None:
+                        self._in_fetch += 1
+                if item is None and job is None:
+                    self._loopers -= 1
+            if report is not None:
+                self._deliver(*report)
+            if job is not None:
+                item = self._fetch_one(job)
+            elif item is None:
+                return
+            finished = None if item is None else self._run_decode(*item)
+
+    def _fetch_one(self, job: LoadJob) -> tuple[LoadJob, RawChunk] | None:
+        """Read a started sync job (without ``_lock``), then do its bookkeeping; returns
+        what this thread must decode now (a CPU slot taken for it), if anything."""
+        raw: RawChunk | None = None
+        error: Exception | None = None
+        t0 = time.perf_counter()
+        if job.state is _FETCHING:  # else cancelled since it started
+            try:
+                raw = job.source.fetch_sync(job.index)
+            except Exception as err:
+                error = err
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self._in_fetch -= 1
+            if raw is not None:
+                self._fetch_s = _typical(self._fetch_s, elapsed)
+            item = self._fetched(job, raw, error)
+            failed = item is _FAILED
+            if item is not None and not failed:
+                return item  # type: ignore[return-value]
+        if failed:
+            self._deliver(job, None, error)
+        return None
 
     async def _fetch_async(self, job: LoadJob) -> None:
         """IO stage for an asynchronous store, as a task on zarr's event loop."""
+        raw: RawChunk | None = None
+        error: Exception | None = None
         try:
             raw = await job.source.fetch_async(job.index)
         except asyncio.CancelledError:
-            self._fetched(job, None, None)
+            with self._lock:
+                self._fetched(job, None, None)
             raise
         except Exception as err:
-            self._fetched(job, None, err)
-        else:
-            self._fetched(job, raw, None)
-
-    def _fetched(self, job: LoadJob, raw: RawChunk | None, error: Exception | None) -> None:
-        """IO stage done: hand the bytes over to a decoder, or report the error."""
+            error = err
         with self._lock:
-            self._windows[job.source.window_key].in_flight -= 1
-            job._io_future = None
-            failed = False
-            if job.state is not JobState.FETCHING or self._closed:
-                job.state = JobState.CANCELLED
-                self._active.discard(job)
-                if raw is not None:
-                    job.source.release(raw)
-            elif error is not None:
-                job.state = JobState.DONE
-                self._active.discard(job)
-                failed = True
-            elif raw is not None:
-                job.nbytes_fetched = raw.nbytes_fetched
-                job.state = JobState.DECODING
-                self._decoding += 1
-                self._cpu_workers.submit(self._decode, job, raw)
-            self._pump()
-        if failed:
-            job.on_done(job, None, error)
+            item = self._fetched(job, raw, error)
+            if item is not None and item is not _FAILED:
+                self._cpu_workers.submit(self._decode_loop, *item)  # type: ignore[misc]
+        if item is _FAILED:
+            self._deliver(job, None, error)
 
-    def _decode(self, job: LoadJob, raw: RawChunk) -> None:
-        """CPU stage, in a decoder thread."""
+    def _fetched(
+        self, job: LoadJob, raw: RawChunk | None, error: Exception | None
+    ) -> tuple[LoadJob, RawChunk] | object | None:
+        """IO stage done: queue the decode, or end the job. Returns ``_FAILED`` if the
+        caller must report ``error``; or, if a CPU slot was free (and taken), the job to
+        decode now (the oldest of the backlog, if any); else None. Holds ``_lock``."""
+        self._windows[job.source.window_key].in_flight -= 1
+        job._io_future = None
+        outcome: tuple[LoadJob, RawChunk] | object | None = None
+        if job.state is not _FETCHING or self._closed or (raw is None and error is None):
+            job.state = _CANCELLED
+            self._active.discard(job)
+            if raw is not None:
+                job.source.release(raw)
+        elif error is not None:
+            job.state = _DONE
+            self._active.discard(job)
+            outcome = _FAILED
+        else:
+            assert raw is not None
+            job.nbytes_fetched = raw.nbytes_fetched
+            job.state = _DECODING
+            self._decoding += 1
+            if self._cpu_busy < self._cpu_limit:
+                self._cpu_busy += 1
+                if self._backlog:
+                    self._backlog.append((job, raw))
+                    outcome = self._backlog.popleft()
+                else:
+                    outcome = (job, raw)
+            else:
+                self._backlog.append((job, raw))
+        self._pump()
+        return outcome
+
+    @staticmethod
+    def _run_decode(job: LoadJob, raw: RawChunk) -> _Decoded:
+        """Decode a job's bytes (a CPU slot held, ``_lock`` not), or give them back if
+        the job was cancelled meanwhile."""
         data: np.ndarray | None = None
         error: BaseException | None = None
-        if job.state is JobState.DECODING:
+        t0 = time.perf_counter()
+        if job.state is _DECODING:
             try:
                 data = job.source.decode(job.index, raw)
             except Exception as err:
                 error = err
         else:
             job.source.release(raw)
-        with self._lock:
-            self._decoding -= 1
-            self._active.discard(job)
-            deliver = job.state is JobState.DECODING and not self._closed
-            job.state = JobState.DONE if deliver else JobState.CANCELLED
-            self._pump()
+        return job, data, error, time.perf_counter() - t0
+
+    def _decoded(
+        self, finished: _Decoded
+    ) -> tuple[LoadJob, np.ndarray | None, BaseException | None] | None:
+        """A decode is over: end the job and give its CPU slot back. Returns the
+        completion to report (without ``_lock``), unless the job was cancelled. Holds
+        ``_lock``."""
+        job, data, error, seconds = finished
+        self._decoding -= 1
+        self._cpu_busy -= 1
+        self._active.discard(job)
+        deliver = job.state is _DECODING and not self._closed
+        job.state = _DONE if deliver else _CANCELLED
         if deliver:
+            self._decode_s = _typical(self._decode_s, seconds)
+            self._update_wanted()
+        self._pump()
+        return (job, data, error) if deliver else None
+
+    def _decode_loop(self, job: LoadJob, raw: RawChunk) -> None:
+        """A decoder thread (asynchronous stores), holding a CPU slot: decode ``job``,
+        then whatever waits in the backlog, then give the slot back."""
+        item: tuple[LoadJob, RawChunk] | None = (job, raw)
+        while item is not None:
+            finished = self._run_decode(*item)
+            with self._lock:
+                item = None
+                if self._backlog and not self._closed:
+                    item = self._backlog.popleft()
+                    self._cpu_busy += 1  # the slot goes on to it
+                report = self._decoded(finished)
+            if report is not None:
+                self._deliver(*report)
+
+    def _update_wanted(self) -> None:
+        """IO threads wanted to keep the CPU slots busy (Little's law): each thread
+        spends a fetch and a decode per chunk, so ``cpu_workers * (fetch + decode) /
+        decode`` of them; at least ``cpu_workers``, at most ``io_concurrency``. Fast
+        local reads want ``cpu_workers`` threads (each reads, then decodes, like plain
+        threads would); slow reads want more, to keep more of them in flight. Holds
+        ``_lock``."""
+        fetch, decode = self._fetch_s, self._decode_s
+        if fetch <= 0.0 or decode <= 0.0:
+            return
+        wanted = int(self._cpu_limit * (fetch + decode) / decode)
+        least = min(self._cpu_limit, self._io_concurrency)
+        self._wanted = max(least, min(wanted, self._io_concurrency))
+
+    @staticmethod
+    def _deliver(job: LoadJob, data: np.ndarray | None, error: BaseException | None) -> None:
+        try:
             job.on_done(job, data, error)
+        except Exception:  # never lose a worker (and its CPU slot) to an owner's bug
+            logger.exception("chunkpool: completing %r failed", job)

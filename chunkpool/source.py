@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -80,8 +81,11 @@ MAX_CHECKED_DIRS = 1 << 16
 #: hostile shape, e.g. 2**40 items) fails with ChunkDecodeError before any allocation.
 MAX_CHUNK_BYTES = 1 << 31
 
-#: The value of an absent inner chunk's offset and length in a shard index.
-_NO_CHUNK = np.uint64(2**64 - 1)
+#: The value of an absent (empty) inner chunk's offset and length in a shard index.
+_NO_CHUNK = 2**64 - 1
+
+#: What :meth:`_ShardIndexCache.cached` returns for a shard that does not exist.
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,17 @@ class _ShardIndexCache:
                 self._entries.popitem(last=False)
             return fut, True
 
+    def cached(self, shard: tuple[int, ...]) -> Any:
+        """A shard's index if it was read already (``_MISSING`` if the shard does not
+        exist), else None (not read, being read, or failed)."""
+        with self._lock:
+            fut = self._entries.get(shard)
+            if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+                return None
+            self._entries.move_to_end(shard)
+        index = fut.result()
+        return _MISSING if index is None else index
+
     def forget(self, shard: tuple[int, ...], fut: Future) -> None:
         """Drop a failed entry so that a later request retries."""
         with self._lock:
@@ -371,6 +386,7 @@ class ChunkSource:
         self._metadata = async_array.metadata
         self._buffers = buffers
         self._prototype = default_buffer_prototype()
+        self._full_grid: tuple[int, ...] | None = None  # chunks not cut by the array's edge
         #: Whether the store reads synchronously (then an IO thread runs the plan).
         self.is_sync = isinstance(self.store, SupportsGetSync)
         # Asynchronous (remote) reads are retried by one RemoteStore layer: the one
@@ -514,13 +530,17 @@ class ChunkSource:
 
     def fetch_sync(self, index: tuple[int, ...]) -> RawChunk:
         """Fetch a chunk's bytes from a synchronous store, in the calling thread."""
+        if self._local is not None:
+            raw = self._fetch_local(index)
+            if raw is not None:
+                return raw
 
         def perform(step: _Read | _Await) -> Any:
             if isinstance(step, _Await):
                 return step.future.result()
+            if self._local is not None:
+                return self._read_local(step.key, step.byte_range)
             try:
-                if self._local is not None:
-                    return self._local.read(step.key, step.byte_range)
                 buf = self.store.get_sync(  # type: ignore[attr-defined]
                     step.key, prototype=self._prototype, byte_range=step.byte_range
                 )
@@ -532,6 +552,42 @@ class ChunkSource:
             raise ChunkReadError(f"{self.name}/{step.key}: {reason}", reason=reason)
 
         return self._drive_sync(self._plan(index), perform)
+
+    def _read_local(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+        """Read a local file's bytes; a failure is a ChunkReadError naming the key."""
+        assert self._local is not None
+        try:
+            return self._local.read(key, byte_range)
+        except Exception as err:
+            reason = describe_error(err)
+        # raised outside the handler: the OS error is neither cause nor context
+        raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
+
+    def _fetch_local(self, index: tuple[int, ...]) -> RawChunk | None:
+        """The plan's common cases for local files, without its generator machinery
+        (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
+        index is already cached. None means: run the plan."""
+        if self._sharding is None:
+            read = self._read_local(self._key(index), None)
+            if read is None:
+                return RawChunk(None, 0)
+            return RawChunk(read.data, read.data.nbytes, read.owner)
+        per = self._chunks_per_shard
+        shard = tuple(map(operator.floordiv, index, per))
+        shard_index = self._shard_indexes.cached(shard)
+        if shard_index is None:
+            return None
+        if shard_index is _MISSING:
+            return RawChunk(None, 0)
+        offset, length = shard_index.offsets_and_lengths[
+            tuple(map(operator.mod, index, per))
+        ].tolist()
+        if offset == _NO_CHUNK and length == _NO_CHUNK:
+            return RawChunk(None, 0)
+        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length))
+        if read is None:
+            return RawChunk(None, 0)
+        return RawChunk(read.data, read.data.nbytes, read.owner)
 
     async def fetch_async(self, index: tuple[int, ...]) -> RawChunk:
         """Fetch a chunk's bytes from an asynchronous store, on zarr's event loop."""
@@ -566,7 +622,7 @@ class ChunkSource:
         A missing chunk is the array's fill value, as a broadcast view that holds no
         memory of its own.
         """
-        shape = self.scale.chunk_data_shape(index)
+        shape = self.chunk_data_shape(index)
         if raw.data is None:
             return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
         try:
@@ -601,6 +657,19 @@ class ChunkSource:
         """``err``, raised decoding ``key``, as a ChunkDecodeError naming the store."""
         what = str(err) if isinstance(err, ChunkDecodeError) else f"{type(err).__name__}: {err}"
         return ChunkDecodeError(f"{self.name}/{key}: {what}")
+
+    def chunk_data_shape(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        """:meth:`ScaleInfo.chunk_data_shape`, without its per-axis loop for the chunks
+        away from the array's far edges (most of them)."""
+        full = self._full_grid
+        if full is None:
+            scale = self.scale
+            full = self._full_grid = tuple(
+                s // c for s, c in zip(scale.shape, scale.chunk_shape, strict=True)
+            )
+        if any(map(operator.ge, index, full)):
+            return self.scale.chunk_data_shape(index)
+        return self.scale.chunk_shape
 
     def release(self, raw: RawChunk) -> None:
         """Give a fetched chunk's read buffer back (once its bytes are no longer needed)."""

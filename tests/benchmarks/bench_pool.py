@@ -1,22 +1,38 @@
 """Throughput of ChunkPool against tensorstore and raw read+decode, in the same run.
 
-Loads all 256 chunks (512 x 512) of an 8192 x 8192 uint16 zstd Zarr v3 array (page
-cache warm) and reports the median of several repeats for each method, and the ratios
-of their throughput to the pool's. Timings on shared machines are noisy: compare the
-ratios, not the absolute numbers.
+For each chunk size (default 128², 256², 512²) and layout (unsharded, and 2048²
+shards), loads every chunk of an 8192 x 8192 uint16 zstd Zarr v3 array (page cache
+warm) with three methods, in paired rounds that alternate their order:
 
-    python tests/benchmarks/bench_pool.py [--repeats 7] [--sharded]
+- ``chunkpool``: one pool, every chunk requested with ``get_chunk`` (as a viewer
+  does per tile), waited for, and dropped again with ``drop_chunks``; no cache, so
+  every round loads everything (buffers are recycled, as in a viewer);
+- ``tensorstore``: one concurrent ``read()`` per chunk, all in flight at once;
+- ``raw``: the practical floor, plain threads (one per core) each reading and
+  zstd-decoding its share of the chunks (through the shard index when sharded), with
+  no per-chunk bookkeeping at all.
+
+It reports, per case, the median time of each method and the pool's throughput over
+each reference's as the median and quartiles of the per-round ratios (paired, so that
+drifts in the machine's load cancel), and the CPU time (all threads) each method spends
+per chunk. Timings on shared machines are noisy: compare the ratios, not the absolute
+numbers.
+
+    python tests/benchmarks/bench_pool.py [--rounds 15] [--chunks 128,256,512]
+        [--layouts unsharded,sharded] [--size 8192]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 import statistics
+import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,156 +41,239 @@ from numcodecs import Zstd
 
 from chunkpool import ChunkPool
 
-N, CHUNK = 8192, 512
+SHARD = 2048
 
 
-def make_data(seed: int = 0) -> np.ndarray:
+def make_data(n: int, seed: int = 0) -> np.ndarray:
     """A smooth field plus blobs plus noise: compresses like real microscopy."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:N:64, 0:N:64] / N
-    field = np.kron((np.sin(x * 12) + np.cos(y * 9) + 2.5) * 6000, np.ones((64, 64)))
-    for _ in range(300):
-        cy, cx = rng.integers(0, N, 2)
+    step = max(1, n // 128)
+    y, x = np.mgrid[0:n:step, 0:n:step] / n
+    field = np.kron((np.sin(x * 12) + np.cos(y * 9) + 2.5) * 6000, np.ones((step, step)))
+    for _ in range(max(1, 300 * n * n // 8192**2)):
+        cy, cx = rng.integers(0, n, 2)
         r = int(rng.integers(10, 80))
         field[max(cy - r, 0) : cy + r, max(cx - r, 0) : cx + r] += 10000
-    field += rng.normal(0, 300, (N, N))
+    field += rng.normal(0, 300, (n, n))
     return field.clip(0, 65535).astype(np.uint16)
 
 
-def write(path: Path, data: np.ndarray, sharded: bool) -> zarr.Array:
-    shards = (2048, 2048) if sharded else None
+def write(path: Path, data: np.ndarray, chunk: int, shard: int | None) -> None:
+    """A zarr v3 array with zarr-python's defaults (bytes + zstd), optionally sharded."""
     arr = zarr.create_array(
         path,
         shape=data.shape,
-        chunks=(CHUNK, CHUNK),
-        shards=shards,
+        chunks=(chunk, chunk),
+        shards=None if shard is None else (shard, shard),
         dtype=data.dtype,
         overwrite=True,
     )
     arr[:] = data
-    return arr
 
 
-def timings(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each run of each method. The methods run round-robin, in a rotated
-    order each round, so that drifts in the machine's load affect them alike."""
-    for fn in methods.values():
-        fn()  # warm-up (page cache, imports, thread start)
-    names = list(methods)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            methods[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+@dataclass
+class Case:
+    """One array on disk and the three ways of reading all of it."""
+
+    path: Path
+    data: np.ndarray
+    chunk: int
+    shard: int | None
+
+    @property
+    def label(self) -> str:
+        layout = "unsharded" if self.shard is None else f"sharded {self.shard}²"
+        return f"{self.chunk}² chunks, {layout}"
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        g = self.data.shape[0] // self.chunk
+        return [(i, j) for i in range(g) for j in range(g)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--sharded", action="store_true", help="2048² shards of 512² chunks")
-    args = parser.parse_args()
+def pool_method(case: Case) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The pool's run, and a function that destroys the pool."""
+    (pool,) = ChunkPool.from_zarr_node(str(case.path))  # no cache: every run loads
+    keys = case.keys
+    drops = [(0, idx) for idx in keys]
 
-    tmp = Path(tempfile.mkdtemp(prefix="zarrscope-bench-"))
-    data = make_data()
-    write(tmp / "img.zarr", data, args.sharded)
-    keys = [(i, j) for i in range(N // CHUNK) for j in range(N // CHUNK)]
-    print(
-        f"{len(keys)} chunks of {CHUNK}² uint16 ({data.nbytes / 1e6:.0f} MB decoded),"
-        f" {'sharded 2048²' if args.sharded else 'unsharded'}, median of {args.repeats}"
-    )
-
-    (pool,) = ChunkPool.from_zarr_node(str(tmp / "img.zarr"))  # no cache: every run loads
-
-    def run_pool() -> None:
+    def run() -> None:
         for idx in keys:
             pool.get_chunk(0, idx)
         pool.wait_for_chunks_to_load()
-        for idx in keys:
-            pool.drop_chunk(0, idx)
+        pool.drop_chunks(drops)
 
-    def run_fresh_pool() -> None:
-        (fresh,) = ChunkPool.from_zarr_node(str(tmp / "img.zarr"))
-        for idx in keys:
-            fresh.get_chunk(0, idx)
-        fresh.wait_for_chunks_to_load()
-        fresh.destroy()
+    # check correctness once, so the numbers are for real work
+    for idx in keys[:: max(1, len(keys) // 29)]:
+        loc = pool.get_chunk(0, idx, "check")
+        assert np.array_equal(loc.wait(), case.data[loc.slices]), idx
+        pool.drop_chunk(0, idx, "check")
+    return run, pool.destroy
 
-    # check correctness once, so the numbers below are for real work
-    for loc in [pool.get_chunk(0, idx, "check") for idx in keys[::37]]:
-        assert np.array_equal(loc.wait(), data[loc.slices])
-        pool.drop_chunk(0, loc.index, "check")
 
+def tensorstore_method(case: Case) -> Callable[[], None]:
     import tensorstore as ts
 
-    driver = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp / "img.zarr")}}
-    ts_array = ts.open(driver).result()
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(case.path)}}
+    array = ts.open(spec).result()
+    c = case.chunk
+    boxes = [(slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)) for i, j in case.keys]
+    assert np.array_equal(array[boxes[-1]].read().result(), case.data[boxes[-1]])
 
-    def run_tensorstore() -> None:
-        reads = [
-            ts_array[i * CHUNK : (i + 1) * CHUNK, j * CHUNK : (j + 1) * CHUNK].read()
-            for i, j in keys
-        ]
+    def run() -> None:
+        reads = [array[box].read() for box in boxes]
         for r in reads:
             r.result()
 
+    return run
+
+
+def raw_method(case: Case, threads: int) -> Callable[[], None]:
+    """Plain threads, each reading and decoding a strided share of the files (or of the
+    shards: index first, then each inner chunk's byte range)."""
     zstd = Zstd()
+    c = case.chunk
+    dtype = case.data.dtype
 
-    def read_decode(idx: tuple[int, int]) -> np.ndarray:
-        raw = (tmp / "img.zarr" / "c" / str(idx[0]) / str(idx[1])).read_bytes()
-        return np.frombuffer(zstd.decode(raw), np.uint16).reshape(CHUNK, CHUNK)
+    def decode(raw: bytes) -> np.ndarray:
+        return np.frombuffer(zstd.decode(raw), dtype).reshape(c, c)
 
-    def run_raw_threads() -> None:
-        with ThreadPoolExecutor(2) as ex:
-            list(ex.map(read_decode, keys))
+    if case.shard is None:
+        files = [str(case.path / "c" / str(i) / str(j)) for i, j in case.keys]
 
-    async_arr = zarr.open_array(tmp / "img.zarr").async_array
+        def work(share: list[str]) -> None:
+            for name in share:
+                with open(name, "rb") as f:
+                    decode(f.read())
 
-    def run_zarr_gather() -> None:
-        async def main() -> None:
-            sem = asyncio.Semaphore(8)
+        shares = [files[t::threads] for t in range(threads)]
+    else:
+        per = case.shard // c
+        n_shards = case.data.shape[0] // case.shard
+        files = [
+            str(case.path / "c" / str(i) / str(j)) for i in range(n_shards) for j in range(n_shards)
+        ]
+        index_bytes = per * per * 16 + 4  # (offset, length) uint64 pairs + crc32c
 
-            async def one(i: int, j: int) -> None:
-                async with sem:
-                    await async_arr.getitem(
-                        (slice(i * CHUNK, (i + 1) * CHUNK), slice(j * CHUNK, (j + 1) * CHUNK))
-                    )
+        def work(share: list[str]) -> None:
+            for name in share:
+                with open(name, "rb") as f:
+                    f.seek(-index_bytes, os.SEEK_END)
+                    index = struct.unpack(f"<{2 * per * per}Q", f.read(index_bytes)[:-4])
+                    for k in range(per * per):
+                        f.seek(index[2 * k])
+                        decode(f.read(index[2 * k + 1]))
 
-            await asyncio.gather(*(one(i, j) for i, j in keys))
+        shares = [files[t::threads] for t in range(threads)]
+        first = shares[0][0]
+        with open(first, "rb") as f:  # the layout assumed above is the real one
+            f.seek(-index_bytes, os.SEEK_END)
+            offset, length = struct.unpack("<2Q", f.read(16))
+            f.seek(offset)
+            assert np.array_equal(decode(f.read(length)), case.data[:c, :c])
 
-        asyncio.run(main())
+    def run() -> None:
+        workers = [threading.Thread(target=work, args=(s,)) for s in shares if s]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
 
-    # 1. head to head: the pool and tensorstore alternate, nothing else runs between
-    head = timings({"chunkpool": run_pool, "tensorstore": run_tensorstore}, args.repeats)
-    print("head to head (alternating runs):")
-    report(head)
-    # 2. every method, round-robin
-    methods = {
-        "chunkpool": run_pool,
-        "chunkpool, fresh pool each run": run_fresh_pool,
-        "tensorstore": run_tensorstore,
-        "zarr-python gather+Semaphore(8)": run_zarr_gather,
-    }
-    if not args.sharded:
-        methods["raw read+zstd, 2 threads"] = run_raw_threads
-    print("all methods (round-robin, rotated order):")
-    report(timings(methods, args.repeats))
-    pool.destroy()
-    print(
-        "(chunkpool: one pool, chunks dropped between runs, buffers recycled as in a "
-        "viewer; fresh pool: new pool, threads and buffers each run)"
-    )
+    return run
 
 
-def report(times: dict[str, list[float]]) -> None:
-    """Median times, and the pool's throughput over each method's as the median and
-    quartiles of the per-round ratios (paired, so load drifts cancel)."""
-    pool_times = np.array(times["chunkpool"])
-    print(f"  {'method':34s} {'median ms':>9s}   pool throughput / this: median [quartiles]")
-    for name, t in times.items():
-        q1, q2, q3 = np.percentile(np.array(t) / pool_times, [25, 50, 75])
-        print(f"  {name:34s} {statistics.median(t) * 1000:9.1f}   {q2:5.2f} [{q1:.2f}..{q3:.2f}]")
+def paired_rounds(
+    methods: dict[str, Callable[[], None]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds (the whole process's, all threads) of each method in each
+    round. Every round runs every method once, in an order rotated each round, so
+    that drifts in the machine's load hit them alike."""
+    for fn in methods.values():
+        fn()  # warm-up (page cache, thread start, buffers)
+    names = list(methods)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            methods[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def ratio(pool: list[float], other: list[float]) -> tuple[float, float, float]:
+    """Pool throughput over the other method's, per round: (q1, median, q3)."""
+    q1, q2, q3 = np.percentile(np.array(other) / np.array(pool), [25, 50, 75])
+    return float(q1), float(q2), float(q3)
+
+
+def run_case(
+    case: Case, rounds: int, threads: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    pool_run, destroy = pool_method(case)
+    try:
+        methods = {
+            "chunkpool": pool_run,
+            "tensorstore": tensorstore_method(case),
+            "raw": raw_method(case, threads),
+        }
+        return paired_rounds(methods, rounds)
+    finally:
+        destroy()
+
+
+def cases(tmp: Path, data: np.ndarray, chunks: list[int], layouts: list[str]) -> list[Case]:
+    out = []
+    for layout in layouts:
+        shard = None if layout == "unsharded" else min(SHARD, data.shape[0])
+        for chunk in chunks:
+            path = tmp / f"c{chunk}-{layout}.zarr"
+            write(path, data, chunk, shard)
+            out.append(Case(path, data, chunk, shard))
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]]]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--chunks", default="128,256,512", help="chunk sizes, comma-separated")
+    parser.add_argument("--layouts", default="unsharded,sharded", help="unsharded and/or sharded")
+    parser.add_argument("--size", type=int, default=8192, help="the array is size x size")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="raw threads")
+    args = parser.parse_args(argv)
+    chunks = [int(c) for c in args.chunks.split(",")]
+    layouts = args.layouts.split(",")
+
+    data = make_data(args.size)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="zarrscope-bench-") as tmp:
+        print(
+            f"{args.size}² uint16 zstd ({data.nbytes / 1e6:.0f} MB decoded), {args.rounds} "
+            f"paired rounds; raw = {args.threads} plain threads read+decode"
+        )
+        print(
+            f"{'case':28s} {'chunks':>6s} {'pool ms':>8s} {'ts ms':>8s} {'raw ms':>8s}"
+            "   pool/tensorstore [q1..q3]   pool/raw [q1..q3]   CPU µs/chunk pool ts raw"
+        )
+        for case in cases(Path(tmp), data, chunks, layouts):
+            times, cpu = run_case(case, args.rounds, args.threads)
+            med = {name: statistics.median(t) * 1000 for name, t in times.items()}
+            per_chunk = {
+                name: statistics.median(t) * 1e6 / len(case.keys) for name, t in cpu.items()
+            }
+            t1, t2, t3 = ratio(times["chunkpool"], times["tensorstore"])
+            r1, r2, r3 = ratio(times["chunkpool"], times["raw"])
+            print(
+                f"{case.label:28s} {len(case.keys):6d} {med['chunkpool']:8.1f}"
+                f" {med['tensorstore']:8.1f} {med['raw']:8.1f}"
+                f"   {t2:5.2f} [{t1:.2f}..{t3:.2f}]          {r2:5.2f} [{r1:.2f}..{r3:.2f}]"
+                f"        {per_chunk['chunkpool']:4.0f} {per_chunk['tensorstore']:4.0f}"
+                f" {per_chunk['raw']:4.0f}",
+                flush=True,
+            )
+            results.append((case.label, times))
+    return results
 
 
 if __name__ == "__main__":
