@@ -306,6 +306,8 @@ def test_a_failed_resident_tile_is_retried_with_backoff_until_it_loads(
     settle(viewer)
     viewer.fit()
     settle(viewer)
+    # prefetch loads still in flight would be counted below: let them land first
+    wait_for(viewer, lambda: viewer.pool.stats.chunks_pending == 0, "the prefetch")
     misses = viewer.pool.stats.misses
     clock.now += 0.999  # not yet due: no new load
     assert viewer.settled() and viewer.pool.stats.misses == misses
