@@ -381,3 +381,67 @@ def window_listed(display: str, title: str) -> bool:
         check=False,
     ).stdout
     return title in tree
+
+
+# An offscreen viewer whose frame is interrupted by close() (twice), as a signal handler
+# interrupts the frame it lands in, then closed again after the frame: saves the frame
+# it got and reports the state after. Arguments: image path, output directory, W, H,
+# X0, Y0, X1, Y1 (the region shown).
+CLOSE_IN_FRAME_SCRIPT = """
+import json, pathlib, sys, threading
+import numpy as np
+from viewer import Viewer
+
+out = pathlib.Path(sys.argv[2])
+width, height = map(int, sys.argv[3:5])
+v = Viewer(sys.argv[1], None, size=(width, height), colormap="gray", clim=(0, 255),
+           show_hud=False)
+v.show_region(*map(float, sys.argv[5:9]))
+assert v.wait_settled(30)
+render = v.renderer.render
+
+def interrupted(*args, **kwargs):
+    v.close()
+    v.close()
+    return render(*args, **kwargs)
+
+v.renderer.render = interrupted
+np.save(out / "shot.npy", v.screenshot())
+after_frame = {"destroyed": v.pool.destroyed, "closed": v.canvas.get_closed()}
+v.close()
+print(json.dumps({"after_frame": after_frame, "destroyed": v.pool.destroyed,
+                  "closed": v.canvas.get_closed(),
+                  "threads": [t.name for t in threading.enumerate()
+                              if t.name.startswith("chunkpool-")]}))
+"""
+
+
+def test_close_inside_a_frame_waits_for_its_end(
+    display: str, image: Pyramid, tmp_path: pathlib.Path
+) -> None:
+    """``Viewer.close()`` called in the middle of a frame (as from a signal handler), and
+    again, does not tear the scene or the canvas down under it: the frame completes with
+    exactly the region's data, the close happens right after it, a further close() is a
+    no-op, and no pool thread is left. (Before the fix the close ran inside the frame:
+    the scene was emptied under it and the frame came out black; in a window, the canvas
+    texture released under a frame makes wgpu-native abort.)"""
+    result = run_script(
+        CLOSE_IN_FRAME_SCRIPT,
+        display,
+        str(image.path),
+        str(tmp_path),
+        *map(str, SIZE),
+        *map(str, REGION),
+    )
+    assert result.returncode == 0, result.stderr
+    assert not any(mark in result.stderr for mark in CRASH_MARKS), result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {
+        "after_frame": {"destroyed": True, "closed": True},
+        "destroyed": True,
+        "closed": True,
+        "threads": [],
+    }
+    shot = np.load(tmp_path / "shot.npy")
+    expected = expected_view(image, 1, region_world(image, REGION), SIZE)
+    assert (shot == expected[0][..., None]).all()
