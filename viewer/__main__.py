@@ -5,7 +5,9 @@
 
 Bad input (missing or invalid source, bad option values) prints one line on stderr
 and exits with status 2. In screenshot mode, ``--timeout`` bounds the whole command
-(opening, loading, drawing): when it expires, one line on stderr and status 1.
+(opening, loading, drawing): when it expires, one line on stderr and status 1. The
+window closes, and the command exits 0, on its "q" key, when the window is closed, and
+on SIGINT (Ctrl+C) or SIGTERM.
 
 Log records (WARNING and up, or ``--log-level``) go to stderr through
 :class:`~chunkpool.redaction.RedactingFilter`, third-party ones included, so that no
@@ -17,10 +19,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from chunkpool import ChunkPoolError, RetryPolicy
 from chunkpool.diskcache import default_cache_dir
@@ -67,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         default="WARNING",
         help="log records shown on stderr, credentials removed (default WARNING)",
+    )
+    p.add_argument(
+        "--print-ready",
+        action="store_true",
+        help="print 'zarrscope: ready' on stderr once the window has drawn its first frame "
+        "and Ctrl+C / SIGTERM close it (for scripts that drive the viewer)",
     )
     shot = p.add_argument_group("screenshot mode (offscreen, then exit)")
     shot.add_argument("--screenshot", metavar="OUT.png", help="write a PNG and exit")
@@ -302,10 +312,7 @@ def _interactive(args: argparse.Namespace) -> int:
         return _glfw_window(source, size, title, args)
     window = ViewerWindow(source, size, title, **_options(args))
     window.show()
-    try:
-        loop.run()
-    finally:
-        window.viewer.close()
+    _run(loop, window.viewer, window.close, args.print_ready)
     return 0
 
 
@@ -320,11 +327,76 @@ def _glfw_window(source: str, size: tuple[int, int], title: str, args: argparse.
     except BaseException:
         canvas.close()
         raise
+    _run(loop, viewer, viewer.close, args.print_ready)
+    return 0
+
+
+def _run(loop: Any, viewer: Any, close_window: Callable[[], None], print_ready: bool) -> None:
+    """Run the GUI loop until the window is closed; SIGINT and SIGTERM close it."""
+    signals = _StopSignals(loop, close_window)
+
+    def install() -> None:  # in the loop: after loop.run() installed rendercanvas's handler
+        signals.install()
+        if print_ready:
+            if viewer.frame_times:
+                ready()
+            else:
+                viewer.frame_listeners.append(ready)
+
+    def ready() -> None:
+        if ready in viewer.frame_listeners:
+            viewer.frame_listeners.remove(ready)
+        print("zarrscope: ready", file=sys.stderr, flush=True)
+
+    loop.call_soon(install)
     try:
         loop.run()
     finally:
+        signals.restore()
         viewer.close()
-    return 0
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM close the window from the event loop, between two events.
+
+    ``loop.run()`` of rendercanvas installs a SIGINT handler that closes the canvases
+    right inside the handler, that is wherever the GUI thread was interrupted: mostly in
+    the middle of drawing or presenting a frame. The frame then goes on with the
+    canvas's released present texture and wgpu-native aborts ("Texture ... does not
+    exist", exit -6) or uses freed memory (SIGSEGV); a frame whose image was still being
+    read back resolves on a deleted widget (a "Present finish error" traceback). And it
+    leaves SIGTERM to its default action: the process dies with no cleanup (exit -15).
+    These handlers replace it (so they are installed from inside the running loop) and
+    only schedule ``close_window`` on the loop, which runs it after the current callback,
+    i.e. after the frame; :meth:`Viewer.close` finishes the read-back before the canvas
+    closes. A second signal of the same kind gets the default action, so a stuck close
+    can still be interrupted; a signal ignored when the command started (``SIG_IGN``,
+    e.g. SIGINT for a background job of a shell) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, loop: Any, close_window: Callable[[], None]):
+        self._loop = loop
+        self._close_window = close_window
+        # None: a handler not installed from Python (left alone, as rendercanvas does)
+        self._original = {
+            sig: handler for sig in self.SIGNALS if (handler := signal.getsignal(sig)) is not None
+        }
+
+    def install(self) -> None:
+        for sig, original in self._original.items():
+            if original is not signal.SIG_IGN:
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        self._loop.call_soon(self._close_window)
+
+    def restore(self) -> None:
+        """Put back the handlers there were before the loop ran."""
+        for sig, original in self._original.items():
+            signal.signal(sig, original)
 
 
 if __name__ == "__main__":

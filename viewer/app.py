@@ -9,6 +9,9 @@ Chunk loads complete in the pool's worker threads; their handlers are queued in 
 viewer's inbox and run on the canvas's event loop (or inside :meth:`wait_settled`
 and the next draw when there is no running loop), where textures are created and a
 redraw is requested. A frame never waits for data.
+
+Closing (:meth:`Viewer.close`) never tears anything down under a frame that is being
+drawn or presented: see there for why and how.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -118,6 +122,9 @@ class Viewer:
         self._wake = threading.Event()
         self._wake_scheduled = False
         self._loop = _canvas_loop(self.canvas)
+        self._busy = 0  # depth of our own frame / handler-batch code on the GUI thread
+        self._closed = False
+        self._close_pending = False  # close() was asked for where it had to wait
         self.layer = ImageLayer(
             self.pool,
             self.scene,
@@ -146,6 +153,8 @@ class Viewer:
         self.cursor: tuple[float, float] | None = None
         #: Called with the new slice position when z, t, ... change (e.g. Qt sliders).
         self.position_listeners: list[Callable[[SlicePosition], None]] = []
+        #: Called (no arguments, on the GUI thread) after each frame is drawn.
+        self.frame_listeners: list[Callable[[], None]] = []
         self.frame_times: deque[float] = deque(maxlen=240)
         self.first_pixel_at: float | None = None
         self._shown: tuple | None = None  # the view last drawn
@@ -244,14 +253,30 @@ class Viewer:
 
     def _process_inbox(self) -> bool:
         """Run queued handlers (they create textures and request a redraw); whether
-        there were any."""
+        there were any. After close, queued calls are dropped: what they would show or
+        release is gone."""
         with self._inbox_lock:
             callbacks = list(self._inbox)
             self._inbox.clear()
             self._wake_scheduled = False
-        for callback in callbacks:
-            callback()
+        if self._closed:
+            return False
+        with self._busy_section():
+            for callback in callbacks:
+                callback()
         return bool(callbacks)
+
+    @contextmanager
+    def _busy_section(self) -> Iterator[None]:
+        """Mark our own code running on the GUI thread (a frame, a handler batch): a
+        close() that interrupts it (from a signal handler) waits for its end."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy and self._close_pending:
+                self.close()
 
     def _request_draw(self) -> None:
         self.canvas.request_draw()
@@ -312,6 +337,14 @@ class Viewer:
     # -- drawing --------------------------------------------------------------------
 
     def _draw(self) -> None:
+        if self._closed:
+            return
+        with self._busy_section():
+            self._draw_frame()
+        for listener in list(self.frame_listeners):
+            listener()
+
+    def _draw_frame(self) -> None:
         started = time.perf_counter()
         self._process_inbox()
         view = self.view()
@@ -512,25 +545,69 @@ class Viewer:
 
     def screenshot(self) -> np.ndarray:
         """Render now and return the frame as an (H, W, 3) uint8 array."""
-        if self._owns_canvas:
-            return np.asarray(self.canvas.draw())[..., :3].copy()
-        self.canvas.force_draw()
-        return np.asarray(self.renderer.snapshot())[..., :3].copy()
+        with self._busy_section():
+            if self._owns_canvas:
+                return np.asarray(self.canvas.draw())[..., :3].copy()
+            self.canvas.force_draw()
+            return np.asarray(self.renderer.snapshot())[..., :3].copy()
 
     def close(self) -> None:
-        """Drop everything, stop the pool's threads, close the canvas if it is ours."""
-        if self.pool.destroyed:
+        """Drop everything, stop the pool's threads, close the canvas if it is ours, or
+        if it is still open.
+
+        Safe to call more than once, after the event loop stopped, and from a signal
+        handler. Whatever it interrupts, it never tears down under a frame: a signal
+        handler runs between two bytecodes of the GUI thread, typically in the middle of
+        drawing or presenting a frame (most of that thread's time). Closing the canvas
+        there releases the present texture that the frame then copies or renders into:
+        wgpu-native aborts ("Texture ... does not exist") or reads freed memory
+        (SIGSEGV). So, called inside our frame or handler code, close() runs when that
+        code returns; called while rendercanvas presents a frame, it runs on the event
+        loop right after. Before the canvas closes, the asynchronous read-back of the
+        last frame (bitmap present, e.g. Qt) is completed synchronously: otherwise it
+        resolves later, from wgpu's poll thread, on a deleted widget or, at interpreter
+        exit, a deleted Qt object. Then the layer drops its chunks, the pool is destroyed
+        (its worker threads joined), and handler calls still queued are dropped.
+        """
+        if self._closed:
             return
+        if self._busy or not self._settle_present():
+            self._close_pending = True
+            if not self._busy and self._loop is not None:
+                self._loop.call_soon(self.close)
+            return
+        self._closed = True
+        self._close_pending = False
         self.layer.close()
         self.pool.destroy()
+        with self._inbox_lock:
+            self._inbox.clear()
         if self._owns_canvas or not self.canvas.get_closed():
             self.canvas.close()
+
+    def _settle_present(self) -> bool:
+        """Stop drawing, and finish presenting the last frame synchronously (a frame
+        whose image is still being read back is completed now); False if a frame is
+        being drawn or presented right now (close() was called from inside it)."""
+        canvas = self.canvas
+        if canvas.get_closed():
+            return True
+        canvas.request_draw(_no_frame)  # no new frame from here on
+        try:
+            canvas.force_draw()  # a synchronous present: no read-back left in flight
+        except RuntimeError:  # "Cannot force a draw while drawing"
+            return False
+        return True
 
     def __enter__(self) -> Viewer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _no_frame() -> None:
+    """The draw function of a closing viewer: draws nothing."""
 
 
 def _canvas_loop(canvas: Any) -> Any:
