@@ -32,11 +32,13 @@ def iter_chunk_data(
     *,
     max_ahead: int = 8,
     priority: float = 0.0,
+    timeout: float | None = None,
 ) -> Iterator[np.ndarray]:
     """See :meth:`ChunkPool.iter_data`."""
     if max_ahead < 1:
         raise ValueError(f"max_ahead must be >= 1, not {max_ahead}")
-    return _iterate(pool, iter(keys), max_ahead, priority, f"iter_data-{next(_batch_ids)}")
+    ref_prefix = f"iter_data-{next(_batch_ids)}"
+    return _iterate(pool, iter(keys), max_ahead, priority, timeout, ref_prefix)
 
 
 def _iterate(
@@ -44,6 +46,7 @@ def _iterate(
     keys: Iterator[tuple[int, tuple[int, ...]]],
     max_ahead: int,
     priority: float,
+    timeout: float | None,
     ref_prefix: str,
 ) -> Iterator[np.ndarray]:
     window: deque[tuple[str, ChunkLocation]] = deque()
@@ -60,7 +63,7 @@ def _iterate(
         request_more()
         while window:
             ref, loc = window[0]
-            data = loc.wait()
+            data = loc.wait(timeout)
             window.popleft()
             pool.drop_chunk(loc.level, loc.index, ref)
             request_more()

@@ -43,6 +43,8 @@ from .stores import open_node
 __all__ = ["ChunkPool"]
 
 logger = logging.getLogger("chunkpool")
+#: One record per failed chunk load (an application may quiet or summarise these alone).
+chunk_logger = logging.getLogger("chunkpool.chunks")
 
 #: Seconds :meth:`ChunkPool.destroy` waits for its threads before abandoning them.
 DESTROY_TIMEOUT = 5.0
@@ -518,7 +520,7 @@ class ChunkPool:
             self._loaded_one()
             future = loc._future
         if error is not None:
-            logger.warning(
+            chunk_logger.warning(
                 "chunkpool: %s level %d chunk %s failed: %r",
                 self._info.source,
                 key[0],
@@ -579,14 +581,17 @@ class ChunkPool:
         *,
         max_ahead: int = 8,
         priority: float = 0.0,
+        timeout: float | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield the data of ``(level, index)`` keys in order, loading ahead.
 
         At most ``max_ahead`` chunks are requested but not yet consumed (backpressure).
         Closing or dropping the iterator cancels what it had requested; a failed load
-        raises ChunkLoadError in the caller.
+        raises ChunkLoadError in the caller, and a chunk that takes longer than
+        ``timeout`` seconds (None: no bound) to arrive once it is next raises
+        TimeoutError.
         """
-        return iter_chunk_data(self, keys, max_ahead=max_ahead, priority=priority)
+        return iter_chunk_data(self, keys, max_ahead=max_ahead, priority=priority, timeout=timeout)
 
     def destroy(self, timeout: float = DESTROY_TIMEOUT) -> None:
         """Drop and destroy all chunks, cancel all loads, and stop the worker threads.

@@ -187,6 +187,9 @@ class LoadScheduler:
         self._fetch_s = 0.0  # typical seconds of one sync fetch and one decode (_typical)
         self._decode_s = 0.0
         self._active: set[LoadJob] = set()  # fetching or decoding
+        # the loop async fetches run on, and their tasks there (touched on that loop only)
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._seq = itertools.count()
         self._closed = False
         self._io_workers = Workers("io", io_concurrency)
@@ -262,6 +265,7 @@ class LoadScheduler:
                 if job._io_future is not None:
                     job._io_future.cancel()
         deadline = time.monotonic() + timeout
+        self._end_tasks(deadline)
         busy = self._io_workers.shutdown(deadline) + self._cpu_workers.shutdown(deadline)
         if not busy:
             return Abandoned(0, [])
@@ -269,6 +273,34 @@ class LoadScheduler:
             stuck = [job for job in self._active if job in in_threads]
         keys = sorted((job.source.scale.level, job.index) for job in stuck)
         return Abandoned(len(busy), keys)
+
+    def _end_tasks(self, deadline: float) -> None:
+        """Wait, until ``deadline`` at most, for the async fetch tasks (cancelled) to end
+        on their loop, so that none is left pending there when the process exits (it
+        would be reported as "Task was destroyed but it is pending")."""
+        loop = self._async_loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return  # called from a loop (maybe that one): it must not block
+        # queued after every fetch scheduled so far: each has started (or ended) by then
+        ended = asyncio.run_coroutine_threadsafe(self._cancel_tasks(deadline), loop)
+        try:
+            ended.result(max(0.0, deadline - time.monotonic()))
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            ended.cancel()
+
+    async def _cancel_tasks(self, deadline: float) -> None:
+        """On the fetches' loop: cancel this scheduler's tasks and await them."""
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
 
     # -- internals --------------------------------------------------------------------
 
@@ -315,9 +347,8 @@ class LoadScheduler:
                 if window is None:
                     break
                 job = self._start(window)
-                job._io_future = asyncio.run_coroutine_threadsafe(
-                    self._fetch_async(job), job.source.io_loop()
-                )
+                self._async_loop = loop = job.source.io_loop()
+                job._io_future = asyncio.run_coroutine_threadsafe(self._fetch_async(job), loop)
         # Start a thread only for work no started thread will take, up to the number of
         # threads wanted, or beyond while every running one waits on its read.
         loopers = self._loopers
@@ -420,6 +451,9 @@ class LoadScheduler:
         """IO stage for an asynchronous store, as a task on zarr's event loop."""
         raw: RawChunk | None = None
         error: Exception | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             raw = await job.source.fetch_async(job.index)
         except asyncio.CancelledError:
@@ -428,6 +462,8 @@ class LoadScheduler:
             raise
         except Exception as err:
             error = err
+        finally:
+            self._tasks.discard(task)
         with self._lock:
             item = self._fetched(job, raw, error)
             if item is not None and item is not _FAILED:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,6 +13,23 @@ import pytest
 import zarr
 
 from chunkpool import ChunkPool, read_multiscales
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_dir() -> Iterator[None]:
+    """An ``XDG_RUNTIME_DIR``, as a desktop session has one: without it Mesa's Vulkan
+    loader prints "XDG_RUNTIME_DIR is invalid" on stderr in every process that renders,
+    which the tests of the command's one-line messages would count."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="zarrscope-runtime-") as path:
+        os.chmod(path, 0o700)
+        os.environ["XDG_RUNTIME_DIR"] = path
+        try:
+            yield
+        finally:
+            del os.environ["XDG_RUNTIME_DIR"]
 
 
 def ramp(shape: tuple[int, ...], dtype: str = "uint16") -> np.ndarray:

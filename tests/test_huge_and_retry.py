@@ -394,3 +394,18 @@ def test_a_failure_asks_for_a_frame_when_its_retry_is_due(pyramid_32: Pyramid) -
     finally:
         layer.close()
         pool.destroy()
+
+
+def test_a_failed_contrast_sample_opens_the_viewer_with_its_tile_hatched(
+    pyramid_32: Pyramid,
+) -> None:
+    """The coarsest level's centre chunk, one of those start-up samples for contrast
+    windows, fails: the viewer opens all the same, that tile hatched, the rest drawn."""
+    store = GatedStore(LocalStore(pyramid_32.path))
+    store.rec.fail_keys.add("2/c/4/4")  # the coarsest level is 8 x 8 tiles
+    with Viewer(zarr.open_group(store, mode="r"), None, size=SIZE, colormap="gray") as viewer:
+        viewer.fit()
+        settle(viewer)
+        status = viewer.layer.status()
+        assert status.level == 2 and status.failed == 1 and status.loaded == 63
+        assert store.rec.started.count("2/c/4/4") >= 1

@@ -8,9 +8,12 @@ command: metadata reads have the same per-attempt timeout and retries as chunk r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +178,26 @@ def test_cli_timeout_bounds_a_local_read_that_never_returns(tmp_path):
     )
     assert_one_timeout_line(result, watchdog=True)
     assert not out.exists()
+
+
+def test_destroy_ends_the_fetch_tasks_it_cancels(server):
+    """Chunk reads stalled on the server: destroy() cancels their tasks on zarr's loop
+    and returns once they have ended, so none is left pending there (at exit Python
+    would print "Task was destroyed but it is pending!" for each)."""
+    server.add_fault("*/c/*", "stall")
+    retry = RetryPolicy(attempts=1, timeout=600)  # the reads stall until destroyed
+    (pool,) = ChunkPool.from_zarr_node(f"{server.url}/img.zarr", retry=retry)
+    indices = list(pool.multiscale_info.levels[0].iter_chunk_indices())
+    locs = [pool.get_chunk(0, index) for index in indices]
+    deadline = time.monotonic() + 30
+    while server.in_flight < len(locs):  # every read is stalled at the server
+        assert time.monotonic() < deadline, f"only {server.in_flight} reads reached the server"
+        threading.Event().wait(0.01)
+    loop = pool._sources[0].io_loop()
+    pool.destroy()
+
+    async def fetch_tasks() -> list[str]:
+        return [repr(t) for t in asyncio.all_tasks() if "_fetch_async" in repr(t.get_coro())]
+
+    assert asyncio.run_coroutine_threadsafe(fetch_tasks(), loop).result(30) == []
+    assert all(loc.state.value == "cancelled" for loc in locs)

@@ -323,12 +323,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.mark.render
 def test_cli_stderr_at_debug_has_no_secrets_over_http(server, tmp_path):
-    server.add_fault("*/img.zarr/c/1/1", "500")  # a tile of the view: the command fails
+    server.add_fault("*/img.zarr/c/1/1", "500")  # a tile of the view: drawn hatched
     out = tmp_path / "out.png"
     url = with_userinfo(f"{server.url}/img.zarr")
     args = ("--screenshot", str(out), "--size", "64", "64", "--log-level", "DEBUG")
     result = run_cli(url, *args, "--timeout", "60")
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "1 tiles failed" in result.stderr.strip().splitlines()[-1]
     assert "DEBUG [fsspec.http]" in result.stderr and "HTTP error 500" in result.stderr
     assert "Traceback" not in result.stderr
     assert leaks([result.stderr, result.stdout]) == []

@@ -127,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _stop_logging(handler)
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -151,22 +153,24 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _log_to_stderr(level: str) -> logging.Handler:
-    """Show log records of ``level`` and up (and warnings) on stderr, redacted; the
-    handler doing it."""
+    """Show log records of ``level`` and up (and warnings) on stderr, redacted, until
+    :func:`_stop_logging`; the handler doing it."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("zarrscope: %(levelname)s [%(name)s] %(message)s"))
     root = logging.getLogger()
-    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
-    if handler is None:
-        handler = _StderrHandler()
-        handler.addFilter(RedactingFilter())
-        handler.setFormatter(logging.Formatter("zarrscope: %(levelname)s [%(name)s] %(message)s"))
-        root.addHandler(handler)
+    root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
     return handler
 
 
-class _StderrHandler(logging.StreamHandler):
-    """The command's own log handler (on stderr, with a RedactingFilter)."""
+def _stop_logging(handler: logging.Handler) -> None:
+    """Undo :func:`_log_to_stderr` (``main`` may run again in the same process, on
+    another stderr)."""
+    logging.captureWarnings(False)
+    logging.getLogger().removeHandler(handler)
+    handler.close()
 
 
 #: Seconds past --timeout that the watchdog lets the command wind down before it ends
@@ -181,12 +185,13 @@ def _screenshot(args: argparse.Namespace, log: logging.Handler) -> int:
     so opening a server that never answers and loading from one give up in time; what
     opening leaves of the time is what loading gets. Reads nothing can interrupt (a
     local file that never answers) are covered by a watchdog, which ends the process
-    shortly after the deadline with the same one line. Once the deadline has passed,
-    the chunk loads the command gives up on are not logged one by one (on ``log``):
-    the one line says it all.
+    shortly after the deadline with the same one line. Failed chunk loads are not
+    logged one by one (on ``log``): the closing line counts the failed tiles; nor,
+    once the deadline has passed, anything of chunkpool's: the one line says it all.
     """
     deadline = time.monotonic() + args.timeout
-    abandoned = _PoolRecordsAfter(deadline)
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    abandoned = _PoolRecordsAfter(deadline, chunks=verbose)
     log.addFilter(abandoned)
     expired = (
         f"zarrscope: error: {redact(args.source or 'the sample')} did not load within "
@@ -201,13 +206,17 @@ def _screenshot(args: argparse.Namespace, log: logging.Handler) -> int:
 
 
 class _PoolRecordsAfter(logging.Filter):
-    """Drops chunkpool's records once ``deadline`` (:func:`time.monotonic`) has passed."""
+    """Drops chunkpool's per-chunk failure records (unless ``chunks``), and all of
+    chunkpool's records once ``deadline`` (:func:`time.monotonic`) has passed."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float, *, chunks: bool):
         super().__init__()
         self._deadline = deadline
+        self._chunks = chunks
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "chunkpool.chunks" and not self._chunks:
+            return False
         return record.name.split(".")[0] != "chunkpool" or time.monotonic() < self._deadline
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pygfx as gfx
 from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 
-from chunkpool import ChunkPool, MultiscaleInfo
+from chunkpool import ChunkPool, ChunkPoolError, MultiscaleInfo
 
 from .display import ChannelDisplay, default_channels, parse_colormap, percentile_window
 from .hud import Hud
@@ -43,6 +43,8 @@ __all__ = ["Viewer"]
 ZOOM_PREFETCH_SECONDS = 0.6
 #: Chunks of the coarsest level read at start-up to pick default contrast windows.
 CONTRAST_SAMPLE_CHUNKS = 16
+#: How long start-up waits for those chunks at most (the ones still loading are skipped).
+CONTRAST_SAMPLE_SECONDS = 10.0
 
 
 class Viewer:
@@ -213,7 +215,11 @@ class Viewer:
         return result
 
     def _contrast_samples(self, position: SlicePosition) -> list[np.ndarray]:
-        """Per channel, data of the coarsest level (a few chunks around its centre)."""
+        """Per channel, data of the coarsest level (a few chunks around its centre).
+
+        A sample chunk that fails to load (its tile shows hatched) or has not arrived
+        within ``CONTRAST_SAMPLE_SECONDS`` is left out: sampling never stops the viewer
+        from opening (a channel without samples gets a default window)."""
         plane = self.plane
         level = len(self.pool.multiscale_info.levels) - 1
         scale = self.pool.multiscale_info.levels[level]
@@ -221,18 +227,26 @@ class Viewer:
         side = max(1, int(math.sqrt(CONTRAST_SAMPLE_CHUNKS)))
         ys = range(max(0, gy // 2 - side // 2), min(gy, gy // 2 - side // 2 + side))
         xs = range(max(0, gx // 2 - side // 2), min(gx, gx // 2 - side // 2 + side))
-        requests = [
-            (c, (level, index), select)
+        ref = "contrast-samples"
+        samples = [
+            (c, self.pool.get_chunk(level, index, ref), select)
             for c in range(plane.n_channels)
             for iy in ys
             for ix in xs
             for index, select in [plane.chunk_and_selection(level, iy, ix, c, position)]
         ]
         planes: list[list[np.ndarray]] = [[] for _ in range(plane.n_channels)]
-        data = self.pool.iter_data([key for _, key, _ in requests], max_ahead=len(requests))
-        for (c, _, select), chunk in zip(requests, data, strict=True):
-            planes[c].append(plane.plane_of(chunk, select).ravel())
-        return [np.concatenate(p) for p in planes]
+        deadline = time.monotonic() + CONTRAST_SAMPLE_SECONDS
+        try:
+            for c, loc, select in samples:
+                try:
+                    data = loc.wait(max(0.0, deadline - time.monotonic()))
+                except (ChunkPoolError, TimeoutError):
+                    continue
+                planes[c].append(plane.plane_of(data, select).ravel())
+        finally:
+            self.pool.drop_chunks([loc.key for _, loc, _ in samples], ref)
+        return [np.concatenate(p) if p else np.empty(0, scale.dtype) for p in planes]
 
     # -- event loop plumbing --------------------------------------------------------
 
@@ -348,9 +362,12 @@ class Viewer:
         started = time.perf_counter()
         self._process_inbox()
         view = self.view()
-        if self._last_width is not None and view.x1 - view.x0 < self._last_width * 0.999:
+        width = view.x1 - view.x0
+        if self._last_width is not None and width < self._last_width * 0.999:
             self._zoom_in_until = started + ZOOM_PREFETCH_SECONDS
-        self._last_width = view.x1 - view.x0
+        elif self._last_width is not None and width > self._last_width * 1.001:
+            self._zoom_in_until = 0.0  # zooming out: the finer level is not wanted
+        self._last_width = width
         zoom_in = started < self._zoom_in_until
         self.layer.update(view, zoom_in=zoom_in)
         if self._process_inbox():  # chunks the update found in the pool's cache: show them
