@@ -23,6 +23,9 @@ from chunkpool.diskcache import INDEX_NAME
 from chunkpool.retry import is_transient
 
 FAST_RETRY = RetryPolicy(attempts=3, timeout=1.0, base_delay=0.05, max_delay=0.2)
+#: Seconds the slow server waits before each answer: what a test that must not wait for
+#: answers stays far below, however loaded the machine.
+SLOW_SERVER = 60.0
 
 
 @pytest.fixture
@@ -160,13 +163,13 @@ def test_destroy_with_1000_pending_remote_loads_is_quick(tmp_path):
     make_array(tmp_path / "big.zarr", ramp((320, 320)), (10, 10))  # 1024 chunks
     with ZarrHTTPServer(tmp_path) as srv:
         pool = open_pool(f"{srv.url}/big.zarr")
-        srv.latency = 5.0
+        srv.latency = SLOW_SERVER
         for index in pool.multiscale_info.levels[0].iter_chunk_indices():
             pool.get_chunk(0, index)
         assert pool.stats.chunks_pending == 1024
         started = time.perf_counter()
         pool.destroy()
-        assert time.perf_counter() - started < 2.0
+        assert time.perf_counter() - started < SLOW_SERVER / 2  # it waited for no answer
 
 
 def test_unreachable_host_is_one_clear_message():
@@ -223,7 +226,7 @@ def test_disk_cache_stays_within_its_byte_budget(tmp_path):
 @pytest.mark.render
 def test_closing_the_viewer_with_1000_pending_remote_loads_is_quick(tmp_path):
     """A slow server never holds the viewer: with over 1000 tile loads in flight or
-    queued, frames still come, and closing takes well under 2 s."""
+    queued, frames still come, and closing waits for no answer."""
     from viewer import Viewer
 
     make_array(tmp_path / "big.zarr", ramp((1024, 2048), "uint8"), (16, 16))
@@ -236,12 +239,12 @@ def test_closing_the_viewer_with_1000_pending_remote_loads_is_quick(tmp_path):
             colormap="gray",
             clim=(0, 255),
         )
-        srv.latency = 5.0
+        srv.latency = SLOW_SERVER
         viewer.show_region(0, 0, 1024, 512)  # 1:1: 64 x 32 tiles of 16², none cached
         started = time.perf_counter()
         viewer.screenshot()
-        assert time.perf_counter() - started < 5.0  # the frame did not wait for data
+        assert time.perf_counter() - started < SLOW_SERVER / 2  # it did not wait for data
         assert viewer.pool.stats.chunks_pending >= 1000
         started = time.perf_counter()
         viewer.close()
-        assert time.perf_counter() - started < 2.0
+        assert time.perf_counter() - started < SLOW_SERVER / 2

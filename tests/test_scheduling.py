@@ -157,7 +157,9 @@ def test_slow_async_reads_do_not_block_the_caller(pools, grid):
     for i in range(16):
         for j in range(16):
             pool.get_chunk(0, (i, j))
-    assert time.perf_counter() - t0 < 1.0  # requesting never waits on IO
+    # requesting never waits on IO: the reads are held at the gate, so a wait would
+    # never end (the test's timeout); this bound only makes such a failure quick
+    assert time.perf_counter() - t0 < 30
     arr.store.rec.open_gate()
     pool.wait_for_chunks_to_load()
 
