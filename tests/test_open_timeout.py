@@ -11,20 +11,18 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_array, ramp
 from support.httpserver import ZarrHTTPServer
+from test_render import run_cli as run_command
 
 from chunkpool import ChunkLoadError, ChunkPool, RetryPolicy, SourceError
 
 FAST_RETRY = RetryPolicy(attempts=2, timeout=0.5, base_delay=0.05, max_delay=0.1)
-ROOT = Path(__file__).resolve().parent.parent
 
 #: The CLI's --timeout in these tests, and the bound on the whole command: a large
 #: multiple of it (the interpreter, pygfx and wgpu start inside that bound too).
@@ -114,15 +112,7 @@ def test_a_pool_on_an_already_open_node_still_retries(server):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """``zarrscope ARGS`` in a subprocess, bounded by CLI_BOUND (TimeoutExpired fails)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "viewer", *args],
-        capture_output=True,
-        text=True,
-        timeout=CLI_BOUND,
-        env=env,
-        cwd=ROOT,
-    )
+    return run_command(*args, timeout=CLI_BOUND)
 
 
 def assert_one_timeout_line(

@@ -10,6 +10,7 @@ view is nearest sampling of the level the viewer chose at the screen pixel centr
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from support.teststores import AsyncGatedStore, GatedStore
 from zarr.storage import LocalStore
 
 from viewer import Viewer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.render
 
@@ -746,14 +749,18 @@ def test_previous_slice_stands_in_until_the_new_one_loads(
 # -- the command line -------------------------------------------------------------------
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m viewer ARGS`` in a subprocess."""
+def run_cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m viewer ARGS`` in a subprocess running this checkout's code, with
+    ``env`` added to the environment; ``timeout`` bounds it (TimeoutExpired fails)."""
     return subprocess.run(
         [sys.executable, "-m", "viewer", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
     )
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import subprocess
-import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 from conftest import make_array, ramp
 from support.httpserver import ZarrHTTPServer
 from support.s3server import REGION, S3Server
+from test_render import run_cli as run_command
 
 from chunkpool import ChunkLoadError, ChunkPool, RetryPolicy, SourceError, open_node
 from chunkpool.redaction import RedactingFilter, redact, redact_text
@@ -41,7 +40,6 @@ SECRETS = (USER, PASSWORD, SIGNATURE, TOKEN, SAS_SIG, FRAGMENT, S3_KEY, S3_SECRE
 ENV_SECRETS = (ENV_KEY, ENV_SECRET)
 
 FAST_RETRY = RetryPolicy(attempts=2, timeout=2.0, base_delay=0.05, max_delay=0.1)
-ROOT = Path(__file__).resolve().parent.parent
 CLI_BOUND = 120  # seconds a zarrscope subprocess may take, start to exit
 
 
@@ -311,14 +309,7 @@ def test_s3_environment_credentials_never_show(s3, caplog, monkeypatch):
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "viewer", *args],
-        capture_output=True,
-        text=True,
-        timeout=CLI_BOUND,
-        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-    )
+    return run_command(*args, timeout=CLI_BOUND, env=env)
 
 
 @pytest.mark.render
