@@ -54,6 +54,7 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation, _ShardIndex
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import NDBuffer, default_buffer_prototype
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
 from zarr.core.codec_pipeline import codecs_from_list
 from zarr.core.sync import _get_loop, sync
 from zarr.storage import LocalStore
@@ -118,9 +119,9 @@ class _IndexReadAbandoned(Exception):
     """The request reading a shard index was cancelled; a waiter should read it."""
 
 
-@dataclass(frozen=True)
-class RawChunk:
-    """The encoded bytes of one chunk (None when the chunk does not exist)."""
+class RawChunk(NamedTuple):
+    """The encoded bytes of one chunk (None when the chunk does not exist). A named
+    tuple: one is made per chunk, and a frozen dataclass costs ~1 µs more to make."""
 
     data: np.ndarray | None
     nbytes_fetched: int
@@ -142,8 +143,8 @@ class _IntoDecoder:
     ):
         self._compressor = compressor
         self._decode_into = decode_into
-        self._dtype = dtype
-        self.shape = shape
+        self.dtype = self._dtype = dtype
+        self.shape = tuple(shape)
         self._order = order
         self.nbytes = math.prod(shape) * dtype.itemsize
         self._buffers = buffers
@@ -276,6 +277,7 @@ class _LocalReader:
 
     def __init__(self, root: str, buffers: BufferPool):
         self._root = root
+        self._root_slash = os.path.join(root, "")
         self._buffers = buffers
         self._store_root = StoreRoot(root)
         self._checked_dirs: set[str] = set()  # directories known to resolve inside
@@ -289,7 +291,7 @@ class _LocalReader:
             if len(self._checked_dirs) >= MAX_CHECKED_DIRS:
                 self._checked_dirs.clear()
             self._checked_dirs.add(directory)
-        path = os.path.join(self._root, key)
+        path = self._root_slash + key
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -398,6 +400,7 @@ class ChunkSource:
             else None
         )
         self._sharding: ShardingCodec | None = None
+        self._init_keys(self._metadata)
         try:
             self._init_decoders(async_array)
         except Exception as err:  # codecs zarr opened but that cannot decode this array
@@ -406,6 +409,25 @@ class ChunkSource:
             raise SourceError(
                 f"{where}: its codecs cannot decode chunks ({type(err).__name__}: {detail})"
             ) from err
+
+    def _init_keys(self, metadata: Any) -> None:
+        """How :meth:`_key` spells a chunk key: zarr's two standard encodings are
+        spelt here (checked against zarr's own spelling once), any other by zarr."""
+        self._key_separator: str | None = None
+        self._key_c = False
+        if metadata.zarr_format == 2:
+            separator = metadata.dimension_separator
+        elif type(metadata.chunk_key_encoding) is DefaultChunkKeyEncoding:
+            separator, self._key_c = metadata.chunk_key_encoding.separator, True
+        elif type(metadata.chunk_key_encoding) is V2ChunkKeyEncoding:
+            separator = metadata.chunk_key_encoding.separator
+        else:
+            return
+        probe = tuple(range(1, self.scale.ndim + 1))
+        expected = metadata.encode_chunk_key(probe)
+        self._key_separator = separator
+        if self._key(probe) != (f"{self._prefix}/{expected}" if self._prefix else expected):
+            self._key_separator = None
 
     def _init_decoders(self, async_array: Any) -> None:
         codecs = list(async_array.codec_pipeline)
@@ -419,6 +441,16 @@ class ChunkSource:
                 (0,) * self.scale.ndim, config, self._prototype
             )
             self._decode = _make_decoder(codecs, spec, self._buffers)
+        #: Whether :meth:`decode` may skip its general checks for a full chunk: an
+        #: _IntoDecoder returns exactly the chunk's shape (its size checked), in memory
+        #: that is not the read buffer, and here in native byte order.
+        decoder = self._decode
+        self._plain_decode = (
+            isinstance(decoder, _IntoDecoder)
+            and decoder.nbytes <= MAX_CHUNK_BYTES
+            and decoder.dtype.isnative
+            and decoder.shape == tuple(self.scale.chunk_shape)
+        )
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape
@@ -447,7 +479,13 @@ class ChunkSource:
     # -- fetching ---------------------------------------------------------------------
 
     def _key(self, coords: tuple[int, ...]) -> str:
-        key = self._metadata.encode_chunk_key(coords)
+        sep = self._key_separator
+        if sep is None:
+            key = self._metadata.encode_chunk_key(coords)
+        elif self._key_c:  # zarr's two standard encodings, without their call overhead
+            key = sep.join(("c", *map(str, coords)))
+        else:
+            key = sep.join(map(str, coords)) or "0"
         return f"{self._prefix}/{key}" if self._prefix else key
 
     def _plan(self, index: tuple[int, ...]) -> _Plan:
@@ -625,6 +663,18 @@ class ChunkSource:
         shape = self.chunk_data_shape(index)
         if raw.data is None:
             return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
+        if self._plain_decode and shape is self.scale.chunk_shape:
+            # the common case, in short: a full chunk decoded into memory of its own
+            # (a recycled buffer, or what zlib inflated to) in native byte order
+            try:
+                arr = self._decode(raw.data)
+            except Exception as err:
+                raise self._decode_error(self._chunk_key(index), err) from err
+            finally:
+                if raw.owner is not None:
+                    self._buffers.give(raw.owner)
+            arr.flags.writeable = False
+            return arr
         try:
             if self._decode.nbytes > MAX_CHUNK_BYTES:
                 raise ChunkDecodeError(
