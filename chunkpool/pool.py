@@ -35,7 +35,7 @@ from .info import MultiscaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
 from .retry import RetryPolicy
-from .scheduler import LoadJob, LoadScheduler
+from .scheduler import Completions, LoadJob, LoadScheduler
 from .source import ChunkSource
 from .stats import PoolStats, StatsRecorder
 from .stores import open_node
@@ -130,6 +130,7 @@ class ChunkPool:
             io_concurrency=io_concurrency,
             remote_io_concurrency=remote_io_concurrency,
             cpu_workers=cpu_workers or (os.cpu_count() or 1) + 1,
+            on_done_many=self._on_jobs_done,
         )
         self._lock = threading.RLock()
         self._chunks: dict[ChunkKey, ChunkLocation] = {}  # chunks with at least one ref
@@ -482,55 +483,69 @@ class ChunkPool:
 
     def _on_job_done(self, job: LoadJob, data: np.ndarray | None, error: BaseException | None):
         """A load finished (in a worker thread): publish the data or the failure."""
-        key = (job.source.scale.level, job.index)
+        self._on_jobs_done([(job, data, error)])
+
+    def _on_jobs_done(self, reports: Completions) -> None:
+        """Loads finished (in a worker thread, a batch at a time): publish their data
+        or failures under one hold of the lock, then resolve futures, log failures and
+        wake the handlers' loop once."""
+        resolved: list[tuple[concurrent.futures.Future | None, Any, Any, ChunkKey]] = []
+        posted = False
         with self._lock:
-            loc = self._chunks.get(key)
-            if loc is None or loc._job is not job:
-                return  # cancelled meanwhile
-            loc._job = None
-            self._pending_bytes -= loc._nbytes
+            chunks = self._chunks
             s = self._stats
-            s.latencies.append(time.perf_counter() - job.submitted_at)
-            s.bytes_fetched += job.nbytes_fetched
-            handlers: dict[str, Handler] | None = None
-            for r, e in loc._refs.items():
-                if e.load_handler is not None:
-                    if handlers is None:
-                        handlers = {}
-                    handlers[r] = e.load_handler
             dispatcher = self._dispatcher
-            if handlers and dispatcher is None:
-                # before the data: wait() reads the data, then these, without the lock
-                loc._unfired_loads.update(handlers)
-            if error is not None or data is None:
-                loc._error = error
-                loc._state = _FAILED
-                s.failures += 1
-            else:
-                loc._data = data
-                loc._state = _LOADED
-                loc._held_bytes = held = _held_bytes(data)
-                self._memory += held
-                s.loads += 1
-                s.bytes_loaded += data.nbytes
-            if handlers and dispatcher is not None:
-                dispatcher.post([(h, loc) for h in handlers.values()])
-            self._loaded_one()
-            future = loc._future
-        if error is not None:
-            logger.warning(
-                "chunkpool: %s level %d chunk %s failed: %r",
-                self._info.source,
-                key[0],
-                key[1],
-                error,
-            )
-            if future is not None:
-                future.set_exception(error)
-        elif future is not None:
-            future.set_result(data)
-        if handlers and dispatcher is not None:
-            dispatcher.kick()
+            now = time.perf_counter()
+            for job, data, error in reports:
+                key = (job.source.scale.level, job.index)
+                loc = chunks.get(key)
+                if loc is None or loc._job is not job:
+                    continue  # cancelled meanwhile
+                loc._job = None
+                self._pending_bytes -= loc._nbytes
+                s.latencies.append(now - job.submitted_at)
+                s.bytes_fetched += job.nbytes_fetched
+                handlers: dict[str, Handler] | None = None
+                for r, e in loc._refs.items():
+                    if e.load_handler is not None:
+                        if handlers is None:
+                            handlers = {}
+                        handlers[r] = e.load_handler
+                if handlers and dispatcher is None:
+                    # before the data: wait() reads the data, then these, without the lock
+                    loc._unfired_loads.update(handlers)
+                if error is not None or data is None:
+                    loc._error = error
+                    loc._state = _FAILED
+                    s.failures += 1
+                else:
+                    loc._data = data
+                    loc._state = _LOADED
+                    loc._held_bytes = held = _held_bytes(data)
+                    self._memory += held
+                    s.loads += 1
+                    s.bytes_loaded += data.nbytes
+                if handlers and dispatcher is not None:
+                    dispatcher.post([(h, loc) for h in handlers.values()])
+                    posted = True
+                self._loaded_one()
+                if error is not None or loc._future is not None:
+                    resolved.append((loc._future, data, error, key))
+        for future, data, error, key in resolved:
+            if error is not None:
+                logger.warning(
+                    "chunkpool: %s level %d chunk %s failed: %r",
+                    self._info.source,
+                    key[0],
+                    key[1],
+                    error,
+                )
+                if future is not None:
+                    future.set_exception(error)
+            elif future is not None:
+                future.set_result(data)
+        if posted:
+            dispatcher.kick()  # type: ignore[union-attr]
 
     # -- bulk -----------------------------------------------------------------------
 
