@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .source import ChunkSource, RawChunk
+from .source import ChunkSource, RawChunk, close_files
 from .workers import Workers
 
 __all__ = ["Abandoned", "Completions", "JobState", "LoadJob", "LoadScheduler"]
@@ -180,7 +180,19 @@ class _Batch:
 
     def run(self) -> None:
         """Read and decode every job not cancelled meanwhile (without the lock)."""
-        results, taken, pending = self.results, self.taken, self.pending
+        files: dict[str, int] = {}  # shards stay open for the batch's other inner chunks
+        try:
+            self._run(self.results, self.taken, self.pending, files)
+        finally:
+            close_files(files)
+
+    def _run(
+        self,
+        results: Completions,
+        taken: list[LoadJob],
+        pending: deque[LoadJob],
+        files: dict[str, int],
+    ) -> None:
         perf_counter = time.perf_counter
         fetch_s = decode_s = 0.0
         while True:
@@ -194,7 +206,7 @@ class _Batch:
             self.reading = True
             t0 = perf_counter()
             try:
-                raw = job.source.fetch_sync(job.index)
+                raw = job.source.fetch_sync(job.index, files)
             except Exception as err:
                 results.append((job, None, err))
                 continue

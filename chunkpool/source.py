@@ -67,7 +67,7 @@ from .links import StoreRoot
 from .retry import RetryPolicy
 from .stores import describe_error, with_retries
 
-__all__ = ["ChunkSource", "RawChunk"]
+__all__ = ["ChunkSource", "RawChunk", "close_files"]
 
 #: Shard indexes kept per array; an index costs 16 bytes per inner chunk.
 SHARD_INDEX_CACHE_SIZE = 4096
@@ -282,9 +282,41 @@ class _LocalReader:
         self._store_root = StoreRoot(root)
         self._checked_dirs: set[str] = set()  # directories known to resolve inside
 
-    def read(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+    def read(
+        self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
+    ) -> _Bytes | None:
         """The bytes of ``key`` (None if there is no such file). Raises
-        :class:`LinkEscapeError` if reading it would follow a link out of the root."""
+        :class:`LinkEscapeError` if reading it would follow a link out of the root.
+
+        With ``files`` (the caller's: key -> open descriptor), a file opened here stays
+        open in it for the caller's next reads of the same file (the inner chunks of a
+        shard), and the caller closes it; what is in ``files`` was opened here, checked
+        the same way."""
+        fd = None if files is None else files.get(key)
+        if fd is None:
+            fd = self._open(key)
+            if fd is None:
+                return None
+            if files is not None:
+                files[key] = fd
+        try:
+            if type(byte_range) is RangeByteRequest:  # (pread stops at the file's end)
+                start, length = byte_range.start, max(0, byte_range.end - byte_range.start)
+            else:
+                start, stop = _byte_span(byte_range, os.fstat(fd).st_size)
+                length = max(0, stop - start)
+            if length < SMALL_READ:
+                return _Bytes(np.frombuffer(os.pread(fd, length, start), np.uint8), None)
+            owner = self._buffers.take(transient_size(length))
+            n = os.preadv(fd, [memoryview(owner)[:length]], start)
+            return _Bytes(owner[:n], owner)
+        finally:
+            if files is None:
+                os.close(fd)
+
+    def _open(self, key: str) -> int | None:
+        """A descriptor of ``key`` opened for reading, never through a link out of the
+        root (None if there is no such file)."""
         directory = key.rpartition("/")[0]
         if directory not in self._checked_dirs:
             self._store_root.check(directory)
@@ -293,28 +325,24 @@ class _LocalReader:
             self._checked_dirs.add(directory)
         path = self._root_slash + key
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as err:
             if err.errno != errno.ELOOP:
                 raise
-            self._store_root.check(key)  # the file is a link: follow it only inside
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                return None
+        self._store_root.check(key)  # the file is a link: follow it only inside
         try:
-            size = os.fstat(fd).st_size
-            start, stop = _byte_span(byte_range, size)
-            length = max(0, stop - start)
-            if length < SMALL_READ:
-                return _Bytes(np.frombuffer(os.pread(fd, length, start), np.uint8), None)
-            owner = self._buffers.take(transient_size(length))
-            n = os.preadv(fd, [memoryview(owner)[:length]], start)
-            return _Bytes(owner[:n], owner)
-        finally:
-            os.close(fd)
+            return os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+
+def close_files(files: dict[str, int]) -> None:
+    """Close the descriptors that reads with ``files`` left open, and forget them."""
+    for fd in files.values():
+        os.close(fd)
+    files.clear()
 
 
 def _byte_span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
@@ -566,10 +594,13 @@ class ChunkSource:
         except StopIteration as stop:
             return stop.value
 
-    def fetch_sync(self, index: tuple[int, ...]) -> RawChunk:
-        """Fetch a chunk's bytes from a synchronous store, in the calling thread."""
+    def fetch_sync(self, index: tuple[int, ...], files: dict[str, int] | None = None) -> RawChunk:
+        """Fetch a chunk's bytes from a synchronous store, in the calling thread.
+
+        ``files``: see :meth:`_LocalReader.read` (local stores; the caller closes them
+        with :func:`close_files`)."""
         if self._local is not None:
-            raw = self._fetch_local(index)
+            raw = self._fetch_local(index, files)
             if raw is not None:
                 return raw
 
@@ -591,22 +622,26 @@ class ChunkSource:
 
         return self._drive_sync(self._plan(index), perform)
 
-    def _read_local(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+    def _read_local(
+        self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
+    ) -> _Bytes | None:
         """Read a local file's bytes; a failure is a ChunkReadError naming the key."""
         assert self._local is not None
         try:
-            return self._local.read(key, byte_range)
+            return self._local.read(key, byte_range, files)
         except Exception as err:
             reason = describe_error(err)
         # raised outside the handler: the OS error is neither cause nor context
         raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
 
-    def _fetch_local(self, index: tuple[int, ...]) -> RawChunk | None:
+    def _fetch_local(
+        self, index: tuple[int, ...], files: dict[str, int] | None
+    ) -> RawChunk | None:
         """The plan's common cases for local files, without its generator machinery
         (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
         index is already cached. None means: run the plan."""
         if self._sharding is None:
-            read = self._read_local(self._key(index), None)
+            read = self._read_local(self._key(index), None)  # (each file read once)
             if read is None:
                 return RawChunk(None, 0)
             return RawChunk(read.data, read.data.nbytes, read.owner)
@@ -622,7 +657,9 @@ class ChunkSource:
         ].tolist()
         if offset == _NO_CHUNK and length == _NO_CHUNK:
             return RawChunk(None, 0)
-        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length))
+        read = self._read_local(
+            self._key(shard), RangeByteRequest(offset, offset + length), files
+        )
         if read is None:
             return RawChunk(None, 0)
         return RawChunk(read.data, read.data.nbytes, read.owner)

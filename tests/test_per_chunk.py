@@ -75,9 +75,9 @@ def test_blocked_decodes_stop_new_fetches(pools, tmp_path):
         assert gate.wait(30), "the test never opened the gate"
         return decode(index, raw)
 
-    def counted_fetch(index):
+    def counted_fetch(index, *args):
         fetches.append(index)
-        return fetch(index)
+        return fetch(index, *args)
 
     source.decode = stuck_decode
     source.fetch_sync = counted_fetch
