@@ -253,8 +253,9 @@ class ChunkPool:
                 return
             self._dispatcher = HandlerDispatcher(call_soon, self._info.source)
             for loc in self._chunks.values():  # loads that were waiting for wait()
-                self._dispatcher.post([(h, loc) for h in loc._unfired_loads.values()])
-                loc._unfired_loads.clear()
+                if loc._unfired_loads:
+                    self._dispatcher.post([(h, loc) for h in loc._unfired_loads.values()])
+                    loc._unfired_loads = None
         self._dispatcher.kick()
 
     def _deliver(self, calls: list[HandlerCall]) -> list[HandlerCall]:
@@ -277,13 +278,16 @@ class ChunkPool:
         Holds ``_lock``."""
         if self._dispatcher is not None:
             self._dispatcher.post([(h, loc) for h in handlers.values()])
+        elif loc._unfired_loads is None:
+            loc._unfired_loads = dict(handlers)
         else:
             loc._unfired_loads.update(handlers)
 
     def _fire_unfired_loads(self, loc: ChunkLocation) -> None:
         with self._lock:
-            calls = [(h, loc) for h in loc._unfired_loads.values()]
-            loc._unfired_loads.clear()
+            unfired = loc._unfired_loads
+            calls = [(h, loc) for h in unfired.values()] if unfired else []
+            loc._unfired_loads = None
         call_handlers(calls)
 
     def _future_of(self, loc: ChunkLocation) -> concurrent.futures.Future:
@@ -345,12 +349,18 @@ class ChunkPool:
         the data is there (or the load failed: see ``location.error``), ``drop_handler``
         when this ref drops it, ``destroy_handler`` when the pool lets the chunk go.
         """
-        key = self._validate(level, index)
         kick = False
         with self._lock:
-            if self._destroyed:
-                raise PoolDestroyedError("the pool was destroyed")
-            loc = self._chunks.get(key)
+            chunks = self._chunks
+            try:  # a held chunk's key is valid: no need to check it again
+                loc = chunks.get((level, index))
+            except TypeError:  # an unhashable index (a list): checked below
+                loc = None
+            if loc is None:
+                key = self._validate(level, index)
+                if self._destroyed:
+                    raise PoolDestroyedError("the pool was destroyed")
+                loc = chunks.get(key)
             if loc is None:
                 loc = self._cache.take(key) if self._cache else None
                 if loc is None:  # a new load
@@ -361,8 +371,8 @@ class ChunkPool:
                     p = priority or 0.0
                     loc._refs[ref] = _RefEntry(p, load_handler, drop_handler)
                     if destroy_handler is not None:
-                        loc._destroy_handlers[ref] = destroy_handler
-                    self._chunks[key] = loc
+                        loc._destroy_handlers = {ref: destroy_handler}
+                    chunks[key] = loc
                     self._stats.misses += 1
                     self._pending_bytes += loc._nbytes
                     self._loading += 1
@@ -370,13 +380,15 @@ class ChunkPool:
                     self._scheduler.submit(job)
                     return loc
                 self._stats.hits += 1
-                self._chunks[key] = loc
+                chunks[key] = loc
             elif ref not in loc._refs:
                 self._stats.hits += 1
             entry = loc._refs.get(ref)
             if entry is None:
                 loc._refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
                 if destroy_handler is not None:
+                    if loc._destroy_handlers is None:
+                        loc._destroy_handlers = {}
                     loc._destroy_handlers[ref] = destroy_handler
                 if load_handler is not None and (loc._state is _LOADED or loc._state is _FAILED):
                     self._queue_loads(loc, {ref: load_handler})
@@ -407,15 +419,23 @@ class ChunkPool:
         Their loads are cancelled together, so that a slot freed by one cancelled
         request is not handed to another chunk of the same batch.
         """
-        keys = [self._validate(level, index) for level, index in keys]
         calls: list[HandlerCall] = []
         with self._lock:
-            cancelled: list[LoadJob] = []
             chunks = self._chunks
+            found: list[ChunkLocation] = []  # every key checked before anything drops
             for key in keys:
-                loc = chunks.get(key)
+                try:  # a held chunk's key is valid: no need to check it again
+                    loc = chunks.get(key)
+                except TypeError:  # an unhashable index (a list): checked below
+                    loc = None
                 if loc is None:
-                    continue
+                    level, index = key
+                    loc = chunks.get(self._validate(level, index))
+                    if loc is None:
+                        continue
+                found.append(loc)
+            cancelled: list[LoadJob] = []
+            for loc in found:
                 refs = loc._refs
                 entry = refs.pop(ref, None)
                 if entry is None:
@@ -425,7 +445,7 @@ class ChunkPool:
                 if entry.drop_handler is not None:
                     calls.append((entry.drop_handler, loc))
                 if not refs:
-                    del chunks[key]
+                    del chunks[(loc._scale_info.level, loc._index)]
                     self._release(loc, cancelled, calls, keep=True)
                 elif loc._job is not None:
                     self._scheduler.reprioritize(loc._job, loc.priority)
@@ -513,7 +533,10 @@ class ChunkPool:
                         handlers[r] = e.load_handler
                 if handlers and dispatcher is None:
                     # before the data: wait() reads the data, then these, without the lock
-                    loc._unfired_loads.update(handlers)
+                    if loc._unfired_loads is None:
+                        loc._unfired_loads = handlers
+                    else:
+                        loc._unfired_loads.update(handlers)
                 if error is not None or data is None:
                     loc._error = error
                     loc._state = _FAILED
@@ -624,7 +647,7 @@ class ChunkPool:
             for loc in self._chunks.values():
                 calls += [(e.drop_handler, loc) for e in loc._refs.values() if e.drop_handler]
                 loc._refs.clear()
-                loc._unfired_loads.clear()
+                loc._unfired_loads = None
                 self._release(loc, cancelled, calls, keep=False)
             self._chunks.clear()
             for loc in self._cache.clear():
