@@ -349,18 +349,88 @@ class ChunkPool:
         the data is there (or the load failed: see ``location.error``), ``drop_handler``
         when this ref drops it, ``destroy_handler`` when the pool lets the chunk go.
         """
+        jobs: list[LoadJob] = []
+        with self._lock:
+            loc, kick = self._hold(
+                level, index, ref, priority, load_handler, drop_handler, destroy_handler, jobs
+            )
+            if jobs:
+                self._scheduler.submit(jobs[0])
+        if kick:
+            self._finish([])
+        return loc
+
+    def get_chunks(
+        self,
+        keys: Iterable[tuple[int, tuple[int, ...]]],
+        ref: str = "pool",
+        *,
+        priority: float | Iterable[float] | None = None,
+        load_handler: Handler | None = None,
+        drop_handler: Handler | None = None,
+        destroy_handler: Handler | None = None,
+    ) -> list[ChunkLocation]:
+        """:meth:`get_chunk` for many ``(level, index)`` keys at once (a viewer's tiles
+        of one frame): one hold of the pool's lock and one of the scheduler's for all,
+        and their new loads queued together. ``priority`` is one for all, or one per
+        key. Every key is checked before any is held. Returns the locations in order.
+        """
+        keys = list(keys)
+        if priority is None or isinstance(priority, int | float):
+            priorities: list[float | None] = [priority] * len(keys)
+        else:
+            priorities = list(priority)
+            if len(priorities) != len(keys):
+                raise ValueError(f"{len(priorities)} priorities for {len(keys)} keys")
+        jobs: list[LoadJob] = []
+        locs: list[ChunkLocation] = []
         kick = False
         with self._lock:
             chunks = self._chunks
-            try:  # a held chunk's key is valid: no need to check it again
-                loc = chunks.get((level, index))
-            except TypeError:  # an unhashable index (a list): checked below
-                loc = None
-            if loc is None:
-                key = self._validate(level, index)
-                if self._destroyed:
-                    raise PoolDestroyedError("the pool was destroyed")
-                loc = chunks.get(key)
+            for key in keys:  # check them all first
+                try:
+                    held = key in chunks
+                except TypeError:  # an unhashable index (a list)
+                    held = False
+                if not held:
+                    self._validate(*key)
+            hold = self._hold
+            for (level, index), p in zip(keys, priorities, strict=True):
+                loc, kicked = hold(
+                    level, index, ref, p, load_handler, drop_handler, destroy_handler, jobs
+                )
+                locs.append(loc)
+                kick = kick or kicked
+            if jobs:
+                self._scheduler.submit_many(jobs)
+        if kick:
+            self._finish([])
+        return locs
+
+    def _hold(
+        self,
+        level: int,
+        index: tuple[int, ...],
+        ref: str,
+        priority: float | None,
+        load_handler: Handler | None,
+        drop_handler: Handler | None,
+        destroy_handler: Handler | None,
+        jobs: list[LoadJob],
+    ) -> tuple[ChunkLocation, bool]:
+        """:meth:`get_chunk` under the lock: the location, and whether handler calls
+        were queued for the loop; a new load's job joins ``jobs`` (for the caller to
+        submit). Holds ``_lock``."""
+        chunks = self._chunks
+        try:  # a held chunk's key is valid: no need to check it again
+            loc = chunks.get((level, index))
+        except TypeError:  # an unhashable index (a list): checked below
+            loc = None
+        if loc is None:
+            key = self._validate(level, index)
+            if self._destroyed:
+                raise PoolDestroyedError("the pool was destroyed")
+            loc = chunks.get(key)
             if loc is None:
                 loc = self._cache.take(key) if self._cache else None
                 if loc is None:  # a new load
@@ -376,33 +446,34 @@ class ChunkPool:
                     self._stats.misses += 1
                     self._pending_bytes += loc._nbytes
                     self._loading += 1
-                    loc._job = job = LoadJob(self._sources[level], index, p, self._on_job_done)
-                    self._scheduler.submit(job)
-                    return loc
+                    job = LoadJob(self._sources[level], index, p, self._on_job_done)
+                    loc._job = job
+                    jobs.append(job)
+                    return loc, False
                 self._stats.hits += 1
                 chunks[key] = loc
-            elif ref not in loc._refs:
+        kick = False
+        refs = loc._refs
+        entry = refs.get(ref)
+        if entry is None:
+            if refs:  # (a chunk just taken from the cache has no refs: counted above)
                 self._stats.hits += 1
-            entry = loc._refs.get(ref)
-            if entry is None:
-                loc._refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
-                if destroy_handler is not None:
-                    if loc._destroy_handlers is None:
-                        loc._destroy_handlers = {}
-                    loc._destroy_handlers[ref] = destroy_handler
-                if load_handler is not None and (loc._state is _LOADED or loc._state is _FAILED):
-                    self._queue_loads(loc, {ref: load_handler})
-                    kick = True
-            elif priority is not None:
-                entry.priority = priority
-            job = loc._job
-            if job is not None:
-                p = loc.priority
-                if job.priority != p:  # written only under this lock
-                    self._scheduler.reprioritize(job, p)
-        if kick:
-            self._finish([])
-        return loc
+            refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
+            if destroy_handler is not None:
+                if loc._destroy_handlers is None:
+                    loc._destroy_handlers = {}
+                loc._destroy_handlers[ref] = destroy_handler
+            if load_handler is not None and (loc._state is _LOADED or loc._state is _FAILED):
+                self._queue_loads(loc, {ref: load_handler})
+                kick = True
+        elif priority is not None:
+            entry.priority = priority
+        job = loc._job
+        if job is not None:
+            p = loc.priority
+            if job.priority != p:  # written only under this lock
+                self._scheduler.reprioritize(job, p)
+        return loc, kick
 
     def drop_chunk(self, level: int, index: tuple[int, ...], ref: str = "pool") -> None:
         """Release ``ref``'s hold on a chunk (nothing happens if it holds none).

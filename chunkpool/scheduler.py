@@ -292,6 +292,19 @@ class LoadScheduler:
             window.push(job)
             self._pump()
 
+    def submit_many(self, jobs: list[LoadJob]) -> None:
+        """:meth:`submit` for many jobs, in order, under one hold of the lock."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("scheduler is shut down")
+            seq, windows = self._seq, self._windows
+            for job in jobs:
+                job._seq = next(seq)
+                window = windows.get(job.source.window_key) or self._window_for(job.source)
+                window.queued += 1
+                window.push(job)
+            self._pump()
+
     def reprioritize(self, job: LoadJob, priority: float) -> None:
         """Change a job's priority; only a waiting job is affected."""
         with self._lock:

@@ -634,9 +634,7 @@ class ChunkSource:
         # raised outside the handler: the OS error is neither cause nor context
         raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
 
-    def _fetch_local(
-        self, index: tuple[int, ...], files: dict[str, int] | None
-    ) -> RawChunk | None:
+    def _fetch_local(self, index: tuple[int, ...], files: dict[str, int] | None) -> RawChunk | None:
         """The plan's common cases for local files, without its generator machinery
         (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
         index is already cached. None means: run the plan."""
@@ -657,9 +655,7 @@ class ChunkSource:
         ].tolist()
         if offset == _NO_CHUNK and length == _NO_CHUNK:
             return RawChunk(None, 0)
-        read = self._read_local(
-            self._key(shard), RangeByteRequest(offset, offset + length), files
-        )
+        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length), files)
         if read is None:
             return RawChunk(None, 0)
         return RawChunk(read.data, read.data.nbytes, read.owner)
