@@ -188,6 +188,7 @@ def test_benchmark_script_runs(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
     bench = importlib.import_module("bench_pool")
     results = bench.main(["--size", "256", "--chunks", "64,128", "--rounds", "1"])
+    assert len(bench.main(["--size", "256", "--chunks", "128", "--rounds", "1", "--bulk"])) == 2
     assert [label for label, _ in results] == [
         "64² chunks, unsharded",
         "128² chunks, unsharded",
