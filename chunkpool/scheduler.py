@@ -19,8 +19,14 @@ never touches an executor. Only a few jobs are in flight at once:
   decode, no new fetch starts: memory stays bounded and late re-prioritisations still
   count.
 
+While reads are fast (the page cache), a looper takes a *batch* of the best waiting
+jobs of one window (``_take_batch``): it holds one CPU slot, one window place and one
+backlog unit for all of them, reads and decodes them in turn, and its results are
+published together (``on_done_many``); an idle looper may take a batch's waiting jobs
+(``_steal``), so a read that never returns delays no other job.
+
 A job starts, in priority order, when a slot frees up: a looper takes it
-(``_take_sync``), or ``_pump`` starts an async fetch. The scheduler never calls back
+(``_take_sync``, ``_take_batch``), or ``_pump`` starts an async fetch. The scheduler never calls back
 into its owner while holding its lock; ``on_done`` runs in
 a worker thread (or on zarr's loop) once per job that was not cancelled.
 """
