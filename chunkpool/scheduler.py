@@ -274,8 +274,12 @@ class LoadScheduler:
         self._loopers = 0
         self._in_fetch = 0  # loopers fetching, or started and about to
         self._starting = 0  # loopers started that have not taken a job yet
-        self._wanted = io_concurrency  # until fetch and decode times are measured
-        self._batching = False  # whether reads are fast enough for batches (ditto)
+        # Until fetch and decode times are measured, sync stores are read in batches by
+        # one thread per CPU slot (batches of one job while nothing is measured): what
+        # is measured then is not blurred by many threads waiting for the GIL, which
+        # would make page-cache reads look slow and keep them out of batches for good.
+        self._batching = True  # whether reads are fast enough for batches
+        self._wanted = min(cpu_workers, io_concurrency)
         self._fetch_s = 0.0  # typical seconds of one sync fetch and one decode (_typical)
         self._decode_s = 0.0
         self._active: set[LoadJob] = set()  # fetching or decoding, one at a time
@@ -441,7 +445,7 @@ class LoadScheduler:
         if (
             not self._sync_windows
             or loopers >= self._io_concurrency
-            or (loopers >= self._wanted and self._in_fetch != loopers)
+            or (loopers >= self._wanted and self._reading() != loopers)
         ):
             return
         startable = self._decode_backlog - self._decoding
@@ -452,12 +456,20 @@ class LoadScheduler:
         while (
             startable > self._starting
             and self._loopers < self._io_concurrency
-            and (self._loopers < self._wanted or self._in_fetch == self._loopers)
+            and (self._loopers < self._wanted or self._reading() == self._loopers)
         ):
             self._loopers += 1
             self._starting += 1
             self._in_fetch += 1
             self._io_workers.submit(self._io_loop)
+
+    def _reading(self) -> int:
+        """IO threads waiting on a read (or about to start): fetching a single job, or
+        at a read in their batch. Holds ``_lock``."""
+        reading = self._in_fetch
+        for batch in self._batches:
+            reading += batch.reading
+        return reading
 
     def _take_sync(self) -> LoadJob | None:
         """Start the best waiting sync job, if one may start. Holds ``_lock``."""
@@ -497,7 +509,7 @@ class LoadScheduler:
             if window is None:
                 return None
         per_job = self._fetch_s + self._decode_s
-        size = MAX_BATCH if per_job <= 0.0 else int(BATCH_SECONDS / per_job)
+        size = 1 if per_job <= 0.0 else int(BATCH_SECONDS / per_job)  # (1: unmeasured)
         size = max(1, min(size, MAX_BATCH, -(-window.queued // self._cpu_limit)))
         heap = window.heap
         heappop = heapq.heappop
@@ -586,7 +598,7 @@ class LoadScheduler:
                 elif self._backlog and self._cpu_busy < self._cpu_limit:
                     self._cpu_busy += 1
                     item = self._backlog.popleft()
-                elif self._loopers <= self._wanted or self._in_fetch == self._loopers - 1:
+                elif self._loopers <= self._wanted or self._reading() == self._loopers - 1:
                     # (a surplus thread stops, unless all the others wait on reads)
                     batch = self._take_batch()
                     if batch is None:

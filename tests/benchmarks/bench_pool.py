@@ -92,9 +92,12 @@ class Case:
         return [(i, j) for i in range(g) for j in range(g)]
 
 
-def pool_method(case: Case, bulk: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
+def pool_method(
+    case: Case, bulk: bool = False, cpu_workers: int | None = None
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """The pool's run, and a function that destroys the pool."""
-    (pool,) = ChunkPool.from_zarr_node(str(case.path))  # no cache: every run loads
+    # no cache: every run loads
+    (pool,) = ChunkPool.from_zarr_node(str(case.path), cpu_workers=cpu_workers)
     keys = case.keys
     drops = [(0, idx) for idx in keys]
 
@@ -213,9 +216,9 @@ def ratio(pool: list[float], other: list[float]) -> tuple[float, float, float]:
 
 
 def run_case(
-    case: Case, rounds: int, threads: int, bulk: bool = False
+    case: Case, rounds: int, threads: int, bulk: bool = False, cpu_workers: int | None = None
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    pool_run, destroy = pool_method(case, bulk)
+    pool_run, destroy = pool_method(case, bulk, cpu_workers)
     try:
         methods = {
             "chunkpool": pool_run,
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]
     parser.add_argument("--size", type=int, default=8192, help="the array is size x size")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="raw threads")
     parser.add_argument("--bulk", action="store_true", help="the pool's get_chunks, not get_chunk")
+    parser.add_argument("--cpu-workers", type=int, default=None, help="the pool's decode slots")
     args = parser.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
     layouts = args.layouts.split(",")
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]
             "   pool/tensorstore [q1..q3]   pool/raw [q1..q3]   CPU µs/chunk pool ts raw"
         )
         for case in cases(Path(tmp), data, chunks, layouts):
-            times, cpu = run_case(case, args.rounds, args.threads, args.bulk)
+            times, cpu = run_case(case, args.rounds, args.threads, args.bulk, args.cpu_workers)
             med = {name: statistics.median(t) * 1000 for name, t in times.items()}
             per_chunk = {
                 name: statistics.median(t) * 1e6 / len(case.keys) for name, t in cpu.items()
