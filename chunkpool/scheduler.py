@@ -26,9 +26,10 @@ published together (``on_done_many``); an idle looper may take a batch's waiting
 (``_steal``), so a read that never returns delays no other job.
 
 A job starts, in priority order, when a slot frees up: a looper takes it
-(``_take_sync``, ``_take_batch``), or ``_pump`` starts an async fetch. The scheduler never calls back
-into its owner while holding its lock; ``on_done`` runs in
-a worker thread (or on zarr's loop) once per job that was not cancelled.
+(``_take_sync``, ``_take_batch``), or ``_pump`` starts an async fetch. The scheduler
+never calls back into its owner while holding its lock; ``on_done`` (or
+``on_done_many``, for a batch) runs in a worker thread (or on zarr's loop) once per
+job that was not cancelled.
 """
 
 from __future__ import annotations
@@ -274,12 +275,13 @@ class LoadScheduler:
         self._loopers = 0
         self._in_fetch = 0  # loopers fetching, or started and about to
         self._starting = 0  # loopers started that have not taken a job yet
-        # Until fetch and decode times are measured, sync stores are read in batches by
-        # one thread per CPU slot (batches of one job while nothing is measured): what
-        # is measured then is not blurred by many threads waiting for the GIL, which
-        # would make page-cache reads look slow and keep them out of batches for good.
+        # Until fetch and decode times are measured: as many IO threads as may read at
+        # once, and those holding a CPU slot read in batches (of one job while nothing
+        # is measured), so that some of what is measured is not blurred by threads
+        # waiting for the GIL, which would make page-cache reads look slow and keep
+        # them out of batches for good.
         self._batching = True  # whether reads are fast enough for batches
-        self._wanted = min(cpu_workers, io_concurrency)
+        self._wanted = io_concurrency
         self._fetch_s = 0.0  # typical seconds of one sync fetch and one decode (_typical)
         self._decode_s = 0.0
         self._active: set[LoadJob] = set()  # fetching or decoding, one at a time

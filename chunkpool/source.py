@@ -281,6 +281,7 @@ class _LocalReader:
         self._buffers = buffers
         self._store_root = StoreRoot(root)
         self._checked_dirs: set[str] = set()  # directories known to resolve inside
+        self._large_files = False  # whether whole files were seen of SMALL_READ or more
 
     def read(
         self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
@@ -302,6 +303,15 @@ class _LocalReader:
         try:
             if type(byte_range) is RangeByteRequest:  # (pread stops at the file's end)
                 start, length = byte_range.start, max(0, byte_range.end - byte_range.start)
+            elif byte_range is None and not self._large_files:
+                # a whole small file in one call, without asking its size first (each
+                # system call here is a hand-over of the GIL); a read that fills the
+                # buffer may have stopped short of the end: then ask, as for large ones
+                head = os.pread(fd, SMALL_READ, 0)
+                if len(head) < SMALL_READ:
+                    return _Bytes(np.frombuffer(head, np.uint8), None)
+                self._large_files = True
+                start, length = 0, os.fstat(fd).st_size
             else:
                 start, stop = _byte_span(byte_range, os.fstat(fd).st_size)
                 length = max(0, stop - start)

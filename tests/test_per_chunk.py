@@ -237,7 +237,8 @@ def test_batches_are_taken_best_first(pools, grid, monkeypatch):
     waiting jobs at the time it is taken, so reads follow the priorities (re-ranked
     ones included) exactly as single jobs do."""
     arr, data = grid
-    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=1)
+    # (one IO thread: no other takes jobs from a batch held up at the gate)
+    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=1, io_concurrency=1)
     gated = GatedFetches(pool._sources[0], stuck=(0, 0))
     pool.get_chunk(0, (0, 0), priority=-10)  # its batch holds the only slot
     assert gated.started.wait(30)
@@ -261,7 +262,8 @@ def test_job_dropped_while_its_batch_runs_is_discarded(pools, grid, monkeypatch)
     data is thrown away): they end cancelled, fire no load handler, and leave no
     pending bytes; the rest of the batch loads."""
     arr, data = grid
-    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=1)
+    # (one IO thread: no other takes jobs from the batch held up at the gate)
+    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=1, io_concurrency=1)
     gated = GatedFetches(pool._sources[0], stuck=(2, 0))
     loaded = []
     keys = [(0, (2, j)) for j in range(8)]  # one batch (the first is held)
