@@ -48,6 +48,20 @@ class ChunkManager:
             destroy_handler=self.on_destroy,
         )
 
+    def get_chunks(
+        self, keys: Iterable[ChunkKey], *, priority: float | Iterable[float] | None = None
+    ) -> list[ChunkLocation]:
+        """Hold many chunks at once (one priority for all, or one per key); see
+        :meth:`ChunkPool.get_chunks`."""
+        return self._pool.get_chunks(
+            keys,
+            self._ref,
+            priority=priority,
+            load_handler=self.on_load,
+            drop_handler=self.on_drop,
+            destroy_handler=self.on_destroy,
+        )
+
     def drop_chunk(self, level: int, index: tuple[int, ...]) -> None:
         """Release a chunk; :meth:`on_drop` is called for it."""
         self._pool.drop_chunk(level, index, self._ref)

@@ -35,7 +35,7 @@ from .info import MultiscaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
 from .retry import RetryPolicy
-from .scheduler import LoadJob, LoadScheduler
+from .scheduler import Completions, LoadJob, LoadScheduler
 from .source import ChunkSource
 from .stats import PoolStats, StatsRecorder
 from .stores import open_node
@@ -132,6 +132,7 @@ class ChunkPool:
             io_concurrency=io_concurrency,
             remote_io_concurrency=remote_io_concurrency,
             cpu_workers=cpu_workers or (os.cpu_count() or 1) + 1,
+            on_done_many=self._on_jobs_done,
         )
         self._lock = threading.RLock()
         self._chunks: dict[ChunkKey, ChunkLocation] = {}  # chunks with at least one ref
@@ -254,8 +255,9 @@ class ChunkPool:
                 return
             self._dispatcher = HandlerDispatcher(call_soon, self._info.source)
             for loc in self._chunks.values():  # loads that were waiting for wait()
-                self._dispatcher.post([(h, loc) for h in loc._unfired_loads.values()])
-                loc._unfired_loads.clear()
+                if loc._unfired_loads:
+                    self._dispatcher.post([(h, loc) for h in loc._unfired_loads.values()])
+                    loc._unfired_loads = None
         self._dispatcher.kick()
 
     def _deliver(self, calls: list[HandlerCall]) -> list[HandlerCall]:
@@ -278,13 +280,16 @@ class ChunkPool:
         Holds ``_lock``."""
         if self._dispatcher is not None:
             self._dispatcher.post([(h, loc) for h in handlers.values()])
+        elif loc._unfired_loads is None:
+            loc._unfired_loads = dict(handlers)
         else:
             loc._unfired_loads.update(handlers)
 
     def _fire_unfired_loads(self, loc: ChunkLocation) -> None:
         with self._lock:
-            calls = [(h, loc) for h in loc._unfired_loads.values()]
-            loc._unfired_loads.clear()
+            unfired = loc._unfired_loads
+            calls = [(h, loc) for h in unfired.values()] if unfired else []
+            loc._unfired_loads = None
         call_handlers(calls)
 
     def _future_of(self, loc: ChunkLocation) -> concurrent.futures.Future:
@@ -346,12 +351,88 @@ class ChunkPool:
         the data is there (or the load failed: see ``location.error``), ``drop_handler``
         when this ref drops it, ``destroy_handler`` when the pool lets the chunk go.
         """
-        key = self._validate(level, index)
+        jobs: list[LoadJob] = []
+        with self._lock:
+            loc, kick = self._hold(
+                level, index, ref, priority, load_handler, drop_handler, destroy_handler, jobs
+            )
+            if jobs:
+                self._scheduler.submit(jobs[0])
+        if kick:
+            self._finish([])
+        return loc
+
+    def get_chunks(
+        self,
+        keys: Iterable[tuple[int, tuple[int, ...]]],
+        ref: str = "pool",
+        *,
+        priority: float | Iterable[float] | None = None,
+        load_handler: Handler | None = None,
+        drop_handler: Handler | None = None,
+        destroy_handler: Handler | None = None,
+    ) -> list[ChunkLocation]:
+        """:meth:`get_chunk` for many ``(level, index)`` keys at once (a viewer's tiles
+        of one frame): one hold of the pool's lock and one of the scheduler's for all,
+        and their new loads queued together. ``priority`` is one for all, or one per
+        key. Every key is checked before any is held. Returns the locations in order.
+        """
+        keys = list(keys)
+        if priority is None or isinstance(priority, int | float):
+            priorities: list[float | None] = [priority] * len(keys)
+        else:
+            priorities = list(priority)
+            if len(priorities) != len(keys):
+                raise ValueError(f"{len(priorities)} priorities for {len(keys)} keys")
+        jobs: list[LoadJob] = []
+        locs: list[ChunkLocation] = []
         kick = False
         with self._lock:
+            chunks = self._chunks
+            for key in keys:  # check them all first
+                try:
+                    held = key in chunks
+                except TypeError:  # an unhashable index (a list)
+                    held = False
+                if not held:
+                    self._validate(*key)
+            hold = self._hold
+            for (level, index), p in zip(keys, priorities, strict=True):
+                loc, kicked = hold(
+                    level, index, ref, p, load_handler, drop_handler, destroy_handler, jobs
+                )
+                locs.append(loc)
+                kick = kick or kicked
+            if jobs:
+                self._scheduler.submit_many(jobs)
+        if kick:
+            self._finish([])
+        return locs
+
+    def _hold(
+        self,
+        level: int,
+        index: tuple[int, ...],
+        ref: str,
+        priority: float | None,
+        load_handler: Handler | None,
+        drop_handler: Handler | None,
+        destroy_handler: Handler | None,
+        jobs: list[LoadJob],
+    ) -> tuple[ChunkLocation, bool]:
+        """:meth:`get_chunk` under the lock: the location, and whether handler calls
+        were queued for the loop; a new load's job joins ``jobs`` (for the caller to
+        submit). Holds ``_lock``."""
+        chunks = self._chunks
+        try:  # a held chunk's key is valid: no need to check it again
+            loc = chunks.get((level, index))
+        except TypeError:  # an unhashable index (a list): checked below
+            loc = None
+        if loc is None:
+            key = self._validate(level, index)
             if self._destroyed:
                 raise PoolDestroyedError("the pool was destroyed")
-            loc = self._chunks.get(key)
+            loc = chunks.get(key)
             if loc is None:
                 loc = self._cache.take(key) if self._cache else None
                 if loc is None:  # a new load
@@ -362,36 +443,39 @@ class ChunkPool:
                     p = priority or 0.0
                     loc._refs[ref] = _RefEntry(p, load_handler, drop_handler)
                     if destroy_handler is not None:
-                        loc._destroy_handlers[ref] = destroy_handler
-                    self._chunks[key] = loc
+                        loc._destroy_handlers = {ref: destroy_handler}
+                    chunks[key] = loc
                     self._stats.misses += 1
                     self._pending_bytes += loc._nbytes
                     self._loading += 1
-                    loc._job = job = LoadJob(self._sources[level], index, p, self._on_job_done)
-                    self._scheduler.submit(job)
-                    return loc
+                    job = LoadJob(self._sources[level], index, p, self._on_job_done)
+                    loc._job = job
+                    jobs.append(job)
+                    return loc, False
                 self._stats.hits += 1
-                self._chunks[key] = loc
-            elif ref not in loc._refs:
+                chunks[key] = loc
+        kick = False
+        refs = loc._refs
+        entry = refs.get(ref)
+        if entry is None:
+            if refs:  # (a chunk just taken from the cache has no refs: counted above)
                 self._stats.hits += 1
-            entry = loc._refs.get(ref)
-            if entry is None:
-                loc._refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
-                if destroy_handler is not None:
-                    loc._destroy_handlers[ref] = destroy_handler
-                if load_handler is not None and (loc._state is _LOADED or loc._state is _FAILED):
-                    self._queue_loads(loc, {ref: load_handler})
-                    kick = True
-            elif priority is not None:
-                entry.priority = priority
-            job = loc._job
-            if job is not None:
-                p = loc.priority
-                if job.priority != p:  # written only under this lock
-                    self._scheduler.reprioritize(job, p)
-        if kick:
-            self._finish([])
-        return loc
+            refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
+            if destroy_handler is not None:
+                if loc._destroy_handlers is None:
+                    loc._destroy_handlers = {}
+                loc._destroy_handlers[ref] = destroy_handler
+            if load_handler is not None and (loc._state is _LOADED or loc._state is _FAILED):
+                self._queue_loads(loc, {ref: load_handler})
+                kick = True
+        elif priority is not None:
+            entry.priority = priority
+        job = loc._job
+        if job is not None:
+            p = loc.priority
+            if job.priority != p:  # written only under this lock
+                self._scheduler.reprioritize(job, p)
+        return loc, kick
 
     def drop_chunk(self, level: int, index: tuple[int, ...], ref: str = "pool") -> None:
         """Release ``ref``'s hold on a chunk (nothing happens if it holds none).
@@ -408,15 +492,23 @@ class ChunkPool:
         Their loads are cancelled together, so that a slot freed by one cancelled
         request is not handed to another chunk of the same batch.
         """
-        keys = [self._validate(level, index) for level, index in keys]
         calls: list[HandlerCall] = []
         with self._lock:
-            cancelled: list[LoadJob] = []
             chunks = self._chunks
+            found: list[ChunkLocation] = []  # every key checked before anything drops
             for key in keys:
-                loc = chunks.get(key)
+                try:  # a held chunk's key is valid: no need to check it again
+                    loc = chunks.get(key)
+                except TypeError:  # an unhashable index (a list): checked below
+                    loc = None
                 if loc is None:
-                    continue
+                    level, index = key
+                    loc = chunks.get(self._validate(level, index))
+                    if loc is None:
+                        continue
+                found.append(loc)
+            cancelled: list[LoadJob] = []
+            for loc in found:
                 refs = loc._refs
                 entry = refs.pop(ref, None)
                 if entry is None:
@@ -426,7 +518,7 @@ class ChunkPool:
                 if entry.drop_handler is not None:
                     calls.append((entry.drop_handler, loc))
                 if not refs:
-                    del chunks[key]
+                    del chunks[(loc._scale_info.level, loc._index)]
                     self._release(loc, cancelled, calls, keep=True)
                 elif loc._job is not None:
                     self._scheduler.reprioritize(loc._job, loc.priority)
@@ -484,55 +576,72 @@ class ChunkPool:
 
     def _on_job_done(self, job: LoadJob, data: np.ndarray | None, error: BaseException | None):
         """A load finished (in a worker thread): publish the data or the failure."""
-        key = (job.source.scale.level, job.index)
+        self._on_jobs_done([(job, data, error)])
+
+    def _on_jobs_done(self, reports: Completions) -> None:
+        """Loads finished (in a worker thread, a batch at a time): publish their data
+        or failures under one hold of the lock, then resolve futures, log failures and
+        wake the handlers' loop once."""
+        resolved: list[tuple[concurrent.futures.Future | None, Any, Any, ChunkKey]] = []
+        posted = False
         with self._lock:
-            loc = self._chunks.get(key)
-            if loc is None or loc._job is not job:
-                return  # cancelled meanwhile
-            loc._job = None
-            self._pending_bytes -= loc._nbytes
+            chunks = self._chunks
             s = self._stats
-            s.latencies.append(time.perf_counter() - job.submitted_at)
-            s.bytes_fetched += job.nbytes_fetched
-            handlers: dict[str, Handler] | None = None
-            for r, e in loc._refs.items():
-                if e.load_handler is not None:
-                    if handlers is None:
-                        handlers = {}
-                    handlers[r] = e.load_handler
             dispatcher = self._dispatcher
-            if handlers and dispatcher is None:
-                # before the data: wait() reads the data, then these, without the lock
-                loc._unfired_loads.update(handlers)
-            if error is not None or data is None:
-                loc._error = error
-                loc._state = _FAILED
-                s.failures += 1
-            else:
-                loc._data = data
-                loc._state = _LOADED
-                loc._held_bytes = held = _held_bytes(data)
-                self._memory += held
-                s.loads += 1
-                s.bytes_loaded += data.nbytes
-            if handlers and dispatcher is not None:
-                dispatcher.post([(h, loc) for h in handlers.values()])
-            self._loaded_one()
-            future = loc._future
-        if error is not None:
-            chunk_logger.warning(
-                "chunkpool: %s level %d chunk %s failed: %r",
-                self._info.source,
-                key[0],
-                key[1],
-                error,
-            )
-            if future is not None:
-                future.set_exception(error)
-        elif future is not None:
-            future.set_result(data)
-        if handlers and dispatcher is not None:
-            dispatcher.kick()
+            now = time.perf_counter()
+            for job, data, error in reports:
+                key = (job.source.scale.level, job.index)
+                loc = chunks.get(key)
+                if loc is None or loc._job is not job:
+                    continue  # cancelled meanwhile
+                loc._job = None
+                self._pending_bytes -= loc._nbytes
+                s.latencies.append(now - job.submitted_at)
+                s.bytes_fetched += job.nbytes_fetched
+                handlers: dict[str, Handler] | None = None
+                for r, e in loc._refs.items():
+                    if e.load_handler is not None:
+                        if handlers is None:
+                            handlers = {}
+                        handlers[r] = e.load_handler
+                if handlers and dispatcher is None:
+                    # before the data: wait() reads the data, then these, without the lock
+                    if loc._unfired_loads is None:
+                        loc._unfired_loads = handlers
+                    else:
+                        loc._unfired_loads.update(handlers)
+                if error is not None or data is None:
+                    loc._error = error
+                    loc._state = _FAILED
+                    s.failures += 1
+                else:
+                    loc._data = data
+                    loc._state = _LOADED
+                    loc._held_bytes = held = _held_bytes(data)
+                    self._memory += held
+                    s.loads += 1
+                    s.bytes_loaded += data.nbytes
+                if handlers and dispatcher is not None:
+                    dispatcher.post([(h, loc) for h in handlers.values()])
+                    posted = True
+                self._loaded_one()
+                if error is not None or loc._future is not None:
+                    resolved.append((loc._future, data, error, key))
+        for future, data, error, key in resolved:
+            if error is not None:
+                chunk_logger.warning(
+                    "chunkpool: %s level %d chunk %s failed: %r",
+                    self._info.source,
+                    key[0],
+                    key[1],
+                    error,
+                )
+                if future is not None:
+                    future.set_exception(error)
+            elif future is not None:
+                future.set_result(data)
+        if posted:
+            dispatcher.kick()  # type: ignore[union-attr]
 
     # -- bulk -----------------------------------------------------------------------
 
@@ -614,7 +723,7 @@ class ChunkPool:
             for loc in self._chunks.values():
                 calls += [(e.drop_handler, loc) for e in loc._refs.values() if e.drop_handler]
                 loc._refs.clear()
-                loc._unfired_loads.clear()
+                loc._unfired_loads = None
                 self._release(loc, cancelled, calls, keep=False)
             self._chunks.clear()
             for loc in self._cache.clear():

@@ -19,10 +19,17 @@ never touches an executor. Only a few jobs are in flight at once:
   decode, no new fetch starts: memory stays bounded and late re-prioritisations still
   count.
 
+While reads are fast (the page cache), a looper takes a *batch* of the best waiting
+jobs of one window (``_take_batch``): it holds one CPU slot, one window place and one
+backlog unit for all of them, reads and decodes them in turn, and its results are
+published together (``on_done_many``); an idle looper may take a batch's waiting jobs
+(``_steal``), so a read that never returns delays no other job.
+
 A job starts, in priority order, when a slot frees up: a looper takes it
-(``_take_sync``), or ``_pump`` starts an async fetch. The scheduler never calls back
-into its owner while holding its lock; ``on_done`` runs in
-a worker thread (or on zarr's loop) once per job that was not cancelled.
+(``_take_sync``, ``_take_batch``), or ``_pump`` starts an async fetch. The scheduler
+never calls back into its owner while holding its lock; ``on_done`` (or
+``on_done_many``, for a batch) runs in a worker thread (or on zarr's loop) once per
+job that was not cancelled.
 """
 
 from __future__ import annotations
@@ -41,10 +48,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .source import ChunkSource, RawChunk
+from .source import ChunkSource, RawChunk, close_files
 from .workers import Workers
 
-__all__ = ["Abandoned", "JobState", "LoadJob", "LoadScheduler"]
+__all__ = ["Abandoned", "Completions", "JobState", "LoadJob", "LoadScheduler"]
 
 logger = logging.getLogger("chunkpool")
 
@@ -74,10 +81,21 @@ _CANCELLED = JobState.CANCELLED
 #: :meth:`LoadScheduler._fetched`'s answer when the fetch failed.
 _FAILED = object()
 
+#: Most jobs an IO thread takes at once from a fast local store (a *batch*, read and
+#: decoded in turn by that thread, its results published together), and about how
+#: many seconds a batch should take: small, so that priorities stay fresh.
+MAX_BATCH = 8
+BATCH_SECONDS = 0.002
+#: Batches are taken while a typical read takes at most this many typical decodes.
+BATCH_FETCH_RATIO = 2.0
+
 #: A decode done: the job, its data or error, and how many seconds it took.
 _Decoded = tuple["LoadJob", "np.ndarray | None", "BaseException | None", float]
 
 DoneCallback = Callable[["LoadJob", "np.ndarray | None", "BaseException | None"], None]
+
+#: Completions published together: ``[(job, data, error), ...]``.
+Completions = list[tuple["LoadJob", "np.ndarray | None", "BaseException | None"]]
 
 
 class LoadJob:
@@ -147,6 +165,76 @@ class _Window:
             heapq.heapify(self.heap)
 
 
+class _Batch:
+    """Jobs one IO thread took together from one window. It holds one CPU slot, one
+    unit of the window's in-flight bound and one of the decode backlog for all of
+    them: it reads and decodes them in turn (one read buffer alive at a time), then
+    publishes what it got in one go. Another IO thread with nothing else to do may
+    take its waiting jobs (``pending``: popped at either end, which is atomic), so a
+    read that never returns holds up no other job for long. Written by its thread
+    without the lock: ``pending``, ``taken``, ``reading``."""
+
+    __slots__ = ("decode_s", "fetch_s", "pending", "reading", "results", "taken", "window")
+
+    def __init__(self, window: _Window, jobs: list[LoadJob]):
+        self.window = window
+        self.pending = deque(jobs)
+        self.taken: list[LoadJob] = []  # by this batch's thread, in order
+        self.reading = True  # whether the job it is at is being read (else decoded)
+        self.results: Completions = []
+        self.fetch_s = 0.0  # seconds of this batch's fetches and decodes, in total
+        self.decode_s = 0.0
+
+    def run(self) -> None:
+        """Read and decode every job not cancelled meanwhile (without the lock)."""
+        files: dict[str, int] = {}  # shards stay open for the batch's other inner chunks
+        try:
+            self._run(self.results, self.taken, self.pending, files)
+        finally:
+            close_files(files)
+
+    def _run(
+        self,
+        results: Completions,
+        taken: list[LoadJob],
+        pending: deque[LoadJob],
+        files: dict[str, int],
+    ) -> None:
+        perf_counter = time.perf_counter
+        fetch_s = decode_s = 0.0
+        while True:
+            try:
+                job = pending.popleft()
+            except IndexError:
+                break
+            taken.append(job)
+            if job.state is not _FETCHING:  # cancelled since the batch was taken
+                continue
+            self.reading = True
+            t0 = perf_counter()
+            try:
+                raw = job.source.fetch_sync(job.index, files)
+            except Exception as err:
+                results.append((job, None, err))
+                continue
+            t1 = perf_counter()
+            fetch_s += t1 - t0
+            job.nbytes_fetched = raw.nbytes_fetched
+            if job.state is not _FETCHING:
+                job.source.release(raw)
+                continue
+            self.reading = False
+            data: np.ndarray | None = None
+            error: BaseException | None = None
+            try:
+                data = job.source.decode(job.index, raw)
+            except Exception as err:
+                error = err
+            decode_s += perf_counter() - t1
+            results.append((job, data, error))
+        self.fetch_s, self.decode_s = fetch_s, decode_s
+
+
 def _typical(estimate: float, sample: float) -> float:
     """A decaying minimum of durations: what a step takes when nothing else gets in
     its way. Waits for the GIL or for a core only add to a sample, so the minimum
@@ -167,7 +255,11 @@ class LoadScheduler:
         remote_io_concurrency: int = 64,
         cpu_workers: int = 2,
         decode_backlog: int | None = None,
+        on_done_many: Callable[[Completions], None] | None = None,
     ):
+        #: Called with completions published together (a batch's), if given; else
+        #: each job's ``on_done`` is called in turn.
+        self._on_done_many = on_done_many
         self._io_concurrency = io_concurrency
         self._remote_io_concurrency = remote_io_concurrency
         self._decode_backlog = decode_backlog if decode_backlog is not None else 2 * cpu_workers
@@ -183,10 +275,17 @@ class LoadScheduler:
         self._loopers = 0
         self._in_fetch = 0  # loopers fetching, or started and about to
         self._starting = 0  # loopers started that have not taken a job yet
-        self._wanted = io_concurrency  # until fetch and decode times are measured
+        # Until fetch and decode times are measured: as many IO threads as may read at
+        # once, and those holding a CPU slot read in batches (of one job while nothing
+        # is measured), so that some of what is measured is not blurred by threads
+        # waiting for the GIL, which would make page-cache reads look slow and keep
+        # them out of batches for good.
+        self._batching = True  # whether reads are fast enough for batches
+        self._wanted = io_concurrency
         self._fetch_s = 0.0  # typical seconds of one sync fetch and one decode (_typical)
         self._decode_s = 0.0
-        self._active: set[LoadJob] = set()  # fetching or decoding
+        self._active: set[LoadJob] = set()  # fetching or decoding, one at a time
+        self._batches: set[_Batch] = set()  # taken by IO threads, not yet published
         # the loop async fetches run on, and their tasks there (touched on that loop only)
         self._async_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -206,6 +305,19 @@ class LoadScheduler:
             window = self._windows.get(job.source.window_key) or self._window_for(job.source)
             window.queued += 1
             window.push(job)
+            self._pump()
+
+    def submit_many(self, jobs: list[LoadJob]) -> None:
+        """:meth:`submit` for many jobs, in order, under one hold of the lock."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("scheduler is shut down")
+            seq, windows = self._seq, self._windows
+            for job in jobs:
+                job._seq = next(seq)
+                window = windows.get(job.source.window_key) or self._window_for(job.source)
+                window.queued += 1
+                window.push(job)
             self._pump()
 
     def reprioritize(self, job: LoadJob, priority: float) -> None:
@@ -238,7 +350,14 @@ class LoadScheduler:
         with self._lock:
             waiting = sum(w.queued for w in self._windows.values())
             fetching = sum(w.in_flight for w in self._windows.values())
-            return waiting, fetching, self._decoding
+            decoding = self._decoding
+            for batch in self._batches:  # each holds one fetch and one decode unit
+                waiting += len(batch.pending)
+                if batch.reading:
+                    decoding -= 1
+                else:
+                    fetching -= 1
+            return waiting, fetching, decoding
 
     def shutdown(self, timeout: float) -> Abandoned:
         """Cancel everything and stop the worker threads.
@@ -264,6 +383,9 @@ class LoadScheduler:
                 job.state = JobState.CANCELLED
                 if job._io_future is not None:
                     job._io_future.cancel()
+            for batch in self._batches:
+                for job in [*batch.taken, *batch.pending]:
+                    job.state = JobState.CANCELLED
         deadline = time.monotonic() + timeout
         self._end_tasks(deadline)
         busy = self._io_workers.shutdown(deadline) + self._cpu_workers.shutdown(deadline)
@@ -271,6 +393,7 @@ class LoadScheduler:
             return Abandoned(0, [])
         with self._lock:  # what the busy threads are still running
             stuck = [job for job in self._active if job in in_threads]
+            stuck += [b.taken[-1] for b in self._batches if b.taken]
         keys = sorted((job.source.scale.level, job.index) for job in stuck)
         return Abandoned(len(busy), keys)
 
@@ -355,7 +478,7 @@ class LoadScheduler:
         if (
             not self._sync_windows
             or loopers >= self._io_concurrency
-            or (loopers >= self._wanted and self._in_fetch != loopers)
+            or (loopers >= self._wanted and self._reading() != loopers)
         ):
             return
         startable = self._decode_backlog - self._decoding
@@ -366,12 +489,20 @@ class LoadScheduler:
         while (
             startable > self._starting
             and self._loopers < self._io_concurrency
-            and (self._loopers < self._wanted or self._in_fetch == self._loopers)
+            and (self._loopers < self._wanted or self._reading() == self._loopers)
         ):
             self._loopers += 1
             self._starting += 1
             self._in_fetch += 1
             self._io_workers.submit(self._io_loop)
+
+    def _reading(self) -> int:
+        """IO threads waiting on a read (or about to start): fetching a single job, or
+        at a read in their batch. Holds ``_lock``."""
+        reading = self._in_fetch
+        for batch in self._batches:
+            reading += batch.reading
+        return reading
 
     def _take_sync(self) -> LoadJob | None:
         """Start the best waiting sync job, if one may start. Holds ``_lock``."""
@@ -388,6 +519,95 @@ class LoadScheduler:
                 return None
         return self._start(window)
 
+    def _take_batch(self) -> _Batch | None:
+        """Take a batch of the best waiting sync jobs of one window, if reads are fast
+        (one thread per CPU slot keeps the slots busy: ``_wanted`` says so) and a CPU
+        slot is free. It holds that slot and one unit of the decode backlog, and is as
+        large as ``BATCH_SECONDS`` of typical work allows, at most ``MAX_BATCH``, and
+        leaves work for the other slots. Holds ``_lock``."""
+        if (
+            not self._batching
+            or self._cpu_busy >= self._cpu_limit
+            or self._decoding >= self._decode_backlog
+            or self._backlog
+        ):
+            return None
+        windows = self._sync_windows
+        if len(windows) == 1:
+            window: _Window | None = windows[0]
+            if window.in_flight >= window.limit or not window.queued or window.peek() is None:
+                return None
+        else:
+            window = self._best(windows)
+            if window is None:
+                return None
+        per_job = self._fetch_s + self._decode_s
+        size = 1 if per_job <= 0.0 else int(BATCH_SECONDS / per_job)  # (1: unmeasured)
+        size = max(1, min(size, MAX_BATCH, -(-window.queued // self._cpu_limit)))
+        heap = window.heap
+        heappop = heapq.heappop
+        jobs = []
+        while len(jobs) < size and heap:
+            _, _, version, job = heappop(heap)
+            if job.state is _QUEUED and version == job._version:
+                job.state = _FETCHING
+                jobs.append(job)
+        window.queued -= len(jobs)
+        window.in_flight += 1
+        self._cpu_busy += 1
+        self._decoding += 1
+        batch = _Batch(window, jobs)
+        self._batches.add(batch)
+        return batch
+
+    def _steal(self) -> LoadJob | None:
+        """A waiting job of another thread's batch, started as a single job (for a
+        thread with nothing else to do: the tail of a burst, or a batch stuck behind a
+        read that does not return). Holds ``_lock``."""
+        if self._decoding >= self._decode_backlog:
+            return None
+        for batch in self._batches:
+            window = batch.window
+            if window.in_flight >= window.limit:
+                continue
+            try:
+                job = batch.pending.pop()
+            except IndexError:
+                continue
+            if job.state is not _FETCHING:  # cancelled: the batch's thread skips none
+                batch.taken.append(job)  # (its _batch_done marks it)
+                continue
+            window.in_flight += 1
+            self._active.add(job)
+            return job
+        return None
+
+    def _batch_done(self, batch: _Batch) -> Completions:
+        """A batch has run: give its CPU slot back, end its jobs, and return the
+        completions to publish (not those of jobs cancelled meanwhile). Holds
+        ``_lock``."""
+        self._cpu_busy -= 1
+        self._decoding -= 1
+        batch.window.in_flight -= 1
+        self._batches.discard(batch)
+        closed = self._closed
+        reports = []
+        for report in batch.results:
+            job = report[0]
+            if job.state is _FETCHING and not closed:
+                job.state = _DONE
+                reports.append(report)
+        for job in batch.taken:
+            if job.state is not _DONE:
+                job.state = _CANCELLED
+        if reports:
+            n = len(reports)
+            self._fetch_s = _typical(self._fetch_s, batch.fetch_s / n)
+            self._decode_s = _typical(self._decode_s, batch.decode_s / n)
+            self._update_wanted()
+        self._pump()
+        return reports
+
     def _io_loop(self) -> None:
         """An IO thread ("looper"): take the best startable synchronous job, read it,
         decode it here if a CPU slot is free, and go on while there is work (a backlog
@@ -395,28 +615,40 @@ class LoadScheduler:
         bookkeeping and the choice of the next job share one hold of ``_lock``."""
         lock = self._lock
         finished: _Decoded | None = None
+        ran: _Batch | None = None
         with lock:
             self._starting -= 1
             self._in_fetch -= 1
         while True:
             item: tuple[LoadJob, RawChunk] | None = None
             job: LoadJob | None = None
+            batch: _Batch | None = None
             with lock:
                 report = None if finished is None else self._decoded(finished)
+                reports = None if ran is None else self._batch_done(ran)
                 if self._closed:
                     pass
                 elif self._backlog and self._cpu_busy < self._cpu_limit:
                     self._cpu_busy += 1
                     item = self._backlog.popleft()
-                elif self._loopers <= self._wanted or self._in_fetch == self._loopers - 1:
+                elif self._loopers <= self._wanted or self._reading() == self._loopers - 1:
                     # (a surplus thread stops, unless all the others wait on reads)
-                    job = self._take_sync()
-                    if job is not None:
-                        self._in_fetch += 1
-                if item is None and job is None:
+                    batch = self._take_batch()
+                    if batch is None:
+                        job = self._take_sync() or self._steal()
+                        if job is not None:
+                            self._in_fetch += 1
+                if item is None and job is None and batch is None:
                     self._loopers -= 1
             if report is not None:
                 self._deliver(*report)
+            if reports:
+                self._deliver_many(reports)
+            finished = ran = None
+            if batch is not None:
+                batch.run()
+                ran = batch
+                continue
             if job is not None:
                 item = self._fetch_one(job)
             elif item is None:
@@ -560,14 +792,33 @@ class LoadScheduler:
         spends a fetch and a decode per chunk, so ``cpu_workers * (fetch + decode) /
         decode`` of them; at least ``cpu_workers``, at most ``io_concurrency``. Fast
         local reads want ``cpu_workers`` threads (each reads, then decodes, like plain
-        threads would); slow reads want more, to keep more of them in flight. Holds
-        ``_lock``."""
+        threads would); slow reads want more, to keep more of them in flight.
+
+        Reads that take no longer than ``BATCH_FETCH_RATIO`` decodes (the page cache:
+        a read is a copy, CPU work too) are taken in batches (``_take_batch``), one
+        thread per CPU slot: a thread waiting on such a read leaves little of its
+        core idle, and fewer threads contend less for the GIL. Holds ``_lock``."""
         fetch, decode = self._fetch_s, self._decode_s
         if fetch <= 0.0 or decode <= 0.0:
             return
-        wanted = int(self._cpu_limit * (fetch + decode) / decode)
         least = min(self._cpu_limit, self._io_concurrency)
+        self._batching = fetch <= BATCH_FETCH_RATIO * decode
+        if self._batching:
+            self._wanted = least
+            return
+        wanted = int(self._cpu_limit * (fetch + decode) / decode)
         self._wanted = max(least, min(wanted, self._io_concurrency))
+
+    def _deliver_many(self, reports: Completions) -> None:
+        """Publish completions together (``on_done_many``), or one by one."""
+        if self._on_done_many is None:
+            for report in reports:
+                self._deliver(*report)
+            return
+        try:
+            self._on_done_many(reports)
+        except Exception:  # never lose a worker (and its CPU slot) to an owner's bug
+            logger.exception("chunkpool: completing %d loads failed", len(reports))
 
     @staticmethod
     def _deliver(job: LoadJob, data: np.ndarray | None, error: BaseException | None) -> None:

@@ -54,6 +54,7 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation, _ShardIndex
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import NDBuffer, default_buffer_prototype
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
 from zarr.core.codec_pipeline import codecs_from_list
 from zarr.core.sync import _get_loop, sync
 from zarr.storage import LocalStore
@@ -66,7 +67,7 @@ from .links import StoreRoot
 from .retry import RetryPolicy
 from .stores import describe_error, with_retries
 
-__all__ = ["ChunkSource", "RawChunk"]
+__all__ = ["ChunkSource", "RawChunk", "close_files"]
 
 #: Shard indexes kept per array; an index costs 16 bytes per inner chunk.
 SHARD_INDEX_CACHE_SIZE = 4096
@@ -118,9 +119,9 @@ class _IndexReadAbandoned(Exception):
     """The request reading a shard index was cancelled; a waiter should read it."""
 
 
-@dataclass(frozen=True)
-class RawChunk:
-    """The encoded bytes of one chunk (None when the chunk does not exist)."""
+class RawChunk(NamedTuple):
+    """The encoded bytes of one chunk (None when the chunk does not exist). A named
+    tuple: one is made per chunk, and a frozen dataclass costs ~1 µs more to make."""
 
     data: np.ndarray | None
     nbytes_fetched: int
@@ -142,8 +143,8 @@ class _IntoDecoder:
     ):
         self._compressor = compressor
         self._decode_into = decode_into
-        self._dtype = dtype
-        self.shape = shape
+        self.dtype = self._dtype = dtype
+        self.shape = tuple(shape)
         self._order = order
         self.nbytes = math.prod(shape) * dtype.itemsize
         self._buffers = buffers
@@ -276,43 +277,82 @@ class _LocalReader:
 
     def __init__(self, root: str, buffers: BufferPool):
         self._root = root
+        self._root_slash = os.path.join(root, "")
         self._buffers = buffers
         self._store_root = StoreRoot(root)
         self._checked_dirs: set[str] = set()  # directories known to resolve inside
+        self._large_files = False  # whether whole files were seen of SMALL_READ or more
 
-    def read(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+    def read(
+        self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
+    ) -> _Bytes | None:
         """The bytes of ``key`` (None if there is no such file). Raises
-        :class:`LinkEscapeError` if reading it would follow a link out of the root."""
-        directory = key.rpartition("/")[0]
-        if directory not in self._checked_dirs:
-            self._store_root.check(directory)
-            if len(self._checked_dirs) >= MAX_CHECKED_DIRS:
-                self._checked_dirs.clear()
-            self._checked_dirs.add(directory)
-        path = os.path.join(self._root, key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        except OSError as err:
-            if err.errno != errno.ELOOP:
-                raise
-            self._store_root.check(key)  # the file is a link: follow it only inside
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        :class:`LinkEscapeError` if reading it would follow a link out of the root.
+
+        With ``files`` (the caller's: key -> open descriptor), a file opened here stays
+        open in it for the caller's next reads of the same file (the inner chunks of a
+        shard), and the caller closes it; what is in ``files`` was opened here, checked
+        the same way."""
+        fd = None if files is None else files.get(key)
+        if fd is None:
+            fd = self._open(key)
+            if fd is None:
                 return None
+            if files is not None:
+                files[key] = fd
         try:
-            size = os.fstat(fd).st_size
-            start, stop = _byte_span(byte_range, size)
-            length = max(0, stop - start)
+            if type(byte_range) is RangeByteRequest:  # (pread stops at the file's end)
+                start, length = byte_range.start, max(0, byte_range.end - byte_range.start)
+            elif byte_range is None and not self._large_files:
+                # a whole small file in one call, without asking its size first (each
+                # system call here is a hand-over of the GIL); a read that fills the
+                # buffer may have stopped short of the end: then ask, as for large ones
+                head = os.pread(fd, SMALL_READ, 0)
+                if len(head) < SMALL_READ:
+                    return _Bytes(np.frombuffer(head, np.uint8), None)
+                self._large_files = True
+                start, length = 0, os.fstat(fd).st_size
+            else:
+                start, stop = _byte_span(byte_range, os.fstat(fd).st_size)
+                length = max(0, stop - start)
             if length < SMALL_READ:
                 return _Bytes(np.frombuffer(os.pread(fd, length, start), np.uint8), None)
             owner = self._buffers.take(transient_size(length))
             n = os.preadv(fd, [memoryview(owner)[:length]], start)
             return _Bytes(owner[:n], owner)
         finally:
-            os.close(fd)
+            if files is None:
+                os.close(fd)
+
+    def _open(self, key: str) -> int | None:
+        """A descriptor of ``key`` opened for reading, never through a link out of the
+        root (None if there is no such file)."""
+        directory = key.rpartition("/")[0]
+        if directory not in self._checked_dirs:
+            self._store_root.check(directory)
+            if len(self._checked_dirs) >= MAX_CHECKED_DIRS:
+                self._checked_dirs.clear()
+            self._checked_dirs.add(directory)
+        path = self._root_slash + key
+        try:
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+        self._store_root.check(key)  # the file is a link: follow it only inside
+        try:
+            return os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+
+def close_files(files: dict[str, int]) -> None:
+    """Close the descriptors that reads with ``files`` left open, and forget them."""
+    for fd in files.values():
+        os.close(fd)
+    files.clear()
 
 
 def _byte_span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
@@ -398,6 +438,7 @@ class ChunkSource:
             else None
         )
         self._sharding: ShardingCodec | None = None
+        self._init_keys(self._metadata)
         try:
             self._init_decoders(async_array)
         except Exception as err:  # codecs zarr opened but that cannot decode this array
@@ -406,6 +447,25 @@ class ChunkSource:
             raise SourceError(
                 f"{where}: its codecs cannot decode chunks ({type(err).__name__}: {detail})"
             ) from err
+
+    def _init_keys(self, metadata: Any) -> None:
+        """How :meth:`_key` spells a chunk key: zarr's two standard encodings are
+        spelt here (checked against zarr's own spelling once), any other by zarr."""
+        self._key_separator: str | None = None
+        self._key_c = False
+        if metadata.zarr_format == 2:
+            separator = metadata.dimension_separator
+        elif type(metadata.chunk_key_encoding) is DefaultChunkKeyEncoding:
+            separator, self._key_c = metadata.chunk_key_encoding.separator, True
+        elif type(metadata.chunk_key_encoding) is V2ChunkKeyEncoding:
+            separator = metadata.chunk_key_encoding.separator
+        else:
+            return
+        probe = tuple(range(1, self.scale.ndim + 1))
+        expected = metadata.encode_chunk_key(probe)
+        self._key_separator = separator
+        if self._key(probe) != (f"{self._prefix}/{expected}" if self._prefix else expected):
+            self._key_separator = None
 
     def _init_decoders(self, async_array: Any) -> None:
         codecs = list(async_array.codec_pipeline)
@@ -419,6 +479,16 @@ class ChunkSource:
                 (0,) * self.scale.ndim, config, self._prototype
             )
             self._decode = _make_decoder(codecs, spec, self._buffers)
+        #: Whether :meth:`decode` may skip its general checks for a full chunk: an
+        #: _IntoDecoder returns exactly the chunk's shape (its size checked), in memory
+        #: that is not the read buffer, and here in native byte order.
+        decoder = self._decode
+        self._plain_decode = (
+            isinstance(decoder, _IntoDecoder)
+            and decoder.nbytes <= MAX_CHUNK_BYTES
+            and decoder.dtype.isnative
+            and decoder.shape == tuple(self.scale.chunk_shape)
+        )
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape
@@ -447,7 +517,13 @@ class ChunkSource:
     # -- fetching ---------------------------------------------------------------------
 
     def _key(self, coords: tuple[int, ...]) -> str:
-        key = self._metadata.encode_chunk_key(coords)
+        sep = self._key_separator
+        if sep is None:
+            key = self._metadata.encode_chunk_key(coords)
+        elif self._key_c:  # zarr's two standard encodings, without their call overhead
+            key = sep.join(("c", *map(str, coords)))
+        else:
+            key = sep.join(map(str, coords)) or "0"
         return f"{self._prefix}/{key}" if self._prefix else key
 
     def _plan(self, index: tuple[int, ...]) -> _Plan:
@@ -528,10 +604,13 @@ class ChunkSource:
         except StopIteration as stop:
             return stop.value
 
-    def fetch_sync(self, index: tuple[int, ...]) -> RawChunk:
-        """Fetch a chunk's bytes from a synchronous store, in the calling thread."""
+    def fetch_sync(self, index: tuple[int, ...], files: dict[str, int] | None = None) -> RawChunk:
+        """Fetch a chunk's bytes from a synchronous store, in the calling thread.
+
+        ``files``: see :meth:`_LocalReader.read` (local stores; the caller closes them
+        with :func:`close_files`)."""
         if self._local is not None:
-            raw = self._fetch_local(index)
+            raw = self._fetch_local(index, files)
             if raw is not None:
                 return raw
 
@@ -553,22 +632,24 @@ class ChunkSource:
 
         return self._drive_sync(self._plan(index), perform)
 
-    def _read_local(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
+    def _read_local(
+        self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
+    ) -> _Bytes | None:
         """Read a local file's bytes; a failure is a ChunkReadError naming the key."""
         assert self._local is not None
         try:
-            return self._local.read(key, byte_range)
+            return self._local.read(key, byte_range, files)
         except Exception as err:
             reason = describe_error(err)
         # raised outside the handler: the OS error is neither cause nor context
         raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
 
-    def _fetch_local(self, index: tuple[int, ...]) -> RawChunk | None:
+    def _fetch_local(self, index: tuple[int, ...], files: dict[str, int] | None) -> RawChunk | None:
         """The plan's common cases for local files, without its generator machinery
         (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
         index is already cached. None means: run the plan."""
         if self._sharding is None:
-            read = self._read_local(self._key(index), None)
+            read = self._read_local(self._key(index), None)  # (each file read once)
             if read is None:
                 return RawChunk(None, 0)
             return RawChunk(read.data, read.data.nbytes, read.owner)
@@ -584,7 +665,7 @@ class ChunkSource:
         ].tolist()
         if offset == _NO_CHUNK and length == _NO_CHUNK:
             return RawChunk(None, 0)
-        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length))
+        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length), files)
         if read is None:
             return RawChunk(None, 0)
         return RawChunk(read.data, read.data.nbytes, read.owner)
@@ -625,6 +706,18 @@ class ChunkSource:
         shape = self.chunk_data_shape(index)
         if raw.data is None:
             return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
+        if self._plain_decode and shape is self.scale.chunk_shape:
+            # the common case, in short: a full chunk decoded into memory of its own
+            # (a recycled buffer, or what zlib inflated to) in native byte order
+            try:
+                arr = self._decode(raw.data)
+            except Exception as err:
+                raise self._decode_error(self._chunk_key(index), err) from err
+            finally:
+                if raw.owner is not None:
+                    self._buffers.give(raw.owner)
+            arr.flags.writeable = False
+            return arr
         try:
             if self._decode.nbytes > MAX_CHUNK_BYTES:
                 raise ChunkDecodeError(

@@ -18,7 +18,7 @@ import zarr
 from conftest import make_array, ramp
 from support.teststores import GatedStore
 
-from chunkpool import ChunkCancelledError, ChunkLoadError, ChunkState
+from chunkpool import ChunkCancelledError, ChunkIndexError, ChunkLoadError, ChunkState, scheduler
 from chunkpool.buffers import BufferPool
 from chunkpool.workers import Workers
 
@@ -75,9 +75,9 @@ def test_blocked_decodes_stop_new_fetches(pools, tmp_path):
         assert gate.wait(30), "the test never opened the gate"
         return decode(index, raw)
 
-    def counted_fetch(index):
+    def counted_fetch(index, *args):
         fetches.append(index)
-        return fetch(index)
+        return fetch(index, *args)
 
     source.decode = stuck_decode
     source.fetch_sync = counted_fetch
@@ -188,6 +188,7 @@ def test_benchmark_script_runs(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
     bench = importlib.import_module("bench_pool")
     results = bench.main(["--size", "256", "--chunks", "64,128", "--rounds", "1"])
+    assert len(bench.main(["--size", "256", "--chunks", "128", "--rounds", "1", "--bulk"])) == 2
     assert [label for label, _ in results] == [
         "64² chunks, unsharded",
         "128² chunks, unsharded",
@@ -195,3 +196,132 @@ def test_benchmark_script_runs(capsys, monkeypatch):
         "128² chunks, sharded 256²",
     ]
     assert "pool/tensorstore" in capsys.readouterr().out
+
+
+def batching_pool(pools, arr, monkeypatch, **kwargs):
+    """A pool whose IO threads take jobs in batches (as they do on page-cache reads):
+    batches are taken once fetch and decode times are measured and reads are fast
+    enough; here any measured read is fast enough."""
+    monkeypatch.setattr(scheduler, "BATCH_FETCH_RATIO", float("inf"))
+    pool = pools(arr, **kwargs)
+    warm = all_keys(pool)[:8]
+    pool.get_chunks(warm)
+    pool.wait_for_chunks_to_load()
+    pool.drop_chunks(warm)
+    assert pool._scheduler._batching  # what the tests using this pool are about
+    return pool
+
+
+class GatedFetches:
+    """Wraps a source's ``fetch_sync``: records the chunks fetched, in order, and
+    holds the fetch of ``stuck`` until ``gate`` is set."""
+
+    def __init__(self, source, stuck):
+        self.fetch = source.fetch_sync
+        self.stuck = stuck
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.order: list[tuple[int, ...]] = []
+        source.fetch_sync = self
+
+    def __call__(self, index, *args):
+        self.order.append(index)
+        if index == self.stuck:
+            self.started.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return self.fetch(index, *args)
+
+
+def test_batches_are_taken_best_first(pools, grid, monkeypatch):
+    """With one CPU slot, one IO thread takes batch after batch: each is the best
+    waiting jobs at the time it is taken, so reads follow the priorities (re-ranked
+    ones included) exactly as single jobs do."""
+    arr, data = grid
+    # (one IO thread: no other takes jobs from a batch held up at the gate)
+    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=1, io_concurrency=1)
+    gated = GatedFetches(pool._sources[0], stuck=(0, 0))
+    pool.get_chunk(0, (0, 0), priority=-10)  # its batch holds the only slot
+    assert gated.started.wait(30)
+    rng = np.random.default_rng(3)
+    indices = [(i, j) for i in range(4, 8) for j in range(10)]
+    priorities = [float(p) for p in rng.permutation(len(indices))]
+    locs = pool.get_chunks([(0, idx) for idx in indices], priority=priorities)
+    pool.get_chunk(0, indices[-1], priority=-5)  # re-ranked: first after (0, 0)
+    gated.gate.set()
+    pool.wait_for_chunks_to_load(timeout=60)
+    expected = [indices[-1]] + [
+        idx for _, idx in sorted(zip(priorities, indices, strict=True)) if idx != indices[-1]
+    ]
+    assert gated.order == [(0, 0), *expected]
+    for loc in locs:
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+
+
+def test_job_dropped_while_its_batch_runs_is_discarded(pools, grid, monkeypatch):
+    """Jobs of a batch that are dropped while the batch runs are never read (or their
+    data is thrown away): they end cancelled, fire no load handler, and leave no
+    pending bytes; the rest of the batch loads."""
+    arr, data = grid
+    # (one IO thread: no other takes jobs from the batch held up at the gate)
+    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=1, io_concurrency=1)
+    gated = GatedFetches(pool._sources[0], stuck=(2, 0))
+    loaded = []
+    keys = [(0, (2, j)) for j in range(8)]  # one batch (the first is held)
+    locs = pool.get_chunks(keys, "view", load_handler=loaded.append)
+    assert gated.started.wait(30)
+    dropped = keys[1::2]
+    pool.drop_chunks(dropped, "view")
+    gated.gate.set()
+    pool.wait_for_chunks_to_load(timeout=60)
+    for key, loc in zip(keys, locs, strict=True):
+        if key in dropped:
+            assert loc.state is ChunkState.CANCELLED and not loc.loaded
+        else:
+            np.testing.assert_array_equal(loc.data, data[loc.slices])
+    assert sorted(loc.key for loc in loaded) == sorted(set(keys) - set(dropped))
+    assert not set(idx for _, idx in dropped) & set(gated.order[1:])  # never read
+    stats = pool.stats
+    assert stats.pending_bytes == 0 and stats.chunks_pending == 0
+    assert stats.chunks_held == len(keys) - len(dropped)
+
+
+def test_read_that_hangs_holds_up_no_other_job_of_its_batch(pools, grid, monkeypatch):
+    """A read that does not return (a FIFO, a stuck network filesystem) holds up only
+    its own chunk: another IO thread takes the other jobs of the stuck batch."""
+    arr, data = grid
+    pool = batching_pool(pools, arr, monkeypatch, cpu_workers=2)
+    gated = GatedFetches(pool._sources[0], stuck=(3, 0))
+    keys = [(0, (3, j)) for j in range(8)]
+    locs = pool.get_chunks(keys)
+    assert gated.started.wait(30)
+    try:
+        for loc in locs[1:]:
+            np.testing.assert_array_equal(loc.wait(timeout=30), data[loc.slices])
+        assert not locs[0].loaded
+    finally:
+        gated.gate.set()
+    np.testing.assert_array_equal(locs[0].wait(timeout=30), data[locs[0].slices])
+
+
+def test_get_chunks_is_get_chunk_for_many(pools, grid):
+    """``get_chunks`` holds like ``get_chunk`` per key (refs, handlers, data), checks
+    every key before holding any, and takes one priority or one per key."""
+    arr, data = grid
+    pool = pools(arr)
+    keys = all_keys(pool)[:20]
+    with pytest.raises(ChunkIndexError):
+        pool.get_chunks([*keys, (0, (999, 0))], "a")
+    assert pool.stats.chunks_held == 0
+    with pytest.raises(ValueError):
+        pool.get_chunks(keys, "a", priority=[1.0, 2.0])
+    loaded = []
+    locs = pool.get_chunks(keys, "a", priority=range(20), load_handler=loaded.append)
+    again = pool.get_chunks([(level, list(index)) for level, index in keys], "b", priority=1)
+    assert [loc.key for loc in locs] == keys
+    assert all(a is b for a, b in zip(locs, again, strict=True))
+    pool.wait_for_chunks_to_load()
+    assert sorted(loc.key for loc in loaded) == sorted(keys)
+    for loc in locs:
+        assert loc.refs == {"a", "b"}
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+    assert pool.stats.misses == 20 and pool.stats.hits == 20

@@ -5,8 +5,9 @@ shards), loads every chunk of an 8192 x 8192 uint16 zstd Zarr v3 array (page cac
 warm) with three methods, in paired rounds that alternate their order:
 
 - ``chunkpool``: one pool, every chunk requested with ``get_chunk`` (as a viewer
-  does per tile), waited for, and dropped again with ``drop_chunks``; no cache, so
-  every round loads everything (buffers are recycled, as in a viewer);
+  does per tile; with ``--bulk``, all with one ``get_chunks`` call, as a viewer may
+  per frame), waited for, and dropped again with ``drop_chunks``; no cache, so every
+  round loads everything (buffers are recycled, as in a viewer);
 - ``tensorstore``: one concurrent ``read()`` per chunk, all in flight at once;
 - ``raw``: the practical floor, plain threads (one per core) each reading and
   zstd-decoding its share of the chunks (through the shard index when sharded), with
@@ -91,15 +92,21 @@ class Case:
         return [(i, j) for i in range(g) for j in range(g)]
 
 
-def pool_method(case: Case) -> tuple[Callable[[], None], Callable[[], None]]:
+def pool_method(
+    case: Case, bulk: bool = False, cpu_workers: int | None = None
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """The pool's run, and a function that destroys the pool."""
-    (pool,) = ChunkPool.from_zarr_node(str(case.path))  # no cache: every run loads
+    # no cache: every run loads
+    (pool,) = ChunkPool.from_zarr_node(str(case.path), cpu_workers=cpu_workers)
     keys = case.keys
     drops = [(0, idx) for idx in keys]
 
     def run() -> None:
-        for idx in keys:
-            pool.get_chunk(0, idx)
+        if bulk:
+            pool.get_chunks(drops)
+        else:
+            for idx in keys:
+                pool.get_chunk(0, idx)
         pool.wait_for_chunks_to_load()
         pool.drop_chunks(drops)
 
@@ -209,9 +216,9 @@ def ratio(pool: list[float], other: list[float]) -> tuple[float, float, float]:
 
 
 def run_case(
-    case: Case, rounds: int, threads: int
+    case: Case, rounds: int, threads: int, bulk: bool = False, cpu_workers: int | None = None
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    pool_run, destroy = pool_method(case)
+    pool_run, destroy = pool_method(case, bulk, cpu_workers)
     try:
         methods = {
             "chunkpool": pool_run,
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]
     parser.add_argument("--layouts", default="unsharded,sharded", help="unsharded and/or sharded")
     parser.add_argument("--size", type=int, default=8192, help="the array is size x size")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="raw threads")
+    parser.add_argument("--bulk", action="store_true", help="the pool's get_chunks, not get_chunk")
+    parser.add_argument("--cpu-workers", type=int, default=None, help="the pool's decode slots")
     args = parser.parse_args(argv)
     chunks = [int(c) for c in args.chunks.split(",")]
     layouts = args.layouts.split(",")
@@ -250,14 +259,15 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]
     with tempfile.TemporaryDirectory(prefix="zarrscope-bench-") as tmp:
         print(
             f"{args.size}² uint16 zstd ({data.nbytes / 1e6:.0f} MB decoded), {args.rounds} "
-            f"paired rounds; raw = {args.threads} plain threads read+decode"
+            f"paired rounds; raw = {args.threads} plain threads read+decode; pool requests "
+            f"with {'one get_chunks call' if args.bulk else 'get_chunk per chunk'}"
         )
         print(
             f"{'case':28s} {'chunks':>6s} {'pool ms':>8s} {'ts ms':>8s} {'raw ms':>8s}"
             "   pool/tensorstore [q1..q3]   pool/raw [q1..q3]   CPU µs/chunk pool ts raw"
         )
         for case in cases(Path(tmp), data, chunks, layouts):
-            times, cpu = run_case(case, args.rounds, args.threads)
+            times, cpu = run_case(case, args.rounds, args.threads, args.bulk, args.cpu_workers)
             med = {name: statistics.median(t) * 1000 for name, t in times.items()}
             per_chunk = {
                 name: statistics.median(t) * 1e6 / len(case.keys) for name, t in cpu.items()
