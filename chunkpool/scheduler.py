@@ -508,16 +508,19 @@ class LoadScheduler:
         """Start the best waiting sync job, if one may start. Holds ``_lock``."""
         if self._decoding >= self._decode_backlog:
             return None
+        window = self._sync_window()
+        return None if window is None else self._start(window)
+
+    def _sync_window(self) -> _Window | None:
+        """The synchronous store window whose best waiting job may start now, if any
+        (one window, the common case, without comparing priorities). Holds ``_lock``."""
         windows = self._sync_windows
-        if len(windows) == 1:
-            window: _Window | None = windows[0]
-            if window.in_flight >= window.limit or not window.queued or window.peek() is None:
-                return None
-        else:
-            window = self._best(windows)
-            if window is None:
-                return None
-        return self._start(window)
+        if len(windows) != 1:
+            return self._best(windows)
+        window = windows[0]
+        if window.in_flight >= window.limit or not window.queued or window.peek() is None:
+            return None
+        return window
 
     def _take_batch(self) -> _Batch | None:
         """Take a batch of the best waiting sync jobs of one window, if reads are fast
@@ -532,15 +535,9 @@ class LoadScheduler:
             or self._backlog
         ):
             return None
-        windows = self._sync_windows
-        if len(windows) == 1:
-            window: _Window | None = windows[0]
-            if window.in_flight >= window.limit or not window.queued or window.peek() is None:
-                return None
-        else:
-            window = self._best(windows)
-            if window is None:
-                return None
+        window = self._sync_window()
+        if window is None:
+            return None
         per_job = self._fetch_s + self._decode_s
         size = 1 if per_job <= 0.0 else int(BATCH_SECONDS / per_job)  # (1: unmeasured)
         size = max(1, min(size, MAX_BATCH, -(-window.queued // self._cpu_limit)))
