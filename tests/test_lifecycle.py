@@ -21,7 +21,7 @@ import zarr
 from conftest import make_array, ramp
 from support.teststores import GatedStore
 
-from chunkpool import ChunkCancelledError, ChunkPoolError, ChunkState
+from chunkpool import ChunkCancelledError, ChunkPool, ChunkPoolError, ChunkState
 from chunkpool.errors import EventLoopError
 
 #: Generous bound on any wait for a signal (loaded CI machines are slow).
@@ -50,6 +50,15 @@ def abandon_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
 # -- 2c: destroy() is bounded whatever a read does ------------------------------------------
 
 
+def destroy_abandoning_chunk_0(pool: ChunkPool, caplog: pytest.LogCaptureFixture) -> None:
+    """``pool.destroy`` returns in time, with one WARNING naming the one stuck thread and
+    its chunk, level 0 chunk (0, 0)."""
+    caplog.set_level(logging.WARNING, logger="chunkpool")
+    pool.destroy(timeout=0.2)
+    (record,) = abandon_records(caplog)
+    assert "1 thread" in record.message and "level 0 chunk (0, 0)" in record.message
+
+
 @pytest.mark.timeout(60)
 def test_destroy_returns_while_a_fifo_chunk_blocks_its_read(pools, tmp_path, monkeypatch, caplog):
     make_array(tmp_path / "a.zarr", ramp((16, 16)), (8, 8))
@@ -70,10 +79,7 @@ def test_destroy_returns_while_a_fifo_chunk_blocks_its_read(pools, tmp_path, mon
     loc = pool.get_chunk(0, (0, 0), load_handler=loaded.append)
     try:
         assert entered.wait(DEADLINE)
-        caplog.set_level(logging.WARNING, logger="chunkpool")
-        pool.destroy(timeout=0.2)
-        (record,) = abandon_records(caplog)
-        assert "1 thread" in record.message and "level 0 chunk (0, 0)" in record.message
+        destroy_abandoning_chunk_0(pool, caplog)
         assert loc.state is ChunkState.CANCELLED and loc.future.cancelled()
         with pytest.raises(ChunkCancelledError):
             loc.wait()
@@ -146,10 +152,7 @@ def test_a_late_read_into_a_recycled_buffer_is_discarded(pools, tmp_path, monkey
     loc = pool.get_chunk(0, (0, 0))
     try:
         assert entered.wait(DEADLINE)
-        caplog.set_level(logging.WARNING, logger="chunkpool")
-        pool.destroy(timeout=0.2)
-        (record,) = abandon_records(caplog)
-        assert "1 thread" in record.message and "level 0 chunk (0, 0)" in record.message
+        destroy_abandoning_chunk_0(pool, caplog)
     finally:
         release.set()
     join_pool_threads()
