@@ -228,7 +228,7 @@ def test_xy_image_shows_x_horizontally(
     check_view(viewer, truth, 2, (), f"xy-v{zarr_format}")
     check_view(viewer, truth, 1, (), f"xy-v{zarr_format}")
     for row, col in ((0, WIDTH - 1), (HEIGHT - 1, 0), (5, 100), (70, 3), (33, 64)):
-        ((_, value),) = viewer.layer.value_at(float(col), float(row))  # world (x, y)
+        ((_, value),) = viewer.layer.values_at(float(col), float(row))  # world (x, y)
         assert value == picture[row, col], f"value at row {row}, column {col}"
 
 
@@ -240,7 +240,7 @@ def test_xcy_image_shows_each_channel_with_x_horizontally(
     picture = noise_image((3, HEIGHT, WIDTH), seed=22)  # (c, y, x)
     pyramid, truth = stored_as(tmp_path, picture, "xcy", n_levels=1)
     assert pyramid.levels[0].shape == (WIDTH, 3, HEIGHT)
-    viewer = make_viewer(str(pyramid.path), channels=[2])
+    viewer = make_viewer(str(pyramid.path), channels=[2], rgb=False)  # 3 x uint8: not RGB
 
     check_view(viewer, truth, 1, (2,), "xcy-c2")
     viewer.toggle_channel(2)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pygfx as gfx
 import pytest
 import zarr
 from PIL import Image
@@ -31,8 +30,7 @@ from test_render import GRAY, SIZE, assert_view, grey, run_cli, settle
 from zarr.storage import LocalStore
 
 from chunkpool import ChunkLoadError, ChunkPool
-from viewer import ImageLayer, Viewer
-from viewer.display import default_channels
+from viewer import TileSet, Viewer
 from viewer.tiling import RetrySchedule, View
 
 pytestmark = pytest.mark.render
@@ -53,7 +51,7 @@ def wait_for(viewer: Viewer, condition: Callable[[], bool], what: str) -> None:
     """Run the viewer's pending handlers until ``condition`` holds; fail after DEADLINE."""
     deadline = time.monotonic() + DEADLINE
     pause = threading.Event()
-    while not (viewer.settled() and condition()):
+    while not (viewer.refresh() and viewer.settled() and condition()):
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {DEADLINE:g} s ({viewer.layer.status()})")
         pause.wait(0.01)
@@ -205,8 +203,8 @@ def test_a_pyramid_whose_coarsest_level_is_2_30_wide(
     coarsest_tiles = ((1 << 30) // 256) ** 2
     assert status.level == 2 and status.settled and status.loaded == status.pending == 0
     assert coarsest_tiles * 9 // 16 <= status.overflow <= coarsest_tiles
-    assert viewer.layer.held_chunks() == []
-    hud = viewer._hud_lines(viewer.view(), status)
+    assert viewer.layer.tiles.held_chunks() == []
+    hud = viewer.hud_lines()
     assert hud[1] == f"zoom in: {status.overflow:.2g} tiles in view at the coarsest level"
     shot = viewer.screenshot()
     save("deep_fit.png", shot)
@@ -222,10 +220,10 @@ def test_a_pyramid_whose_coarsest_level_is_2_30_wide(
         assert viewer.layer.target_level == level
         assert_view(got, expected_view(window, level, world, SIZE), what=f"{name} at {zoom}x")
         assert got[int(70 / zoom), int(110 / zoom)] > 0  # data, not the background
-        assert len(viewer.layer.held_chunks()) < 100
+        assert len(viewer.layer.tiles.held_chunks()) < 100
     viewer.fit()
     assert viewer.wait_settled(DEADLINE) and viewer.layer.status().overflow
-    assert viewer.layer.held_chunks() == []
+    assert viewer.layer.tiles.held_chunks() == []
 
 
 # -- failed tiles are tried again --------------------------------------------------------
@@ -248,7 +246,7 @@ def gated_viewer(pyramid_32: Pyramid) -> Iterator[tuple[Viewer, Any, FakeClock]]
     rec = group.store.rec
     viewer = Viewer(group, None, size=SIZE, **GRAY)
     clock = FakeClock()
-    viewer.layer.retry = RetrySchedule(first=1.0, factor=2.0, cap=30.0, clock=clock)
+    viewer.layer.tiles.retry = RetrySchedule(first=1.0, factor=2.0, cap=30.0, clock=clock)
     yield viewer, rec, clock
     rec.open_gate()
     viewer.close()
@@ -310,17 +308,17 @@ def test_a_failed_resident_tile_is_retried_with_backoff_until_it_loads(
     wait_for(viewer, lambda: viewer.pool.stats.chunks_pending == 0, "the prefetch")
     misses = viewer.pool.stats.misses
     clock.now += 0.999  # not yet due: no new load
-    assert viewer.settled() and viewer.pool.stats.misses == misses
+    assert viewer.refresh() and viewer.settled() and viewer.pool.stats.misses == misses
     clock.now += 0.001  # due: one try, which fails again
-    assert viewer.settled()
-    wait_for(viewer, lambda: viewer.layer.retry.failures(chunk) == 2, "the second failure")
+    assert viewer.refresh() and viewer.settled()
+    wait_for(viewer, lambda: viewer.layer.tiles.retry.failures(chunk) == 2, "the second failure")
     assert rec.started.count(key) == 2
     assert_hatched(viewer.screenshot(), tile)
     # the fault goes; the next try (2 s later) is held at the gate: still hatched
     rec.fail_keys.clear()
     rec.hold()
     clock.now += 1.999
-    assert viewer.settled() and viewer.pool.stats.misses == misses + 1
+    assert viewer.refresh() and viewer.settled() and viewer.pool.stats.misses == misses + 1
     clock.now += 0.001
     wait_for(viewer, lambda: rec.started.count(key) == 3, "the third read")
     status = viewer.layer.status()
@@ -331,7 +329,7 @@ def test_a_failed_resident_tile_is_retried_with_backoff_until_it_loads(
     shot = viewer.screenshot()
     save("retry_recovered.png", shot)
     assert_view(grey(shot), expected_view(pyramid_32, 2, world, SIZE), what="recovered view")
-    assert rec.started.count(key) == 3 and len(viewer.layer.retry) == 0
+    assert rec.started.count(key) == 3 and len(viewer.layer.tiles.retry) == 0
 
 
 def test_a_failed_tile_in_view_is_retried_without_moving(
@@ -363,12 +361,9 @@ def test_a_failure_asks_for_a_frame_when_its_retry_is_due(pyramid_32: Pyramid) -
     pool = ChunkPool.from_zarr_node(group)[0]
     later: list[tuple[float, Callable[[], None]]] = []
     draws: list[int] = []
-    displays = default_channels(1, [], [np.arange(256)])
-    scene = gfx.Group()  # (its children refer to it weakly: keep it)
-    layer = ImageLayer(
+    layer = TileSet(
         pool,
-        scene,
-        displays,
+        [(0, True)],
         request_draw=lambda: draws.append(1),
         call_later=lambda delay, callback: later.append((delay, callback)),
     )

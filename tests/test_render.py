@@ -521,6 +521,7 @@ def test_coarser_levels_stand_in_while_tiles_load(
         hold_again(rec)
         before = len(rec.started)
         viewer.show_region(*region)
+        viewer.refresh()
         assert not viewer.settled()
         assert viewer.layer.target_level == level
         assert viewer.layer.status().loaded == 0
@@ -582,6 +583,7 @@ def test_frames_keep_coming_while_loads_are_held(
     loads_before = viewer.pool.stats.loads
     region = (64, 64, 704, 704)  # 10 x 10 tiles of level 0, ring 12 x 12
     viewer.show_region(*region)
+    viewer.refresh()
     assert not viewer.settled()  # (this also asks for the view's tiles)
     world = region_world(pyramid, region)
     coarse = expected_view(pyramid, len(pyramid.levels) - 1, world, size)
@@ -708,7 +710,8 @@ def test_z_and_t_select_the_plane(tczyx: Pyramid, make_viewer: Callable[..., Vie
     viewer.show_region(0, 0, 256, 256)
     settle(viewer)
     assert_plane(viewer, tczyx, (1, 1, 2))
-    viewer.layer.set_position(((t_axis, 0), (z_axis, 0)))
+    viewer.set_index(t_axis, 0)
+    viewer.set_index("z", 0)
     settle(viewer)
     assert_plane(viewer, tczyx, (0, 1, 0))
     viewer.step_axis(z_axis, 1)
@@ -739,6 +742,7 @@ def test_previous_slice_stands_in_until_the_new_one_loads(
     assert_plane(viewer, tczyx, (0, 0, 0))
     group.store.rec.hold()
     viewer.step_axis(2, 1)
+    viewer.refresh()
     assert not viewer.settled()
     assert_plane(viewer, tczyx, (0, 0, 0))
     group.store.rec.open_gate()

@@ -1,14 +1,22 @@
-"""Viewer: a multiscale Zarr image in any rendercanvas canvas, or offscreen.
+"""Viewer: multiscale Zarr images as layers, in any rendercanvas canvas, or offscreen.
 
-The viewer wires the pieces together: a :class:`~chunkpool.ChunkPool` for the image,
-an :class:`~viewer.layer.ImageLayer` that holds the tiles of the view, a pygfx
-renderer and camera (y down, so array row 0 is at the top), a pan/zoom controller,
-keys, and the heads-up display.
+The viewer is the controller that wires the pieces together (see ``viewer/README.md``):
 
-Chunk loads complete in the pool's worker threads; their handlers are queued in the
-viewer's inbox and run on the canvas's event loop (or inside :meth:`wait_settled`
-and the next draw when there is no running loop), where textures are created and a
-redraw is requested. A frame never waits for data.
+- the model: :attr:`Viewer.state` (:class:`~viewer.state.ViewState`), evented and
+  serialisable, kept current by the viewer;
+- the pure parts: a :class:`~viewer.camera.Camera` (what part of the world is shown),
+  the key table (:mod:`viewer.keys`), the HUD's text (:func:`~viewer.hud.hud_lines`),
+  each layer's tile set (:class:`~viewer.tileset.TileSet`);
+- the views: the layers' pygfx groups, the HUD and help scenes, drawn by one
+  renderer into the canvas, with one texture budget (:mod:`viewer.textures`).
+
+Chunk loads complete in the pools' worker threads. Their handler calls are queued per
+pool (:class:`_PoolLink`, shared by every viewer showing that pool); the first one
+queued wakes the viewers, which ask for a frame; a frame first runs what is queued (a
+layer's handler gives its tiles their planes), then updates the layers for the view,
+syncs their scenes and renders. So handlers run on the canvas's thread, in one place,
+and a frame never waits for data. Without a running loop (offscreen), :meth:`refresh`
+and :meth:`wait_settled` do what a frame does before rendering.
 
 Closing (:meth:`Viewer.close`) never tears anything down under a frame that is being
 drawn or presented: see there for why and how.
@@ -19,142 +27,242 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pygfx as gfx
 from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 
-from chunkpool import ChunkPool, ChunkPoolError, MultiscaleInfo
+from chunkpool import ChunkPool, MultiscaleInfo
+from chunkpool.redaction import redact
 
-from .display import ChannelDisplay, default_channels, parse_colormap, percentile_window
-from .hud import Hud
-from .layer import ImageLayer
-from .slicing import Plane, SlicePosition
-from .tiling import View
+from .camera import Camera
+from .display import (
+    ChannelDisplay,
+    contrast_samples,
+    default_channels,
+    parse_colormap,
+    percentile_window,
+)
+from .hud import Hud, HudInfo, LayerSummary, hud_lines
+from .keys import action_for, help_lines
+from .layer import Blending, ImageLayer, Layer
+from .slicing import Plane
+from .state import LayerState, ViewState
+from .textures import TextureBudget
+from .tiling import View, follow_origin
 
-__all__ = ["Viewer"]
+__all__ = ["Viewer", "is_rgb"]
 
 #: How long after a zoom-in step the next finer level keeps being prefetched.
 ZOOM_PREFETCH_SECONDS = 0.6
-#: Chunks of the coarsest level read at start-up to pick default contrast windows.
-CONTRAST_SAMPLE_CHUNKS = 16
-#: How long start-up waits for those chunks at most (the ones still loading are skipped).
-CONTRAST_SAMPLE_SECONDS = 10.0
+#: Wheel zoom: the view shrinks by 2 for this many units of wheel delta.
+WHEEL_UNITS_PER_DOUBLING = 500.0
+#: A press and release this close (logical px) is a click, not a drag.
+CLICK_SLOP = 3.0
+#: Where the ``s`` key saves the view state.
+STATE_FILE = "zarrscope-state.json"
+
+
+def is_rgb(info: MultiscaleInfo) -> bool:
+    """Whether an image is true colour: a channel axis of 3 or 4, uint8 or uint16 data,
+    and OME channel metadata, if any, that says nothing else: colours red, green, blue
+    (and any fourth) in that order, every channel active, windows the whole dtype range
+    (as bioformats2raw writes for RGB slides). Channels with other colours, a narrower
+    window or one switched off are fluorescence-like channels, added up."""
+    scale = info.levels[0]
+    if scale.channel_axis is None or scale.shape[scale.channel_axis] not in (3, 4):
+        return False
+    if scale.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        return False
+    full = (0.0, float(np.iinfo(scale.dtype).max))
+    primaries = ("FF0000", "00FF00", "0000FF")
+    for ch in info.channels:
+        if ch.color and ch.index < 3 and ch.color.upper() != primaries[ch.index]:
+            return False
+        if not ch.active or (ch.window is not None and tuple(ch.window) != full):
+            return False
+    return True
+
+
+class _PoolLink:
+    """Delivers one pool's handler calls to the viewers showing it, on their thread.
+
+    The pool queues its handler calls here (``enable_async_load_handlers``); the first
+    call queued after a drain wakes every viewer of the pool; whichever draws first runs
+    them all (handlers of layers of other viewers request those viewers' frames)."""
+
+    _links: weakref.WeakKeyDictionary[ChunkPool, _PoolLink] = weakref.WeakKeyDictionary()
+
+    def __init__(self, pool: ChunkPool):
+        self.viewers: weakref.WeakSet[Viewer] = weakref.WeakSet()
+        self._inbox: deque[Callable[[], Any]] = deque()
+        self._lock = threading.Lock()
+        pool.enable_async_load_handlers(self._post)
+
+    @classmethod
+    def of(cls, pool: ChunkPool, viewer: Viewer) -> _PoolLink:
+        link = cls._links.get(pool)
+        if link is None:
+            link = cls._links[pool] = cls(pool)
+        link.viewers.add(viewer)
+        return link
+
+    def _post(self, callback: Callable[[], Any]) -> None:
+        with self._lock:
+            wake = not self._inbox
+            self._inbox.append(callback)
+        if wake:
+            for viewer in list(self.viewers):
+                viewer._wake_up()
+
+    def run(self) -> bool:
+        """Run the queued handler calls here; whether there were any."""
+        with self._lock:
+            callbacks = list(self._inbox)
+            self._inbox.clear()
+        for callback in callbacks:
+            callback()
+        return bool(callbacks)
+
+    def leave(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        if not self.viewers:
+            with self._lock:
+                self._inbox.clear()
 
 
 class Viewer:
-    """Shows the first multiscale image of ``source`` and lets the user explore it.
+    """Shows multiscale images as layers and lets the user explore them.
 
-    ``source`` is anything :meth:`ChunkPool.from_zarr_node` opens (path, URL, zarr
-    node). With ``canvas=None`` the viewer renders offscreen at ``size`` (for
-    screenshots and tests); otherwise it draws into the given rendercanvas canvas
-    (glfw, Qt widget, Jupyter, ...). ``channels`` limits the shown channels;
-    ``colormap`` and ``clim`` apply to every shown channel; ``z`` and ``t`` are
-    level-0 indices. ``disk_cache`` (a directory) keeps what is read from a remote
-    store on disk, up to ``disk_cache_bytes``. ``pool_options`` go to the
-    :class:`~chunkpool.ChunkPool` (e.g. ``remote_io_concurrency``, ``retry``).
+    ``source`` (optional) is the first image layer: anything
+    :meth:`ChunkPool.from_zarr_node` opens (path, URL, zarr node) or a
+    :class:`~chunkpool.ChunkPool`; ``image_options`` go to :meth:`add_image`. With
+    ``canvas=None`` the viewer renders offscreen at ``size`` (screenshots, tests);
+    otherwise it draws into the given rendercanvas canvas (glfw, Qt widget, Jupyter,
+    ...), or ``"jupyter"`` for a notebook canvas. ``z`` and ``t`` are level-0 indices.
+    ``texture_budget`` bounds GPU texture bytes: an int for this viewer alone, a
+    :class:`TextureBudget` to share, by default the process-wide one.
     """
 
     def __init__(
         self,
-        source: Any,
+        source: Any = None,
         canvas: Any = None,
         *,
         size: tuple[int, int] = (1280, 800),
-        channels: Sequence[int] | None = None,
-        colormap: str | None = None,
-        clim: tuple[float, float] | None = None,
         z: int | None = None,
         t: int | None = None,
-        bias: float = 1.0,
-        cache_bytes: int = 512 << 20,
-        texture_budget: int = 512 << 20,
-        storage_options: dict[str, Any] | None = None,
-        disk_cache: str | None = None,
-        disk_cache_bytes: int = 2 << 30,
-        pool_options: dict[str, Any] | None = None,
         show_hud: bool = True,
+        texture_budget: int | TextureBudget | None = None,
+        **image_options: Any,
     ):
-        if colormap is not None:
-            parse_colormap(colormap)  # fail early, before any I/O
         self.opened_at = time.perf_counter()
-        pools = ChunkPool.from_zarr_node(
-            source,
-            cache_bytes=cache_bytes,
-            storage_options=storage_options,
-            disk_cache=disk_cache,
-            disk_cache_bytes=disk_cache_bytes,
-            **(pool_options or {}),
-        )
-        for extra in pools[1:]:
-            extra.destroy()
-        self.pool = pools[0]
+        colormap = image_options.get("colormap")
+        for name in [colormap] if isinstance(colormap, str) else colormap or ():
+            parse_colormap(name)  # fail early, before any I/O
+        pool = owned = None
+        if source is not None:
+            pool, owned = _open(source, image_options)
         try:
-            self._setup(
-                canvas, size, channels, colormap, clim, z, t, bias, texture_budget, show_hud
-            )
+            self._setup(canvas, size, show_hud, texture_budget)
+            if pool is not None:
+                self._set_initial_position(Plane.of(pool.multiscale_info), z, t)
+                self._add_image_pool(pool, owned, **image_options)
+            elif z is not None or t is not None:
+                raise ValueError("z and t need an image")
+            self.fit()
         except BaseException:
-            self.pool.destroy()
+            if owned:
+                pool.destroy()
+            if getattr(self, "canvas", None) is not None and self._owns_canvas:
+                self.canvas.close()
             raise
+        self.canvas.request_draw(self._draw)
 
-    def _setup(
-        self, canvas, size, channels, colormap, clim, z, t, bias, texture_budget, show_hud
-    ) -> None:
-        info = self.pool.multiscale_info
-        self.plane = Plane.of(info)
-        position = self._initial_position(z, t)
-        displays = self._initial_displays(channels, colormap, clim, position)
+    @classmethod
+    def from_state(
+        cls,
+        state: ViewState,
+        canvas: Any = None,
+        *,
+        size: tuple[int, int] = (1280, 800),
+        **options: Any,
+    ) -> Viewer:
+        """A viewer showing exactly ``state`` (its layers opened from their sources;
+        ``options`` go to :class:`Viewer`, e.g. ``texture_budget``, and to every
+        layer's opening, e.g. ``storage_options``)."""
+        viewer = cls(
+            None,
+            canvas,
+            size=size,
+            show_hud=state.show_hud,
+            **{k: v for k, v in options.items() if k == "texture_budget"},
+        )
+        open_options = {k: v for k, v in options.items() if k != "texture_budget"}
+        try:
+            viewer.apply_state(state, **open_options)
+        except BaseException:
+            viewer.close()
+            raise
+        return viewer
+
+    def _setup(self, canvas: Any, size: tuple[int, int], show_hud: bool, budget: Any) -> None:
         self._owns_canvas = canvas is None
-        self.canvas = canvas if canvas is not None else OffscreenCanvas(size=size, pixel_ratio=1)
+        if canvas is None:
+            canvas = OffscreenCanvas(size=size, pixel_ratio=1)
+        elif canvas == "jupyter":
+            from rendercanvas.jupyter import RenderCanvas as JupyterCanvas
+
+            canvas = JupyterCanvas(size=size)
+            self._owns_canvas = True
+        self.canvas = canvas
+        if budget is None:
+            budget = TextureBudget.shared()
+        elif not isinstance(budget, TextureBudget):
+            budget = TextureBudget(budget)
+        self.textures: TextureBudget = budget
         self.renderer = gfx.WgpuRenderer(self.canvas, pixel_filter="nearest", ppaa="none")
         # one internal pixel per physical pixel: data pixels stay crisp, no SSAA cost
         self.renderer.pixel_scale = 1
         self.scene = gfx.Scene()
         # pygfx clears the frame only in a render pass: a background is always drawn,
-        # so that a view with nothing in it (channels hidden, panned off the image) is
+        # so that a view with nothing in it (layers hidden, panned off the image) is
         # black instead of the previous frame
         self.scene.add(gfx.Background.from_color("#000000"))
-        self._inbox: deque[Callable[[], Any]] = deque()
-        self._inbox_lock = threading.Lock()
+        # layers are drawn relative to a render origin near the view (float32 on the
+        # GPU: see viewer.tiling), and so is the camera: its position stays in world units
+        self._world = gfx.Group()
+        self.scene.add(self._world)
+        self._origin = (0.0, 0.0)
         self._wake = threading.Event()
-        self._wake_scheduled = False
         self._loop = _canvas_loop(self.canvas)
         self._busy = 0  # depth of our own frame / handler-batch code on the GUI thread
         self._closed = False
         self._close_pending = False  # close() was asked for where it had to wait
-        self.layer = ImageLayer(
-            self.pool,
-            self.scene,
-            displays,
-            position=position,
-            request_draw=self._request_draw,
-            bias=bias,
-            texture_budget=texture_budget,
-            call_later=None if self._loop is None else self._loop.call_later,
-        )
-        self.pool.enable_async_load_handlers(self._post)
-        extent = self.layer.depth_extent + 2
-        self.camera = gfx.OrthographicCamera(
-            *size, maintain_aspect=False, depth_range=(-extent, extent)
-        )
-        self.camera.local.scale_y = -1  # y down: array row 0 at the top
-        # the camera is placed relative to the layer's render origin, as the tiles are
-        # (float32 on the GPU): its local position stays in world coordinates
+        self.layers: list[Layer] = []
+        self._owned_pools: list[ChunkPool] = []
+        self._links: dict[int, _PoolLink] = {}
+        self.camera = Camera(size=self._size())
+        self._gfx_camera = gfx.OrthographicCamera(*size, maintain_aspect=False)
+        self._gfx_camera.local.scale_y = -1  # y down: array row 0 at the top
         self._camera_frame = gfx.Group()
-        self._camera_frame.add(self.camera)
-        self.controller = gfx.PanZoomController(self.camera, register_events=self.renderer)
-        self.controller.controls.pop("mouse2", None)  # it would stretch x and y apart
+        self._camera_frame.add(self._gfx_camera)
         self.hud = Hud()
         self.hud.visible = show_hud
-        self.active_channel = next((d.index for d in displays if d.visible), 0)
+        self.help = Hud()
+        self.help.visible = False
+        self.state = ViewState(show_hud=show_hud)
+        self.active_layer = 0
+        self.active_channel = 0
         self.cursor: tuple[float, float] | None = None
-        #: Called with the new slice position when z, t, ... change (e.g. Qt sliders).
-        self.position_listeners: list[Callable[[SlicePosition], None]] = []
+        self.position: dict[str, int] = {}
         #: Called (no arguments, on the GUI thread) after each frame is drawn.
         self.frame_listeners: list[Callable[[], None]] = []
         self.frame_times: deque[float] = deque(maxlen=240)
@@ -162,123 +270,486 @@ class Viewer:
         self._shown: tuple | None = None  # the view last drawn
         self._view_changed_at: float | None = None  # when it was first drawn, until settled
         self.last_settle_seconds: float | None = None
-        self._last_width = None
+        self._last_width: float | None = None
         self._zoom_in_until = 0.0
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
-        self._canvas_size = self._size()
-        self.renderer.add_event_handler(self._on_pointer, "pointer_move", "pointer_leave")
+        self._drag: tuple[float, float, float, float] | None = None  # start x, y; last x, y
+        self.renderer.add_event_handler(
+            self._on_pointer, "pointer_down", "pointer_move", "pointer_up", "pointer_leave"
+        )
+        self.renderer.add_event_handler(self._on_wheel, "wheel")
         self.renderer.add_event_handler(self._on_key, "key_down")
         self.renderer.add_event_handler(self._on_resize, "resize")
-        self.fit()
-        self.canvas.request_draw(self._draw)
 
-    # -- set-up helpers -------------------------------------------------------------
+    # -- layers ---------------------------------------------------------------------
 
-    def _initial_position(self, z: int | None, t: int | None) -> SlicePosition:
-        plane, scale = self.plane, self.pool.multiscale_info.levels[0]
+    def add_image(
+        self,
+        source: Any,
+        *,
+        name: str | None = None,
+        channels: Sequence[int] | None = None,
+        colormap: str | Sequence[str] | None = None,
+        clim: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
+        opacity: float = 1.0,
+        blending: Blending = "additive",
+        visible: bool = True,
+        rgb: bool | None = None,
+        **open_options: Any,
+    ) -> ImageLayer:
+        """Add an image layer, drawn over the layers before it.
+
+        ``source`` is anything :meth:`ChunkPool.from_zarr_node` opens, or an existing
+        :class:`~chunkpool.ChunkPool` (shared: not destroyed with the layer).
+        ``channels`` limits the shown channels; ``colormap`` and ``clim`` apply to every
+        channel, or, given as a sequence of several, one each to the shown channels in
+        order.
+        ``rgb`` (default: :func:`is_rgb`) shows a channel axis of 3 or 4 as true colour.
+        ``open_options`` (``cache_bytes``, ``memory_budget``, ``storage_options``,
+        ``disk_cache``, ``disk_cache_bytes``, ``pool_options``) apply when the source is
+        opened here.
+        """
+        pool, owned = _open(source, open_options)
+        try:
+            return self._add_image_pool(
+                pool,
+                owned,
+                name=name,
+                channels=channels,
+                colormap=colormap,
+                clim=clim,
+                opacity=opacity,
+                blending=blending,
+                visible=visible,
+                rgb=rgb,
+            )
+        except BaseException:
+            if owned:
+                pool.destroy()
+            raise
+
+    def _add_image_pool(
+        self,
+        pool: ChunkPool,
+        owned: bool,
+        *,
+        name: str | None = None,
+        channels: Sequence[int] | None = None,
+        colormap: str | Sequence[str] | None = None,
+        clim: Any = None,
+        opacity: float = 1.0,
+        blending: Blending = "additive",
+        visible: bool = True,
+        rgb: bool | None = None,
+        **_opened: Any,
+    ) -> ImageLayer:
+        info = pool.multiscale_info
+        plane = Plane.of(info)
+        rgb = is_rgb(info) if rgb is None else bool(rgb)
+        if rgb and plane.n_channels not in (3, 4):
+            raise ValueError(f"{info.source}: rgb needs 3 or 4 channels, has {plane.n_channels}")
+        position = plane.clamp(self._axis_position(plane))
+        if rgb:
+            displays = [
+                ChannelDisplay(c, "RGBA"[c], "gray", (0.0, 1.0)) for c in range(plane.n_channels)
+            ]
+        else:
+            displays = _initial_displays(pool, plane, channels, colormap, clim, position)
+        layer = ImageLayer(
+            pool,
+            displays,
+            rgb=rgb,
+            rgb_clim=tuple(clim) if rgb and clim is not None else None,
+            **self._layer_options(pool, name, opacity, blending, visible, position),
+        )
+        return self._attach(layer, pool, owned)
+
+    def _layer_options(
+        self,
+        pool: ChunkPool,
+        name: str | None,
+        opacity: float,
+        blending: Blending,
+        visible: bool,
+        position: Any,
+    ) -> dict[str, Any]:
+        info = pool.multiscale_info
+        return {
+            "name": self._unique_name(name or info.name or Path(info.source).name or "image"),
+            "textures": self.textures,
+            "position": position,
+            "request_draw": self._request_draw,
+            "call_later": None if self._loop is None else self._loop.call_later,
+            "opacity": opacity,
+            "blending": blending,
+            "visible": visible,
+        }
+
+    def _attach(self, layer: Layer, pool: ChunkPool, owned: bool) -> Layer:
+        if owned:
+            self._owned_pools.append(pool)
+        self._links[id(pool)] = _PoolLink.of(pool, self)
+        self.layers.append(layer)
+        axes = layer.tiles.plane.info.levels[0].axes
+        for axis, index in layer.position:
+            self.position.setdefault(axes[axis].name, index)
+        self._world.add(layer.root)
+        self._place_layers()
+        self._publish_state()
+        self._request_draw()
+        return layer
+
+    def remove_layer(self, layer: Layer) -> None:
+        """Take a layer out (its chunks dropped; its pool destroyed if opened here)."""
+        self.layers.remove(layer)
+        layer.close()
+        pool = layer.pool
+        if not any(other.pool is pool for other in self.layers):
+            link = self._links.pop(id(pool), None)
+            if link is not None:
+                link.leave(self)
+            if pool in self._owned_pools:
+                self._owned_pools.remove(pool)
+                pool.destroy()
+        self.active_layer = min(self.active_layer, max(len(self.layers) - 1, 0))
+        self._place_layers()
+        self._publish_state()
+        self._request_draw()
+
+    def _unique_name(self, name: str) -> str:
+        names = {layer.name for layer in self.layers}
+        candidate, n = name, 1
+        while candidate in names:
+            n += 1
+            candidate = f"{name} [{n}]"
+        return candidate
+
+    def _place_layers(self) -> None:
+        """Layers in consecutive render orders and depth bands, in list order."""
+        order, depth = 1, 0.0
+        for layer in self.layers:
+            layer.place(order, depth)
+            order += layer.render_orders
+            depth += layer.depth_extent
+        extent = depth + 2
+        self._gfx_camera.depth_range = (-extent, extent)
+
+    @property
+    def layer(self) -> Layer:
+        """The active layer (the one keys and the HUD's channel line act on)."""
+        if not self.layers:
+            raise ValueError("the viewer has no layer")
+        return self.layers[self.active_layer]
+
+    @property
+    def pool(self) -> ChunkPool:
+        """The active layer's pool."""
+        return self.layer.pool
+
+    # -- slice position -------------------------------------------------------------
+
+    def dims(self) -> dict[str, int]:
+        """Every slider axis (z, t, ...) of the layers by name, with its size (the
+        largest over the layers)."""
+        sizes: dict[str, int] = {}
+        for layer in self.layers:
+            plane = layer.tiles.plane
+            scale = plane.info.levels[0]
+            for axis in plane.slider_axes:
+                name = scale.axes[axis].name
+                sizes[name] = max(sizes.get(name, 0), scale.shape[axis])
+        return sizes
+
+    def _axis_position(self, plane: Plane) -> dict[int, int]:
+        """The viewer's position as ``plane``'s axis indices (defaults where unset)."""
+        axes = plane.info.levels[0].axes
         position = dict(plane.default_position())
+        for axis in plane.slider_axes:
+            if axes[axis].name in self.position:
+                position[axis] = self.position[axes[axis].name]
+        return position
+
+    def _set_initial_position(self, plane: Plane, z: int | None, t: int | None) -> None:
+        """Start at level-0 indices ``z`` and ``t`` of the first image (checked)."""
+        scale = plane.info.levels[0]
         for value, axis in ((z, _z_axis(plane)), (t, scale.time_axis)):
             if value is None:
                 continue
             if axis is None or axis not in plane.slider_axes:
-                raise ValueError(f"{self.pool.multiscale_info.source}: the image has no such axis")
+                raise ValueError(f"{plane.info.source}: the image has no such axis")
             if not 0 <= value < scale.shape[axis]:
                 raise ValueError(
                     f"index {value} out of range for axis {scale.axes[axis].name!r} "
                     f"(size {scale.shape[axis]})"
                 )
-            position[axis] = value
-        return plane.clamp(position)
+            self.position[scale.axes[axis].name] = value
 
-    def _initial_displays(
-        self,
-        channels: Sequence[int] | None,
-        colormap: str | None,
-        clim: tuple[float, float] | None,
-        position: SlicePosition,
-    ) -> list[ChannelDisplay]:
-        n = self.plane.n_channels
-        if channels is not None:
-            bad = [c for c in channels if not 0 <= c < n]
-            if bad:
-                raise ValueError(f"no channel {bad[0]}: the image has {n} channel(s)")
-        info = self.pool.multiscale_info
-        samples = self._contrast_samples(position)
-        displays = default_channels(n, info.channels, samples)
-        result = []
-        for d in displays:
-            visible = d.visible if channels is None else d.index in channels
-            d = replace(d, colormap=colormap or d.colormap, visible=visible)
-            result.append(d.with_clim(*clim) if clim is not None else d)
-        if not any(d.visible for d in result):
-            result[0] = replace(result[0], visible=True)
+    def _axis_name(self, axis: str | int) -> str | None:
+        """An axis's name: ``axis`` itself, "z" / "t" meaning the active layer's
+        spatial slider / time axis, or an axis index of the active layer's image."""
+        if not self.layers:
+            return None
+        plane = self.layer.tiles.plane
+        axes = plane.info.levels[0].axes
+        if isinstance(axis, int):
+            return axes[axis].name if axis in plane.slider_axes else None
+        if axis in self.dims():
+            return axis
+        role = {"z": _z_axis(plane), "t": plane.info.levels[0].time_axis}.get(axis)
+        return None if role is None or role not in plane.slider_axes else axes[role].name
+
+    def set_index(self, axis: str | int, index: int) -> None:
+        """Show plane ``index`` (a level-0 index, clamped) along a slider axis (z, t...),
+        by name (or the active image's axis index), in every layer that has it. The
+        previous plane stays on screen until the new one has loaded."""
+        name = self._axis_name(axis)
+        if name is None:
+            raise ValueError(f"{axis!r} is not a slider axis of the layers")
+        self.position[name] = int(np.clip(index, 0, self.dims()[name] - 1))
+        for layer in self.layers:
+            plane = layer.tiles.plane
+            position = plane.clamp(self._axis_position(plane))
+            if position != layer.position:
+                layer.set_position(position)
+        self._publish_state()
+
+    def step_axis(self, axis: str | int | None, delta: int) -> None:
+        """Move the slice position along ``axis`` (see :meth:`set_index`) by ``delta``;
+        nothing if the layers have no such axis."""
+        name = None if axis is None else self._axis_name(axis)
+        if name is not None:
+            self.set_index(name, self.position.get(name, 0) + delta)
+
+    # -- view -----------------------------------------------------------------------
+
+    def _size(self) -> tuple[float, float]:
+        return tuple(self.canvas.get_logical_size())  # type: ignore[return-value]
+
+    def view(self) -> View:
+        """The current view in world coordinates."""
+        return self.camera.view(self.canvas.get_physical_size(), self.cursor)
+
+    def show_world(self, x0: float, y0: float, x1: float, y1: float) -> None:
+        """Map the world rectangle (edges) onto the whole canvas."""
+        self._view_chosen = True
+        self.camera.show_world(x0, y0, x1, y1)
+        self._request_draw()
+
+    def show_region(self, x0: float, y0: float, x1: float, y1: float) -> None:
+        """Map a region of the active layer's level-0 pixels (x0, y0 inclusive; x1, y1
+        exclusive) onto the whole canvas."""
+        (oy, ox), (sy, sx) = self._level0_transform()
+        self.show_world(
+            ox + (x0 - 0.5) * sx, oy + (y0 - 0.5) * sy, ox + (x1 - 0.5) * sx, oy + (y1 - 0.5) * sy
+        )
+
+    def fit(self) -> None:
+        """Show every layer whole, centred, with square pixels."""
+        if not self.layers:
+            return
+        boxes = [_world_box(layer) for layer in self.layers]
+        self.camera.size = self._size()
+        self.camera.fit(
+            min(b[0] for b in boxes),
+            min(b[1] for b in boxes),
+            max(b[2] for b in boxes),
+            max(b[3] for b in boxes),
+        )
+        self._request_draw()
+
+    def _level0_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        level0 = self.layer.levels[0]
+        return level0.offset, level0.scale
+
+    def world_to_pixel(self, x: float, y: float) -> tuple[float, float]:
+        """World (x, y) to the active layer's level-0 pixel (column, row) coordinates."""
+        (oy, ox), (sy, sx) = self._level0_transform()
+        return (x - ox) / sx, (y - oy) / sy
+
+    def pan(self, fx: float, fy: float) -> None:
+        """Move the view by a fraction of its size."""
+        self.camera.pan(fx, fy)
+        self._request_draw()
+
+    def zoom(self, factor: float) -> None:
+        """Zoom around the cursor (else the centre); factor > 1 zooms in."""
+        self.camera.zoom(factor, self.cursor)
+        self._request_draw()
+
+    # -- display settings -----------------------------------------------------------
+
+    def _image(self) -> ImageLayer | None:
+        layer = self.layers[self.active_layer] if self.layers else None
+        return layer if isinstance(layer, ImageLayer) and not layer.rgb else None
+
+    def toggle_channel(self, index: int) -> None:
+        """Show or hide channel ``index`` of the active image layer (and make it the
+        channel that keys adjust)."""
+        image = self._image()
+        if image is not None and 0 <= index < len(image.displays):
+            d = image.displays[index]
+            image.set_display(replace(d, visible=not d.visible))
+            self.active_channel = index
+            self._publish_state()
+
+    def cycle_active_channel(self) -> None:
+        image = self._image()
+        if image is not None:
+            self.active_channel = (self.active_channel + 1) % len(image.displays)
+            self._publish_state()
+
+    def cycle_active_layer(self) -> None:
+        if self.layers:
+            self.active_layer = (self.active_layer + 1) % len(self.layers)
+            self.active_channel = 0
+            self._publish_state()
+
+    def toggle_active_layer(self) -> None:
+        if self.layers:
+            self.layer.visible = not self.layer.visible
+            self._publish_state()
+
+    def adjust_window(self, *, scale: float = 1.0, shift: float = 0.0) -> None:
+        """Narrow/widen (``scale``) or move (``shift``) the active channel's window."""
+        image = self._image()
+        if image is not None:
+            d = image.displays[self.active_channel]
+            image.set_display(d.scaled_window(scale).shifted_window(shift))
+            self._publish_state()
+
+    def auto_contrast(self) -> None:
+        """Window the active channel on the percentiles of the loaded visible tiles."""
+        image = self._image()
+        if image is None:
+            return
+        data = image.visible_planes(self.active_channel)
+        if data:
+            d = image.displays[self.active_channel]
+            image.set_display(
+                d.with_clim(*percentile_window(np.concatenate([p.ravel() for p in data])))
+            )
+            self._publish_state()
+
+    def toggle_outline(self) -> None:
+        """Labels: draw only the outlines of the active labels layer, or fill again."""
+        layer = self.layers[self.active_layer] if self.layers else None
+        if layer is not None and hasattr(layer, "outline"):
+            layer.outline = not layer.outline
+            self._publish_state()
+
+    def toggle_hud(self) -> None:
+        self.hud.visible = not self.hud.visible
+        self._publish_state()
+
+    def toggle_help(self) -> None:
+        self.help.visible = not self.help.visible
+
+    # -- picking --------------------------------------------------------------------
+
+    def pick(self, x: float, y: float) -> dict[str, Any]:
+        """The stored value of every visible layer at world (x, y), by layer name: the
+        value of its one shown channel, or ``{channel label: value}`` for several (an
+        RGB pixel: by "R", "G", "B"); exact for every dtype (numpy scalars, uint64 and
+        float64 included); None where nothing is loaded there."""
+        result: dict[str, Any] = {}
+        for layer in self.layers:
+            if not layer.visible:
+                continue
+            values = layer.values_at(x, y)
+            result[layer.name] = values[0][1] if len(values) == 1 else dict(values)
         return result
 
-    def _contrast_samples(self, position: SlicePosition) -> list[np.ndarray]:
-        """Per channel, data of the coarsest level (a few chunks around its centre).
+    # -- state ----------------------------------------------------------------------
 
-        A sample chunk that fails to load (its tile shows hatched) or has not arrived
-        within ``CONTRAST_SAMPLE_SECONDS`` is left out: sampling never stops the viewer
-        from opening (a channel without samples gets a default window)."""
-        plane = self.plane
-        level = len(self.pool.multiscale_info.levels) - 1
-        scale = self.pool.multiscale_info.levels[level]
-        gy, gx = scale.chunk_grid_shape[plane.y_axis], scale.chunk_grid_shape[plane.x_axis]
-        side = max(1, int(math.sqrt(CONTRAST_SAMPLE_CHUNKS)))
-        ys = range(max(0, gy // 2 - side // 2), min(gy, gy // 2 - side // 2 + side))
-        xs = range(max(0, gx // 2 - side // 2), min(gx, gx // 2 - side // 2 + side))
-        ref = "contrast-samples"
-        samples = [
-            (c, self.pool.get_chunk(level, index, ref), select)
-            for c in range(plane.n_channels)
-            for iy in ys
-            for ix in xs
-            for index, select in [plane.chunk_and_selection(level, iy, ix, c, position)]
-        ]
-        planes: list[list[np.ndarray]] = [[] for _ in range(plane.n_channels)]
-        deadline = time.monotonic() + CONTRAST_SAMPLE_SECONDS
-        try:
-            for c, loc, select in samples:
-                try:
-                    data = loc.wait(max(0.0, deadline - time.monotonic()))
-                except (ChunkPoolError, TimeoutError):
-                    continue
-                planes[c].append(plane.plane_of(data, select).ravel())
-        finally:
-            self.pool.drop_chunks([loc.key for _, loc, _ in samples], ref)
-        return [np.concatenate(p) if p else np.empty(0, scale.dtype) for p in planes]
+    def _publish_state(self) -> None:
+        """Bring :attr:`state` up to date (its signals fire for what changed)."""
+        if not hasattr(self, "state"):
+            return
+        state = self.state
+        state.camera = self.camera.to_dict()
+        state.position = dict(self.position)
+        state.layers = [_layer_state(layer) for layer in self.layers]
+        state.active_layer = self.active_layer
+        state.active_channel = self.active_channel
+        state.show_hud = self.hud.visible
+
+    def apply_state(self, state: ViewState, **open_options: Any) -> None:
+        """Show ``state``: replace the layers by those it lists (opened from their
+        sources), and take its display settings, slice position and camera."""
+        for layer in list(self.layers):
+            self.remove_layer(layer)
+        self.position = dict(state.position)
+        for spec in state.layers:
+            self._add_layer_from_state(spec, open_options)
+        self.active_layer = min(state.active_layer, max(len(self.layers) - 1, 0))
+        self.active_channel = state.active_channel
+        self.hud.visible = state.show_hud
+        if state.camera:
+            self._view_chosen = True
+            self.camera.x = state.camera["x"]
+            self.camera.y = state.camera["y"]
+            self.camera.width = state.camera["width"]
+            self.camera.height = state.camera["height"]
+        for name, index in state.position.items():
+            if name in self.dims():
+                self.set_index(name, index)
+        self._publish_state()
+        self._request_draw()
+
+    def _add_layer_from_state(self, spec: LayerState, open_options: dict[str, Any]) -> None:
+        common = {
+            "name": spec.name or None,
+            "opacity": spec.opacity,
+            "blending": spec.blending,
+            "visible": spec.visible,
+            **open_options,
+        }
+        if spec.kind == "labels":
+            layer = self.add_labels(spec.source, outline=spec.outline, **common)
+            layer.selected = spec.selected
+            return
+        image = self.add_image(spec.source, rgb=spec.rgb, **common)
+        if not spec.rgb:
+            for ch in spec.channels:
+                image.set_display(
+                    ChannelDisplay(
+                        int(ch["index"]),
+                        str(ch["label"]),
+                        str(ch["colormap"]),
+                        (float(ch["clim"][0]), float(ch["clim"][1])),
+                        bool(ch["visible"]),
+                    )
+                )
+
+    def save_state(self, path: str | Path = STATE_FILE) -> Path:
+        """Write :attr:`state` as JSON (the ``s`` key: ``zarrscope-state.json`` in the
+        working directory); restore with ``zarrscope --state FILE``."""
+        self._publish_state()
+        path = Path(path)
+        path.write_text(self.state.to_json())
+        return path
 
     # -- event loop plumbing --------------------------------------------------------
 
-    def _post(self, callback: Callable[[], Any]) -> None:
-        """The pool's ``call_soon_threadsafe``: queue a handler batch for the GUI thread,
-        and wake the canvas's loop (if it runs) to process it."""
-        with self._inbox_lock:
-            self._inbox.append(callback)
-            schedule = not self._wake_scheduled and self._loop is not None
-            self._wake_scheduled = self._wake_scheduled or schedule
+    def _wake_up(self) -> None:
+        """A pool queued handler calls (any thread): ask for a frame, which runs them."""
         self._wake.set()
-        if schedule:
+        if self._loop is not None and not self._closed:
             try:
-                self._loop.call_soon_threadsafe(self._process_inbox)
+                self._loop.call_soon_threadsafe(self._request_draw)
             except (AttributeError, RuntimeError):  # the loop is not running (yet)
-                with self._inbox_lock:
-                    self._wake_scheduled = False
+                pass
 
-    def _process_inbox(self) -> bool:
-        """Run queued handlers (they create textures and request a redraw); whether
-        there were any. After close, queued calls are dropped: what they would show or
-        release is gone."""
-        with self._inbox_lock:
-            callbacks = list(self._inbox)
-            self._inbox.clear()
-            self._wake_scheduled = False
+    def _run_handlers(self) -> bool:
+        """Run the queued handler calls of every pool shown; whether there were any.
+        After close, nothing runs: what they would show or release is gone."""
         if self._closed:
             return False
+        ran = False
         with self._busy_section():
-            for callback in callbacks:
-                callback()
-        return bool(callbacks)
+            for link in list(self._links.values()):
+                ran = link.run() or ran
+        return ran
 
     @contextmanager
     def _busy_section(self) -> Iterator[None]:
@@ -293,62 +764,38 @@ class Viewer:
                 self.close()
 
     def _request_draw(self) -> None:
-        self.canvas.request_draw()
-
-    # -- view -----------------------------------------------------------------------
-
-    def _size(self) -> tuple[float, float]:
-        return tuple(self.canvas.get_logical_size())  # type: ignore[return-value]
-
-    def view(self) -> View:
-        """The current view in world coordinates."""
-        cam = self.camera
-        x, y, _ = cam.local.position
-        w, h = cam.width, cam.height
-        pw, ph = self.canvas.get_physical_size()
-        return View(x - w / 2, y - h / 2, x + w / 2, y + h / 2, max(pw, 1), max(ph, 1), self.cursor)
-
-    def show_world(self, x0: float, y0: float, x1: float, y1: float) -> None:
-        """Map the world rectangle (edges) onto the whole canvas."""
-        self._view_chosen = True
-        self._set_camera(x0, y0, x1, y1)
-
-    def _set_camera(self, x0: float, y0: float, x1: float, y1: float) -> None:
-        self.camera.width, self.camera.height = x1 - x0, y1 - y0
-        self.camera.local.position = ((x0 + x1) / 2, (y0 + y1) / 2, 0)
-        self.canvas.request_draw()
-
-    def show_region(self, x0: float, y0: float, x1: float, y1: float) -> None:
-        """Map a region of level-0 pixels (x0, y0 inclusive; x1, y1 exclusive) onto the
-        whole canvas."""
-        (oy, ox), (sy, sx) = self._level0_transform()
-        self.show_world(
-            ox + (x0 - 0.5) * sx, oy + (y0 - 0.5) * sy, ox + (x1 - 0.5) * sx, oy + (y1 - 0.5) * sy
-        )
-
-    def fit(self) -> None:
-        """Show the whole image, centred, with square pixels."""
-        level0 = self.layer.levels[0]
-        y0, _, x0, _ = level0.tile_bounds(0, 0)
-        gy, gx = level0.grid
-        _, y1, _, x1 = level0.tile_bounds(gy - 1, gx - 1)
-        w, h = self._size()
-        per_px = max((x1 - x0) / w, (y1 - y0) / h)
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        self._set_camera(
-            cx - w * per_px / 2, cy - h * per_px / 2, cx + w * per_px / 2, cy + h * per_px / 2
-        )
-
-    def _level0_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        level0 = self.layer.levels[0]
-        return level0.offset, level0.scale
-
-    def world_to_pixel(self, x: float, y: float) -> tuple[float, float]:
-        """World (x, y) to level-0 pixel (column, row) coordinates."""
-        (oy, ox), (sy, sx) = self._level0_transform()
-        return (x - ox) / sx, (y - oy) / sy
+        if not self._closed:
+            self.canvas.request_draw()
 
     # -- drawing --------------------------------------------------------------------
+
+    def refresh(self) -> View:
+        """What a frame does before rendering: run the queued handlers, bring every
+        layer's tiles in line with the view, and sync the scenes; the view."""
+        started = time.perf_counter()
+        self._run_handlers()
+        view = self.view()
+        width = view.x1 - view.x0
+        if self._last_width is not None and width < self._last_width * 0.999:
+            self._zoom_in_until = started + ZOOM_PREFETCH_SECONDS
+        elif self._last_width is not None and width > self._last_width * 1.001:
+            self._zoom_in_until = 0.0  # zooming out: the finer level is not wanted
+        self._last_width = width
+        zoom_in = started < self._zoom_in_until
+        for layer in self.layers:
+            layer.update(view, zoom_in=zoom_in)
+        if self._run_handlers():  # chunks the update found in the pool's cache: show them
+            for layer in self.layers:  # now, and let what they replace go
+                layer.update(view, zoom_in=zoom_in)
+        self._origin = follow_origin(self._origin, view)
+        ox, oy = self._origin
+        self._world.local.position = (-ox, -oy, 0)
+        self._camera_frame.local.position = (-ox, -oy, 0)
+        for layer in self.layers:
+            layer.sync()
+        self.textures.frame += 1
+        self.textures.enforce()
+        return view
 
     def _draw(self) -> None:
         if self._closed:
@@ -360,41 +807,84 @@ class Viewer:
 
     def _draw_frame(self) -> None:
         started = time.perf_counter()
-        self._process_inbox()
-        view = self.view()
-        width = view.x1 - view.x0
-        if self._last_width is not None and width < self._last_width * 0.999:
-            self._zoom_in_until = started + ZOOM_PREFETCH_SECONDS
-        elif self._last_width is not None and width > self._last_width * 1.001:
-            self._zoom_in_until = 0.0  # zooming out: the finer level is not wanted
-        self._last_width = width
-        zoom_in = started < self._zoom_in_until
-        self.layer.update(view, zoom_in=zoom_in)
-        if self._process_inbox():  # chunks the update found in the pool's cache: show them
-            self.layer.update(view, zoom_in=zoom_in)  # now, and let what they replace go
-        ox, oy = self.layer.origin
-        self._camera_frame.local.position = (-ox, -oy, 0)
-        status = self.layer.status()
-        if self.first_pixel_at is None and status.loaded:
+        view = self.refresh()
+        cam = self._gfx_camera
+        cam.width, cam.height = self.camera.width, self.camera.height
+        cam.local.position = (self.camera.x, self.camera.y, 0)
+        statuses = [layer.status() for layer in self.layers if layer.visible]
+        if self.first_pixel_at is None and any(s.loaded for s in statuses):
             self.first_pixel_at = started
-        shown = (view.x0, view.y0, view.x1, view.y1, view.width, view.height, self.layer.position)
+        position = tuple(sorted(self.position.items()))
+        shown = (view.x0, view.y0, view.x1, view.y1, view.width, view.height, position)
         if shown != self._shown:  # a new view (the cursor alone does not count)
             self._shown, self._view_changed_at = shown, started
-        if status.settled and self._view_changed_at is not None:
+            self._publish_state()
+        if all(s.settled for s in statuses) and self._view_changed_at is not None:
             self.last_settle_seconds = time.perf_counter() - self._view_changed_at
             self._view_changed_at = None
-        if self.hud.visible:
-            self.hud.update(self._hud_lines(view, status), self._progress(status), self._size())
-            self.renderer.render(self.scene, self.camera, flush=False)
-            self.renderer.render(self.hud.scene, self.hud.camera)
-        else:
-            self.renderer.render(self.scene, self.camera)
+        size = self._size()
+        overlays = []
+        if self.hud.visible and self.layers:
+            self.hud.update(self.hud_lines(), _progress(statuses), size)
+            overlays.append(self.hud)
+        if self.help.visible:
+            self.help.update(help_lines(), None, size, corner="top-right")
+            overlays.append(self.help)
+        self.renderer.render(self.scene, self._gfx_camera, flush=not overlays)
+        for i, overlay in enumerate(overlays):
+            self.renderer.render(overlay.scene, overlay.camera, flush=i == len(overlays) - 1)
         self.frame_times.append(time.perf_counter() - started)
+
+    def hud_lines(self) -> list[str]:
+        """The HUD's text for the current view (as of the last frame or refresh)."""
+        return hud_lines(self._hud_info(self.view())) if self.layers else []
+
+    def _hud_info(self, view: View) -> HudInfo:
+        summaries = tuple(
+            LayerSummary(
+                layer.name,
+                layer.kind,
+                layer.visible,
+                i == self.active_layer,
+                layer.status(),
+                len(layer.levels),
+            )
+            for i, layer in enumerate(self.layers)
+        )
+        level0 = self.layer.levels[0]
+        zoom = level0.pixel_size / view.pixel_size
+        cursor = values = None
+        if self.cursor is not None:
+            x, y = self.cursor
+            col, row = self.world_to_pixel(x, y)
+            plane = self.layer.tiles.plane
+            unit = plane.info.levels[0].axes[plane.x_axis].unit or ""
+            cursor = (col, row, x, y, unit)
+            several = len(self.layers) > 1
+            values = tuple(
+                (f"{layer.name} {label}" if several else label, value)
+                for layer in self.layers
+                if layer.visible
+                for label, value in layer.values_at(x, y)
+            )
+        image = self._image()
+        channel = None
+        if image is not None and len(image.displays) > 1:
+            d = image.displays[self.active_channel]
+            channel = (d.label, d.clim)
+        return HudInfo(
+            layers=summaries,
+            zoom=zoom,
+            position=tuple(self.position.items()),
+            cursor=cursor,
+            values=values or (),
+            channel=channel,
+        )
 
     def telemetry(self) -> dict[str, Any]:
         """What the user experienced, in seconds: time to the first pixel of data after
         opening, the median and 90th percentile frame (CPU) time, how long the last
-        view took to settle; and the pool's counters (``stats``)."""
+        view took to settle; and the active pool's counters (``stats``)."""
         frames = sorted(self.frame_times)
         first = None if self.first_pixel_at is None else self.first_pixel_at - self.opened_at
         return {
@@ -402,174 +892,109 @@ class Viewer:
             "frame_time_median": frames[len(frames) // 2] if frames else None,
             "frame_time_p90": frames[int(len(frames) * 0.9)] if frames else None,
             "last_settle": self.last_settle_seconds,
-            "stats": self.pool.stats,
+            "stats": self.pool.stats if self.layers else None,
         }
-
-    @staticmethod
-    def _progress(status: Any) -> float | None:
-        total = status.loaded + status.pending + status.failed
-        if status.settled or total == 0:
-            return None
-        return (status.loaded + status.failed) / total
-
-    def _hud_lines(self, view: View, status: Any) -> list[str]:
-        info: MultiscaleInfo = self.pool.multiscale_info
-        level0 = self.layer.levels[0]
-        zoom = level0.pixel_size / view.pixel_size
-        lines = [
-            f"level {status.level}/{len(self.layer.levels) - 1}   zoom {zoom * 100:.4g}%",
-            (
-                f"zoom in: {_fmt_count(status.overflow)} tiles in view at the coarsest level"
-                if status.overflow
-                else f"tiles {status.loaded} loaded, {status.pending} pending, "
-                f"{status.failed} failed" + ("" if status.settled else "   loading…")
-            ),
-        ]
-        position = ", ".join(f"{info.levels[0].axes[a].name}={i}" for a, i in self.layer.position)
-        if position:
-            lines.append(position)
-        if self.cursor is not None:
-            x, y = self.cursor
-            col, row = self.world_to_pixel(x, y)
-            unit = info.levels[0].axes[self.plane.x_axis].unit or ""
-            lines.append(f"x {col:.1f}  y {row:.1f} px   ({x:.4g}, {y:.4g}) {unit}".rstrip())
-            values = [
-                f"{d.label}: {'—' if v is None else _fmt(v)}" for d, v in self.layer.value_at(x, y)
-            ]
-            lines.append("   ".join(values))
-        return lines
 
     # -- events ---------------------------------------------------------------------
 
     def _on_pointer(self, event: Any) -> None:
         if event.type == "pointer_leave":
             self.cursor = None
+            self._drag = None
         else:
-            view, (w, h) = self.view(), self._size()
-            self.cursor = (
-                view.x0 + event.x / w * (view.x1 - view.x0),
-                view.y0 + event.y / h * (view.y1 - view.y0),
-            )
-        self.canvas.request_draw()
+            self.camera.size = self._size()
+            self.cursor = self.camera.screen_to_world(event.x, event.y)
+            if event.type == "pointer_down" and event.button == 1:
+                self._drag = (event.x, event.y, event.x, event.y)
+            elif event.type == "pointer_move" and self._drag is not None:
+                x0, y0, lx, ly = self._drag
+                self.camera.pan_screen(event.x - lx, event.y - ly)
+                self._drag = (x0, y0, event.x, event.y)
+                self.cursor = self.camera.screen_to_world(event.x, event.y)
+            elif event.type == "pointer_up" and self._drag is not None:
+                x0, y0, _, _ = self._drag
+                self._drag = None
+                if math.hypot(event.x - x0, event.y - y0) <= CLICK_SLOP:
+                    self._select_at(*self.cursor)
+        self._request_draw()
+
+    def _select_at(self, x: float, y: float) -> None:
+        """A click: the active labels layer (if any) selects the ID under it."""
+        layer = self.layers[self.active_layer] if self.layers else None
+        if layer is not None and hasattr(layer, "selected"):
+            layer.selected = layer.id_at(x, y)
+            self._publish_state()
+
+    def _on_wheel(self, event: Any) -> None:
+        self.camera.size = self._size()
+        around = self.camera.screen_to_world(event.x, event.y)
+        self.camera.zoom(2.0 ** (-event.dy / WHEEL_UNITS_PER_DOUBLING), around)
+        self.cursor = around
+        self._request_draw()
 
     def _on_resize(self, event: Any) -> None:
-        old_w, old_h = self._canvas_size
-        self._canvas_size = (event.width, event.height)
-        if not self.frame_times:
+        if self.frame_times:
+            self.camera.resize(event.width, event.height)  # same scale, same centre
+        else:
             # a window gets its real size only once shown: fit to that, or keep the
             # region asked for, mapped onto the whole canvas
+            self.camera.size = (event.width, event.height)
             if not self._view_chosen:
                 self.fit()
-        elif old_w and old_h:
-            self.camera.width *= event.width / old_w
-            self.camera.height *= event.height / old_h
-        self.canvas.request_draw()
+        self._request_draw()
 
     def _on_key(self, event: Any) -> None:
-        key = event.key
-        action = _KEYS.get(key) or _KEYS.get(key.lower())
+        action = action_for(event.key)
         if action is not None:
             action(self)
-        elif key.isdigit() and key != "0":
-            self.toggle_channel(int(key) - 1)
-        self.canvas.request_draw()
-
-    def pan(self, fx: float, fy: float) -> None:
-        """Move the view by a fraction of its size."""
-        x, y, z = self.camera.local.position
-        self.camera.local.position = (x + fx * self.camera.width, y + fy * self.camera.height, z)
-
-    def zoom(self, factor: float) -> None:
-        """Zoom around the cursor (else the centre); factor > 1 zooms in."""
-        x, y, z = self.camera.local.position
-        fx, fy = self.cursor if self.cursor is not None else (x, y)
-        self.camera.width /= factor
-        self.camera.height /= factor
-        self.camera.local.position = (fx + (x - fx) / factor, fy + (y - fy) / factor, z)
-
-    def set_index(self, axis: int, index: int) -> None:
-        """Show plane ``index`` (a level-0 index, clamped) along a slider axis (z, t...).
-
-        The previous plane stays on screen until the new one has loaded."""
-        if axis not in self.plane.slider_axes:
-            raise ValueError(f"axis {axis} is not a slider axis of this image")
-        position = dict(self.layer.position)
-        position[axis] = index
-        position_t = self.plane.clamp(position)
-        if position_t != self.layer.position:
-            self.layer.set_position(position_t)
-            for listener in self.position_listeners:
-                listener(position_t)
-
-    def step_axis(self, axis: int | None, delta: int) -> None:
-        """Move the slice position along ``axis`` (z, t, ...) by ``delta``."""
-        if axis is not None and axis in self.plane.slider_axes:
-            self.set_index(axis, dict(self.layer.position)[axis] + delta)
-
-    def toggle_channel(self, index: int) -> None:
-        displays = self.layer.displays
-        if 0 <= index < len(displays):
-            self.layer.set_display(replace(displays[index], visible=not displays[index].visible))
-            self.active_channel = index
-
-    def adjust_window(self, *, scale: float = 1.0, shift: float = 0.0) -> None:
-        """Narrow/widen (``scale``) or move (``shift``) the active channel's window."""
-        d = self.layer.displays[self.active_channel]
-        self.layer.set_display(d.scaled_window(scale).shifted_window(shift))
-
-    def auto_contrast(self) -> None:
-        """Window the active channel on the percentiles of the loaded visible tiles."""
-        data = self.layer.visible_planes(self.active_channel)
-        if data:
-            d = self.layer.displays[self.active_channel]
-            self.layer.set_display(d.with_clim(*percentile_window(np.concatenate(data))))
-
-    def cycle_active_channel(self) -> None:
-        self.active_channel = (self.active_channel + 1) % len(self.layer.displays)
+        self._request_draw()
 
     # -- waiting and screenshots ----------------------------------------------------
 
     def settled(self) -> bool:
-        """Whether every visible tile at the view's level has loaded or failed, or there
-        are too many to load any (``layer.status().overflow``); runs the pending
-        handlers and bookkeeping first."""
-        self._process_inbox()
-        self.layer.update(self.view(), zoom_in=False)
-        return self.layer.status().settled
+        """Whether, as of the last frame or :meth:`refresh`, every visible tile of every
+        shown layer at its level has loaded or failed, or there are too many to load
+        any (``status().overflow``). A pure query."""
+        return all(layer.status().settled for layer in self.layers if layer.visible)
 
     def wait_settled(self, timeout: float | None = 60.0) -> bool:
-        """Block until the view is settled; False on timeout. For scripts and tests;
-        inside a running event loop use ``await viewer.until_settled()``."""
+        """Block until the view is settled (refreshing as data arrives); False on
+        timeout. For scripts and tests; inside a running event loop use ``await
+        viewer.until_settled()``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.settled():
+        while True:
+            self._wake.clear()
+            self.refresh()
+            if self.settled():
+                return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
             self._wake.wait(0.05 if remaining is None else min(0.05, remaining))
-            self._wake.clear()
-        return True
 
     async def until_settled(self, timeout: float | None = 60.0) -> bool:
         """Await until the view is settled (works on asyncio and trio loops)."""
         from rendercanvas.utils.asyncs import sleep
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.settled():
+        while True:
+            self.refresh()
+            if self.settled():
+                return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
             await sleep(0.02)
-        return True
 
     def screenshot(self) -> np.ndarray:
         """Render now and return the frame as an (H, W, 3) uint8 array."""
         with self._busy_section():
-            if self._owns_canvas:
+            if self._owns_canvas and isinstance(self.canvas, OffscreenCanvas):
                 return np.asarray(self.canvas.draw())[..., :3].copy()
             self.canvas.force_draw()
             return np.asarray(self.renderer.snapshot())[..., :3].copy()
 
     def close(self) -> None:
-        """Drop everything, stop the pool's threads, close the canvas if it is ours, or
+        """Drop everything, stop the pools' threads, close the canvas if it is ours, or
         if it is still open.
 
         Safe to call more than once, after the event loop stopped, and from a signal
@@ -583,8 +1008,9 @@ class Viewer:
         loop right after. Before the canvas closes, the asynchronous read-back of the
         last frame (bitmap present, e.g. Qt) is completed synchronously: otherwise it
         resolves later, from wgpu's poll thread, on a deleted widget or, at interpreter
-        exit, a deleted Qt object. Then the layer drops its chunks, the pool is destroyed
-        (its worker threads joined), and handler calls still queued are dropped.
+        exit, a deleted Qt object. Then the layers drop their chunks, the pools opened
+        here are destroyed (their worker threads joined), and handler calls still queued
+        are dropped.
         """
         if self._closed:
             return
@@ -595,10 +1021,14 @@ class Viewer:
             return
         self._closed = True
         self._close_pending = False
-        self.layer.close()
-        self.pool.destroy()
-        with self._inbox_lock:
-            self._inbox.clear()
+        for layer in self.layers:
+            layer.close()
+        for link in self._links.values():
+            link.leave(self)
+        self._links.clear()
+        for pool in self._owned_pools:
+            pool.destroy()
+        self._owned_pools.clear()
         if self._owns_canvas or not self.canvas.get_closed():
             self.canvas.close()
 
@@ -623,6 +1053,140 @@ class Viewer:
         self.close()
 
 
+def _open(source: Any, options: dict[str, Any]) -> tuple[ChunkPool, bool]:
+    """The pool of ``source`` (its first image), and whether it was opened here (then
+    the viewer destroys it). ``options`` that concern opening are taken from it."""
+    opening = {
+        k: options.pop(k)
+        for k in (
+            "cache_bytes",
+            "memory_budget",
+            "storage_options",
+            "disk_cache",
+            "disk_cache_bytes",
+            "pool_options",
+        )
+        if k in options
+    }
+    if isinstance(source, ChunkPool):
+        if opening:
+            raise ValueError(f"{', '.join(opening)}: only for a source opened here, not a pool")
+        return source, False
+    pool_options = dict(opening.pop("pool_options", None) or {})
+    opening.setdefault("cache_bytes", 512 << 20)
+    pools = ChunkPool.from_zarr_node(source, **opening, **pool_options)
+    for extra in pools[1:]:
+        extra.destroy()
+    return pools[0], True
+
+
+def _initial_displays(
+    pool: ChunkPool,
+    plane: Plane,
+    channels: Sequence[int] | None,
+    colormap: str | Sequence[str] | None,
+    clim: Any,
+    position: Any,
+) -> list[ChannelDisplay]:
+    """Every channel's display: from OME metadata and the data, then the options."""
+    n = plane.n_channels
+    if channels is not None:
+        bad = [c for c in channels if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"no channel {bad[0]}: the image has {n} channel(s)")
+    samples = contrast_samples(pool, plane, position)
+    displays = default_channels(n, pool.multiscale_info.channels, samples)
+    result = [
+        replace(d, visible=d.visible if channels is None else d.index in channels) for d in displays
+    ]
+    if not any(d.visible for d in result):
+        result[0] = replace(result[0], visible=True)
+    shown = [d.index for d in result if d.visible]
+    colormaps = _per_channel(colormap, shown, n, "colormap")
+    clims = _per_channel(
+        None if clim is None else [clim] if _is_pair(clim) else list(clim), shown, n, "clim"
+    )
+    for index in range(n):
+        d = result[index]
+        if index in colormaps:
+            d = replace(d, colormap=colormaps[index])
+        if index in clims:
+            lo, hi = clims[index]
+            if not hi > lo:
+                raise ValueError(f"clim needs HI > LO, not {lo} {hi}")
+            d = d.with_clim(lo, hi)
+        result[index] = d
+    return result
+
+
+def _is_pair(value: Any) -> bool:
+    return len(value) == 2 and all(isinstance(v, (int, float, np.number)) for v in value)
+
+
+def _per_channel(values: Any, shown: list[int], n: int, what: str) -> dict[int, Any]:
+    """By channel index: one value for all ``n`` channels, or one for each shown channel,
+    in order."""
+    if values is None:
+        return {}
+    if isinstance(values, str):
+        values = [values]
+    values = list(values)
+    if len(values) == 1:
+        return dict.fromkeys(range(n), values[0])
+    if len(values) != len(shown):
+        raise ValueError(
+            f"{len(values)} {what} values for {len(shown)} shown channel(s): give one, "
+            "or one per shown channel"
+        )
+    return dict(zip(shown, values, strict=True))
+
+
+def _layer_state(layer: Layer) -> LayerState:
+    spec = LayerState(
+        source=redact(layer.pool.multiscale_info.source),
+        kind=layer.kind,
+        name=layer.name,
+        visible=layer.visible,
+        opacity=layer.opacity,
+        blending=layer.blending,
+    )
+    if isinstance(layer, ImageLayer):
+        spec.rgb = layer.rgb
+        spec.channels = [
+            {
+                "index": d.index,
+                "label": d.label,
+                "colormap": d.colormap,
+                "clim": list(d.clim),
+                "visible": d.visible,
+            }
+            for d in layer.displays
+        ]
+    else:
+        spec.outline = layer.outline
+        spec.selected = layer.selected
+    return spec
+
+
+def _world_box(layer: Layer) -> tuple[float, float, float, float]:
+    """World (x0, y0, x1, y1) edges of a layer's level 0."""
+    level0 = layer.levels[0]
+    y0, _, x0, _ = level0.tile_bounds(0, 0)
+    gy, gx = level0.grid
+    _, y1, _, x1 = level0.tile_bounds(gy - 1, gx - 1)
+    return x0, y0, x1, y1
+
+
+def _progress(statuses: list[Any]) -> float | None:
+    loaded = sum(s.loaded for s in statuses)
+    failed = sum(s.failed for s in statuses)
+    pending = sum(s.pending for s in statuses)
+    total = loaded + failed + pending
+    if pending == 0 or total == 0:
+        return None
+    return (loaded + failed) / total
+
+
 def _no_frame() -> None:
     """The draw function of a closing viewer: draws nothing."""
 
@@ -637,38 +1201,3 @@ def _z_axis(plane: Plane) -> int | None:
     """The spatial slider axis (z), if any."""
     spatial = plane.info.levels[0].spatial_axes
     return next((a for a in plane.slider_axes if a in spatial), None)
-
-
-def _fmt_count(n: int) -> str:
-    """A count, exact up to a million, else like 1.2e+19."""
-    return str(n) if n < 1_000_000 else f"{n:.2g}"
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
-
-
-_KEYS: dict[str, Callable[[Viewer], None]] = {
-    "ArrowLeft": lambda v: v.pan(-0.1, 0),
-    "ArrowRight": lambda v: v.pan(0.1, 0),
-    "ArrowUp": lambda v: v.pan(0, -0.1),
-    "ArrowDown": lambda v: v.pan(0, 0.1),
-    "=": lambda v: v.zoom(1.25),
-    "+": lambda v: v.zoom(1.25),
-    "-": lambda v: v.zoom(0.8),
-    "0": Viewer.fit,
-    "r": Viewer.fit,
-    "PageUp": lambda v: v.step_axis(_z_axis(v.plane), -1),
-    "PageDown": lambda v: v.step_axis(_z_axis(v.plane), 1),
-    ",": lambda v: v.step_axis(v.pool.multiscale_info.levels[0].time_axis, -1),
-    ".": lambda v: v.step_axis(v.pool.multiscale_info.levels[0].time_axis, 1),
-    "c": Viewer.cycle_active_channel,
-    "[": lambda v: v.adjust_window(scale=0.8),
-    "]": lambda v: v.adjust_window(scale=1.25),
-    ";": lambda v: v.adjust_window(shift=-0.1),
-    "'": lambda v: v.adjust_window(shift=0.1),
-    "a": Viewer.auto_contrast,
-    "h": lambda v: setattr(v.hud, "visible", not v.hud.visible),
-    "q": Viewer.close,
-    "Escape": Viewer.close,
-}

@@ -8,16 +8,23 @@ colour, meaning a ramp from black to that colour (how fluorescence channels are 
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cmap import Color, Colormap
 
-from chunkpool import ChannelInfo
+from chunkpool import ChannelInfo, ChunkPool, ChunkPoolError
+
+if TYPE_CHECKING:
+    from .slicing import Plane, SlicePosition
 
 __all__ = [
     "ChannelDisplay",
+    "contrast_samples",
     "default_channels",
     "parse_colormap",
     "percentile_window",
@@ -26,6 +33,11 @@ __all__ = [
 
 #: Colours given to channels without metadata, in order (napari's choice for 2+).
 DEFAULT_COLORS = ("magenta", "lime", "cyan", "yellow", "red", "blue", "orange", "white")
+
+#: Chunks of the coarsest level read at start-up to pick default contrast windows.
+CONTRAST_SAMPLE_CHUNKS = 16
+#: How long start-up waits for those chunks at most (the ones still loading are skipped).
+CONTRAST_SAMPLE_SECONDS = 10.0
 
 #: Texture formats the GPU samples directly; other dtypes are converted on upload.
 _TEXTURE_DTYPES = {
@@ -138,3 +150,38 @@ def texture_dtype(dtype: np.dtype) -> np.dtype:
     if dtype == np.bool_:
         return np.dtype(np.uint8)
     return np.dtype(np.float32)
+
+
+def contrast_samples(pool: ChunkPool, plane: Plane, position: SlicePosition) -> list[np.ndarray]:
+    """Per channel, data of the coarsest level (a few chunks around its centre).
+
+    A sample chunk that fails to load (its tile shows hatched) or has not arrived
+    within ``CONTRAST_SAMPLE_SECONDS`` is left out: sampling never stops the viewer
+    from opening (a channel without samples gets a default window)."""
+    info = pool.multiscale_info
+    level = len(info.levels) - 1
+    scale = info.levels[level]
+    gy, gx = scale.chunk_grid_shape[plane.y_axis], scale.chunk_grid_shape[plane.x_axis]
+    side = max(1, int(math.sqrt(CONTRAST_SAMPLE_CHUNKS)))
+    ys = range(max(0, gy // 2 - side // 2), min(gy, gy // 2 - side // 2 + side))
+    xs = range(max(0, gx // 2 - side // 2), min(gx, gx // 2 - side // 2 + side))
+    ref = "contrast-samples"
+    samples = [
+        (c, pool.get_chunk(level, index, ref), select)
+        for c in range(plane.n_channels)
+        for iy in ys
+        for ix in xs
+        for index, select in [plane.chunk_and_selection(level, iy, ix, c, position)]
+    ]
+    planes: list[list[np.ndarray]] = [[] for _ in range(plane.n_channels)]
+    deadline = time.monotonic() + CONTRAST_SAMPLE_SECONDS
+    try:
+        for c, loc, select in samples:
+            try:
+                data = loc.wait(max(0.0, deadline - time.monotonic()))
+            except (ChunkPoolError, TimeoutError):
+                continue
+            planes[c].append(plane.plane_of(data, select).ravel())
+    finally:
+        pool.drop_chunks([loc.key for _, loc, _ in samples], ref)
+    return [np.concatenate(p) if p else np.empty(0, scale.dtype) for p in planes]

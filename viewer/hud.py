@@ -1,14 +1,101 @@
 """The heads-up display: a few lines of text and a progress bar in a screen-space scene.
 
-It lives in its own scene, drawn after the image with a ``ScreenCoordsCamera`` (origin
-at the bottom-left, logical pixels), so panning and zooming never move it.
+:func:`hud_lines` formats what the viewer tells it (:class:`HudInfo`: the layers and
+their progress, the zoom, the slice, the cursor and the values under it, the active
+channel's window) as text, without a GPU; :class:`Hud` draws the lines in its own
+scene, after the image, with a ``ScreenCoordsCamera`` (origin at the bottom-left,
+logical pixels), so panning and zooming never move it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import pygfx as gfx
 
-__all__ = ["Hud"]
+from .tileset import TileStatus
+
+__all__ = ["Hud", "HudInfo", "LayerSummary", "format_count", "format_value", "hud_lines"]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer as the HUD lists it."""
+
+    name: str
+    kind: str
+    visible: bool
+    active: bool
+    status: TileStatus
+    n_levels: int
+
+
+@dataclass(frozen=True)
+class HudInfo:
+    """What the HUD shows, as plain values."""
+
+    layers: tuple[LayerSummary, ...]
+    zoom: float  # level-0 pixels of the active layer per screen pixel, inverted
+    position: tuple[tuple[str, int], ...] = ()
+    cursor: tuple[float, float, float, float, str] | None = None  # col, row, x, y, unit
+    values: tuple[tuple[str, Any], ...] = ()  # (label, stored value or None)
+    channel: tuple[str, tuple[float, float]] | None = None  # the active channel, window
+
+
+def hud_lines(info: HudInfo) -> list[str]:
+    """The HUD's text: the active layer's level and the zoom; the visible tiles of every
+    shown layer (loaded, pending, failed), or "zoom in" when there are too many; the
+    slice; the layer list (when more than one); the active channel and its window; the
+    cursor's position and the stored value of every shown channel under it."""
+    active = next((layer for layer in info.layers if layer.active), info.layers[0])
+    lines = [f"level {active.status.level}/{active.n_levels - 1}   zoom {info.zoom * 100:.4g}%"]
+    shown = [layer.status for layer in info.layers if layer.visible] or [active.status]
+    overflow = max(s.overflow for s in shown)
+    if overflow:
+        lines.append(f"zoom in: {format_count(overflow)} tiles in view at the coarsest level")
+    else:
+        loaded, pending, failed = (
+            sum(getattr(s, f) for s in shown) for f in ("loaded", "pending", "failed")
+        )
+        lines.append(
+            f"tiles {loaded} loaded, {pending} pending, {failed} failed"
+            + ("" if pending == 0 else "   loading…")
+        )
+    if info.position:
+        lines.append(", ".join(f"{name}={index}" for name, index in info.position))
+    if len(info.layers) > 1:
+        for layer in info.layers:
+            mark = "▸" if layer.active else " "
+            eye = "" if layer.visible else "  (hidden)"
+            lines.append(f"{mark} {layer.name} [{layer.kind}]{eye}")
+    if info.channel is not None:
+        label, (lo, hi) = info.channel
+        lines.append(f"{label}: window {format_value(lo)} – {format_value(hi)}")
+    if info.cursor is not None:
+        col, row, x, y, unit = info.cursor
+        lines.append(f"x {col:.1f}  y {row:.1f} px   ({x:.4g}, {y:.4g}) {unit}".rstrip())
+        values = [f"{label}: {'—' if v is None else format_value(v)}" for label, v in info.values]
+        lines.append("   ".join(values))
+    return lines
+
+
+def format_count(n: int) -> str:
+    """A count, exact up to a million, else like 1.2e+19."""
+    return str(n) if n < 1_000_000 else f"{n:.2g}"
+
+
+def format_value(value: Any) -> str:
+    """A value as stored: integers exact (uint64 and int64 included), floats as the
+    shortest text that reads back as the same number of their own precision."""
+    if isinstance(value, (int, np.integer, bool, np.bool_)):
+        return str(int(value))
+    number = float(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return str(value) if isinstance(value, np.floating) else repr(number)
+
 
 MARGIN = 8
 PAD = 5
@@ -36,6 +123,7 @@ class Hud:
         self._lines: tuple[str, ...] = ()
         self._progress: float | None = None
         self._size: tuple[float, float] = (0, 0)
+        self._corner = "top-left"
         self.visible = True
 
     @property
@@ -46,21 +134,37 @@ class Hud:
     def visible(self, value: bool) -> None:
         self.scene.visible = value
 
-    def update(self, lines: list[str], progress: float | None, size: tuple[float, float]) -> None:
-        """Show ``lines``; ``progress`` in [0, 1] draws the bar (None hides it)."""
+    def update(
+        self,
+        lines: list[str],
+        progress: float | None,
+        size: tuple[float, float],
+        corner: str = "top-left",
+    ) -> None:
+        """Show ``lines`` in ``corner`` ("top-left" or "top-right"); ``progress`` in
+        [0, 1] draws the bar (None hides it)."""
         lines_t = tuple(lines)
-        if (lines_t, progress, size) == (self._lines, self._progress, self._size):
+        if (lines_t, progress, size, corner) == (
+            self._lines,
+            self._progress,
+            self._size,
+            self._corner,
+        ):
             return
         if lines_t != self._lines:
             self._text.set_text("\n".join(lines_t) or " ")
-        self._lines, self._progress, self._size = lines_t, progress, size
+        self._lines, self._progress, self._size, self._corner = lines_t, progress, size, corner
         self._layout()
 
     def _layout(self) -> None:
-        _, height = self._size
+        width, height = self._size
         self._text.local.position = (MARGIN + PAD, height - MARGIN - PAD, 0.5)
         self._text._update_object()  # lay the text out now, to size the box around it
         (x0, y0, _), (x1, y1, _) = self._text.get_world_bounding_box()
+        if self._corner == "top-right":
+            shift = width - MARGIN - PAD - x1
+            self._text.local.x += shift
+            x0, x1 = x0 + shift, x1 + shift
         width = max(x1 - x0, 160)
         bottom = y0 - (BAR_HEIGHT + PAD if self._progress is not None else 0)
         _place(self._box, x0 - PAD, bottom - PAD, x0 + width + PAD, y1 + PAD)

@@ -1,4 +1,4 @@
-"""A Qt window for the viewer: the canvas, and a slider for every z / t / ... axis.
+"""A Qt window for the viewer: the canvas, a slider for every z / t / ... axis, a layer list.
 
 Used by ``zarrscope`` when a Qt binding (PySide6, PyQt6, PySide2 or PyQt5) is
 installed; importing this module raises ImportError otherwise, and the viewer opens a
@@ -30,11 +30,12 @@ from rendercanvas.qt import QRenderWidget, QtCore, QtWidgets, loop  # noqa: E402
 
 from .app import Viewer  # noqa: E402
 
-__all__ = ["QT_LIB", "ViewerWindow", "loop"]
+__all__ = ["QT_LIB", "ViewerWindow", class ViewerWindow(QtWidgets.QWidget):
+    """The viewer's canvas above one labelled slider per slider axis (z, t, ...) and,
+    with more than one layer, a list of the layers (tick: visible; selected: active).
 
-
-class ViewerWindow(QtWidgets.QWidget):
-    """The viewer's canvas above one labelled slider per slider axis (z, t, ...)."""
+    The sliders and the list never take the keyboard focus: keys always reach the
+    canvas (a dragged slider that kept the focus would take ``q`` and PageDown)."""
 
     def __init__(self, source: Any, size: tuple[int, int], title: str, **options: Any):
         if QtWidgets.QApplication.instance() is None:
@@ -46,39 +47,73 @@ class ViewerWindow(QtWidgets.QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         self.canvas = QRenderWidget(self, update_mode="ondemand")
         layout.addWidget(self.canvas, 1)
+        labels = options.pop("labels", None)
         self.viewer = Viewer(source, self.canvas, size=size, **options)
-        scale = self.viewer.pool.multiscale_info.levels[0]
-        self.sliders: dict[int, tuple[Any, Any]] = {}
-        for axis, index in self.viewer.layer.position:
-            if scale.shape[axis] < 2:
+        for extra in labels or ():
+            self.viewer.add_labels(extra)
+        self.sliders: dict[str, tuple[Any, Any]] = {}
+        for name, n in self.viewer.dims().items():
+            if n < 2:
                 continue
             row = QtWidgets.QHBoxLayout()
             row.setContentsMargins(8, 2, 8, 2)
             label = QtWidgets.QLabel()
             slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
-            slider.setRange(0, scale.shape[axis] - 1)
-            slider.setValue(index)
-            slider.valueChanged.connect(lambda value, axis=axis: self.viewer.set_index(axis, value))
+            slider.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+            slider.setRange(0, n - 1)
+            slider.valueChanged.connect(lambda value, name=name: self.viewer.set_index(name, value))
             row.addWidget(label)
             row.addWidget(slider, 1)
             layout.addLayout(row)
-            self.sliders[axis] = (label, slider)
-        self.viewer.position_listeners.append(self._sync)
-        self._sync(self.viewer.layer.position)
+            self.sliders[name] = (label, slider)
+        self.layer_list = QtWidgets.QListWidget()
+        self.layer_list.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        self.layer_list.setMaximumHeight(90)
+        self.layer_list.itemChanged.connect(self._layer_item_changed)
+        self.layer_list.currentRowChanged.connect(self._layer_selected)
+        layout.addWidget(self.layer_list)
+        self.viewer.state.events.position.connect(self._sync)
+        self.viewer.state.events.layers.connect(self._sync_layers)
+        self.viewer.state.events.active_layer.connect(self._sync_layers)
+        self._sync(self.viewer.state.position)
+        self._sync_layers()
+        self.canvas.setFocus()
 
-    def _sync(self, position: tuple[tuple[int, int], ...]) -> None:
+    def _sync(self, position: dict[str, int]) -> None:
         """Show the viewer's slice position on the sliders (keys move it too)."""
-        axes = self.viewer.pool.multiscale_info.levels[0].axes
-        for axis, index in position:
-            if axis in self.sliders:
-                label, slider = self.sliders[axis]
-                label.setText(f"{axes[axis].name} {index}")
+        for name, index in position.items():
+            if name in self.sliders:
+                label, slider = self.sliders[name]
+                label.setText(f"{name} {index}")
                 if slider.value() != index:
                     slider.blockSignals(True)
                     slider.setValue(index)
                     slider.blockSignals(False)
 
+    def _sync_layers(self, *_: Any) -> None:
+        """List the layers (shown only when there are several)."""
+        checked, unchecked = QtCore.Qt.CheckState.Checked, QtCore.Qt.CheckState.Unchecked
+        self.layer_list.blockSignals(True)
+        self.layer_list.clear()
+        for layer in self.viewer.layers:
+            item = QtWidgets.QListWidgetItem(f"{layer.name}  [{layer.kind}]")
+            item.setFlags(item.flags() | QtCore.Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(checked if layer.visible else unchecked)
+            self.layer_list.addItem(item)
+        self.layer_list.setCurrentRow(self.viewer.active_layer)
+        self.layer_list.setVisible(len(self.viewer.layers) > 1)
+        self.layer_list.blockSignals(False)
+
+    def _layer_item_changed(self, item: Any) -> None:
+        layer = self.viewer.layers[self.layer_list.row(item)]
+        layer.visible = item.checkState() == QtCore.Qt.CheckState.Checked
+
+    def _layer_selected(self, row: int) -> None:
+        if 0 <= row < len(self.viewer.layers):
+            self.viewer.active_layer = row
+            self.viewer.canvas.request_draw()
+
     def closeEvent(self, event: Any) -> None:
-        """Closing the window closes the viewer (its pool's threads stop)."""
+        """Closing the window closes the viewer (its pools' threads stop)."""
         self.viewer.close()
         super().closeEvent(event)
