@@ -1,7 +1,14 @@
-"""The ``zarrscope`` command: open a multiscale Zarr image in a window, or screenshot it.
+"""The ``zarrscope`` command: open multiscale Zarr images in a window, or screenshot them.
 
-    zarrscope [SOURCE] [--channel C ...] [--colormap NAME] [--clim LO HI] [--z N] [--t N]
+    zarrscope [SOURCE ...] [--labels L ...] [--channel C ...] [--colormap NAME ...]
+              [--clim LO HI ...] [--rgb | --no-rgb] [--z N] [--t N]
     zarrscope SOURCE --screenshot out.png --size W H --region X0 Y0 X1 Y1 [...]
+    zarrscope --state view.json [--screenshot out.png]
+
+Each SOURCE is an image layer, drawn over the ones before it; ``--channel``,
+``--colormap``, ``--clim`` and ``--rgb`` set up the first. ``--labels`` adds labels
+layers (a path or URL, or the name of a label image in the first source's OME
+``labels/`` group). ``--state`` restores a saved view (the ``s`` key saves one).
 
 Bad input (missing or invalid source, bad option values) prints one line on stderr
 and exits with status 2. In screenshot mode, ``--timeout`` bounds the whole command
@@ -24,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from chunkpool import ChunkPoolError, RetryPolicy
@@ -40,10 +48,38 @@ def _parser() -> argparse.ArgumentParser:
         description="View a huge multiscale Zarr / OME-Zarr image (local path, file://, "
         "http(s):// or s3:// URL). Without SOURCE, opens the built-in sample.",
     )
-    p.add_argument("source", nargs="?", help="image to open (default: the built-in sample)")
+    p.add_argument(
+        "source", nargs="*", help="image(s) to open, as layers (default: the built-in sample)"
+    )
+    p.add_argument(
+        "--labels",
+        action="append",
+        metavar="L",
+        help="labels layer: a path/URL, or a name in the first image's labels/ (repeatable)",
+    )
     p.add_argument("--channel", type=int, nargs="+", metavar="C", help="channel(s) to show")
-    p.add_argument("--colormap", metavar="NAME", help="colormap or colour, e.g. gray, viridis")
-    p.add_argument("--clim", type=float, nargs=2, metavar=("LO", "HI"), help="contrast window")
+    p.add_argument(
+        "--colormap",
+        action="append",
+        metavar="NAME",
+        help="colormap or colour, e.g. gray, viridis: once for every channel, or repeated "
+        "once per shown channel",
+    )
+    p.add_argument(
+        "--clim",
+        type=float,
+        nargs=2,
+        action="append",
+        metavar=("LO", "HI"),
+        help="contrast window: once for every channel, or repeated once per shown channel",
+    )
+    p.add_argument(
+        "--rgb",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show 3 or 4 channels as true colour (default: when the image looks RGB)",
+    )
+    p.add_argument("--state", metavar="FILE", help="restore a view saved with the s key")
     p.add_argument("--z", type=int, metavar="N", help="z index (level-0 planes)")
     p.add_argument("--t", type=int, metavar="N", help="time point")
     p.add_argument(
@@ -113,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.region[2] > args.region[0] and args.region[3] > args.region[1]
     ):
         parser.error("--region needs X1 > X0 and Y1 > Y0")
-    if args.clim is not None and not args.clim[1] > args.clim[0]:
+    if any(not hi > lo for lo, hi in args.clim or ()):
         parser.error("--clim needs HI > LO")
+    if args.state and (args.source or args.labels):
+        parser.error("--state restores its own layers: give no SOURCE or --labels with it")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     handler = _log_to_stderr(args.log_level)
@@ -131,25 +169,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stop_logging(handler)
 
 
-def _source(args: argparse.Namespace) -> str:
-    if args.source is not None:
-        return args.source
+def _sources(args: argparse.Namespace) -> list[str]:
+    if args.source:
+        return list(args.source)
     from sample_data import ensure_sample
 
-    return str(ensure_sample())
+    return [str(ensure_sample())]
 
 
-def _options(args: argparse.Namespace) -> dict:
-    return {
-        "channels": args.channel,
-        "colormap": args.colormap,
-        "clim": tuple(args.clim) if args.clim else None,
-        "z": args.z,
-        "t": args.t,
-        "bias": args.bias,
+def _named(args: argparse.Namespace) -> str:
+    """What the command shows, for messages (without credentials)."""
+    if args.state:
+        return args.state
+    return ", ".join(redact(s) for s in args.source) if args.source else "the sample"
+
+
+def _make_viewer(
+    args: argparse.Namespace, canvas: Any, size: tuple[int, int], **options: Any
+) -> Any:
+    """The viewer the arguments describe, in ``canvas`` (None: offscreen). ``options``
+    go to :class:`Viewer` and to the opening of every source."""
+    from .app import Viewer
+    from .state import ViewState
+
+    open_options = {
         "disk_cache": args.disk_cache,
         "disk_cache_bytes": args.disk_cache_mb << 20,
+        **options.pop("open_options", {}),
     }
+    if args.state:
+        try:
+            text = Path(args.state).read_text()
+        except OSError as err:
+            raise OSError(f"cannot read {args.state}: {err.strerror or err}") from None
+        return Viewer.from_state(
+            ViewState.from_json(text), canvas, size=size, **options, **open_options
+        )
+    sources = _sources(args)
+    clims = [tuple(c) for c in args.clim] if args.clim else None
+    viewer = Viewer(
+        sources[0],
+        canvas,
+        size=size,
+        channels=args.channel,
+        colormap=args.colormap,
+        clim=clims[0] if clims and len(clims) == 1 else clims,
+        rgb=args.rgb,
+        z=args.z,
+        t=args.t,
+        bias=args.bias,
+        **options,
+        **open_options,
+    )
+    try:
+        for source in sources[1:]:
+            viewer.add_image(source, bias=args.bias, **open_options)
+        for labels in args.labels or ():
+            viewer.add_labels(labels, bias=args.bias, **open_options)
+        viewer.fit()
+    except BaseException:
+        viewer.close()
+        raise
+    return viewer
 
 
 def _log_to_stderr(level: str) -> logging.Handler:
@@ -193,10 +274,7 @@ def _screenshot(args: argparse.Namespace, log: logging.Handler) -> int:
     verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
     abandoned = _PoolRecordsAfter(deadline, chunks=verbose)
     log.addFilter(abandoned)
-    expired = (
-        f"zarrscope: error: {redact(args.source or 'the sample')} did not load within "
-        f"{args.timeout:g} s"
-    )
+    expired = f"zarrscope: error: {_named(args)} did not load within {args.timeout:g} s"
     watchdog = _Watchdog(deadline + max(WATCHDOG_GRACE, args.timeout / 2), expired)
     try:
         return _screenshot_within(args, deadline, expired, watchdog)
@@ -225,18 +303,11 @@ def _screenshot_within(
 ) -> int:
     from PIL import Image
 
-    from .app import Viewer
-
     size = tuple(args.size) if args.size else (1024, 1024)
     retry = RetryPolicy(timeout=min(RetryPolicy.timeout, args.timeout), deadline=deadline)
     try:
-        viewer = Viewer(
-            _source(args),
-            None,
-            size=size,
-            show_hud=False,
-            pool_options={"retry": retry},
-            **_options(args),
+        viewer = _make_viewer(
+            args, None, size, show_hud=False, open_options={"pool_options": {"retry": retry}}
         )
     except ChunkPoolError as err:
         if time.monotonic() < deadline:
@@ -246,7 +317,7 @@ def _screenshot_within(
     with viewer:
         if args.region is not None:
             viewer.show_region(*args.region)
-        else:
+        elif not args.state:
             viewer.fit()
         started = time.perf_counter()
         if not viewer.wait_settled(max(0.0, deadline - time.monotonic())):
@@ -312,27 +383,26 @@ def _interactive(args: argparse.Namespace) -> int:
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     ):
         raise OSError("no display to open a window on (use --screenshot, or run under X)")
-    source = _source(args)
+    if not args.state:
+        args.source = _sources(args)  # the sample is made before a window opens
     size = tuple(args.size) if args.size else (1280, 800)
-    title = f"zarrscope — {redact(source)}"
+    title = f"zarrscope — {_named(args)}"
     try:
         from .qtwindow import ViewerWindow, loop
     except ImportError:
-        return _glfw_window(source, size, title, args)
-    window = ViewerWindow(source, size, title, **_options(args))
+        return _glfw_window(size, title, args)
+    window = ViewerWindow(lambda canvas: _make_viewer(args, canvas, size), size, title)
     window.show()
     _run(loop, window.viewer, window.close, args.print_ready)
     return 0
 
 
-def _glfw_window(source: str, size: tuple[int, int], title: str, args: argparse.Namespace) -> int:
+def _glfw_window(size: tuple[int, int], title: str, args: argparse.Namespace) -> int:
     from rendercanvas.glfw import RenderCanvas, loop
-
-    from .app import Viewer
 
     canvas = RenderCanvas(size=size, title=title, update_mode="ondemand")
     try:
-        viewer = Viewer(source, canvas, size=size, **_options(args))
+        viewer = _make_viewer(args, canvas, size)
     except BaseException:
         canvas.close()
         raise

@@ -24,6 +24,7 @@ drawn or presented: see there for why and how.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pygfx as gfx
@@ -98,7 +99,9 @@ class _PoolLink:
     call queued after a drain wakes every viewer of the pool; whichever draws first runs
     them all (handlers of layers of other viewers request those viewers' frames)."""
 
-    _links: weakref.WeakKeyDictionary[ChunkPool, _PoolLink] = weakref.WeakKeyDictionary()
+    _links: ClassVar[weakref.WeakKeyDictionary[ChunkPool, _PoolLink]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, pool: ChunkPool):
         self.viewers: weakref.WeakSet[Viewer] = weakref.WeakSet()
@@ -735,10 +738,9 @@ class Viewer:
         """A pool queued handler calls (any thread): ask for a frame, which runs them."""
         self._wake.set()
         if self._loop is not None and not self._closed:
-            try:
+            # (AttributeError, RuntimeError: the loop is not running yet, or any more)
+            with contextlib.suppress(AttributeError, RuntimeError):
                 self._loop.call_soon_threadsafe(self._request_draw)
-            except (AttributeError, RuntimeError):  # the loop is not running (yet)
-                pass
 
     def _run_handlers(self) -> bool:
         """Run the queued handler calls of every pool shown; whether there were any.
@@ -818,7 +820,7 @@ class Viewer:
         shown = (view.x0, view.y0, view.x1, view.y1, view.width, view.height, position)
         if shown != self._shown:  # a new view (the cursor alone does not count)
             self._shown, self._view_changed_at = shown, started
-            self._publish_state()
+        self._publish_state()
         if all(s.settled for s in statuses) and self._view_changed_at is not None:
             self.last_settle_seconds = time.perf_counter() - self._view_changed_at
             self._view_changed_at = None

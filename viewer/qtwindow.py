@@ -8,6 +8,7 @@ plain glfw window where z and t are stepped with keys only.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 QT_LIBS = ("PySide6", "PyQt6", "PySide2", "PyQt5")
@@ -30,14 +31,18 @@ from rendercanvas.qt import QRenderWidget, QtCore, QtWidgets, loop  # noqa: E402
 
 from .app import Viewer  # noqa: E402
 
-__all__ = ["QT_LIB", "ViewerWindow", class ViewerWindow(QtWidgets.QWidget):
+__all__ = ["QT_LIB", "ViewerWindow", "loop"]
+
+
+class ViewerWindow(QtWidgets.QWidget):
     """The viewer's canvas above one labelled slider per slider axis (z, t, ...) and,
     with more than one layer, a list of the layers (tick: visible; selected: active).
 
     The sliders and the list never take the keyboard focus: keys always reach the
     canvas (a dragged slider that kept the focus would take ``q`` and PageDown)."""
 
-    def __init__(self, source: Any, size: tuple[int, int], title: str, **options: Any):
+    def __init__(self, make_viewer: Callable[[Any], Viewer], size: tuple[int, int], title: str):
+        """``make_viewer(canvas)`` builds the viewer in the window's canvas."""
         if QtWidgets.QApplication.instance() is None:
             QtWidgets.QApplication([])  # rendercanvas's Qt loop runs this application
         super().__init__()
@@ -47,10 +52,7 @@ __all__ = ["QT_LIB", "ViewerWindow", class ViewerWindow(QtWidgets.QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         self.canvas = QRenderWidget(self, update_mode="ondemand")
         layout.addWidget(self.canvas, 1)
-        labels = options.pop("labels", None)
-        self.viewer = Viewer(source, self.canvas, size=size, **options)
-        for extra in labels or ():
-            self.viewer.add_labels(extra)
+        self.viewer = make_viewer(self.canvas)
         self.sliders: dict[str, tuple[Any, Any]] = {}
         for name, n in self.viewer.dims().items():
             if n < 2:
