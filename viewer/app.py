@@ -99,9 +99,7 @@ class _PoolLink:
     call queued after a drain wakes every viewer of the pool; whichever draws first runs
     them all (handlers of layers of other viewers request those viewers' frames)."""
 
-    _links: ClassVar[weakref.WeakKeyDictionary[ChunkPool, _PoolLink]] = (
-        weakref.WeakKeyDictionary()
-    )
+    _links: ClassVar[weakref.WeakKeyDictionary[ChunkPool, _PoolLink]] = weakref.WeakKeyDictionary()
 
     def __init__(self, pool: ChunkPool):
         self.viewers: weakref.WeakSet[Viewer] = weakref.WeakSet()
@@ -1096,7 +1094,9 @@ def _initial_displays(
         bad = [c for c in channels if not 0 <= c < n]
         if bad:
             raise ValueError(f"no channel {bad[0]}: the image has {n} channel(s)")
-    samples = contrast_samples(pool, plane, position)
+    one_clim = clim is not None and _is_pair(clim)
+    # contrast windows from the data only where no window is given for every channel
+    samples = [np.empty(0)] * n if one_clim else contrast_samples(pool, plane, position)
     displays = default_channels(n, pool.multiscale_info.channels, samples)
     result = [
         replace(d, visible=d.visible if channels is None else d.index in channels) for d in displays
