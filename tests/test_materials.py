@@ -246,7 +246,7 @@ def test_outline_of_a_known_square_within_the_tile(stage: Stage) -> None:
 def test_selected_id_is_highlighted_the_others_dimmed(stage: Stage) -> None:
     """Selecting 2**60 + 1 draws it opaque and its neighbour 2**60 + 2 (equal in float)
     at opacity * dim; selected_only hides the neighbour; selecting nothing (0) is the
-    plain opacity."""
+    plain opacity, selected_only or not."""
     gray = background()
     ids = np.zeros((HEIGHT, WIDTH), np.uint64)
     ids[4:30, 4:34] = BIG + 1
@@ -267,8 +267,7 @@ def test_selected_id_is_highlighted_the_others_dimmed(stage: Stage) -> None:
     want[other] = under[other]
     assert_frame(got, want.astype(np.int64), "selected only")
 
-    material.selected_only = False
-    material.selected = 0
+    material.selected = 0  # selected_only is still on: without a selection it does nothing
     got = stage.render([image_tile(gray), image], "no-selection")
     want = np.where((sel | other)[..., None], blend(colors, 0.6, under), under)
     assert_blended(got, want, "no selection")

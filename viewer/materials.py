@@ -136,7 +136,7 @@ fn fs_main(varyings: Varyings) -> FragmentOutput {
     // Pixels not drawn are transparent, not discarded: they still write depth, so that
     // (with depth_write) a finer tile's background hides the coarser tiles beneath.
     var shown = any(id != vec2<u32>(0u));
-    if (u_material.selected_only != 0u && !is_selected) {
+    if (u_material.selected_only != 0u && has_selection && !is_selected) {
         shown = false;
     }
     if (u_material.outline != 0u) {
@@ -184,7 +184,8 @@ class LabelMaterial(gfx.Material):
       their neighbours inside the tile only, so an ID boundary lying exactly on a tile
       seam draws no outline there. Outlines are one texel of the level shown wide.
     * ``selected``: an ID (0: none) drawn opaque (alpha 1), every other ID dimmed to
-      ``opacity * dim``; ``selected_only`` hides the other IDs altogether. Any Python
+      ``opacity * dim``; ``selected_only`` hides the other IDs altogether (without a
+      selection it changes nothing). Any Python
       int: negative ones by their 64-bit two's complement (int64 labels), so ``-1``
       selects both int64 -1 and uint64 2**64 - 1 (the same bits: the same colour).
 
