@@ -185,9 +185,9 @@ class LabelMaterial(gfx.Material):
       seam draws no outline there. Outlines are one texel of the level shown wide.
     * ``selected``: an ID (0: none) drawn opaque (alpha 1), every other ID dimmed to
       ``opacity * dim``; ``selected_only`` hides the other IDs altogether (without a
-      selection it changes nothing). Any Python
-      int: negative ones by their 64-bit two's complement (int64 labels), so ``-1``
-      selects both int64 -1 and uint64 2**64 - 1 (the same bits: the same colour).
+      selection it changes nothing). Any Python int: negative ones by their 64-bit
+      two's complement (int64 labels), so ``-1`` selects both int64 -1 and uint64
+      2**64 - 1 (the same bits: the same colour).
 
     The defaults suit a label layer over image tiles: alpha blending, depth test and
     depth write on (pixels that are not drawn still write depth, see the shader), like
