@@ -25,6 +25,7 @@ drawn or presented: see there for why and how.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pygfx as gfx
+import zarr
 from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 
 from chunkpool import ChunkPool, MultiscaleInfo
@@ -53,13 +55,15 @@ from .display import (
 )
 from .hud import Hud, HudInfo, LayerSummary, hud_lines
 from .keys import action_for, help_lines
-from .layer import Blending, ImageLayer, Layer
+from .layer import Blending, ImageLayer, LabelsLayer, Layer
 from .slicing import Plane
 from .state import LayerState, ViewState
 from .textures import TextureBudget
 from .tiling import View, follow_origin
 
 __all__ = ["Viewer", "is_rgb"]
+
+logger = logging.getLogger("zarrscope")
 
 #: How long after a zoom-in step the next finer level keeps being prefetched.
 ZOOM_PREFETCH_SECONDS = 0.6
@@ -250,6 +254,7 @@ class Viewer:
         self.layers: list[Layer] = []
         self._owned_pools: list[ChunkPool] = []
         self._links: dict[int, _PoolLink] = {}
+        self._label_groups: dict[str, zarr.Group] = {}
         self.camera = Camera(size=self._size())
         self._gfx_camera = gfx.OrthographicCamera(*size, maintain_aspect=False)
         self._gfx_camera.local.scale_y = -1  # y down: array row 0 at the top
@@ -346,6 +351,8 @@ class Viewer:
     ) -> ImageLayer:
         info = pool.multiscale_info
         plane = Plane.of(info)
+        for label in discover_labels(info):
+            self._label_groups.setdefault(label.basename, label)
         rgb = is_rgb(info) if rgb is None else bool(rgb)
         if rgb and plane.n_channels not in (3, 4):
             raise ValueError(f"{info.source}: rgb needs 3 or 4 channels, has {plane.n_channels}")
@@ -364,6 +371,53 @@ class Viewer:
             **self._layer_options(pool, name, opacity, blending, visible, position),
         )
         return self._attach(layer, pool, owned)
+
+    def add_labels(
+        self,
+        source: Any,
+        *,
+        name: str | None = None,
+        opacity: float = 0.5,
+        outline: bool = False,
+        visible: bool = True,
+        **open_options: Any,
+    ) -> LabelsLayer:
+        """Add a labels layer (integer IDs, coloured per ID) over the layers before it.
+
+        ``source`` is as for :meth:`add_image`, or the name of a label image that an
+        image layer's OME ``labels/`` group lists (:attr:`label_names`). Raises
+        ValueError for labels that are not integers."""
+        if isinstance(source, str) and source in self._label_groups:
+            name = name or source
+            source = self._label_groups[source]
+        pool, owned = _open(source, open_options)
+        try:
+            plane = Plane.of(pool.multiscale_info)
+            position = plane.clamp(self._axis_position(plane))
+            layer = LabelsLayer(
+                pool,
+                outline=outline,
+                **self._layer_options(pool, name, opacity, "translucent", visible, position),
+            )
+        except BaseException:
+            if owned:
+                pool.destroy()
+            raise
+        return self._attach(layer, pool, owned)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The label images the image layers' OME ``labels/`` groups list (by name, for
+        :meth:`add_labels`), shown or not."""
+        return list(self._label_groups)
+
+    def show_next_labels(self) -> None:
+        """Add the first discovered label image not shown yet (the ``k`` key)."""
+        shown = {layer.name for layer in self.layers if layer.kind == "labels"}
+        for name in self._label_groups:
+            if name not in shown:
+                self.add_labels(name)
+                return
 
     def _layer_options(
         self,
@@ -879,6 +933,9 @@ class Viewer:
             cursor=cursor,
             values=values or (),
             channel=channel,
+            hidden_labels=tuple(
+                n for n in self._label_groups if n not in {layer.name for layer in self.layers}
+            ),
         )
 
     def telemetry(self) -> dict[str, Any]:
@@ -1051,6 +1108,37 @@ class Viewer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def discover_labels(info: MultiscaleInfo) -> list[zarr.Group]:
+    """The label images an OME image's ``labels/`` group lists (OME-Zarr 0.4: its
+    ``labels`` attribute; 0.5: ``ome.labels``), opened in the image's own store; none
+    for other images. A listed name that is missing or not a group is skipped, with a
+    warning: the image itself still shows."""
+    if info.ome_version is None:
+        return []
+    array = info.levels[0].array
+    try:
+        image = zarr.open_group(store=array.store, path=info.path, mode="r")
+        if "labels" not in image:
+            return []
+        group = image["labels"]
+        attrs = group.attrs.asdict()
+        names = attrs.get("ome", attrs).get("labels", [])
+    except Exception as err:  # metadata read failure: no labels, the image still shows
+        logger.warning("%s: cannot read its labels/ group (%s)", info.source, type(err).__name__)
+        return []
+    found = []
+    for name in names if isinstance(names, list) else []:
+        try:
+            node = group[str(name)]
+        except Exception:
+            node = None
+        if isinstance(node, zarr.Group):
+            found.append(node)
+        else:
+            logger.warning("%s: labels/%s is listed but is not a group", info.source, name)
+    return found
 
 
 def _open(source: Any, options: dict[str, Any]) -> tuple[ChunkPool, bool]:

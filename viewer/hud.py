@@ -42,12 +42,14 @@ class HudInfo:
     cursor: tuple[float, float, float, float, str] | None = None  # col, row, x, y, unit
     values: tuple[tuple[str, Any], ...] = ()  # (label, stored value or None)
     channel: tuple[str, tuple[float, float]] | None = None  # the active channel, window
+    hidden_labels: tuple[str, ...] = ()  # label images found in labels/ and not shown
 
 
 def hud_lines(info: HudInfo) -> list[str]:
     """The HUD's text: the active layer's level and the zoom; the visible tiles of every
     shown layer (loaded, pending, failed), or "zoom in" when there are too many; the
-    slice; the layer list (when more than one); the active channel and its window; the
+    slice; the layer list (when more than one); the label images found and not
+    shown; the active channel and its window; the
     cursor's position and the stored value of every shown channel under it."""
     active = next((layer for layer in info.layers if layer.active), info.layers[0])
     lines = [f"level {active.status.level}/{active.n_levels - 1}   zoom {info.zoom * 100:.4g}%"]
@@ -70,6 +72,8 @@ def hud_lines(info: HudInfo) -> list[str]:
             mark = "▸" if layer.active else " "
             eye = "" if layer.visible else "  (hidden)"
             lines.append(f"{mark} {layer.name} [{layer.kind}]{eye}")
+    if info.hidden_labels:
+        lines.append(f"labels: {', '.join(info.hidden_labels)}   (k shows)")
     if info.channel is not None:
         label, (lo, hi) = info.channel
         lines.append(f"{label}: window {format_value(lo)} – {format_value(hi)}")

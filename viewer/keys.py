@@ -52,6 +52,7 @@ BINDINGS: tuple[Binding, ...] = (
     Binding((";",), "move the window down", lambda v, k: v.adjust_window(shift=-0.1)),
     Binding(("'",), "move the window up", lambda v, k: v.adjust_window(shift=0.1)),
     Binding(("a",), "auto-contrast on the view", lambda v, k: v.auto_contrast()),
+    Binding(("k",), "show the image's next label image", lambda v, k: v.show_next_labels()),
     Binding(("o",), "labels: outline only / filled", lambda v, k: v.toggle_outline()),
     Binding(("s",), "save the view state", lambda v, k: v.save_state()),
     Binding(("h",), "show / hide the heads-up display", lambda v, k: v.toggle_hud()),

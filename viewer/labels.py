@@ -42,6 +42,7 @@ __all__ = [
     "join_uint64",
     "label_colors",
     "label_texture_data",
+    "label_texture_format",
     "label_words",
     "split_uint64",
 ]
@@ -187,3 +188,8 @@ fn label_color(lo: u32, hi: u32) -> vec4<u32> {{
     return vec4<u32>((c >> 16u) & 255u, (c >> 8u) & 255u, c & 255u, 255u);
 }}
 """
+
+
+def label_texture_format(data: np.ndarray) -> str:
+    """The texture format of an array made by :func:`label_texture_data`."""
+    return LABEL_WORDS_FORMAT if data.ndim == 3 else LABEL_TEXTURE_FORMATS[data.dtype]

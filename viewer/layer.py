@@ -33,12 +33,14 @@ import pygfx as gfx
 from chunkpool import ChunkPool
 
 from .display import ChannelDisplay, texture_dtype
+from .labels import label_texture_data, label_texture_format
+from .materials import LabelMaterial
 from .slicing import SlicePosition
 from .textures import Candidate, TextureBudget
 from .tileset import ChannelTile, Tile, TileSet, TileStatus
 from .tiling import View
 
-__all__ = ["BLENDINGS", "ImageLayer", "Layer"]
+__all__ = ["BLENDINGS", "ImageLayer", "LabelsLayer", "Layer"]
 
 Blending = Literal["additive", "translucent", "opaque"]
 #: How a layer's tiles combine with what is beneath: pygfx alpha modes.
@@ -135,6 +137,10 @@ class Layer:
     def _texture_data(self, stack: _Stack, planes: list[np.ndarray]) -> np.ndarray:
         """What is uploaded for one tile of ``stack``, from its channels' planes."""
         raise NotImplementedError
+
+    def _texture(self, data: np.ndarray) -> gfx.Texture:
+        """A new texture for ``data`` (from :meth:`_texture_data`)."""
+        return gfx.Texture(data, dim=2)
 
     # -- display settings -----------------------------------------------------------
 
@@ -306,7 +312,7 @@ class Layer:
         if image is not None:
             image.geometry.grid.set_data(data)
         else:
-            image = gfx.Image(gfx.Geometry(grid=gfx.Texture(data, dim=2)), stack.material)
+            image = gfx.Image(gfx.Geometry(grid=self._texture(data)), stack.material)
             self.textures.added(data.nbytes)
         _, level, iy, ix = pos
         geo = self.tiles.levels[level]
@@ -470,6 +476,63 @@ class ImageLayer(Layer):
         """The loaded planes of channel ``channel`` (its index) in view."""
         i = next(i for i, d in enumerate(self._displays) if d.index == channel)
         return self.tiles.visible_planes(i)
+
+
+class LabelsLayer(Layer):
+    """Segmentation labels: integer IDs (up to 64 bits, exact on the GPU), a colour per
+    ID from :mod:`viewer.labels`' table (0 transparent), blended over the layers
+    beneath at ``opacity``; ``outline`` draws only the edges of each ID's regions;
+    ``selected`` (an ID, or None) is drawn opaque and the others dimmed. Coarse levels
+    show as stored (nearest, never interpolated). Of an image with a channel axis, the
+    first channel."""
+
+    kind: ClassVar[str] = "labels"
+
+    def __init__(self, pool: ChunkPool, *, outline: bool = False, **options: Any):
+        dtype = pool.multiscale_info.dtype
+        if dtype.kind not in "iub":
+            raise ValueError(f"{pool.multiscale_info.source}: labels must be integers, not {dtype}")
+        options.setdefault("opacity", 0.5)
+        options.setdefault("blending", "translucent")
+        super().__init__(pool, [(0, True)], **options)
+        self._material = LabelMaterial(outline=outline, depth_test=True, depth_write=True)
+        self._add_stack((0,), self._material)
+        self._selected: int | None = None
+
+    @property
+    def outline(self) -> bool:
+        return self._material.outline
+
+    @outline.setter
+    def outline(self, value: bool) -> None:
+        self._material.outline = bool(value)
+        self._request_draw()
+
+    @property
+    def selected(self) -> int | None:
+        """The highlighted ID (None: none)."""
+        return self._selected
+
+    @selected.setter
+    def selected(self, value: int | None) -> None:
+        self._selected = None if value is None or int(value) == 0 else int(value)
+        self._material.selected = self._selected or 0
+        self._request_draw()
+
+    def id_at(self, x: float, y: float) -> int | None:
+        """The ID stored under world (x, y) (a Python int), None where not loaded."""
+        value = self.tiles.value_at(0, x, y)
+        return None if value is None else int(value)
+
+    def _texture_data(self, stack: _Stack, planes: list[np.ndarray]) -> np.ndarray:
+        (plane,) = planes
+        return label_texture_data(plane)
+
+    def _texture(self, data: np.ndarray) -> gfx.Texture:
+        return gfx.Texture(data, dim=2, format=label_texture_format(data))
+
+    def values_at(self, x: float, y: float) -> list[tuple[str, Any]]:
+        return [("label", self.tiles.value_at(0, x, y))]
 
 
 def _lut_map(display: ChannelDisplay) -> gfx.TextureMap:

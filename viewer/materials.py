@@ -41,6 +41,7 @@ from .labels import (
     LABEL_WORDS_FORMAT,
     WGSL_LABEL_COLOR,
     label_texture_data,
+    label_texture_format,
 )
 
 __all__ = ["LabelMaterial", "RGBMaterial", "label_texture", "rgb_texture", "rgb_texture_data"]
@@ -292,8 +293,7 @@ def label_texture(plane: np.ndarray) -> gfx.Texture:
     would make uint8 a normalised one). A spare texture of the same shape and dtype can
     take another plane with ``texture.set_data(label_texture_data(plane))``."""
     data = label_texture_data(plane)
-    fmt = LABEL_WORDS_FORMAT if data.ndim == 3 else LABEL_TEXTURE_FORMATS[data.dtype]
-    return gfx.Texture(data, dim=2, format=fmt)
+    return gfx.Texture(data, dim=2, format=label_texture_format(data))
 
 
 def rgb_texture(plane: np.ndarray) -> gfx.Texture:
