@@ -68,9 +68,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from zarr.abc.buffer import Buffer, BufferPrototype
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
+
+from .zarr_compat import set_wrapped_store
 
 __all__ = ["INDEX_NAME", "DiskCacheStats", "DiskCacheStore", "default_cache_dir"]
 
@@ -503,7 +505,7 @@ class DiskCacheStore(WrapperStore):
 
     def _with_store(self, store: Any) -> DiskCacheStore:
         clone = copy.copy(self)  # shares the index and the counters
-        clone._store = store
+        set_wrapped_store(clone, store)
         return clone
 
     def __repr__(self) -> str:

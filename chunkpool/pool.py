@@ -25,7 +25,13 @@ import zarr
 from .batch import iter_chunk_data
 from .buffers import BufferPool
 from .cache import ChunkCache
-from .dispatch import HandlerCall, HandlerDispatcher, call_handlers, resolve_call_soon
+from .dispatch import (
+    HandlerCall,
+    HandlerDispatcher,
+    HandlerQueue,
+    call_handlers,
+    resolve_call_soon,
+)
 from .errors import (
     ChunkIndexError,
     ChunkLoadError,
@@ -139,7 +145,8 @@ class ChunkPool:
         self._levels: list[_Level | None] = [None] * len(multiscale_info.levels)
         self._loading = 0  # held chunks whose load is pending
         self._all_loaded = threading.Condition(self._lock)  # notified when _loading is 0
-        self._dispatcher: HandlerDispatcher | None = None
+        self._dispatcher: HandlerQueue | None = None  # where handler calls are queued
+        self._polled: HandlerQueue | None = None  # the queue of run_pending_handlers
         self._stats = StatsRecorder()
         self._memory = 0
         self._pending_bytes = 0
@@ -245,20 +252,68 @@ class ChunkPool:
         ``wait_for_chunks_to_load()`` and drop and destroy handlers in the thread that
         drops or destroys. Calls never wait for a loop that cannot run them: if an
         asyncio loop stops or closes (or any loop's ``call_soon`` raises), they are
-        dropped with one WARNING and no handler is called until this is called again
-        (see :mod:`chunkpool.dispatch`).
+        dropped with one WARNING and no handler is called until this is called again.
+        Queued calls are coalesced, so that the queue stays bounded while the loop does
+        not drain it (see :mod:`chunkpool.dispatch`).
         """
         call_soon = resolve_call_soon(call_soon_threadsafe)
+        self._use_queue(
+            None if call_soon is None else HandlerDispatcher(call_soon, self._info.source)
+        )
+
+    def enable_polled_load_handlers(self, wake: Callable[[], None]) -> None:
+        """Queue every handler call for :meth:`run_pending_handlers` (an application that
+        draws frames runs them at the start of each frame, on its own thread).
+
+        ``wake()`` is called, from whatever thread queues a call, once when the queue
+        goes from empty to non-empty and not again until a run has emptied it: it must
+        be cheap and thread-safe (e.g. ``canvas.request_draw``); one that raises is
+        logged and called again at the next call queued. Calls are queued in the order
+        the pool's state changed, and coalesced so that the queue stays bounded however
+        long nothing runs them (see :mod:`chunkpool.dispatch`). Calling this again only
+        replaces ``wake``; ``enable_async_load_handlers`` switches to another mode (calls
+        already queued here stay for :meth:`run_pending_handlers`).
+        """
+        if not callable(wake):
+            raise TypeError(f"enable_polled_load_handlers() expects a callable, not {wake!r}")
+        queue = self._polled
+        if queue is None:
+            queue = self._polled = HandlerQueue(wake, self._info.source)
+        else:
+            queue.rewake(wake)
+        self._use_queue(queue)
+
+    def run_pending_handlers(self, max_calls: int | None = None) -> int:
+        """Run the handler calls queued in polled mode (at most ``max_calls``, oldest
+        first) in this thread, and return how many ran (0 if polled mode was never
+        enabled). Calls that handlers queue meanwhile wait for the next run (and wake
+        the application again); while this returns ``max_calls``, more may wait."""
+        queue = self._polled
+        return 0 if queue is None else queue.run(max_calls)
+
+    @property
+    def pending_handler_calls(self) -> int:
+        """Handler calls queued and not yet run, in the current mode's queue and the
+        polled one (at most: a few of them may yet be coalesced away)."""
+        current, polled = self._dispatcher, self._polled
+        n = 0 if current is None else len(current)
+        return n + (len(polled) if polled is not None and polled is not current else 0)
+
+    def _use_queue(self, queue: HandlerQueue | None) -> None:
+        """Queue handler calls in ``queue`` from now on (None: call them directly), with
+        the load calls that were waiting for ``wait()``."""
         with self._lock:
-            if call_soon is None:
-                self._dispatcher = None
+            self._dispatcher = queue
+            if queue is None:
                 return
-            self._dispatcher = HandlerDispatcher(call_soon, self._info.source)
+            # chunks that exist may have been heard of before (their calls are due)
+            queue.tell(self._chunks.values())
+            queue.tell(self._cache)
             for loc in self._chunks.values():  # loads that were waiting for wait()
                 if loc._unfired_loads:
-                    self._dispatcher.post([(h, loc) for h in loc._unfired_loads.values()])
+                    queue.post_loads(loc, loc._unfired_loads)
                     loc._unfired_loads = None
-        self._dispatcher.kick()
+        queue.kick()
 
     def _deliver(self, calls: list[HandlerCall]) -> list[HandlerCall]:
         """Post calls to the loop if async; else return them for the caller to run.
@@ -279,7 +334,7 @@ class ChunkPool:
         """Load handlers of ``loc`` to run: on the loop if async, else in ``wait()``.
         Holds ``_lock``."""
         if self._dispatcher is not None:
-            self._dispatcher.post([(h, loc) for h in handlers.values()])
+            self._dispatcher.post_loads(loc, handlers)
         elif loc._unfired_loads is None:
             loc._unfired_loads = dict(handlers)
         else:
@@ -288,7 +343,7 @@ class ChunkPool:
     def _fire_unfired_loads(self, loc: ChunkLocation) -> None:
         with self._lock:
             unfired = loc._unfired_loads
-            calls = [(h, loc) for h in unfired.values()] if unfired else []
+            calls = [(h, loc, r) for r, h in unfired.items()] if unfired else []
             loc._unfired_loads = None
         call_handlers(calls)
 
@@ -516,7 +571,7 @@ class ChunkPool:
                 if loc._unfired_loads:
                     loc._unfired_loads.pop(ref, None)
                 if entry.drop_handler is not None:
-                    calls.append((entry.drop_handler, loc))
+                    calls.append((entry.drop_handler, loc, ref))
                 if not refs:
                     del chunks[(loc._scale_info.level, loc._index)]
                     self._release(loc, cancelled, calls, keep=True)
@@ -565,7 +620,7 @@ class ChunkPool:
         loc._held_bytes = 0
         handlers = loc._destroy_handlers
         if handlers:
-            calls += [(h, loc) for h in handlers.values()]
+            calls += [(h, loc, r) for r, h in handlers.items()]
             handlers.clear()
 
     def _loaded_one(self) -> None:
@@ -622,7 +677,7 @@ class ChunkPool:
                     s.loads += 1
                     s.bytes_loaded += data.nbytes
                 if handlers and dispatcher is not None:
-                    dispatcher.post([(h, loc) for h in handlers.values()])
+                    dispatcher.post_loads(loc, handlers)
                     posted = True
                 self._loaded_one()
                 if error is not None or loc._future is not None:
@@ -721,7 +776,7 @@ class ChunkPool:
             calls: list[HandlerCall] = []
             cancelled: list[LoadJob] = []  # the scheduler's shutdown cancels them all
             for loc in self._chunks.values():
-                calls += [(e.drop_handler, loc) for e in loc._refs.values() if e.drop_handler]
+                calls += [(e.drop_handler, loc, r) for r, e in loc._refs.items() if e.drop_handler]
                 loc._refs.clear()
                 loc._unfired_loads = None
                 self._release(loc, cancelled, calls, keep=False)

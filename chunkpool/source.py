@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import numcodecs
 import numpy as np
 from numcodecs.compat import ensure_ndarray_like
+from zarr.abc.buffer import NDBuffer
 from zarr.abc.codec import SupportsSyncCodec
 from zarr.abc.store import (
     ByteRequest,
@@ -50,13 +51,9 @@ from zarr.abc.store import (
     SuffixByteRequest,
     SupportsGetSync,
 )
-from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
-from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation, _ShardIndex
-from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import NDBuffer, default_buffer_prototype
-from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
-from zarr.core.codec_pipeline import codecs_from_list
-from zarr.core.sync import _get_loop, sync
+from zarr.buffer import default_buffer_prototype
+from zarr.codecs import BytesCodec, GzipCodec
+from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
 from .buffers import BufferPool, transient_size
@@ -66,6 +63,20 @@ from .info import ScaleInfo
 from .links import StoreRoot
 from .retry import RetryPolicy
 from .stores import describe_error, with_retries
+from .zarr_compat import (
+    ArraySpec,
+    DefaultChunkKeyEncoding,
+    ShardIndex,
+    V2ChunkKeyEncoding,
+    codecs_from_list,
+    decode_sync,
+    inner_chunk_spec,
+    numcodecs_compressor,
+    shard_index_size,
+    shard_index_spec,
+    sync,
+    zarr_loop,
+)
 
 __all__ = ["ChunkSource", "RawChunk", "close_files"]
 
@@ -190,7 +201,7 @@ class _SyncDecoder:
             if step == self._n_bytes_steps and expected is not None and len(out) != expected:
                 raise wrong_size("chunk decodes to", len(out), expected)
             if is_sync:
-                out = codec._decode_sync(out, spec)
+                out = decode_sync(codec, out, spec)
             else:  # the rare codec without a sync path: its async decode on zarr's loop
                 (out,) = sync(codec.decode([(out, spec)]))
                 if out is None:
@@ -234,14 +245,10 @@ class _V2Decoder:
 def _numcodecs_compressor(codec: Any) -> Any | None:
     """The numcodecs compressor behind a zarr v3 bytes-to-bytes codec, if it decodes
     into a given buffer with a checked size; else None."""
-    if isinstance(codec, ZstdCodec):
-        compressor = codec._zstd_codec
-    elif isinstance(codec, BloscCodec):
-        compressor = codec._blosc_codec
-    elif isinstance(codec, GzipCodec):
+    if isinstance(codec, GzipCodec):
         compressor = numcodecs.GZip(codec.level)
-    else:
-        compressor = getattr(codec, "_codec", None)  # zarr.codecs.numcodecs wrappers
+    else:  # zstd, blosc, zarr.codecs.numcodecs wrappers
+        compressor = numcodecs_compressor(codec)
     return compressor if compressor is not None and into_decoder(compressor) else None
 
 
@@ -497,15 +504,15 @@ class ChunkSource:
         self._chunks_per_shard = tuple(
             s // c for s, c in zip(shard_shape, codec.chunk_shape, strict=True)
         )
-        index_size = codec._shard_index_size(self._chunks_per_shard)
+        index_size = shard_index_size(codec, self._chunks_per_shard)
         if codec.index_location == ShardingCodecIndexLocation.start:
             self._index_range: ByteRequest = RangeByteRequest(0, index_size)
         else:
             self._index_range = SuffixByteRequest(index_size)
         self._decode_index = _SyncDecoder(
-            codec.index_codecs, codec._get_index_chunk_spec(self._chunks_per_shard)
+            codec.index_codecs, shard_index_spec(codec, self._chunks_per_shard)
         )
-        inner_spec = codec._get_chunk_spec(shard_spec)
+        inner_spec = inner_chunk_spec(codec, shard_spec)
         self._decode = _make_decoder(list(codec.codecs), inner_spec, self._buffers)
         self._shard_indexes = _ShardIndexCache(SHARD_INDEX_CACHE_SIZE)
 
@@ -545,7 +552,7 @@ class ChunkSource:
 
     def _shard_index_plan(
         self, shard: tuple[int, ...]
-    ) -> Generator[_Read | _Await, Any, tuple[_ShardIndex | None, int]]:
+    ) -> Generator[_Read | _Await, Any, tuple[ShardIndex | None, int]]:
         """A shard's index (None if the shard is missing) and the bytes fetched for it.
 
         The first request for a shard reads the index; concurrent ones wait for it. If
@@ -573,7 +580,7 @@ class ChunkSource:
             fut.set_result(shard_index)
             return shard_index, 0 if read is None else read.data.nbytes
 
-    def _read_index(self, shard: tuple[int, ...], data: np.ndarray) -> _ShardIndex:
+    def _read_index(self, shard: tuple[int, ...], data: np.ndarray) -> ShardIndex:
         """Decode a shard's index into memory of its own (``data`` may be a read buffer
         that is reused as soon as this returns), and check that every entry is absent
         or a byte range that can exist."""
@@ -587,7 +594,7 @@ class ChunkSource:
             raise ChunkDecodeError(
                 f"{self.name}/{self._key(shard)}: shard index holds impossible byte ranges"
             )
-        return _ShardIndex(offsets_and_lengths)
+        return ShardIndex(offsets_and_lengths)
 
     @staticmethod
     def _drive_sync(plan: _Plan, perform: Any) -> RawChunk:
@@ -693,7 +700,7 @@ class ChunkSource:
     @staticmethod
     def io_loop() -> asyncio.AbstractEventLoop:
         """The event loop that asynchronous stores run on (zarr's own)."""
-        return _get_loop()
+        return zarr_loop()
 
     # -- decoding ---------------------------------------------------------------------
 

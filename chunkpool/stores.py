@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import zarr
+from zarr.abc.buffer import Buffer, BufferPrototype
 from zarr.abc.store import ByteRequest, Store
-from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .diskcache import DiskCacheStore
@@ -41,6 +41,7 @@ from .redaction import (
     split_userinfo,
 )
 from .retry import RetryPolicy, call_with_retries
+from .zarr_compat import wrapped_store
 
 __all__ = [
     "RemoteStore",
@@ -185,7 +186,7 @@ def with_retries(store: Store, name: str, retry: RetryPolicy | None = None) -> S
     while isinstance(inner, WrapperStore):
         if isinstance(inner, RemoteStore):
             return store
-        inner = inner._store
+        inner = wrapped_store(inner)
     return RemoteStore(store, name, retry)
 
 
@@ -222,7 +223,7 @@ def _node_name(node: zarr.Group | zarr.Array) -> str:
     """A display name for an already open zarr node: its store location plus its path."""
     store = node.store
     while isinstance(store, WrapperStore) and not isinstance(store, RemoteStore):
-        store = store._store
+        store = wrapped_store(store)
     if isinstance(store, LocalStore):
         base = str(store.root)
     elif isinstance(store, RemoteStore):

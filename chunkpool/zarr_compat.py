@@ -1,0 +1,124 @@
+"""Every zarr-python name chunkpool uses that is not zarr's public API, in one place.
+
+zarr-python may rename or drop these in any release; ``tests/test_zarr_compat.py``
+checks that the installed zarr is one of :data:`CHECKED_ZARR_VERSIONS` (or shares
+their major.minor) and that each name below still exists. When a new zarr is
+supported, check each one, then add its version.
+
+Private modules (``zarr.core``):
+
+- ``zarr.core.array_spec.ArraySpec``: the spec (shape, dtype, fill value, prototype) a
+  codec decodes against; the fast decoders hand it to each codec as zarr does.
+- ``zarr.core.codec_pipeline.codecs_from_list``: splits an array's codecs into
+  array-to-array, array-to-bytes and bytes-to-bytes, to run them one by one.
+- ``zarr.core.chunk_key_encodings.DefaultChunkKeyEncoding`` / ``V2ChunkKeyEncoding``:
+  recognising zarr's two standard encodings, to build chunk keys without a call each.
+- ``zarr.core.sync.sync`` / ``_get_loop``: running a codec without a synchronous path on
+  zarr's own event loop, and that loop (where asynchronous stores' reads run).
+
+Private names of zarr objects:
+
+- ``zarr.codecs.sharding._ShardIndex``: a shard index read once and cached.
+- ``ShardingCodec._shard_index_size``, ``._get_index_chunk_spec``, ``._get_chunk_spec``:
+  where a shard's index is, and the specs its index and inner chunks decode with.
+- ``<codec>._decode_sync`` (of codecs that are ``SupportsSyncCodec``): a codec's decode
+  without a task on zarr's loop.
+- ``ZstdCodec._zstd_codec``, ``BloscCodec._blosc_codec``, the ``_codec`` of the
+  ``zarr.codecs.numcodecs`` wrappers: the numcodecs compressor behind a codec, which
+  decodes into a recycled buffer after checking the frame's size.
+- ``WrapperStore._store``: the store a wrapper wraps (finding a ``RemoteStore`` under
+  wrappers, naming a store; setting it in ``DiskCacheStore._with_store``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from zarr.codecs.sharding import _ShardIndex as ShardIndex
+from zarr.core.array_spec import ArraySpec
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
+from zarr.core.codec_pipeline import codecs_from_list
+from zarr.core.sync import _get_loop, sync
+
+__all__ = [
+    "CHECKED_ZARR_VERSIONS",
+    "PRIVATE_ATTRIBUTES",
+    "ArraySpec",
+    "DefaultChunkKeyEncoding",
+    "ShardIndex",
+    "V2ChunkKeyEncoding",
+    "codecs_from_list",
+    "decode_sync",
+    "inner_chunk_spec",
+    "numcodecs_compressor",
+    "set_wrapped_store",
+    "shard_index_size",
+    "shard_index_spec",
+    "sync",
+    "wrapped_store",
+    "zarr_loop",
+]
+
+#: zarr-python releases these names were checked against.
+CHECKED_ZARR_VERSIONS = ("3.1.6",)
+
+#: ``(owner, attribute)`` for each private attribute used below: the owner is a class,
+#: or for instance attributes the dotted name of a class the test makes an instance of.
+PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("zarr.codecs.ShardingCodec", "_shard_index_size"),
+    ("zarr.codecs.ShardingCodec", "_get_index_chunk_spec"),
+    ("zarr.codecs.ShardingCodec", "_get_chunk_spec"),
+    ("zarr.codecs.ZstdCodec", "_decode_sync"),
+    ("zarr.codecs.ZstdCodec", "_zstd_codec"),
+    ("zarr.codecs.BloscCodec", "_blosc_codec"),
+    ("zarr.codecs.numcodecs.LZ4", "_codec"),
+    ("zarr.storage.WrapperStore", "_store"),
+)
+
+
+def zarr_loop() -> asyncio.AbstractEventLoop:
+    """zarr's own event loop (started on first use), where asynchronous stores live."""
+    return _get_loop()
+
+
+def decode_sync(codec: Any, data: Any, spec: ArraySpec) -> Any:
+    """``codec``'s decode of ``data`` in this thread (a ``SupportsSyncCodec`` codec)."""
+    return codec._decode_sync(data, spec)
+
+
+def numcodecs_compressor(codec: Any) -> Any | None:
+    """The numcodecs compressor inside a zarr zstd, blosc or numcodecs-wrapper codec,
+    or None for any other codec."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if isinstance(codec, ZstdCodec):
+        return codec._zstd_codec
+    if isinstance(codec, BloscCodec):
+        return codec._blosc_codec
+    return getattr(codec, "_codec", None)  # zarr.codecs.numcodecs wrappers
+
+
+def shard_index_size(codec: Any, chunks_per_shard: tuple[int, ...]) -> int:
+    """The byte size of a shard's index, for a ``ShardingCodec``."""
+    return codec._shard_index_size(chunks_per_shard)
+
+
+def shard_index_spec(codec: Any, chunks_per_shard: tuple[int, ...]) -> ArraySpec:
+    """The spec a shard's index decodes with, for a ``ShardingCodec``."""
+    return codec._get_index_chunk_spec(chunks_per_shard)
+
+
+def inner_chunk_spec(codec: Any, shard_spec: ArraySpec) -> ArraySpec:
+    """The spec of a shard's inner chunks, for a ``ShardingCodec``."""
+    return codec._get_chunk_spec(shard_spec)
+
+
+def wrapped_store(store: Any) -> Any:
+    """The store a ``WrapperStore`` wraps."""
+    return store._store
+
+
+def set_wrapped_store(wrapper: Any, store: Any) -> None:
+    """Make a (copied) ``WrapperStore`` wrap ``store``."""
+    wrapper._store = store
