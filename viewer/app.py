@@ -10,13 +10,14 @@ The viewer is the controller that wires the pieces together (see ``viewer/README
 - the views: the layers' pygfx groups, the HUD and help scenes, drawn by one
   renderer into the canvas, with one texture budget (:mod:`viewer.textures`).
 
-Chunk loads complete in the pools' worker threads. Their handler calls are queued per
-pool (:class:`_PoolLink`, shared by every viewer showing that pool); the first one
-queued wakes the viewers, which ask for a frame; a frame first runs what is queued (a
-layer's handler gives its tiles their planes), then updates the layers for the view,
-syncs their scenes and renders. So handlers run on the canvas's thread, in one place,
-and a frame never waits for data. Without a running loop (offscreen), :meth:`refresh`
-and :meth:`wait_settled` do what a frame does before rendering.
+Chunk loads complete in the pools' worker threads. Their handler calls are queued in
+each pool (its polled mode; :class:`_PoolLink` links it to every viewer showing it);
+the first one queued wakes those viewers, which ask for a frame; a frame first runs
+what is queued (a layer's handler gives its tiles their planes), then updates the
+layers for the view, syncs their scenes and renders. So handlers run on the canvas's
+thread, in one place, and a frame never waits for data. Without a running loop
+(offscreen), :meth:`refresh` and :meth:`wait_settled` do what a frame does before
+rendering.
 
 Closing (:meth:`Viewer.close`) never tears anything down under a frame that is being
 drawn or presented: see there for why and how.
@@ -53,7 +54,7 @@ from .display import (
     parse_colormap,
     percentile_window,
 )
-from .hud import Hud, HudInfo, LayerSummary, hud_lines
+from .hud import Hud, HudInfo, LayerSummary, hud_lines, scale_bar
 from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
 from .slicing import Plane
@@ -97,19 +98,19 @@ def is_rgb(info: MultiscaleInfo) -> bool:
 
 
 class _PoolLink:
-    """Delivers one pool's handler calls to the viewers showing it, on their thread.
+    """Wakes the viewers showing one pool when it has handler calls for them.
 
-    The pool queues its handler calls here (``enable_async_load_handlers``); the first
-    call queued after a drain wakes every viewer of the pool; whichever draws first runs
-    them all (handlers of layers of other viewers request those viewers' frames)."""
+    The pool queues its handler calls (``enable_polled_load_handlers``); the first call
+    queued after a drain wakes every viewer of the pool; whichever draws first runs
+    them all on its thread (handlers of layers of other viewers request those viewers'
+    frames). A pool shown by no viewer any more keeps its queue bounded (it coalesces)."""
 
     _links: ClassVar[weakref.WeakKeyDictionary[ChunkPool, _PoolLink]] = weakref.WeakKeyDictionary()
 
     def __init__(self, pool: ChunkPool):
         self.viewers: weakref.WeakSet[Viewer] = weakref.WeakSet()
-        self._inbox: deque[Callable[[], Any]] = deque()
-        self._lock = threading.Lock()
-        pool.enable_async_load_handlers(self._post)
+        self._pool = weakref.ref(pool)
+        pool.enable_polled_load_handlers(self._wake)
 
     @classmethod
     def of(cls, pool: ChunkPool, viewer: Viewer) -> _PoolLink:
@@ -119,28 +120,17 @@ class _PoolLink:
         link.viewers.add(viewer)
         return link
 
-    def _post(self, callback: Callable[[], Any]) -> None:
-        with self._lock:
-            wake = not self._inbox
-            self._inbox.append(callback)
-        if wake:
-            for viewer in list(self.viewers):
-                viewer._wake_up()
+    def _wake(self) -> None:
+        for viewer in list(self.viewers):
+            viewer._wake_up()
 
     def run(self) -> bool:
-        """Run the queued handler calls here; whether there were any."""
-        with self._lock:
-            callbacks = list(self._inbox)
-            self._inbox.clear()
-        for callback in callbacks:
-            callback()
-        return bool(callbacks)
+        """Run the pool's queued handler calls here; whether there were any."""
+        pool = self._pool()
+        return pool is not None and not pool.destroyed and pool.run_pending_handlers() > 0
 
     def leave(self, viewer: Viewer) -> None:
         self.viewers.discard(viewer)
-        if not self.viewers:
-            with self._lock:
-                self._inbox.clear()
 
 
 class Viewer:
@@ -880,6 +870,9 @@ class Viewer:
         overlays = []
         if self.hud.visible and self.layers:
             self.hud.update(self.hud_lines(), _progress(statuses), size)
+            plane = self.layer.tiles.plane
+            unit = plane.info.levels[0].axes[plane.x_axis].unit
+            self.hud.show_scale_bar(scale_bar(self.camera.width / max(size[0], 1), unit), size)
             overlays.append(self.hud)
         if self.help.visible:
             self.help.update(help_lines(), None, size, corner="top-right")

@@ -9,6 +9,7 @@ logical pixels), so panning and zooming never move it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,24 @@ import pygfx as gfx
 
 from .tileset import TileStatus
 
-__all__ = ["Hud", "HudInfo", "LayerSummary", "format_count", "format_value", "hud_lines"]
+__all__ = [
+    "Hud",
+    "HudInfo",
+    "LayerSummary",
+    "format_count",
+    "format_value",
+    "hud_lines",
+    "scale_bar",
+]
+
+#: OME-Zarr (UDUNITS-2) length units, as the scale bar writes them.
+UNIT_SYMBOLS = {
+    "angstrom": "Å", "nanometer": "nm", "micrometer": "µm", "micron": "µm",
+    "millimeter": "mm", "centimeter": "cm", "meter": "m", "kilometer": "km",
+    "inch": "in", "foot": "ft", "mile": "mi", "parsec": "pc",
+}  # fmt: skip
+#: How long the scale bar is at most, in logical pixels.
+SCALE_BAR_PX = 120.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,19 @@ def hud_lines(info: HudInfo) -> list[str]:
     return lines
 
 
+def scale_bar(world_per_px: float, unit: str | None) -> tuple[float, str] | None:
+    """A scale bar for a view of ``world_per_px`` world units per logical pixel: its
+    length in pixels (at most ``SCALE_BAR_PX``, at least a third of it) and label, a
+    round length (1, 2 or 5 times a power of ten) in ``unit``; None without a unit."""
+    if not unit or not world_per_px > 0 or not math.isfinite(world_per_px):
+        return None
+    most = SCALE_BAR_PX * world_per_px
+    power = 10.0 ** math.floor(math.log10(most))
+    length = max(m * power for m in (1, 2, 5) if m * power <= most)
+    symbol = UNIT_SYMBOLS.get(unit.lower(), unit)
+    return length / world_per_px, f"{length:g} {symbol}"
+
+
 def format_count(n: int) -> str:
     """A count, exact up to a million, else like 1.2e+19."""
     return str(n) if n < 1_000_000 else f"{n:.2g}"
@@ -123,7 +154,18 @@ class Hud:
         self._box = _rect((0, 0, 0, 0.6), order=0)
         self._bar_back = _rect((1, 1, 1, 0.15), order=1)
         self._bar = _rect((0.3, 0.8, 1.0, 0.9), order=2)
+        self._scale = _rect((1, 1, 1, 0.9), order=2)
+        self._scale_text = gfx.Text(
+            text=" ",
+            font_size=12,
+            screen_space=False,
+            anchor="bottom-left",
+            material=gfx.TextMaterial(color="#f0f0f0", depth_test=False, alpha_mode="blend"),
+        )
+        self._scale_text.render_order = 2
+        self._scale_shown: tuple[float, str] | None = None
         self.scene.add(self._box, self._bar_back, self._bar, self._text)
+        self.scene.add(self._scale, self._scale_text)
         self._lines: tuple[str, ...] = ()
         self._progress: float | None = None
         self._size: tuple[float, float] = (0, 0)
@@ -159,6 +201,18 @@ class Hud:
             self._text.set_text("\n".join(lines_t) or " ")
         self._lines, self._progress, self._size, self._corner = lines_t, progress, size, corner
         self._layout()
+
+    def show_scale_bar(self, bar: tuple[float, str] | None, size: tuple[float, float]) -> None:
+        """Draw ``bar`` (length in logical pixels, label: :func:`scale_bar`) at the
+        bottom-left corner; None hides it."""
+        self._scale.visible = self._scale_text.visible = bar is not None
+        if bar is None or (bar, size) == self._scale_shown:
+            return
+        self._scale_shown = (bar, size)
+        length, label = bar
+        _place(self._scale, MARGIN, MARGIN, MARGIN + length, MARGIN + 4)
+        self._scale_text.set_text(label)
+        self._scale_text.local.position = (MARGIN, MARGIN + 8, 0.5)
 
     def _layout(self) -> None:
         width, height = self._size
