@@ -578,7 +578,9 @@ def test_frames_keep_coming_while_loads_are_held(
     )
     group = gated(pyramid, store_class)
     size = (640, 640)
-    viewer = make_viewer(group, size=size, **GRAY)  # reads the coarsest level (cached)
+    viewer = make_viewer(group, size=size, **GRAY)
+    viewer.show_region(0, 0, 16384, 16384)  # zoomed out: the coarsest level alone
+    settle(viewer)  # it is loaded (and stays: it is resident)
     group.store.rec.hold()
     loads_before = viewer.pool.stats.loads
     region = (64, 64, 704, 704)  # 10 x 10 tiles of level 0, ring 12 x 12
