@@ -344,8 +344,13 @@ class Viewer:
         for label in discover_labels(info):
             self._label_groups.setdefault(label.basename, label)
         rgb = is_rgb(info) if rgb is None else bool(rgb)
-        if rgb and plane.n_channels not in (3, 4):
-            raise ValueError(f"{info.source}: rgb needs 3 or 4 channels, has {plane.n_channels}")
+        if rgb and (
+            plane.n_channels not in (3, 4) or info.dtype.kind != "u" or info.dtype.itemsize > 2
+        ):
+            raise ValueError(
+                f"{info.source}: true colour needs 3 or 4 channels of uint8 or uint16, "
+                f"has {plane.n_channels} of {info.dtype}"
+            )
         position = plane.clamp(self._axis_position(plane))
         if rgb:
             displays = [
@@ -357,7 +362,6 @@ class Viewer:
             pool,
             displays,
             rgb=rgb,
-            rgb_clim=tuple(clim) if rgb and clim is not None else None,
             **self._layer_options(pool, name, opacity, blending, visible, position),
         )
         return self._attach(layer, pool, owned)

@@ -34,7 +34,7 @@ from chunkpool import ChunkPool
 
 from .display import ChannelDisplay, texture_dtype
 from .labels import label_texture_data, label_texture_format
-from .materials import LabelMaterial
+from .materials import LabelMaterial, RGBMaterial, rgb_texture_data
 from .slicing import SlicePosition
 from .textures import Candidate, TextureBudget
 from .tileset import ChannelTile, Tile, TileSet, TileStatus
@@ -397,8 +397,8 @@ class Layer:
 
 class ImageLayer(Layer):
     """An image: a stack per shown channel (its colormap over its contrast window,
-    channels added up), or with ``rgb`` its three or four channels as one true-colour
-    texture (values over ``rgb_clim``, by default the dtype's range)."""
+    channels added up), or with ``rgb`` its three or four uint8 / uint16 channels as
+    one true-colour texture (the stored colour, no window; a fourth channel is alpha)."""
 
     kind: ClassVar[str] = "image"
 
@@ -408,7 +408,6 @@ class ImageLayer(Layer):
         displays: list[ChannelDisplay],
         *,
         rgb: bool = False,
-        rgb_clim: tuple[float, float] | None = None,
         **options: Any,
     ):
         self._displays = list(displays)
@@ -416,12 +415,7 @@ class ImageLayer(Layer):
         channels = [(d.index, d.visible or rgb) for d in displays]
         super().__init__(pool, channels, **options)
         if rgb:
-            dtype = pool.multiscale_info.levels[0].dtype
-            if rgb_clim is None:
-                rgb_clim = (0.0, float(np.iinfo(dtype).max)) if dtype.kind in "ui" else (0.0, 1.0)
-            material = gfx.ImageBasicMaterial(
-                clim=rgb_clim, interpolation="nearest", depth_test=True, depth_write=True
-            )
+            material = RGBMaterial(depth_test=True, depth_write=True)
             self._add_stack(tuple(range(len(displays))), material)
         else:
             for i, display in enumerate(displays):
@@ -457,13 +451,7 @@ class ImageLayer(Layer):
         if not self.rgb:
             (plane,) = planes
             return np.ascontiguousarray(plane, dtype=texture_dtype(plane.dtype))
-        dtype = texture_dtype(planes[0].dtype)
-        data = np.empty((*planes[0].shape, 4), dtype)
-        for c, plane in enumerate(planes):
-            data[..., c] = plane
-        if len(planes) == 3:  # opaque
-            data[..., 3] = np.iinfo(dtype).max if dtype.kind in "ui" else 1.0
-        return data
+        return rgb_texture_data(np.stack(planes, axis=-1))
 
     def values_at(self, x: float, y: float) -> list[tuple[str, Any]]:
         return [
