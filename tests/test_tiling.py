@@ -464,3 +464,15 @@ def test_render_origin_follows_the_view_far_out():
     assert max(abs(new[0] - (gone.x0 + gone.x1) / 2), abs(new[1] - (gone.y0 + gone.y1) / 2)) <= (
         ORIGIN_SLACK * 1024
     )
+
+
+def test_a_view_too_narrow_for_float64_plans_without_dividing_by_zero() -> None:
+    """Zoomed in so far, 2^40 out, that the view's edges are the same float64: its pixel
+    size is 0; planning still works (every tile equally near)."""
+    levels = huge_pyramid(1 << 40, 3, 256)
+    x = float(1 << 40)
+    view = View(x, x, x, x, 640, 480)
+    assert view.pixel_size == 0
+    level, overflow = view_level(levels, view)
+    plan = plan_tiles(levels, view, level)
+    assert overflow == 0 and plan and all(p >= 0 for p in plan.values())

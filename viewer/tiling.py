@@ -295,11 +295,14 @@ def _add_tiles(
     (cy, cx), (sy, sx), (oy, ox) = level.chunk, level.scale, level.offset
     iy0, iy1, ix0, ix1 = tiles
     base = tier * _TIER + rank * _LEVEL
+    # a view narrower than float64 can tell apart far out (zoomed in ~2^52 times at
+    # 2^40) has pixel size 0: every tile is then as near as any other
+    per_pixel = 1.0 / pixel_size if pixel_size > 0 else 0.0
     for iy in range(iy0, iy1):
         dy = oy + ((iy + 0.5) * cy - 0.5) * sy - fy
         for ix in range(ix0, ix1):
             dx = ox + ((ix + 0.5) * cx - 0.5) * sx - fx
-            p = base + min(math.hypot(dx, dy) / pixel_size, _MAX_DISTANCE)
+            p = base + min(math.hypot(dx, dy) * per_pixel, _MAX_DISTANCE)
             key = (level.level, iy, ix)
             old = plan.get(key)
             if old is None or p < old:
