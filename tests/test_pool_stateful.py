@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from chunkpool import ChunkPool, ChunkState, read_multiscales
+from chunkpool import ENTRY_OVERHEAD, ChunkPool, ChunkState, read_multiscales
 
 GRID = 3
 CACHE = 2
@@ -186,7 +186,7 @@ class PoolMachine(RuleBasedStateMachine):
         cached = [loc for loc in chunks if not loc.refs]
         assert len(cached) <= CACHE
         assert not {loc.key[1] for loc in cached} & set(expected)
-        assert self.pool.memory_usage == sum(loc.nbytes for loc in chunks)
+        assert self.pool.memory_usage == sum(loc.nbytes + ENTRY_OVERHEAD for loc in chunks)
 
     @invariant()
     def handler_counts(self) -> None:
