@@ -2,8 +2,10 @@
 
 A chunk whose last ref is dropped is kept here (if the cache is enabled) so that a
 later request is served without a load. The cache is bounded by a number of chunks
-and/or a number of bytes; the least recently released chunk is evicted first. A chunk
-requested again leaves the cache.
+and/or a number of bytes (what each chunk counts: its data plus ``ENTRY_OVERHEAD``,
+so that many empty chunks are bounded too); the least recently released chunk is
+evicted first. A chunk requested again leaves the cache. Under a memory budget the
+budget may evict any cached chunk of its pools, oldest first across them.
 """
 
 from __future__ import annotations
