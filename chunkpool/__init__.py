@@ -3,6 +3,7 @@
 See ``chunkpool/README.md`` for the design.
 """
 
+from .budget import ENTRY_OVERHEAD, MemoryBudget
 from .errors import (
     ChunkCancelledError,
     ChunkDecodeError,
@@ -11,6 +12,7 @@ from .errors import (
     ChunkPoolError,
     ChunkReadError,
     EventLoopError,
+    MemoryBudgetError,
     PoolDestroyedError,
     SourceError,
 )
@@ -24,6 +26,7 @@ from .stats import PoolStats
 from .stores import open_node
 
 __all__ = [
+    "ENTRY_OVERHEAD",
     "Axis",
     "ChannelInfo",
     "ChunkCancelledError",
@@ -37,6 +40,8 @@ __all__ = [
     "ChunkReadError",
     "ChunkState",
     "EventLoopError",
+    "MemoryBudget",
+    "MemoryBudgetError",
     "MultiscaleInfo",
     "PoolDestroyedError",
     "PoolStats",

@@ -2,12 +2,15 @@
 
 A chunk whose last ref is dropped is kept here (if the cache is enabled) so that a
 later request is served without a load. The cache is bounded by a number of chunks
-and/or a number of bytes; the least recently released chunk is evicted first. A chunk
-requested again leaves the cache.
+and/or a number of bytes (what each chunk counts: its data plus ``ENTRY_OVERHEAD``,
+so that many empty chunks are bounded too); the least recently released chunk is
+evicted first. A chunk requested again leaves the cache. Under a memory budget the
+budget may evict any cached chunk of its pools, oldest first across them.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -23,13 +26,21 @@ class ChunkCache:
     bound set the cache is disabled (keeps nothing).
     """
 
-    def __init__(self, max_count: int = 0, max_bytes: int | None = None):
+    def __init__(
+        self,
+        max_count: int = 0,
+        max_bytes: int | None = None,
+        clock: Iterator[int] | None = None,
+    ):
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, not {max_bytes}")
         self.max_count = max(0, max_count)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[ChunkKey, ChunkLocation] = OrderedDict()
         self.nbytes = 0
+        #: Stamps each chunk added (``loc._cached_at``): shared by the caches of pools
+        #: under one memory budget, which evicts the oldest of them all first.
+        self._clock = clock if clock is not None else itertools.count()
 
     @property
     def enabled(self) -> bool:
@@ -44,6 +55,7 @@ class ChunkCache:
     def add(self, loc: ChunkLocation) -> list[ChunkLocation]:
         """Keep ``loc``; return the chunks evicted to stay in budget (maybe ``loc``)."""
         self._entries[loc.key] = loc
+        loc._cached_at = next(self._clock)
         self.nbytes += loc._held_bytes
         evicted = []
         while self._entries and self._over_budget():
@@ -58,6 +70,12 @@ class ChunkCache:
         if loc is not None:
             self.nbytes -= loc._held_bytes
         return loc
+
+    def oldest(self) -> ChunkLocation | None:
+        """The least recently cached chunk, if any."""
+        for loc in self._entries.values():
+            return loc
+        return None
 
     def clear(self) -> list[ChunkLocation]:
         """Empty the cache; return what it held."""

@@ -65,6 +65,11 @@ class ChunkDecodeError(ChunkPoolError):
     """
 
 
+class MemoryBudgetError(ChunkPoolError):
+    """A chunk larger than the whole memory budget of its pool: it can never load under
+    that bound, so it fails at once (as its load error) instead of waiting for ever."""
+
+
 class ChunkLoadError(ChunkPoolError):
     """One or more chunks failed to load.
 

@@ -64,6 +64,7 @@ class ChunkLocation:
 
     __slots__ = (
         "__weakref__",
+        "_cached_at",
         "_data",
         "_destroy_handlers",
         "_error",
@@ -75,8 +76,10 @@ class ChunkLocation:
         "_pool",
         "_refs",
         "_scale_info",
+        "_seq",
         "_state",
         "_unfired_loads",
+        "_waiting",
     )
 
     def __init__(
@@ -100,7 +103,12 @@ class ChunkLocation:
         self._destroy_handlers: dict[str, Handler] | None = None
         self._unfired_loads: dict[str, Handler] | None = None  # sync mode: fired by wait()
         self._job: LoadJob | None = None
+        # bytes counted for it in memory_usage: data + ENTRY_OVERHEAD once loaded,
+        # under a memory budget its reservation while its admitted load runs
         self._held_bytes = 0
+        self._waiting = False  # a request waiting for room in its memory budget
+        self._seq = 0  # request order, under a memory budget
+        self._cached_at = 0  # cache order, while cached
 
     def __repr__(self) -> str:
         return f"<ChunkLocation level={self.level} index={self._index} {self.state.value}>"
@@ -151,6 +159,11 @@ class ChunkLocation:
     def loaded(self) -> bool:
         """Whether the data is available."""
         return self._data is not None
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether its load waits for room in the pool's memory budget (not started)."""
+        return self._waiting
 
     @property
     def error(self) -> BaseException | None:

@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from .batch import iter_chunk_data
+from .budget import ENTRY_OVERHEAD, MemoryBudget, _Effects
 from .buffers import BufferPool
 from .cache import ChunkCache
 from .dispatch import (
@@ -35,6 +36,7 @@ from .dispatch import (
 from .errors import (
     ChunkIndexError,
     ChunkLoadError,
+    MemoryBudgetError,
     PoolDestroyedError,
 )
 from .info import MultiscaleInfo
@@ -42,7 +44,7 @@ from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
 from .retry import RetryPolicy
 from .scheduler import Completions, LoadJob, LoadScheduler
-from .source import ChunkSource
+from .source import SHARD_INDEX_CACHE_BYTES, ChunkSource, ShardIndexCache
 from .stats import PoolStats, StatsRecorder
 from .stores import open_node
 
@@ -113,6 +115,18 @@ class ChunkPool:
         Timeout and retries of remote reads (see :class:`~chunkpool.retry.RetryPolicy`),
         for stores that have none yet: a store opened by :func:`~chunkpool.open_node`
         (as :meth:`from_zarr_node` does, with this same policy) keeps its own.
+    memory_budget:
+        A hard bound in bytes on ``memory_usage`` (held and cached chunks, shard
+        indexes, and loads in progress, reserved when admitted), or a
+        :class:`~chunkpool.MemoryBudget` shared with other pools (one bound for all).
+        When holders ask for more, cached chunks are evicted first, then the least
+        urgent requests wait (``loc.over_budget``, ``stats.over_budget``) or held
+        chunks less urgent than a waiting request are released to their drop handlers;
+        the most urgent are never given up. See :mod:`chunkpool.budget`. None: no
+        bound (requests never wait). Use async handlers with a budget: the room it
+        makes may call drop and destroy handlers from a pool thread.
+    index_cache_bytes:
+        Bound on the bytes of the shard indexes kept (all levels together).
     """
 
     def __init__(
@@ -126,31 +140,52 @@ class ChunkPool:
         cpu_workers: int | None = None,
         recycle_bytes: int = 64 << 20,
         retry: RetryPolicy | None = None,
+        memory_budget: int | MemoryBudget | None = None,
+        index_cache_bytes: int = SHARD_INDEX_CACHE_BYTES,
     ):
+        budget = memory_budget
+        if budget is not None and not isinstance(budget, MemoryBudget):
+            budget = MemoryBudget(budget)
+        self._budget: MemoryBudget | None = budget
         self._info = multiscale_info
         self._buffers = BufferPool(recycle_bytes)
+        self._index_cache = ShardIndexCache(
+            index_cache_bytes, self._reserve_index, self._release_index
+        )
         self._sources = [
-            ChunkSource(scale, self._buffers, name=multiscale_info.source, retry=retry)
+            ChunkSource(
+                scale,
+                self._buffers,
+                name=multiscale_info.source,
+                retry=retry,
+                shard_indexes=self._index_cache,
+            )
             for scale in multiscale_info.levels
         ]
-        self._cache = ChunkCache(cache_size, cache_bytes)
+        self._cache = ChunkCache(cache_size, cache_bytes, None if budget is None else budget.clock)
         self._scheduler = LoadScheduler(
             io_concurrency=io_concurrency,
             remote_io_concurrency=remote_io_concurrency,
             cpu_workers=cpu_workers or (os.cpu_count() or 1) + 1,
             on_done_many=self._on_jobs_done,
         )
-        self._lock = threading.RLock()
+        # pools sharing a memory budget share its lock: one state change sees them all
+        self._lock = threading.RLock() if budget is None else budget._lock
         self._chunks: dict[ChunkKey, ChunkLocation] = {}  # chunks with at least one ref
         self._levels: list[_Level | None] = [None] * len(multiscale_info.levels)
         self._loading = 0  # held chunks whose load is pending
-        self._all_loaded = threading.Condition(self._lock)  # notified when _loading is 0
+        self._over_budget = 0  # of them, those waiting for room in the memory budget
+        # notified when no load is in progress (every pending one waits for room)
+        self._all_loaded = threading.Condition(self._lock)
         self._dispatcher: HandlerQueue | None = None  # where handler calls are queued
         self._polled: HandlerQueue | None = None  # the queue of run_pending_handlers
         self._stats = StatsRecorder()
-        self._memory = 0
+        self._memory = 0  # what memory_usage says
+        self._reserved = 0  # of it, the reservations of admitted loads
         self._pending_bytes = 0
         self._destroyed = False
+        if budget is not None:
+            budget.join(self)
 
     @classmethod
     def from_zarr_node(
@@ -170,8 +205,9 @@ class ChunkPool:
         URL; ``storage_options`` go to fsspec. With ``disk_cache`` (a directory), what
         is read from a remote store is kept there too, up to ``disk_cache_bytes``.
         ``retry`` governs every remote read, opening's metadata reads as much as the
-        pools' chunk reads. Raises SourceError if the source cannot be opened or holds
-        no valid image.
+        pools' chunk reads. An int ``memory_budget`` makes one
+        :class:`~chunkpool.MemoryBudget` shared by all the pools returned. Raises
+        SourceError if the source cannot be opened or holds no valid image.
         """
         node, name = open_node(
             zarr_node,
@@ -180,6 +216,9 @@ class ChunkPool:
             disk_cache_bytes=disk_cache_bytes,
             retry=retry,
         )
+        budget = kwargs.get("memory_budget")
+        if budget is not None and not isinstance(budget, MemoryBudget):
+            kwargs["memory_budget"] = MemoryBudget(budget)
         return [
             cls(info, cache_size, retry=retry, **kwargs) for info in read_multiscales(node, name)
         ]
@@ -196,8 +235,15 @@ class ChunkPool:
 
     @property
     def memory_usage(self) -> int:
-        """Bytes of chunk data the pool holds (held and cached chunks, not pending)."""
+        """Bytes the pool counts: its loaded chunks, held and cached (data plus
+        ``ENTRY_OVERHEAD`` each), its shard indexes, and, under a memory budget, what
+        is reserved for loads admitted (not for requests still waiting)."""
         return self._memory
+
+    @property
+    def memory_budget(self) -> MemoryBudget | None:
+        """The budget bounding this pool's ``memory_usage`` (maybe shared), if any."""
+        return self._budget
 
     @property
     def pending_bytes(self) -> int:
@@ -237,6 +283,11 @@ class ChunkPool:
                 cache_bytes=self._cache.nbytes,
                 pending_bytes=self._pending_bytes,
                 recycled_bytes=self._buffers.free_bytes,
+                index_bytes=self._index_cache.nbytes,
+                reserved_bytes=self._reserved,
+                over_budget=self._over_budget,
+                budget_releases=s.budget_releases,
+                memory_budget=None if self._budget is None else self._budget.limit,
             )
 
     # -- handlers -------------------------------------------------------------------
@@ -407,12 +458,17 @@ class ChunkPool:
         when this ref drops it, ``destroy_handler`` when the pool lets the chunk go.
         """
         jobs: list[LoadJob] = []
+        effects = None
         with self._lock:
             loc, kick = self._hold(
                 level, index, ref, priority, load_handler, drop_handler, destroy_handler, jobs
             )
             if jobs:
                 self._scheduler.submit(jobs[0])
+            elif self._budget is not None:
+                effects = self._settle()
+        if effects is not None:
+            effects.finish()
         if kick:
             self._finish([])
         return loc
@@ -442,6 +498,7 @@ class ChunkPool:
         jobs: list[LoadJob] = []
         locs: list[ChunkLocation] = []
         kick = False
+        effects = None
         with self._lock:
             chunks = self._chunks
             for key in keys:  # check them all first
@@ -460,6 +517,10 @@ class ChunkPool:
                 kick = kick or kicked
             if jobs:
                 self._scheduler.submit_many(jobs)
+            elif self._budget is not None:
+                effects = self._settle()
+        if effects is not None:
+            effects.finish()
         if kick:
             self._finish([])
         return locs
@@ -505,11 +566,21 @@ class ChunkPool:
                     self._loading += 1
                     job = LoadJob(self._sources[level], index, p, self._on_job_done)
                     loc._job = job
-                    jobs.append(job)
+                    budget = self._budget
+                    if budget is None:
+                        jobs.append(job)
+                    else:  # a request: admitted when the caller settles the budget
+                        loc._seq = budget.next_request()
+                        self._over_budget += 1
+                        budget.wait(loc)
                     return loc, False
                 self._stats.hits += 1
                 chunks[key] = loc
+                if self._budget is not None:
+                    loc._seq = self._budget.next_request()
         kick = False
+        budget = self._budget
+        before = loc.priority if budget is not None else 0.0
         refs = loc._refs
         entry = refs.get(ref)
         if entry is None:
@@ -525,12 +596,22 @@ class ChunkPool:
                 kick = True
         elif priority is not None:
             entry.priority = priority
+        self._rerank(loc)
+        if budget is not None and loc.priority > before and not loc._waiting:
+            budget.generation += 1  # it may now give way to a waiting request
+        return loc, kick
+
+    def _rerank(self, loc: ChunkLocation) -> None:
+        """A held chunk's refs or priorities changed: re-rank its pending load, if any.
+        Holds ``_lock``."""
         job = loc._job
         if job is not None:
             p = loc.priority
             if job.priority != p:  # written only under this lock
-                self._scheduler.reprioritize(job, p)
-        return loc, kick
+                if loc._waiting:
+                    self._budget.rerank(loc, p)  # type: ignore[union-attr]
+                else:
+                    self._scheduler.reprioritize(job, p)
 
     def drop_chunk(self, level: int, index: tuple[int, ...], ref: str = "pool") -> None:
         """Release ``ref``'s hold on a chunk (nothing happens if it holds none).
@@ -548,6 +629,7 @@ class ChunkPool:
         request is not handed to another chunk of the same batch.
         """
         calls: list[HandlerCall] = []
+        effects = None
         with self._lock:
             chunks = self._chunks
             found: list[ChunkLocation] = []  # every key checked before anything drops
@@ -575,12 +657,18 @@ class ChunkPool:
                 if not refs:
                     del chunks[(loc._scale_info.level, loc._index)]
                     self._release(loc, cancelled, calls, keep=True)
-                elif loc._job is not None:
-                    self._scheduler.reprioritize(loc._job, loc.priority)
+                else:
+                    self._rerank(loc)
             if cancelled:
                 self._scheduler.cancel_many(cancelled)
-            calls = self._deliver(calls)
-        if calls or self._dispatcher is not None:
+            if self._budget is not None and found:
+                self._budget.generation += 1  # room, or a chunk less urgent than it was
+                effects = self._settle(calls)
+            else:
+                calls = self._deliver(calls)
+        if effects is not None:
+            effects.finish()
+        elif calls or self._dispatcher is not None:
             self._finish(calls)
 
     def _release(
@@ -600,7 +688,12 @@ class ChunkPool:
             return
         job = loc._job
         if job is not None:
-            cancelled.append(job)
+            if loc._waiting:  # never submitted: nothing to cancel
+                self._budget.unwait(loc)  # type: ignore[union-attr]
+                self._over_budget -= 1
+            else:
+                cancelled.append(job)
+                self._reserved -= loc._held_bytes
             loc._job = None
             loc._state = _CANCELLED
             self._pending_bytes -= loc._nbytes
@@ -616,8 +709,11 @@ class ChunkPool:
         state = loc._state
         if state is _LOADED or state is _FAILED:
             loc._state = _DESTROYED
-        self._memory -= loc._held_bytes
-        loc._held_bytes = 0
+        if loc._held_bytes:
+            self._memory -= loc._held_bytes
+            loc._held_bytes = 0
+            if self._budget is not None:
+                self._budget.generation += 1
         handlers = loc._destroy_handlers
         if handlers:
             calls += [(h, loc, r) for r, h in handlers.items()]
@@ -626,8 +722,119 @@ class ChunkPool:
     def _loaded_one(self) -> None:
         """A held chunk's load is over (done, failed or cancelled). Holds ``_lock``."""
         self._loading -= 1
-        if not self._loading:
+        if self._loading <= self._over_budget:
             self._all_loaded.notify_all()
+
+    # -- the memory budget (see chunkpool.budget; all under ``_lock``) ----------------
+
+    def _settle(self, calls: list[HandlerCall] | None = None) -> _Effects:
+        """Admit what the budget can now admit, after this pool's state change (whose
+        handler ``calls`` go first); returns the effects to finish without the lock."""
+        effects = _Effects()
+        if calls is not None:
+            effects.calls[self] = calls
+        self._budget.settle(effects)  # type: ignore[union-attr]
+        effects.apply()
+        return effects
+
+    def _admit(self, loc: ChunkLocation, effects: _Effects) -> None:
+        """A waiting request got room: reserve its bytes and queue its load."""
+        self._budget.unwait(loc)  # type: ignore[union-attr]
+        self._over_budget -= 1
+        charge = loc._held_bytes = loc._nbytes + ENTRY_OVERHEAD
+        self._memory += charge
+        self._reserved += charge
+        jobs = effects.jobs.get(self)
+        if jobs is None:
+            jobs = effects.jobs[self] = []
+        jobs.append(loc._job)  # type: ignore[arg-type]
+
+    def _refuse(self, loc: ChunkLocation, limit: int, effects: _Effects) -> None:
+        """A waiting request larger than the whole budget: it fails at once."""
+        self._budget.unwait(loc)  # type: ignore[union-attr]
+        self._over_budget -= 1
+        loc._job = None
+        self._pending_bytes -= loc._nbytes
+        error = MemoryBudgetError(
+            f"{self._info.source}: level {loc.level} chunk {loc._index} needs "
+            f"{loc._nbytes + ENTRY_OVERHEAD} bytes, more than the whole memory budget "
+            f"of {limit} bytes"
+        )
+        loc._error = error
+        loc._state = _FAILED
+        self._stats.failures += 1
+        handlers = {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
+        if handlers:
+            self._queue_loads(loc, handlers)
+        effects.calls_for(self)  # (so that the handlers' loop is woken)
+        self._loaded_one()
+        if loc._future is not None:
+            effects.futures.append((loc._future, error))
+
+    def _preempt(self, loc: ChunkLocation) -> bool:
+        """Send an admitted load that has not started back to waiting (its holders see
+        nothing); False if it started meanwhile."""
+        job = loc._job
+        assert job is not None
+        if not self._scheduler.withdraw(job):
+            return False
+        loc._job = LoadJob(job.source, job.index, loc.priority, self._on_job_done)
+        charge, loc._held_bytes = loc._held_bytes, 0
+        self._memory -= charge
+        self._reserved -= charge
+        self._over_budget += 1
+        self._budget.wait(loc)  # type: ignore[union-attr]
+        if self._loading <= self._over_budget:
+            self._all_loaded.notify_all()
+        return True
+
+    def _release_for_budget(self, loc: ChunkLocation, effects: _Effects) -> None:
+        """Release a loaded (or failed) held chunk to make room: every ref's drop
+        handler runs, then its destroy handlers, as if each holder had dropped it."""
+        calls = effects.calls_for(self)
+        calls += [(e.drop_handler, loc, r) for r, e in loc._refs.items() if e.drop_handler]
+        loc._refs.clear()
+        loc._unfired_loads = None
+        del self._chunks[(loc._scale_info.level, loc._index)]
+        self._release(loc, [], calls, keep=False)
+        self._stats.budget_releases += 1
+
+    def _evict_cached(self, loc: ChunkLocation, effects: _Effects) -> int:
+        """Evict a cached chunk to make room; returns the bytes freed."""
+        charge = loc._held_bytes
+        self._cache.take(loc.key)
+        self._destroy_loc(loc, effects.calls_for(self))
+        return charge
+
+    def _evict_indexes(self, nbytes: int) -> int:
+        """Evict cached shard indexes until ``nbytes`` are freed; returns the bytes freed."""
+        freed = self._index_cache.evict(nbytes)
+        self._memory -= freed
+        return freed
+
+    def _reserve_index(self, nbytes: int) -> bool:
+        """Whether the index cache may keep an index of ``nbytes`` (counted if so).
+        Called by it without its lock, from the thread that read the index."""
+        effects = _Effects()
+        with self._lock:
+            fits = not self._destroyed and (
+                self._budget is None or self._budget.index_fits(nbytes, effects)
+            )
+            if fits:
+                self._memory += nbytes
+            effects.apply()
+        effects.finish()
+        return fits
+
+    def _release_index(self, nbytes: int) -> None:
+        """The index cache evicted ``nbytes`` of indexes (without its lock)."""
+        with self._lock:
+            self._memory -= nbytes
+            if self._budget is None:
+                return
+            self._budget.generation += 1
+            effects = self._settle()
+        effects.finish()
 
     def _on_job_done(self, job: LoadJob, data: np.ndarray | None, error: BaseException | None):
         """A load finished (in a worker thread): publish the data or the failure."""
@@ -651,6 +858,8 @@ class ChunkPool:
                     continue  # cancelled meanwhile
                 loc._job = None
                 self._pending_bytes -= loc._nbytes
+                reserved = loc._held_bytes  # under a memory budget (else 0)
+                self._reserved -= reserved
                 s.latencies.append(now - job.submitted_at)
                 s.bytes_fetched += job.nbytes_fetched
                 handlers: dict[str, Handler] | None = None
@@ -668,12 +877,14 @@ class ChunkPool:
                 if error is not None or data is None:
                     loc._error = error
                     loc._state = _FAILED
+                    loc._held_bytes = 0
+                    self._memory -= reserved
                     s.failures += 1
                 else:
                     loc._data = data
                     loc._state = _LOADED
-                    loc._held_bytes = held = _held_bytes(data)
-                    self._memory += held
+                    loc._held_bytes = held = _held_bytes(data) + ENTRY_OVERHEAD
+                    self._memory += held - reserved
                     s.loads += 1
                     s.bytes_loaded += data.nbytes
                 if handlers and dispatcher is not None:
@@ -682,6 +893,12 @@ class ChunkPool:
                 self._loaded_one()
                 if error is not None or loc._future is not None:
                     resolved.append((loc._future, data, error, key))
+            effects = None
+            if self._budget is not None:
+                self._budget.generation += 1  # reservations became data, or were freed
+                effects = self._settle()
+        if effects is not None:
+            effects.finish()
         for future, data, error, key in resolved:
             if error is not None:
                 chunk_logger.warning(
@@ -720,11 +937,14 @@ class ChunkPool:
         seen: set[int] = set()
         while True:
             with self._lock:
-                while self._loading:  # one wake-up when the last pending load ends
+                # one wake-up when the last load in progress ends (requests waiting
+                # for room in a memory budget wait for what the caller does next)
+                while self._loading > self._over_budget:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(
-                            f"{self._loading} chunks did not load within {timeout} s"
+                            f"{self._loading - self._over_budget} chunks did not load "
+                            f"within {timeout} s"
                         )
                     self._all_loaded.wait(remaining)
                 todo = [loc for loc in self._chunks.values() if id(loc) not in seen]
@@ -783,7 +1003,13 @@ class ChunkPool:
             self._chunks.clear()
             for loc in self._cache.clear():
                 self._destroy_loc(loc, calls)
-            calls = self._deliver(calls)
+            self._memory -= self._index_cache.clear()
+            effects = None
+            if self._budget is not None:  # room for the other pools of the budget
+                self._budget.leave(self)
+                effects = self._settle(calls)
+            else:
+                calls = self._deliver(calls)
         # from now on nothing is recycled: not the buffer of a read that returns late,
         # nor those of chunk arrays the application still holds when it lets them go
         self._buffers.max_free_bytes = 0
@@ -802,4 +1028,7 @@ class ChunkPool:
                 shown or "no chunk",
                 f" and {more} more" if more > 0 else "",
             )
-        self._finish(calls)
+        if effects is not None:
+            effects.finish()
+        else:
+            self._finish(calls)

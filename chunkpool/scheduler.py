@@ -345,6 +345,16 @@ class LoadScheduler:
                 elif state is _FETCHING and job._io_future is not None:
                     job._io_future.cancel()
 
+    def withdraw(self, job: LoadJob) -> bool:
+        """Cancel a job only if it is still waiting (it then never starts); False if
+        it has started, finished or was cancelled already."""
+        with self._lock:
+            if job.state is not _QUEUED:
+                return False
+            job.state = _CANCELLED
+            self._windows[job.source.window_key].queued -= 1
+            return True
+
     def counts(self) -> tuple[int, int, int]:
         """(waiting, fetching, decoding) job counts."""
         with self._lock:

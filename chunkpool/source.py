@@ -34,7 +34,7 @@ import operator
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -78,10 +78,14 @@ from .zarr_compat import (
     zarr_loop,
 )
 
-__all__ = ["ChunkSource", "RawChunk", "close_files"]
+__all__ = ["ChunkSource", "RawChunk", "ShardIndexCache", "close_files"]
 
-#: Shard indexes kept per array; an index costs 16 bytes per inner chunk.
-SHARD_INDEX_CACHE_SIZE = 4096
+#: Default bound on the bytes of the shard indexes a pool keeps (all its levels).
+SHARD_INDEX_CACHE_BYTES = 64 << 20
+
+#: Bytes a cached shard index costs beyond its 16 bytes per inner chunk (its entry,
+#: key, index object and array header).
+INDEX_ENTRY_OVERHEAD = 512
 
 #: Local reads smaller than this are plain ``pread`` calls, not recycled buffers.
 SMALL_READ = 1 << 16
@@ -96,7 +100,7 @@ MAX_CHUNK_BYTES = 1 << 31
 #: The value of an absent (empty) inner chunk's offset and length in a shard index.
 _NO_CHUNK = 2**64 - 1
 
-#: What :meth:`_ShardIndexCache.cached` returns for a shard that does not exist.
+#: What :meth:`ShardIndexCache.cached` returns for a shard that does not exist.
 _MISSING = object()
 
 
@@ -375,43 +379,112 @@ def _byte_span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
     raise TypeError(f"unexpected byte range {byte_range!r}")
 
 
-class _ShardIndexCache:
-    """Shard indexes by shard coordinates, LRU-bounded, with in-flight deduplication."""
+class ShardIndexCache:
+    """The shard indexes of a pool's arrays by ``(level, shard)``, LRU, bounded in bytes
+    (an index costs 16 bytes per inner chunk, plus ``INDEX_ENTRY_OVERHEAD``), with
+    in-flight deduplication: concurrent requests for one shard wait for the first.
 
-    def __init__(self, maxsize: int):
-        self._maxsize = maxsize
+    ``reserve(nbytes) -> bool`` and ``release(nbytes)`` (the pool's) are told of the
+    bytes an index takes and gives back; an index ``reserve`` refuses is used for the
+    reads waiting on it, and not kept. They are called without this cache's lock, so
+    the pool may call :meth:`evict` and :meth:`clear` under its own.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int = SHARD_INDEX_CACHE_BYTES,
+        reserve: Callable[[int], bool] | None = None,
+        release: Callable[[int], None] | None = None,
+    ):
+        if max_bytes < 0:
+            raise ValueError(f"index_cache_bytes must be >= 0, not {max_bytes}")
+        self.max_bytes = max_bytes
+        self._reserve = reserve
+        self._release = release
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[int, ...], Future] = OrderedDict()
+        # a Future while being read, then (index or None for a missing shard, bytes)
+        self._entries: OrderedDict[tuple[int, tuple[int, ...]], Any] = OrderedDict()
+        self.nbytes = 0
 
-    def claim(self, shard: tuple[int, ...]) -> tuple[Future, bool]:
-        """The future of a shard's index, and whether the caller must produce it."""
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def claim(self, key: tuple[int, tuple[int, ...]]) -> tuple[Any, Future | None, bool]:
+        """``(entry, None, False)`` for a cached index (``entry[0]`` is the index, None
+        for a missing shard); else ``(None, future, mine)``: whether the caller must
+        read it (then :meth:`store` or :meth:`forget` it), or wait for ``future``."""
         with self._lock:
-            fut = self._entries.get(shard)
-            if fut is not None:
-                self._entries.move_to_end(shard)
-                return fut, False
-            fut = Future()
-            self._entries[shard] = fut
-            while len(self._entries) > self._maxsize:
-                self._entries.popitem(last=False)
-            return fut, True
+            entry = self._entries.get(key)
+            if entry is None:
+                fut: Future = Future()
+                self._entries[key] = fut
+                return None, fut, True
+            if type(entry) is Future:
+                return None, entry, False
+            self._entries.move_to_end(key)
+            return entry, None, False
 
-    def cached(self, shard: tuple[int, ...]) -> Any:
+    def cached(self, key: tuple[int, tuple[int, ...]]) -> Any:
         """A shard's index if it was read already (``_MISSING`` if the shard does not
         exist), else None (not read, being read, or failed)."""
         with self._lock:
-            fut = self._entries.get(shard)
-            if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            entry = self._entries.get(key)
+            if entry is None or type(entry) is Future:
                 return None
-            self._entries.move_to_end(shard)
-        index = fut.result()
-        return _MISSING if index is None else index
+            self._entries.move_to_end(key)
+        return _MISSING if entry[0] is None else entry[0]
 
-    def forget(self, shard: tuple[int, ...], fut: Future) -> None:
-        """Drop a failed entry so that a later request retries."""
+    def store(self, key: tuple[int, tuple[int, ...]], fut: Future, index: Any) -> None:
+        """Keep the index the caller read (``fut`` already resolved with it), if it
+        fits: evicting the least recently used indexes to stay within the bound."""
+        nbytes = INDEX_ENTRY_OVERHEAD + (0 if index is None else index.offsets_and_lengths.nbytes)
+        if nbytes > self.max_bytes or (self._reserve is not None and not self._reserve(nbytes)):
+            self.forget(key, fut)
+            return
         with self._lock:
-            if self._entries.get(shard) is fut:
-                del self._entries[shard]
+            if self._entries.get(key) is not fut:  # cleared meanwhile
+                freed = nbytes
+            else:
+                self._entries[key] = (index, nbytes)
+                self.nbytes += nbytes
+                freed = self._evict(self.nbytes - self.max_bytes)
+        if freed and self._release is not None:
+            self._release(freed)
+
+    def forget(self, key: tuple[int, tuple[int, ...]], fut: Future) -> None:
+        """Drop an entry being read (a failed or refused read): a later request reads it."""
+        with self._lock:
+            if self._entries.get(key) is fut:
+                del self._entries[key]
+
+    def evict(self, nbytes: int) -> int:
+        """Evict the least recently used indexes until ``nbytes`` are freed (or none is
+        left); returns the bytes freed. :meth:`release` is not called."""
+        with self._lock:
+            return self._evict(nbytes)
+
+    def clear(self) -> int:
+        """Forget everything (reads in flight are then not kept); returns the bytes freed."""
+        with self._lock:
+            freed, self.nbytes = self.nbytes, 0
+            self._entries.clear()
+            return freed
+
+    def _evict(self, nbytes: int) -> int:
+        freed = 0
+        if nbytes <= 0:
+            return 0
+        gone = []
+        for key, entry in self._entries.items():  # oldest first; reads in flight stay
+            if type(entry) is not Future:
+                gone.append(key)
+                freed += entry[1]
+                if freed >= nbytes:
+                    break
+        for key in gone:
+            del self._entries[key]
+        self.nbytes -= freed
+        return freed
 
 
 class ChunkSource:
@@ -424,8 +497,12 @@ class ChunkSource:
         *,
         name: str = "",
         retry: RetryPolicy | None = None,
+        shard_indexes: ShardIndexCache | None = None,
     ):
         async_array = scale.array.async_array
+        #: Where this level's shard indexes are kept (the pool's, shared by its levels).
+        self._shard_indexes = shard_indexes if shard_indexes is not None else ShardIndexCache()
+        self._fills: dict[tuple[int, ...], np.ndarray] = {}  # fill-value chunks by shape
         self.scale = scale
         self.name = name  # the store's display name, for messages (no credentials)
         self.store = async_array.store_path.store
@@ -514,7 +591,6 @@ class ChunkSource:
         )
         inner_spec = inner_chunk_spec(codec, shard_spec)
         self._decode = _make_decoder(list(codec.codecs), inner_spec, self._buffers)
-        self._shard_indexes = _ShardIndexCache(SHARD_INDEX_CACHE_SIZE)
 
     @property
     def window_key(self) -> object:
@@ -558,8 +634,11 @@ class ChunkSource:
         The first request for a shard reads the index; concurrent ones wait for it. If
         that first request is cancelled, a waiter takes over.
         """
+        key = (self.scale.level, shard)
         while True:
-            fut, mine = self._shard_indexes.claim(shard)
+            entry, fut, mine = self._shard_indexes.claim(key)
+            if fut is None:
+                return entry[0], 0
             if not mine:
                 try:
                     return (fut.result() if fut.done() else (yield _Await(fut))), 0
@@ -570,7 +649,7 @@ class ChunkSource:
                 read = yield _Read(self._key(shard), self._index_range)
                 shard_index = None if read is None else self._read_index(shard, read.data)
             except BaseException as err:
-                self._shard_indexes.forget(shard, fut)
+                self._shard_indexes.forget(key, fut)
                 cancelled = isinstance(err, asyncio.CancelledError | GeneratorExit)
                 fut.set_exception(_IndexReadAbandoned() if cancelled else err)
                 raise
@@ -578,6 +657,7 @@ class ChunkSource:
                 if read is not None and read.owner is not None:
                     self._buffers.give(read.owner)
             fut.set_result(shard_index)
+            self._shard_indexes.store(key, fut, shard_index)
             return shard_index, 0 if read is None else read.data.nbytes
 
     def _read_index(self, shard: tuple[int, ...], data: np.ndarray) -> ShardIndex:
@@ -662,7 +742,7 @@ class ChunkSource:
             return RawChunk(read.data, read.data.nbytes, read.owner)
         per = self._chunks_per_shard
         shard = tuple(map(operator.floordiv, index, per))
-        shard_index = self._shard_indexes.cached(shard)
+        shard_index = self._shard_indexes.cached((self.scale.level, shard))
         if shard_index is None:
             return None
         if shard_index is _MISSING:
@@ -708,11 +788,15 @@ class ChunkSource:
         """Decode a fetched chunk to a read-only array cropped to the array bounds.
 
         A missing chunk is the array's fill value, as a broadcast view that holds no
-        memory of its own.
+        memory of its own: one per chunk shape, shared by every missing chunk of it.
         """
         shape = self.chunk_data_shape(index)
         if raw.data is None:
-            return np.broadcast_to(np.asarray(self.scale.fill_value, self.scale.dtype), shape)
+            fill = self._fills.get(shape)
+            if fill is None:
+                value = np.asarray(self.scale.fill_value, self.scale.dtype)
+                fill = self._fills[shape] = np.broadcast_to(value, shape)
+            return fill
         if self._plain_decode and shape is self.scale.chunk_shape:
             # the common case, in short: a full chunk decoded into memory of its own
             # (a recycled buffer, or what zlib inflated to) in native byte order

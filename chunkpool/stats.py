@@ -22,8 +22,13 @@ class PoolStats:
     ``cancellations`` loads abandoned because their last ref was dropped.
     ``bytes_fetched`` is what was read from the store (encoded), ``bytes_loaded`` the
     decoded data produced. ``recycled_bytes`` is the free memory kept for reuse by
-    reads and decodes. Latencies (request to data, seconds) are percentiles over
-    the last few thousand loads (NaN before the first).
+    reads and decodes. ``index_bytes`` is what the cached shard indexes take (part of
+    ``memory_usage``). Under a memory budget: ``memory_budget`` is its bound (None
+    without one), ``reserved_bytes`` what the loads admitted reserve (part of
+    ``memory_usage``), ``over_budget`` the requests waiting for room, and
+    ``budget_releases`` the held chunks released to make room. Latencies (request to
+    data, seconds) are percentiles over the last few thousand loads (NaN before the
+    first).
     """
 
     hits: int
@@ -46,6 +51,11 @@ class PoolStats:
     cache_bytes: int
     pending_bytes: int
     recycled_bytes: int
+    index_bytes: int
+    reserved_bytes: int
+    over_budget: int
+    budget_releases: int
+    memory_budget: int | None
 
 
 class StatsRecorder:
@@ -59,6 +69,7 @@ class StatsRecorder:
         self.cancellations = 0
         self.bytes_fetched = 0
         self.bytes_loaded = 0
+        self.budget_releases = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def latency_percentiles(self) -> tuple[float, float, float]:

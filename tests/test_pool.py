@@ -13,6 +13,7 @@ from conftest import make_array, ramp
 from support.teststores import GatedStore
 
 from chunkpool import (
+    ENTRY_OVERHEAD,
     ChunkCancelledError,
     ChunkIndexError,
     ChunkLoadError,
@@ -51,7 +52,9 @@ def test_every_chunk_equals_numpy(pools, image):
         np.testing.assert_array_equal(loc.data, data[loc.slices])
         assert loc.data.shape == scale.chunk_data_shape(loc.index)
         assert not loc.data.flags.writeable
-    assert pool.memory_usage == sum(loc.nbytes for loc in locs[1:]) + 2  # fill chunk: 1 item
+    # each chunk: its data (the fill chunk: 1 item) and the entry's fixed cost; + indexes
+    expected = sum(loc.nbytes for loc in locs[1:]) + 2 + len(locs) * ENTRY_OVERHEAD
+    assert pool.memory_usage == expected + pool.stats.index_bytes
 
 
 def test_missing_chunk_is_fill_value(pools, tmp_path):
@@ -91,7 +94,7 @@ def test_refs_are_idempotent_and_counted(pools, image):
     loc.wait()
     pool.drop_chunk(0, (1, 1), "b")
     assert loc.refs == set() and loc.state is ChunkState.DESTROYED
-    assert pool.memory_usage == 0
+    assert pool.memory_usage == pool.stats.index_bytes  # (a sharded array's index stays)
     assert pool.get_chunk(0, (1, 1), "a") is not loc  # no cache: a new location
 
 
@@ -204,19 +207,21 @@ def test_cache_by_count_is_lru_and_serves_hits(pools, image):
     misses = pool.stats.misses
     assert pool.get_chunk(0, (0, 2)).loaded  # served at once from the cache
     assert pool.stats.misses == misses and pool.stats.hits >= 1
-    assert pool.memory_usage == sum(loc.nbytes for loc in pool.iter_chunks())
+    assert pool.memory_usage == pool.stats.index_bytes + sum(
+        loc.nbytes + ENTRY_OVERHEAD for loc in pool.iter_chunks()
+    )
 
 
 def test_cache_by_bytes(pools, image):
-    nbytes = 30 * 40 * 2
+    nbytes = 30 * 40 * 2 + ENTRY_OVERHEAD  # what a cached chunk counts
     pool = pools(image[0], cache_bytes=2 * nbytes + 10)
     destroyed = []
     for idx in [(0, 1), (1, 0), (1, 1), (2, 0)]:
         pool.get_chunk(0, idx, destroy_handler=lambda loc: destroyed.append(loc.index)).wait()
         pool.drop_chunk(0, idx)
-        assert pool.memory_usage <= 2 * nbytes + 10
+        assert pool.memory_usage - pool.stats.index_bytes <= 2 * nbytes + 10
     assert destroyed == [(0, 1), (1, 0)]
-    assert pool.stats.cache_bytes == pool.memory_usage == 2 * nbytes
+    assert pool.stats.cache_bytes == pool.memory_usage - pool.stats.index_bytes == 2 * nbytes
 
 
 def test_pending_bytes_reported_apart(pools, image):
@@ -229,7 +234,10 @@ def test_pending_bytes_reported_apart(pools, image):
     assert pool.pending_bytes == sum(loc.nbytes for loc in locs)
     gated.store.rec.open_gate()
     pool.wait_for_chunks_to_load()
-    assert pool.pending_bytes == 0 and pool.memory_usage == sum(loc.nbytes for loc in locs)
+    assert pool.pending_bytes == 0
+    assert pool.memory_usage == pool.stats.index_bytes + sum(
+        loc.nbytes + ENTRY_OVERHEAD for loc in locs
+    )
 
 
 # -- failures ---------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """Random get / drop / priority / wait / destroy sequences from two threads at once,
 checked against a plain model of refs, priorities, cache, memory and handler calls.
 
+The budgeted machines add a memory budget of a few chunks: ``memory_usage`` is sampled
+while the threads run and must never exceed it, and once loads are over, every
+request still waiting must be blocked by the rules (no room, nothing cached, nothing
+held less urgently); registrations the budget released count as drops.
+
 Each step runs two op lists concurrently, one per thread, with disjoint refs (as two
 views of one pool would): the refs each thread holds are then exactly predictable,
 while the pool sees every interleaving of the two. Handlers are counted per
@@ -19,7 +24,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from chunkpool import ChunkPool, ChunkState, read_multiscales
+from chunkpool import ENTRY_OVERHEAD, ChunkPool, ChunkState, read_multiscales
 
 GRID = 3
 CACHE = 2
@@ -67,8 +72,13 @@ class _Loop:
         self.loop.close()
 
 
+#: What one loaded chunk (or one admitted load) counts: 8 x 8 uint16 and its entry.
+CHARGE = 8 * 8 * 2 + ENTRY_OVERHEAD
+
+
 class PoolMachine(RuleBasedStateMachine):
     async_handlers = False
+    budget: int | None = None  # memory_budget=, in bytes
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,7 +94,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.new_pool()
 
     def new_pool(self) -> None:
-        self.pool = ChunkPool(self.info, cache_size=CACHE)
+        self.pool = ChunkPool(self.info, cache_size=CACHE, memory_budget=self.budget)
         if self.app is not None:
             self.pool.enable_async_load_handlers(self.app.loop.call_soon_threadsafe)
         self.held: dict[tuple[str, tuple[int, int]], tuple[object, float]] = {}
@@ -112,6 +122,12 @@ class PoolMachine(RuleBasedStateMachine):
             if kind == "get":
                 loc = self.pool.get_chunk(0, key, ref, priority=priority, **self.handlers(ref))
                 previous = held.get((ref, key))
+                if previous is not None and previous[0] is not loc and self.budget:
+                    # the budget released that registration (its drop handler ran)
+                    assert ref not in previous[0].refs
+                    with self.lock:
+                        self.drops[(ref, id(previous[0]))] += 1
+                    previous = None
                 if previous is None:
                     with self.lock:
                         self.registrations[(ref, id(loc))] += 1
@@ -140,11 +156,36 @@ class PoolMachine(RuleBasedStateMachine):
             threading.Thread(target=self.run_ops, args=(p, o, h, start))
             for p, o, h in zip("AB", (ops_a, ops_b), mine, strict=True)
         ]
+        stop = threading.Event()
+        sampled: list[int] = []
+
+        def sample() -> None:  # the bound holds at every moment, not only between steps
+            while not stop.wait(0.0002):  # (a pause that leaves the GIL to the others)
+                sampled.append(self.pool.memory_usage)
+
+        sampler = threading.Thread(target=sample) if self.budget else None
+        if sampler is not None:
+            sampler.start()
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
         self.held = {**mine[0], **mine[1]}
+        if sampler is not None:
+            self.pool.wait_for_chunks_to_load(30)  # (then no load ends to make room)
+            stop.set()
+            sampler.join(30)
+            assert max(sampled, default=0) <= self.budget
+            self.reconcile_released()
+
+    def reconcile_released(self) -> None:
+        """Registrations the budget released: their drop handler ran, the model lets
+        them go."""
+        for (ref, key), (loc, _) in list(self.held.items()):
+            if ref not in loc.refs:
+                assert loc.state is ChunkState.DESTROYED
+                self.drops[(ref, id(loc))] += 1
+                del self.held[(ref, key)]
 
     @rule(prefix=st.sampled_from("AB"))
     def drop_everything_of_one_thread(self, prefix: str) -> None:
@@ -156,6 +197,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.wait_for_chunks_to_load()
         self.flush()
         for (ref, _key), (loc, _) in self.held.items():
+            if self.budget and loc.over_budget:
+                assert loc.state is ChunkState.PENDING
+                continue
             assert loc.state is ChunkState.LOADED
             # every registration still held has had its load handler run
             assert self.events[("load", ref, id(loc))] >= (
@@ -184,11 +228,40 @@ class PoolMachine(RuleBasedStateMachine):
             assert loc.refs == set(expected[key])
             assert loc.priority == min(expected[key].values())
         assert self.pool.stats.chunks_held == len(expected)
-        chunks = list(self.pool.iter_chunks())
+        chunks, stats = self.snapshot()
         cached = [loc for loc in chunks if not loc.refs]
         assert len(cached) <= CACHE
         assert not {loc.key[1] for loc in cached} & set(expected)
-        assert self.pool.memory_usage == sum(loc.nbytes for loc in chunks)
+        assert stats.memory_usage == stats.reserved_bytes + sum(
+            loc.nbytes + ENTRY_OVERHEAD for loc in chunks
+        )
+        if self.budget:
+            assert stats.memory_usage <= self.budget
+            self.check_waiting(stats)
+
+    def snapshot(self):
+        """The loaded chunks and the stats, seen together: loads still in flight end
+        in the background, so read again until none ended in between (at most one
+        more read per load in flight)."""
+        while True:
+            before = self.pool.stats
+            chunks = list(self.pool.iter_chunks())
+            stats = self.pool.stats
+            if (before.loads, before.memory_usage) == (stats.loads, stats.memory_usage):
+                return chunks, stats
+
+    def check_waiting(self, stats) -> None:
+        """Once loads are over, a request waits only if the rules leave it no room:
+        too little free, nothing cached to evict, nothing held less urgently."""
+        locs = {id(loc): loc for loc, _ in self.held.values()}.values()
+        waiting = [loc for loc in locs if loc.over_budget]
+        assert stats.over_budget == len(waiting)
+        if not waiting:
+            return
+        assert self.budget - stats.memory_usage < CHARGE
+        assert stats.chunks_cached == 0
+        most_urgent = min(loc.priority for loc in waiting)
+        assert all(loc.priority <= most_urgent for loc in locs if not loc.over_budget)
 
     @invariant()
     def handler_counts(self) -> None:
@@ -238,6 +311,14 @@ class AsyncPoolMachine(PoolMachine):
     async_handlers = True
 
 
+class BudgetPoolMachine(PoolMachine):
+    budget = 4 * CHARGE  # 4 of the 9 chunks
+
+
+class AsyncBudgetPoolMachine(BudgetPoolMachine):
+    async_handlers = True
+
+
 SETTINGS = settings(
     max_examples=100,
     stateful_step_count=20,
@@ -248,3 +329,8 @@ TestPoolSyncHandlers = PoolMachine.TestCase
 TestPoolSyncHandlers.settings = SETTINGS
 TestPoolAsyncHandlers = AsyncPoolMachine.TestCase
 TestPoolAsyncHandlers.settings = SETTINGS
+BUDGET_SETTINGS = settings(SETTINGS, max_examples=60)
+TestPoolBudgetSyncHandlers = BudgetPoolMachine.TestCase
+TestPoolBudgetSyncHandlers.settings = BUDGET_SETTINGS
+TestPoolBudgetAsyncHandlers = AsyncBudgetPoolMachine.TestCase
+TestPoolBudgetAsyncHandlers.settings = BUDGET_SETTINGS
