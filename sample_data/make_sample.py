@@ -11,9 +11,11 @@ flipped, rotated or shifted render is obvious.
 
 Everything is a deterministic function of the level-0 pixel position (fixed seeds,
 periodic texture tables, per-cell attributes drawn once), so the image is made tile by
-tile, in a thread per CPU, without seams. Level ``L >= 1`` is the 2x2 block mean of
-level ``L - 1``, rounded half up, so tests can recompute every level exactly; each
-level's OME translation puts its pixel centres where that averaging puts them.
+tile, in a thread per CPU, without seams, and the same for any number of threads.
+Level ``L >= 1`` is the 2x2 block mean of level ``L - 1``, rounded half up, so tests can
+recompute every level exactly; each level's OME translation puts its pixel centres
+where that averaging puts them. The coarsest level is written first (see
+:func:`make_sample`), with a progress bar on a terminal.
 
 Run ``python -m sample_data.make_sample --help`` for the command line.
 """
@@ -33,11 +35,16 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TextIO
 
+import numcodecs
 import numpy as np
 import zarr
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+from zarr.codecs import ZstdCodec
+from zarr.core.metadata import ArrayV2Metadata, ArrayV3Metadata
 
 try:
     import fcntl
@@ -84,17 +91,17 @@ def default_sample_path() -> pathlib.Path:
 
 def ensure_sample(path: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """Return the sample's path (default: :func:`default_sample_path`), generating the
-    sample there first if nothing is there yet.
+    sample there first, with progress on stderr, unless a finished one is there.
 
-    An existing sample is never regenerated or checked beyond its existence: samples
-    only appear at their path complete (see :func:`make_sample`).
+    A sample whose generation was killed (it says it is still being written, and no
+    process is writing it) is generated again. Anything else at the path (a sample from
+    a version without the marker, or the user's own data) is returned as it is.
     """
     target = pathlib.Path(path) if path is not None else default_sample_path()
-    if target.exists():
+    if _sample_state(target) in (_COMPLETE, _OTHER):
         return target
-    print(f"zarrscope: generating the sample image at {target} ...", file=sys.stderr)
     with contextlib.suppress(FileExistsError):  # another process made it meanwhile
-        make_sample(target)
+        make_sample(target, progress=sys.stderr)
     return target
 
 
@@ -104,40 +111,56 @@ def make_sample(
     zarr_format: int = 3,
     size: int = 16384,
     overwrite: bool = False,
+    workers: int | None = None,
+    progress: TextIO | None = None,
 ) -> pathlib.Path:
     """Write the sample image to ``path`` and return ``path`` as a :class:`pathlib.Path`.
 
     ``zarr_format`` 3 writes OME-Zarr 0.5, 2 writes OME-Zarr 0.4. ``size`` is the
     level-0 side in pixels, a power of two from 256 to 65536; levels halve it down to
-    256 (7 levels for the default 16384). The image is built in ``<path>.tmp`` and
-    renamed into place only when complete, so an interrupted run never leaves a sample
-    that looks finished.
-    Raises :class:`FileExistsError` if ``path`` exists and ``overwrite`` is false.
+    256 (7 levels for the default 16384). ``workers`` threads render and write tiles
+    (default: one per CPU); the output is the same, byte for byte, for any number.
+    ``progress``: a stream to report on, a progress bar if it is a terminal, else one
+    line at the start and one at the end (default: silent).
+
+    The levels are written coarsest first, in place, so that a viewer can open the
+    sample at ``path`` while its finer levels are still being written: the sample
+    appears at ``path`` with its arrays' metadata and the group attribute
+    ``zarrscope_sample: "writing"``; the OME metadata follows once the coarse levels
+    are in, and the attribute becomes ``"complete"`` after the last chunk. A sample
+    left ``"writing"`` by a killed run is replaced without ``overwrite``.
+    Raises :class:`FileExistsError` if something else is at ``path`` and ``overwrite``
+    is false.
     """
     if zarr_format not in (2, 3):
         raise ValueError(f"zarr_format must be 2 or 3, not {zarr_format!r}")
     if not CHUNK <= size <= _MAX_SIZE or size & (size - 1):
         raise ValueError(f"size must be a power of two from {CHUNK} to {_MAX_SIZE}, not {size!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers!r}")
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target):
-        if target.exists() and not overwrite:
+        # Under the lock a "writing" sample is nobody's: its writer held the lock.
+        if _sample_state(target) in (_COMPLETE, _OTHER) and not overwrite:
             raise FileExistsError(f"{target} already exists")
+        report = _Progress(progress, target)
         tmp = target.with_name(target.name + ".tmp")
-        _remove(tmp)  # left by an interrupted run
+        _remove(tmp)  # left by a run interrupted while making it
+        placed = False
         try:
-            _write_sample(tmp, zarr_format, size)
+            _create_arrays(tmp, zarr_format, size)
+            _remove(target)  # the remains of a killed run, or what overwrite replaces
+            tmp.rename(target)  # the sample appears whole, marked as being written
+            placed = True
+            _write_sample(target, zarr_format, size, workers, report)
         except BaseException:
             _remove(tmp)
+            if placed:
+                _remove(target)
             raise
-        if target.exists():
-            old = target.with_name(target.name + ".old")
-            _remove(old)
-            target.rename(old)
-            tmp.rename(target)
-            _remove(old)
-        else:
-            tmp.rename(target)
+        finally:
+            report.close()
     return target
 
 
@@ -166,12 +189,22 @@ def main(argv: list[str] | None = None) -> int:
         default=16384,
         help="level-0 side in pixels, a power of two from 256 to 65536 (default: 16384)",
     )
+    parser.add_argument(
+        "--workers", type=int, help="threads that render and write (default: one per CPU)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing sample")
     args = parser.parse_args(argv)
     path = args.path if args.path is not None else default_sample_path()
     start = time.perf_counter()
     try:
-        make_sample(path, zarr_format=args.format, size=args.size, overwrite=args.overwrite)
+        make_sample(
+            path,
+            zarr_format=args.format,
+            size=args.size,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            progress=sys.stderr,
+        )
     except FileExistsError as exc:
         parser.exit(2, f"error: {exc} (--overwrite replaces it)\n")
     except ValueError as exc:
@@ -182,6 +215,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------- writing the store
+
+_STATE_KEY = "zarrscope_sample"
+"""Group attribute saying whether the sample is still being written."""
+_WRITING, _COMPLETE = "writing", "complete"
+_MISSING, _OTHER = "missing", "other"  # nothing at the path; not a sample we mark
+# zstd level 1, named in the arrays' metadata: 0.48 ms a chunk against 1.17 ms at the
+# default level 3, for chunks 5% larger (measured on this sample's level 0).
+_ZSTD_LEVEL = 1
+
+
+def _sample_state(path: pathlib.Path) -> str:
+    """What is at ``path``: ``"missing"``, ``"writing"`` (being written, or killed while
+    it was), ``"complete"``, or ``"other"`` (no marker: an older sample, other data)."""
+    if not path.exists():
+        return _MISSING
+    try:
+        state = zarr.open_group(path, mode="r").attrs.get(_STATE_KEY)
+    except (OSError, ValueError):  # not a Zarr group, or unreadable metadata
+        return _OTHER
+    return state if state in (_WRITING, _COMPLETE) else _OTHER
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -195,9 +248,11 @@ def _remove(path: pathlib.Path) -> None:
 @contextlib.contextmanager
 def _exclusive_lock(target: pathlib.Path) -> Iterator[None]:
     """Hold an exclusive lock on ``target``'s parent directory, so that two processes
-    (e.g. two viewers started at once) never build the same ``<target>.tmp`` together.
+    (e.g. two viewers started at once) never write the same sample together, and a
+    sample marked as being written while the lock is free is known to be abandoned.
 
-    Locking the directory itself leaves no lock file behind.
+    Locking the directory itself leaves no lock file behind; the kernel releases the
+    lock of a process that dies.
     """
     if fcntl is None:
         yield
@@ -210,53 +265,204 @@ def _exclusive_lock(target: pathlib.Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class _Progress:
+    """Reports the generation on a stream: a tqdm bar of tiles done (with the levels
+    being made and an estimate of the time left) on a terminal; one line at the start
+    and one at the end elsewhere (a log, a pipe), so logs are not flooded; nothing
+    without a stream."""
+
+    def __init__(self, stream: TextIO | None, target: pathlib.Path) -> None:
+        self._stream = stream
+        self._bar: tqdm | None = None
+        self._total = 0
+        self._start = time.perf_counter()
+        self._done = False
+        if stream is not None and not stream.isatty():
+            print(f"zarrscope: generating the sample image at {target} ...", file=stream)
+
+    def begin(self, total: int) -> None:
+        """Count ``total`` tiles from now on."""
+        self._total = total
+
+    def stage(self, levels: tuple[int, int]) -> None:
+        """Say which levels (coarsest, finest) the tiles counted next make."""
+        if self._stream is None or not self._stream.isatty():
+            return
+        coarse, fine = levels
+        name = f"levels {coarse}-{fine}" if coarse != fine else f"level {fine}"
+        if self._bar is None:
+            self._bar = _Bar(
+                total=self._total,
+                desc=name,
+                file=self._stream,
+                unit="tile",
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles "
+                "[{elapsed}<{remaining}]",
+            )
+        else:
+            self._bar.set_description_str(name)  # refreshes: each stage is shown
+
+    def advance(self) -> None:
+        """Count one tile done."""
+        if self._bar is not None:
+            self._bar.update()
+
+    def finish(self) -> None:
+        """The sample is complete: say so, and in how long."""
+        self._done = True
+
+    def close(self) -> None:
+        """Stop the bar; print the closing line if the sample was finished."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._stream is not None and self._done:
+            seconds = time.perf_counter() - self._start
+            print(f"zarrscope: sample written in {seconds:.1f} s", file=self._stream)
+
+
+class _Bar(tqdm):
+    """tqdm without its monitor thread (updates come from the generating thread)."""
+
+    monitor_interval = 0
+
+
 def _level_count(size: int) -> int:
     """Levels from ``size`` (a power of two >= CHUNK) down to CHUNK, halving each time."""
     return (size // CHUNK).bit_length()
 
 
-def _write_sample(root: pathlib.Path, zarr_format: int, size: int) -> None:
-    """Write the whole multiscale image, arrays and metadata, into a new ``root``."""
+def _create_arrays(root: pathlib.Path, zarr_format: int, size: int) -> None:
+    """A new group at ``root``, marked as being written, with every level's array
+    (metadata only, no chunks yet)."""
     levels = _level_count(size)
-    group = zarr.open_group(root, mode="w-", zarr_format=zarr_format)
-    extra: dict[str, object] = (
-        {"dimension_names": ("c", "y", "x")}
-        if zarr_format == 3
-        else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}  # OME-Zarr 0.4 wants "/"
+    group = zarr.open_group(
+        root, mode="w-", zarr_format=zarr_format, attributes={_STATE_KEY: _WRITING}
     )
-    arrays = [
+    if zarr_format == 3:
+        extra: dict[str, object] = {
+            "dimension_names": ("c", "y", "x"),
+            "compressors": ZstdCodec(level=_ZSTD_LEVEL),
+        }
+    else:  # OME-Zarr 0.4 wants "/"-separated chunk keys
+        extra = {
+            "chunk_key_encoding": {"name": "v2", "separator": "/"},
+            "compressors": numcodecs.Zstd(level=_ZSTD_LEVEL),
+        }
+    for level in range(levels):
         group.create_array(
             str(level),
             shape=(len(CHANNELS), size >> level, size >> level),
             chunks=(1, CHUNK, CHUNK),
-            dtype="uint16",
+            dtype="<u2",
             fill_value=0,
             **extra,
-        ).with_config({"write_empty_chunks": True})  # no chunk is empty: skip that check
-        for level in range(levels)
+        )
+
+
+@dataclass
+class _ChunkWriter:
+    """Writes chunks of one level straight to their files, encoded as the array's
+    metadata says (little-endian ``uint16``, zstd at ``_ZSTD_LEVEL``, no checksum).
+
+    zarr's own write path runs every chunk through its one event-loop thread and does
+    not get faster with more writer threads (measured: 3.7 s for 2048 chunks with one
+    thread, 3.5 s with two); this one runs in the tile threads, and zstd and file
+    writes release the GIL. Each file appears whole (written aside, then renamed), so
+    a viewer reading the sample meanwhile never sees half a chunk.
+    """
+
+    level: int
+    directory: pathlib.Path
+    metadata: ArrayV2Metadata | ArrayV3Metadata
+    codec: numcodecs.Zstd
+
+
+def _chunk_writers(root: pathlib.Path) -> list[_ChunkWriter]:
+    """A writer for each level of the sample at ``root``, finest first."""
+    group = zarr.open_group(root, mode="r")
+    codec = numcodecs.Zstd(level=_ZSTD_LEVEL)
+    return [
+        _ChunkWriter(level, root / str(level), group[str(level)].metadata, codec)
+        for level in range(len(list(group.array_keys())))
     ]
-    # Tile jobs write the levels at which their tile is still a whole number of chunks,
-    # then the coarser levels are made here from the jobs' last level.
+
+
+def _write_chunks(writer: _ChunkWriter, image: np.ndarray, y0: int, x0: int) -> None:
+    """Write ``image`` (channels, y, x; whole chunks) at pixel ``y0, x0`` of the level."""
+    made: set[pathlib.Path] = set()
+    for channel, plane in enumerate(image):
+        for y in range(0, plane.shape[0], CHUNK):
+            for x in range(0, plane.shape[1], CHUNK):
+                coords = (channel, (y0 + y) // CHUNK, (x0 + x) // CHUNK)
+                path = writer.directory / writer.metadata.encode_chunk_key(coords)
+                if path.parent not in made:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(path.parent)
+                chunk = np.ascontiguousarray(plane[y : y + CHUNK, x : x + CHUNK], "<u2")
+                aside = path.with_name(path.name + ".partial")
+                aside.write_bytes(writer.codec.encode(chunk))
+                os.replace(aside, path)
+
+
+def _write_sample(
+    root: pathlib.Path,
+    zarr_format: int,
+    size: int,
+    workers: int | None,
+    report: _Progress,
+) -> None:
+    """Fill the arrays at ``root``, coarsest level first, then the OME metadata, then
+    mark the sample complete.
+
+    The coarse levels are means of all of level 0, so every tile is rendered twice: a
+    first pass keeps only each tile's coarsest job level (and level 0's extremes), from
+    which the levels coarser than the tiles' are made and written at once; a second pass
+    renders each tile again and writes its finer levels, coarse to fine. Measured on the
+    default sample (2 loaded cores): the coarse levels are in after 27 s of 73 s, where
+    they used to come last; the second render costs about 16 s of CPU time.
+    """
+    levels = _level_count(size)
+    writers = _chunk_writers(root)
+    # Tile jobs write the levels at which their tile is still a whole number of chunks;
+    # the coarser levels are made from the jobs' coarsest level.
     tile = min(_TILE, size)
     job_levels = _level_count(tile)
     jobs = [(y, x) for y in range(0, size, tile) for x in range(0, size, tile)]
     scene = _build_scene(size)
-    workers = min(len(jobs), _cpu_count())
-    # Threads suffice (numpy, zstd and blosc release the GIL for the heavy work) and,
-    # unlike worker processes, work from any caller: no importable __main__, no fork.
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(functools.partial(_tile_job, scene, arrays[:job_levels]), jobs))
-    shift = job_levels - 1
-    coarse = np.empty((len(CHANNELS), size >> shift, size >> shift), np.uint16)
-    for (y, x), (block, _, _) in zip(jobs, results, strict=True):
-        side = block.shape[-1]
-        coarse[:, y >> shift : (y >> shift) + side, x >> shift : (x >> shift) + side] = block
-    for level in range(job_levels, levels):
-        coarse = _halve(coarse)
-        arrays[level][...] = coarse
-    lows = np.min([low for _, low, _ in results], axis=0).tolist()
-    highs = np.max([high for _, _, high in results], axis=0).tolist()
-    group.attrs.update(_ome_attributes(zarr_format, size, levels, coarse, lows, highs))
+    report.begin(2 * len(jobs))
+    # Threads suffice (numpy, zstd and file writes release the GIL for the heavy work)
+    # and, unlike worker processes, work from any caller: no importable __main__, no fork.
+    pool = ThreadPoolExecutor(workers or min(len(jobs), _cpu_count()))
+    try:
+        report.stage((levels - 1, job_levels - 1))
+        results = []
+        for result in pool.map(functools.partial(_summarise_tile, scene, job_levels), jobs):
+            results.append(result)
+            report.advance()
+        shift = job_levels - 1
+        coarse = np.empty((len(CHANNELS), size >> shift, size >> shift), np.uint16)
+        for (y, x), (block, _, _) in zip(jobs, results, strict=True):
+            side = block.shape[-1]
+            coarse[:, y >> shift : (y >> shift) + side, x >> shift : (x >> shift) + side] = block
+        pyramid = [coarse]
+        for _ in range(job_levels, levels):
+            pyramid.append(_halve(pyramid[-1]))
+        for level in reversed(range(shift, levels)):
+            _write_chunks(writers[level], pyramid[level - shift], 0, 0)
+        lows = np.min([low for _, low, _ in results], axis=0).tolist()
+        highs = np.max([high for _, _, high in results], axis=0).tolist()
+        group = zarr.open_group(root, mode="r+")
+        group.attrs.update(_ome_attributes(zarr_format, size, levels, pyramid[-1], lows, highs))
+        if job_levels > 1:
+            report.stage((job_levels - 2, 0))
+            fine = writers[: job_levels - 1]
+            for _ in pool.map(functools.partial(_write_tile, scene, fine), jobs):
+                report.advance()
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error: stop after the running tiles
+    group.attrs[_STATE_KEY] = _COMPLETE
+    report.finish()
 
 
 def _cpu_count() -> int:
@@ -349,12 +555,8 @@ def _ome_attributes(
 # ------------------------------------------------------------------------- tile jobs
 
 
-def _tile_job(
-    scene: _Scene, arrays: list[zarr.Array], origin: tuple[int, int]
-) -> tuple[np.ndarray, list[int], list[int]]:
-    """Render the level-0 tile at ``origin`` (y, x), write it and its halvings to
-    ``arrays`` (levels 0, 1, ...), and return the last halving plus each channel's
-    level-0 min and max."""
+def _render_tile(scene: _Scene, origin: tuple[int, int]) -> np.ndarray:
+    """The level-0 tile at ``origin`` (y, x), both channels, rendered block by block."""
     y0, x0 = origin
     side = min(_TILE, scene.size)
     block = min(_BLOCK, side)
@@ -362,14 +564,31 @@ def _tile_job(
     for y in range(0, side, block):
         for x in range(0, side, block):
             tile[:, y : y + block, x : x + block] = _render_block(scene, y0 + y, x0 + x, block)
+    return tile
+
+
+def _summarise_tile(
+    scene: _Scene, job_levels: int, origin: tuple[int, int]
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """First pass: render the tile at ``origin`` and return its coarsest job level
+    (``job_levels - 1`` halvings) plus each channel's level-0 min and max."""
+    tile = _render_tile(scene, origin)
     low = tile.min(axis=(1, 2)).tolist()
     high = tile.max(axis=(1, 2)).tolist()
-    for level, array in enumerate(arrays):
-        if level:
-            tile = _halve(tile)
-        ys, xs, n = y0 >> level, x0 >> level, tile.shape[-1]
-        array[:, ys : ys + n, xs : xs + n] = tile
+    for _ in range(job_levels - 1):
+        tile = _halve(tile)
     return tile, low, high
+
+
+def _write_tile(scene: _Scene, writers: list[_ChunkWriter], origin: tuple[int, int]) -> None:
+    """Second pass: render the tile at ``origin`` again and write it and its halvings
+    to ``writers`` (levels 0, 1, ...), coarsest first."""
+    y0, x0 = origin
+    images = [_render_tile(scene, origin)]
+    for _ in writers[1:]:
+        images.append(_halve(images[-1]))
+    for writer, image in reversed(list(zip(writers, images, strict=True))):
+        _write_chunks(writer, image, y0 >> writer.level, x0 >> writer.level)
 
 
 # ------------------------------------------------------------------------------ scene

@@ -5,12 +5,15 @@ viewer's copy is made."""
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -219,7 +222,9 @@ def test_ensure_sample_makes_a_missing_sample(
     monkeypatch.setenv("ZARRSCOPE_SAMPLE_DIR", str(tmp_path / "dir"))
     made: list[pathlib.Path] = []
 
-    def fake_make_sample(path: pathlib.Path) -> pathlib.Path:  # the real one takes ~25 s
+    def fake_make_sample(path: pathlib.Path, *, progress: io.TextIOBase) -> pathlib.Path:
+        # the real one takes ~20 s; it reports on the stream it is given
+        assert progress is sys.stderr
         made.append(path)
         path.mkdir(parents=True)
         return path
@@ -228,7 +233,6 @@ def test_ensure_sample_makes_a_missing_sample(
     expected = tmp_path / "dir" / "sample.ome.zarr"
     assert ensure_sample() == expected
     assert made == [expected]
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert ensure_sample() == expected
     assert made == [expected]  # not made again
 
@@ -247,9 +251,8 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path: pathlib.Path) ->
 def test_interrupted_run_leaves_no_sample(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 ) -> None:
-    def failing_write(root: pathlib.Path, zarr_format: int, size: int) -> None:
-        root.mkdir()
-        (root / "zarr.json").write_text("{}")
+    def failing_write(root: pathlib.Path, *args: object) -> None:
+        (root / "0" / "c").mkdir()  # the arrays are in place, writing has begun
         raise KeyboardInterrupt
 
     monkeypatch.setattr(generator, "_write_sample", failing_write)
@@ -286,3 +289,178 @@ def test_command_line(tmp_path: pathlib.Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "default" / "sample.ome.zarr" / "zarr.json").is_file()
+
+
+# ------------------------------------------------ progress, parallel, coarsest first
+
+SMALL_SIZE = 2048  # with 1024 px tile jobs: 4 jobs, levels 3-2 made from them, 1-0 by them
+
+
+@pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tile jobs of 1024 px, so that a 2048 px sample has several jobs and both passes."""
+    monkeypatch.setattr(generator, "_TILE", 1024)
+
+
+class FakeTerminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def chunk_files(root: pathlib.Path, level: int) -> list[pathlib.Path]:
+    return [p for p in (root / str(level)).rglob("*") if p.is_file() and "zarr" not in p.name]
+
+
+def test_progress_bar_on_a_terminal(small_tiles: None, tmp_path: pathlib.Path) -> None:
+    stream = FakeTerminal()
+    make_sample(tmp_path / "s.ome.zarr", size=SMALL_SIZE, workers=2, progress=stream)
+    text = stream.getvalue()
+    assert "\r" in text  # redrawn in place
+    # The bar says which levels are being made, tiles done of all, elapsed < remaining.
+    bar = r"\|[^|]*\| (\d)/8 tiles \[\d\d:\d\d<(?:\d\d:\d\d|\?)\]"
+    first = [int(n) for n in re.findall(r"levels 3-2: +\d+%" + bar, text)]
+    second = [int(n) for n in re.findall(r"levels 1-0: +\d+%" + bar, text)]
+    assert text.startswith("\rlevels 3-2:"), text  # named from its first frame
+    assert first and max(first) <= 4, text  # the first pass renders the 4 tiles once ...
+    assert second and min(second) >= 4 and max(second) == 8, text  # ... the second again
+    assert re.search(r"\d/8 tiles \[\d\d:\d\d<\d\d:\d\d\]", text)  # an estimate
+    assert text.rstrip().splitlines()[-1].startswith("zarrscope: sample written")
+
+
+def test_progress_off_a_terminal_is_one_line_at_each_end(
+    small_tiles: None, tmp_path: pathlib.Path
+) -> None:
+    stream = io.StringIO()  # a log file or a pipe: no bar
+    path = make_sample(tmp_path / "s.ome.zarr", size=SMALL_SIZE, progress=stream)
+    text = stream.getvalue()
+    assert "\r" not in text
+    start, end = text.splitlines()
+    assert start == f"zarrscope: generating the sample image at {path} ..."
+    assert re.fullmatch(r"zarrscope: sample written in \d+\.\d s", end)
+
+
+def test_parallel_output_is_byte_identical_to_sequential(
+    small_tiles: None, tmp_path: pathlib.Path
+) -> None:
+    def files(root: pathlib.Path) -> dict[pathlib.Path, bytes]:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    sequential = files(make_sample(tmp_path / "one.ome.zarr", size=SMALL_SIZE, workers=1))
+    parallel = files(make_sample(tmp_path / "four.ome.zarr", size=SMALL_SIZE, workers=4))
+    assert len(sequential) > 2 * (8 * 8 + 4 * 4 + 2 * 2 + 1)  # every chunk, and metadata
+    assert parallel == sequential
+
+
+def test_coarse_levels_come_first_and_open_while_finer_ones_are_written(
+    small_tiles: None, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """Hold the second pass at its first tile: the sample is at its path and opens, with
+    its exact coarse levels and OME metadata, while it still says it is being written."""
+    reached, release = threading.Event(), threading.Event()
+    written: list[int] = []
+    real_tile, real_chunks = generator._write_tile, generator._write_chunks
+
+    def held_tile(*args: object) -> None:
+        reached.set()
+        assert release.wait(60)
+        real_tile(*args)
+
+    def recorded_chunks(writer: object, *args: object) -> None:
+        written.append(writer.level)  # type: ignore[attr-defined]
+        real_chunks(writer, *args)
+
+    monkeypatch.setattr(generator, "_write_tile", held_tile)
+    monkeypatch.setattr(generator, "_write_chunks", recorded_chunks)
+    path = tmp_path / "s.ome.zarr"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            make_sample(path, size=SMALL_SIZE, workers=1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    maker = threading.Thread(target=run)
+    maker.start()
+    try:
+        assert reached.wait(60)
+        assert generator._sample_state(path) == "writing"
+        assert not path.with_name(path.name + ".tmp").exists()  # in place, not aside
+        (info,) = read_multiscales(zarr.open_group(path, mode="r"), "sample")
+        assert len(info.levels) == 4
+        group = zarr.open_group(path, mode="r")
+        early = [group[str(level)][...] for level in (2, 3)]
+        assert chunk_files(path, 0) == [] and chunk_files(path, 1) == []
+        assert written == [3, 2]  # coarsest first
+    finally:
+        release.set()
+        maker.join(60)
+    assert not maker.is_alive() and errors == []
+    assert generator._sample_state(path) == "complete"
+    levels = levels_of(path)
+    for level, seen in zip((2, 3), early, strict=True):
+        np.testing.assert_array_equal(levels[level], seen)  # were final when first seen
+    np.testing.assert_array_equal(levels[2], halve(halve(levels[0])))
+    # Each tile of the second pass writes its levels coarse to fine as well.
+    assert written[2:] == [1, 0] * 4
+
+
+def test_killed_generation_is_regenerated_not_shown_half_empty(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sample.ome.zarr"
+    # A generation killed outright (as SIGKILL or a power cut would) after its first
+    # tile of the finest levels: nothing of it gets to clean up.
+    script = (
+        "import importlib, os, sys\n"
+        "g = importlib.import_module('sample_data.make_sample')\n"
+        "g._TILE = 1024\n"
+        "real = g._write_tile\n"
+        "def dying(*args):\n"
+        "    real(*args)\n"
+        "    os._exit(3)\n"
+        "g._write_tile = dying\n"
+        f"g.make_sample(sys.argv[1], size={SMALL_SIZE}, workers=1)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(path)], env=env, timeout=120, check=False
+    )
+    assert killed.returncode == 3
+    assert 0 < len(chunk_files(path, 0)) < 2 * 8 * 8  # half-written, at its final path
+    assert generator._sample_state(path) == "writing"
+
+    # The viewer's next start does not take it for a sample: it makes it again ...
+    made: list[pathlib.Path] = []
+
+    def fake_make_sample(target: pathlib.Path, *, progress: io.TextIOBase) -> pathlib.Path:
+        made.append(target)
+        return target
+
+    monkeypatch.setattr(generator, "make_sample", fake_make_sample)
+    assert ensure_sample(path) == path
+    assert made == [path]
+    monkeypatch.undo()
+    # ... and making it again replaces the remains without being asked to overwrite.
+    monkeypatch.setattr(generator, "_TILE", 1024)
+    make_sample(path, size=SMALL_SIZE)
+    assert generator._sample_state(path) == "complete"
+    assert len(chunk_files(path, 0)) == 2 * 8 * 8
+    levels = levels_of(path)
+    for finer, coarser in itertools.pairwise(levels):
+        np.testing.assert_array_equal(coarser, halve(finer))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.ome.zarr"]
+
+
+def test_a_sample_from_before_the_marker_is_kept(tmp_path: pathlib.Path) -> None:
+    """Samples made by earlier versions (renamed into place complete, with no marker)
+    and other data at the sample's path are not regenerated or deleted."""
+    path = tmp_path / "sample.ome.zarr"
+    zarr.open_group(path, mode="w-").attrs["ome"] = {"version": "0.5"}
+    stamp = (path / "zarr.json").stat().st_mtime_ns
+    assert ensure_sample(path) == path
+    assert (path / "zarr.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError):
+        make_sample(path, size=256)
