@@ -1180,8 +1180,17 @@ def _initial_displays(
         if bad:
             raise ValueError(f"no channel {bad[0]}: the image has {n} channel(s)")
     one_clim = clim is not None and _is_pair(clim)
-    # contrast windows from the data only where no window is given for every channel
-    samples = [np.empty(0)] * n if one_clim else contrast_samples(pool, plane, position)
+    windows = {
+        ch.index
+        for ch in pool.multiscale_info.channels
+        if ch.window is not None and ch.window[1] > ch.window[0]
+    }
+    # windows from the data only where neither the options nor the metadata give one:
+    # reading samples delays the first frame (a black window meanwhile)
+    if one_clim or windows >= set(range(n)):
+        samples = [np.empty(0)] * n
+    else:
+        samples = contrast_samples(pool, plane, position)
     displays = default_channels(n, pool.multiscale_info.channels, samples)
     result = [
         replace(d, visible=d.visible if channels is None else d.index in channels) for d in displays
