@@ -43,7 +43,7 @@ import pygfx as gfx
 import zarr
 from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 
-from chunkpool import ChunkPool, MultiscaleInfo
+from chunkpool import ChunkPool, MemoryBudget, MultiscaleInfo
 from chunkpool.redaction import redact
 
 from .camera import Camera
@@ -144,6 +144,9 @@ class Viewer:
     ...), or ``"jupyter"`` for a notebook canvas. ``z`` and ``t`` are level-0 indices.
     ``texture_budget`` bounds GPU texture bytes: an int for this viewer alone, a
     :class:`TextureBudget` to share, by default the process-wide one.
+    ``memory_budget`` (bytes, or a :class:`~chunkpool.MemoryBudget` to share) is one
+    hard bound on the held and cached chunks of every pool the viewer opens: the
+    visible tiles outrank prefetch, which gives way first.
     """
 
     def __init__(
@@ -156,9 +159,15 @@ class Viewer:
         t: int | None = None,
         show_hud: bool = True,
         texture_budget: int | TextureBudget | None = None,
+        memory_budget: int | MemoryBudget | None = None,
         **image_options: Any,
     ):
         self.opened_at = time.perf_counter()
+        #: The bound on the chunk memory of every pool this viewer opens (None: none).
+        self.memory_budget = (
+            MemoryBudget(memory_budget) if isinstance(memory_budget, int) else memory_budget
+        )
+        self._with_budget(image_options)
         colormap = image_options.get("colormap")
         for name in [colormap] if isinstance(colormap, str) else colormap or ():
             parse_colormap(name)  # fail early, before any I/O
@@ -305,7 +314,7 @@ class Viewer:
         ``disk_cache``, ``disk_cache_bytes``, ``pool_options``) apply when the source is
         opened here.
         """
-        pool, owned = _open(source, open_options)
+        pool, owned = _open(source, self._with_budget(open_options))
         try:
             return self._add_image_pool(
                 pool,
@@ -384,7 +393,7 @@ class Viewer:
         if isinstance(source, str) and source in self._label_groups:
             name = name or source
             source = self._label_groups[source]
-        pool, owned = _open(source, open_options)
+        pool, owned = _open(source, self._with_budget(open_options))
         try:
             plane = Plane.of(pool.multiscale_info)
             position = plane.clamp(self._axis_position(plane))
@@ -398,6 +407,12 @@ class Viewer:
                 pool.destroy()
             raise
         return self._attach(layer, pool, owned)
+
+    def _with_budget(self, open_options: dict[str, Any]) -> dict[str, Any]:
+        """``open_options`` with the viewer's memory budget (unless they give one)."""
+        if self.memory_budget is not None:
+            open_options.setdefault("memory_budget", self.memory_budget)
+        return open_options
 
     @property
     def label_names(self) -> list[str]:
@@ -1154,6 +1169,7 @@ def _open(source: Any, options: dict[str, Any]) -> tuple[ChunkPool, bool]:
         if k in options
     }
     if isinstance(source, ChunkPool):
+        opening.pop("memory_budget", None)  # the pool has its own, if any
         if opening:
             raise ValueError(f"{', '.join(opening)}: only for a source opened here, not a pool")
         return source, False

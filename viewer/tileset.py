@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from chunkpool import ChunkLocation, ChunkManager, ChunkPool
+from chunkpool import ChunkLocation, ChunkManager, ChunkPool, ChunkState
 
 from .slicing import Plane, SlicePosition
 from .tiling import (
@@ -48,6 +48,9 @@ from .tiling import (
 )
 
 __all__ = ["ChannelTile", "ChunkKey", "Tile", "TileSet", "TileStatus"]
+
+#: States of a chunk the pool has let go of.
+_GONE = (ChunkState.CANCELLED, ChunkState.DESTROYED)
 
 #: Re-rank a pending tile only when its priority moved by more than this (screen px).
 RERANK_THRESHOLD = 128.0
@@ -152,6 +155,7 @@ class TileSet(ChunkManager):
         self._request_draw = request_draw
         self._call_later = call_later
         self._chunk_users: dict[ChunkKey, set[ChannelTile]] = {}
+        self._locations: dict[ChunkKey, ChunkLocation] = {}  # of the chunks held
         self._drops: list[ChunkKey] = []  # chunks to release at the end of this update
         self._last_state: tuple | None = None
         self.target_level = len(self.levels) - 1
@@ -194,6 +198,9 @@ class TileSet(ChunkManager):
         due = self.retry.due()
         if due:
             self._retry_chunks(due)
+        if self.pool.memory_budget is not None:  # O(held): only under a budget
+            for chunk in self._released_silently():
+                self._ask_again(chunk)
         state = (view, zoom_in, self.position, tuple(ch.visible for ch in self.channels))
         if state == self._last_state:
             return
@@ -311,6 +318,38 @@ class TileSet(ChunkManager):
         self._changed()  # tiles to keep may change
         self._request_draw()
 
+    def on_drop(self, chunk_location: ChunkLocation) -> None:
+        """A chunk was let go. Dropped by this tile set: nothing to do. Released by
+        the pool's memory budget (for a more urgent request) while tiles still want
+        it: see :meth:`_ask_again`."""
+        chunk = ChunkKey(*chunk_location.key)
+        if (
+            chunk in self._chunk_users
+            and self._locations.get(chunk) is chunk_location
+            and self.ref not in chunk_location.refs
+        ):
+            self._ask_again(chunk)
+
+    def _ask_again(self, chunk: ChunkKey) -> None:
+        """The pool let ``chunk`` go while tiles want it: they lose their plane, and it
+        is asked for again at their priority (it waits until the budget has room)."""
+        tiles = [self._by_index[k.channel].tiles[k] for k in self._chunk_users[chunk]]
+        for tile in tiles:
+            tile.plane = None
+            tile.failed = False
+        self._locations[chunk] = self.get_chunk(*chunk, priority=min(t.priority for t in tiles))
+        self._changed()
+        self._request_draw()
+
+    def _released_silently(self) -> list[ChunkKey]:
+        """Chunks the budget released before anything about them reached this tile set
+        (a queue drops every call about a chunk nobody heard of): gone, not loaded."""
+        return [
+            chunk
+            for chunk, loc in self._locations.items()
+            if loc.state in _GONE and self.ref not in loc.refs
+        ]
+
     def _loaded(self, tile: Tile, loc: ChunkLocation) -> None:
         if loc.error is not None:
             tile.failed = True
@@ -337,7 +376,9 @@ class TileSet(ChunkManager):
         self.drop_chunks(chunks)
         for chunk in chunks:
             tiles = [self._by_index[k.channel].tiles[k] for k in self._chunk_users[chunk]]
-            self.get_chunk(*chunk, priority=min(t.priority for t in tiles))
+            self._locations[chunk] = self.get_chunk(
+                *chunk, priority=min(t.priority for t in tiles)
+            )
 
     def _update_channel(
         self, ch: ChannelTiles, plan: dict[TileKey, float], view: View, target: int
@@ -404,7 +445,7 @@ class TileSet(ChunkManager):
         ch.tiles[key] = tile
         users = self._chunk_users.setdefault(chunk, set())
         users.add(key)
-        loc = self.get_chunk(*chunk, priority=priority)
+        loc = self._locations[chunk] = self.get_chunk(*chunk, priority=priority)
         if len(users) > 1 and (loc.loaded or loc.error is not None):
             # another tile of this layer already holds the chunk: no new load event comes
             self._loaded(tile, loc)
@@ -415,6 +456,7 @@ class TileSet(ChunkManager):
         users.discard(key)
         if not users:
             del self._chunk_users[tile.chunk]
+            del self._locations[tile.chunk]
             self._drops.append(tile.chunk)
             self.retry.forget(tile.chunk)
 
