@@ -283,3 +283,51 @@ def test_view_state_round_trip_gives_the_same_pixels(
         restored.close()
     with pytest.raises(ValueError, match="view state"):
         ViewState.from_json('{"version": 99}')
+
+
+def test_the_command_shows_several_layers_and_restores_a_state(tmp_path: pathlib.Path) -> None:
+    """``zarrscope A B --labels L --colormap red --clim 0 255 --screenshot`` draws the
+    layers (pixel-exact where only A is non-zero); a saved state given to ``--state``
+    gives the same picture; a file that is no state is one line and status 2."""
+    from PIL import Image
+    from test_render import run_cli
+
+    picture = noise_image((96, 128), seed=40)
+    a = write_pyramid(tmp_path / "a.ome.zarr", picture, chunks=(32, 32), n_levels=1)
+    zeros = np.zeros((96, 128), np.uint8)
+    b = write_pyramid(tmp_path / "b.ome.zarr", zeros, chunks=(32, 32), n_levels=1)
+    lab = write_pyramid(
+        tmp_path / "l.ome.zarr", zeros.astype(np.uint32), chunks=(32, 32), n_levels=1
+    )
+    out = tmp_path / "out.png"
+    common = ("--screenshot", str(out), "--size", "128", "96", "--region", "0", "0", "128", "96")
+    result = run_cli(
+        str(a.path),
+        str(b.path),
+        "--labels",
+        str(lab.path),
+        "--colormap",
+        "red",
+        "--clim",
+        "0",
+        "255",
+        *common,
+    )
+    assert result.returncode == 0, result.stderr
+    shot = np.asarray(Image.open(out))[..., :3]
+    assert (shot[..., 0] == picture).all() and (shot[..., 1:] == 0).all()
+    viewer = Viewer(str(a.path), None, size=SIZE, colormap="red", clim=(0, 255))
+    try:
+        viewer.show_region(0, 0, 128, 96)
+        settle(viewer)
+        state = viewer.save_state(tmp_path / "view.json")
+    finally:
+        viewer.close()
+    again = tmp_path / "again.png"
+    result = run_cli("--state", str(state), "--screenshot", str(again), "--size", "128", "96")
+    assert result.returncode == 0, result.stderr
+    assert (np.asarray(Image.open(again))[..., :3] == shot).all()
+    (tmp_path / "bad.json").write_text('{"layers": 3}')
+    result = run_cli("--state", str(tmp_path / "bad.json"), "--screenshot", str(again))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "not a zarrscope view state" in result.stderr

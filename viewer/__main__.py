@@ -103,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
         help="size bound of the disk cache (default 2048)",
     )
     p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="bound on the chunks held and cached in memory, all layers together "
+        "(default 2048; visible tiles come first, prefetch gives way)",
+    )
+    p.add_argument(
         "--log-level",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         default="WARNING",
@@ -153,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--clim needs HI > LO")
     if args.state and (args.source or args.labels):
         parser.error("--state restores its own layers: give no SOURCE or --labels with it")
+    if args.memory_mb < 1:
+        parser.error("--memory-mb must be at least 1")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     handler = _log_to_stderr(args.log_level)
@@ -202,6 +212,7 @@ def _make_viewer(
             text = Path(args.state).read_text()
         except OSError as err:
             raise OSError(f"cannot read {args.state}: {err.strerror or err}") from None
+        options.setdefault("memory_budget", args.memory_mb << 20)
         return Viewer.from_state(
             ViewState.from_json(text), canvas, size=size, **options, **open_options
         )
@@ -218,6 +229,7 @@ def _make_viewer(
         z=args.z,
         t=args.t,
         bias=args.bias,
+        memory_budget=args.memory_mb << 20,
         **options,
         **open_options,
     )

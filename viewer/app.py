@@ -173,7 +173,7 @@ class Viewer:
             parse_colormap(name)  # fail early, before any I/O
         pool = owned = None
         if source is not None:
-            pool, owned = _open(source, image_options)
+            pool, owned = _open(source, image_options, only=False)
         try:
             self._setup(canvas, size, show_hud, texture_budget)
             if pool is not None:
@@ -197,21 +197,26 @@ class Viewer:
         canvas: Any = None,
         *,
         size: tuple[int, int] = (1280, 800),
+        show_hud: bool | None = None,
         **options: Any,
     ) -> Viewer:
         """A viewer showing exactly ``state`` (its layers opened from their sources;
-        ``options`` go to :class:`Viewer`, e.g. ``texture_budget``, and to every
+        ``show_hud`` overrides its HUD setting; ``texture_budget`` and
+        ``memory_budget`` go to :class:`Viewer`, the other ``options`` to every
         layer's opening, e.g. ``storage_options``)."""
+        own = ("texture_budget", "memory_budget")
         viewer = cls(
             None,
             canvas,
             size=size,
-            show_hud=state.show_hud,
-            **{k: v for k, v in options.items() if k == "texture_budget"},
+            show_hud=state.show_hud if show_hud is None else show_hud,
+            **{k: v for k, v in options.items() if k in own},
         )
-        open_options = {k: v for k, v in options.items() if k != "texture_budget"}
+        open_options = {k: v for k, v in options.items() if k not in own}
         try:
             viewer.apply_state(state, **open_options)
+            if show_hud is not None:
+                viewer.hud.visible = show_hud
         except BaseException:
             viewer.close()
             raise
@@ -300,6 +305,7 @@ class Viewer:
         blending: Blending = "additive",
         visible: bool = True,
         rgb: bool | None = None,
+        bias: float = 1.0,
         **open_options: Any,
     ) -> ImageLayer:
         """Add an image layer, drawn over the layers before it.
@@ -310,6 +316,7 @@ class Viewer:
         channel, or, given as a sequence of several, one each to the shown channels in
         order.
         ``rgb`` (default: :func:`is_rgb`) shows a channel axis of 3 or 4 as true colour.
+        ``bias`` > 1 picks coarser levels (faster), < 1 sharper ones.
         ``open_options`` (``cache_bytes``, ``memory_budget``, ``storage_options``,
         ``disk_cache``, ``disk_cache_bytes``, ``pool_options``) apply when the source is
         opened here.
@@ -327,6 +334,7 @@ class Viewer:
                 blending=blending,
                 visible=visible,
                 rgb=rgb,
+                bias=bias,
             )
         except BaseException:
             if owned:
@@ -346,6 +354,7 @@ class Viewer:
         blending: Blending = "additive",
         visible: bool = True,
         rgb: bool | None = None,
+        bias: float = 1.0,
         **_opened: Any,
     ) -> ImageLayer:
         info = pool.multiscale_info
@@ -371,7 +380,7 @@ class Viewer:
             pool,
             displays,
             rgb=rgb,
-            **self._layer_options(pool, name, opacity, blending, visible, position),
+            **self._layer_options(pool, name, opacity, blending, visible, position, bias),
         )
         return self._attach(layer, pool, owned)
 
@@ -383,6 +392,7 @@ class Viewer:
         opacity: float = 0.5,
         outline: bool = False,
         visible: bool = True,
+        bias: float = 1.0,
         **open_options: Any,
     ) -> LabelsLayer:
         """Add a labels layer (integer IDs, coloured per ID) over the layers before it.
@@ -400,7 +410,7 @@ class Viewer:
             layer = LabelsLayer(
                 pool,
                 outline=outline,
-                **self._layer_options(pool, name, opacity, "translucent", visible, position),
+                **self._layer_options(pool, name, opacity, "translucent", visible, position, bias),
             )
         except BaseException:
             if owned:
@@ -436,6 +446,7 @@ class Viewer:
         blending: Blending,
         visible: bool,
         position: Any,
+        bias: float,
     ) -> dict[str, Any]:
         info = pool.multiscale_info
         return {
@@ -447,6 +458,7 @@ class Viewer:
             "opacity": opacity,
             "blending": blending,
             "visible": visible,
+            "bias": bias,
         }
 
     def _attach(self, layer: Layer, pool: ChunkPool, owned: bool) -> Layer:
@@ -1153,21 +1165,24 @@ def discover_labels(info: MultiscaleInfo) -> list[zarr.Group]:
     return found
 
 
-def _open(source: Any, options: dict[str, Any]) -> tuple[ChunkPool, bool]:
+#: The options of :meth:`Viewer.add_image` / ``add_labels`` that concern opening.
+OPEN_OPTIONS = (
+    "cache_bytes",
+    "memory_budget",
+    "storage_options",
+    "disk_cache",
+    "disk_cache_bytes",
+    "pool_options",
+)
+
+
+def _open(source: Any, options: dict[str, Any], *, only: bool = True) -> tuple[ChunkPool, bool]:
     """The pool of ``source`` (its first image), and whether it was opened here (then
-    the viewer destroys it). ``options`` that concern opening are taken from it."""
-    opening = {
-        k: options.pop(k)
-        for k in (
-            "cache_bytes",
-            "memory_budget",
-            "storage_options",
-            "disk_cache",
-            "disk_cache_bytes",
-            "pool_options",
-        )
-        if k in options
-    }
+    the viewer destroys it). ``options`` that concern opening are taken from it; with
+    ``only``, any other is a TypeError."""
+    opening = {k: options.pop(k) for k in OPEN_OPTIONS if k in options}
+    if only and options:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
     if isinstance(source, ChunkPool):
         opening.pop("memory_budget", None)  # the pool has its own, if any
         if opening:

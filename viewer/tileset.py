@@ -376,9 +376,7 @@ class TileSet(ChunkManager):
         self.drop_chunks(chunks)
         for chunk in chunks:
             tiles = [self._by_index[k.channel].tiles[k] for k in self._chunk_users[chunk]]
-            self._locations[chunk] = self.get_chunk(
-                *chunk, priority=min(t.priority for t in tiles)
-            )
+            self._locations[chunk] = self.get_chunk(*chunk, priority=min(t.priority for t in tiles))
 
     def _update_channel(
         self, ch: ChannelTiles, plan: dict[TileKey, float], view: View, target: int
