@@ -331,3 +331,19 @@ def test_the_command_shows_several_layers_and_restores_a_state(tmp_path: pathlib
     result = run_cli("--state", str(tmp_path / "bad.json"), "--screenshot", str(again))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "not a zarrscope view state" in result.stderr
+
+
+def test_bias_picks_coarser_levels_per_layer(
+    tmp_path: pathlib.Path, make_viewer: Callable[..., Viewer]
+) -> None:
+    """``bias`` (the viewer's, or a layer's own) moves that layer's level choice."""
+    p = write_pyramid(
+        tmp_path / "p.ome.zarr", noise_image((256, 256), seed=1), chunks=(32, 32), n_levels=3
+    )
+    viewer = make_viewer(str(p.path), bias=2.0, colormap="gray", clim=(0, 255))
+    viewer.add_image(str(p.path), colormap="gray", clim=(0, 255))
+    viewer.show_region(0, 0, *SIZE)
+    viewer.refresh()
+    assert [layer.target_level for layer in viewer.layers] == [1, 0]
+    with pytest.raises(TypeError, match="unknown option"):
+        viewer.add_image(str(p.path), colourmap="gray")
