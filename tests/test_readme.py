@@ -29,3 +29,12 @@ def test_ci_runs_the_readme_test_command():
     got = subprocess.run(["bash", "-c", awk], cwd=ROOT, capture_output=True, text=True)
     assert got.stdout.strip() == command.strip()
     assert "pytest" in command and "pip install" in command
+
+
+def test_readme_viewer_example_runs(tmp_path):
+    section = README[README.index("## The viewer from Python") :]
+    example = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    script = tmp_path / "viewer_example.py"
+    script.write_text(example.replace("/tmp/", f"{tmp_path}/"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

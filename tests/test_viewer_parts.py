@@ -77,7 +77,7 @@ def test_hud_lines_sum_the_layers_and_list_them() -> None:
     lines = hud_lines(info)
     assert lines[0] == "level 2/3   zoom 25%"
     assert lines[1] == "tiles 14 loaded, 3 pending, 1 failed   loading…"
-    assert "z=3" in lines and "▸ a [image]" in lines and "  cells [labels]" in lines
+    assert "z=3" in lines and "> a [image]" in lines and "  cells [labels]" in lines
     assert "labels: nuclei   (k shows)" in lines
     assert "DAPI: window 100 – 2500.5" in lines
     assert lines[-1] == f"a Channel 0: {2**60 + 1}   cells label: —"

@@ -392,6 +392,7 @@ class Viewer:
         opacity: float = 0.5,
         outline: bool = False,
         visible: bool = True,
+        blending: Blending = "translucent",
         bias: float = 1.0,
         **open_options: Any,
     ) -> LabelsLayer:

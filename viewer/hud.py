@@ -87,7 +87,7 @@ def hud_lines(info: HudInfo) -> list[str]:
         lines.append(", ".join(f"{name}={index}" for name, index in info.position))
     if len(info.layers) > 1:
         for layer in info.layers:
-            mark = "▸" if layer.active else " "
+            mark = ">" if layer.active else " "
             eye = "" if layer.visible else "  (hidden)"
             lines.append(f"{mark} {layer.name} [{layer.kind}]{eye}")
     if info.hidden_labels:
