@@ -66,3 +66,24 @@ def pools() -> Iterator[Callable[..., ChunkPool]]:
         pool.destroy()
     leftover = [t.name for t in threading.enumerate() if t.name.startswith("chunkpool-")]
     assert not leftover, f"threads left running after destroy(): {leftover}"
+
+
+@pytest.fixture()
+def make_viewer(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """``make_viewer(source=None, **options)``: an offscreen viewer of the test module's
+    ``SIZE`` without HUD (unless the options say otherwise), closed after the test.
+    (Modules with viewers to keep across tests define their own.)"""
+    from viewer import Viewer
+
+    made: list[Any] = []
+
+    def make(source: Any = None, **options: Any) -> Any:
+        options.setdefault("size", request.module.SIZE)
+        options.setdefault("show_hud", False)
+        viewer = Viewer(source, None, **options)
+        made.append(viewer)
+        return viewer
+
+    yield make
+    for viewer in made:
+        viewer.close()

@@ -5,7 +5,7 @@ Pixel-exact on lavapipe (blending in linear light, to within one level)."""
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,22 +22,6 @@ from viewer.labels import label_colors
 pytestmark = pytest.mark.render
 
 SIZE = (96, 64)
-
-
-@pytest.fixture()
-def make_viewer() -> Iterator[Callable[..., Viewer]]:
-    made: list[Viewer] = []
-
-    def make(source: Any = None, **options: Any) -> Viewer:
-        options.setdefault("size", SIZE)
-        options.setdefault("show_hud", False)
-        viewer = Viewer(source, None, **options)
-        made.append(viewer)
-        return viewer
-
-    yield make
-    for viewer in made:
-        viewer.close()
 
 
 def blend(image: np.ndarray, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -24,22 +23,6 @@ from viewer import Viewer, ViewState, is_rgb
 pytestmark = pytest.mark.render
 
 SIZE = (128, 96)
-
-
-@pytest.fixture()
-def make_viewer() -> Iterator[Callable[..., Viewer]]:
-    made: list[Viewer] = []
-
-    def make(source: Any = None, **options: Any) -> Viewer:
-        options.setdefault("size", SIZE)
-        options.setdefault("show_hud", False)
-        viewer = Viewer(source, None, **options)
-        made.append(viewer)
-        return viewer
-
-    yield make
-    for viewer in made:
-        viewer.close()
 
 
 def to_linear(srgb: np.ndarray) -> np.ndarray:

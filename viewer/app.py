@@ -178,7 +178,8 @@ class Viewer:
             self._setup(canvas, size, show_hud, texture_budget)
             if pool is not None:
                 self._set_initial_position(Plane.of(pool.multiscale_info), z, t)
-                self._add_image_pool(pool, owned, **image_options)
+                self._adopt = pool if owned else None  # opened here: destroyed with it
+                self.add_image(pool, **image_options)
             elif z is not None or t is not None:
                 raise ValueError("z and t need an image")
             self.fit()
@@ -259,6 +260,7 @@ class Viewer:
         self._owned_pools: list[ChunkPool] = []
         self._links: dict[int, _PoolLink] = {}
         self._label_groups: dict[str, zarr.Group] = {}
+        self._adopt: ChunkPool | None = None  # the constructor's pool, until its layer
         self.camera = Camera(size=self._size())
         self._gfx_camera = gfx.OrthographicCamera(*size, maintain_aspect=False)
         self._gfx_camera.local.scale_y = -1  # y down: array row 0 at the top
@@ -321,68 +323,39 @@ class Viewer:
         ``disk_cache``, ``disk_cache_bytes``, ``pool_options``) apply when the source is
         opened here.
         """
-        pool, owned = _open(source, self._with_budget(open_options))
+        pool, owned = self._open(source, open_options)
         try:
-            return self._add_image_pool(
+            info = pool.multiscale_info
+            plane = Plane.of(info)
+            for label in discover_labels(info):
+                self._label_groups.setdefault(label.basename, label)
+            rgb = is_rgb(info) if rgb is None else bool(rgb)
+            if rgb and (
+                plane.n_channels not in (3, 4) or info.dtype.kind != "u" or info.dtype.itemsize > 2
+            ):
+                raise ValueError(
+                    f"{info.source}: true colour needs 3 or 4 channels of uint8 or uint16, "
+                    f"has {plane.n_channels} of {info.dtype}"
+                )
+            position = plane.clamp(self._axis_position(plane))
+            if rgb:
+                displays = [
+                    ChannelDisplay(c, "RGBA"[c], "gray", (0.0, 1.0))
+                    for c in range(plane.n_channels)
+                ]
+            else:
+                displays = _initial_displays(pool, plane, channels, colormap, clim, position)
+            layer = ImageLayer(
                 pool,
-                owned,
-                name=name,
-                channels=channels,
-                colormap=colormap,
-                clim=clim,
-                opacity=opacity,
-                blending=blending,
-                visible=visible,
+                displays,
                 rgb=rgb,
-                bias=bias,
+                **self._layer_options(pool, name, opacity, blending, visible, position, bias),
             )
+            return self._attach(layer, pool, owned)
         except BaseException:
             if owned:
                 pool.destroy()
             raise
-
-    def _add_image_pool(
-        self,
-        pool: ChunkPool,
-        owned: bool,
-        *,
-        name: str | None = None,
-        channels: Sequence[int] | None = None,
-        colormap: str | Sequence[str] | None = None,
-        clim: Any = None,
-        opacity: float = 1.0,
-        blending: Blending = "additive",
-        visible: bool = True,
-        rgb: bool | None = None,
-        bias: float = 1.0,
-        **_opened: Any,
-    ) -> ImageLayer:
-        info = pool.multiscale_info
-        plane = Plane.of(info)
-        for label in discover_labels(info):
-            self._label_groups.setdefault(label.basename, label)
-        rgb = is_rgb(info) if rgb is None else bool(rgb)
-        if rgb and (
-            plane.n_channels not in (3, 4) or info.dtype.kind != "u" or info.dtype.itemsize > 2
-        ):
-            raise ValueError(
-                f"{info.source}: true colour needs 3 or 4 channels of uint8 or uint16, "
-                f"has {plane.n_channels} of {info.dtype}"
-            )
-        position = plane.clamp(self._axis_position(plane))
-        if rgb:
-            displays = [
-                ChannelDisplay(c, "RGBA"[c], "gray", (0.0, 1.0)) for c in range(plane.n_channels)
-            ]
-        else:
-            displays = _initial_displays(pool, plane, channels, colormap, clim, position)
-        layer = ImageLayer(
-            pool,
-            displays,
-            rgb=rgb,
-            **self._layer_options(pool, name, opacity, blending, visible, position, bias),
-        )
-        return self._attach(layer, pool, owned)
 
     def add_labels(
         self,
@@ -404,7 +377,7 @@ class Viewer:
         if isinstance(source, str) and source in self._label_groups:
             name = name or source
             source = self._label_groups[source]
-        pool, owned = _open(source, self._with_budget(open_options))
+        pool, owned = self._open(source, open_options)
         try:
             plane = Plane.of(pool.multiscale_info)
             position = plane.clamp(self._axis_position(plane))
@@ -424,6 +397,14 @@ class Viewer:
         if self.memory_budget is not None:
             open_options.setdefault("memory_budget", self.memory_budget)
         return open_options
+
+    def _open(self, source: Any, open_options: dict[str, Any]) -> tuple[ChunkPool, bool]:
+        """The pool of a layer's source, and whether the viewer owns it (opened here,
+        or by the constructor)."""
+        if source is self._adopt:
+            self._adopt = None
+            return source, True
+        return _open(source, self._with_budget(open_options))
 
     @property
     def label_names(self) -> list[str]:

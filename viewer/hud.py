@@ -143,26 +143,12 @@ class Hud:
     def __init__(self) -> None:
         self.scene = gfx.Scene()
         self.camera = gfx.ScreenCoordsCamera()
-        self._text = gfx.Text(
-            text=" ",
-            font_size=13,
-            screen_space=False,
-            anchor="top-left",
-            material=gfx.TextMaterial(color="#f0f0f0", depth_test=False, alpha_mode="blend"),
-        )
-        self._text.render_order = 2
+        self._text = _label(13, "top-left")
         self._box = _rect((0, 0, 0, 0.6), order=0)
         self._bar_back = _rect((1, 1, 1, 0.15), order=1)
         self._bar = _rect((0.3, 0.8, 1.0, 0.9), order=2)
         self._scale = _rect((1, 1, 1, 0.9), order=2)
-        self._scale_text = gfx.Text(
-            text=" ",
-            font_size=12,
-            screen_space=False,
-            anchor="bottom-left",
-            material=gfx.TextMaterial(color="#f0f0f0", depth_test=False, alpha_mode="blend"),
-        )
-        self._scale_text.render_order = 2
+        self._scale_text = _label(12, "bottom-left")
         self._scale_shown: tuple[float, str] | None = None
         self.scene.add(self._box, self._bar_back, self._bar, self._text)
         self.scene.add(self._scale, self._scale_text)
@@ -232,6 +218,18 @@ class Hud:
             _place(self._bar_back, x0, bottom, x0 + width, bottom + BAR_HEIGHT)
             done = max(0.0, min(1.0, self._progress or 0.0))
             _place(self._bar, x0, bottom, x0 + max(width * done, 1), bottom + BAR_HEIGHT)
+
+
+def _label(font_size: int, anchor: str) -> gfx.Text:
+    text = gfx.Text(
+        text=" ",
+        font_size=font_size,
+        screen_space=False,
+        anchor=anchor,
+        material=gfx.TextMaterial(color="#f0f0f0", depth_test=False, alpha_mode="blend"),
+    )
+    text.render_order = 2
+    return text
 
 
 def _rect(color: tuple[float, float, float, float], order: int) -> gfx.Mesh:
