@@ -330,3 +330,39 @@ def test_bias_picks_coarser_levels_per_layer(
     assert [layer.target_level for layer in viewer.layers] == [1, 0]
     with pytest.raises(TypeError, match="unknown option"):
         viewer.add_image(str(p.path), colourmap="gray")
+
+
+def with_unit(path: pathlib.Path, unit: str) -> None:
+    """Give the spatial axes of an OME-Zarr 0.5 image written by write_pyramid a unit."""
+    group = zarr.open_group(path, mode="r+")
+    ome = group.attrs["ome"]
+    for axis in ome["multiscales"][0]["axes"]:
+        if axis["type"] == "space":
+            axis["unit"] = unit
+    group.attrs["ome"] = ome
+
+
+def test_layers_in_other_units_warn_and_keep_running(
+    tmp_path: pathlib.Path, make_viewer: Callable[..., Viewer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer whose axes are in other units than the first layer's (or named
+    otherwise) is placed by its numbers, with one warning saying so: the viewer runs."""
+    a = write_pyramid(
+        tmp_path / "a.ome.zarr", noise_image((64, 64), seed=1), chunks=(32, 32), n_levels=1
+    )
+    b = write_pyramid(
+        tmp_path / "b.ome.zarr", noise_image((64, 64), seed=2), chunks=(32, 32), n_levels=1
+    )
+    with_unit(a.path, "micrometer")
+    with_unit(b.path, "nanometer")
+    viewer = make_viewer(str(a.path))
+    with caplog.at_level("WARNING", logger="zarrscope"):
+        viewer.add_image(str(b.path))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "zarrscope"]
+    assert any(
+        "'b.ome.zarr': x is in nanometer, but in micrometer in layer 'a.ome.zarr'" in w
+        for w in warnings
+    ), warnings
+    viewer.show_region(0, 0, 64, 64)
+    settle(viewer)
+    assert viewer.settled() and len(viewer.layers) == 2

@@ -444,6 +444,9 @@ class Viewer:
         }
 
     def _attach(self, layer: Layer, pool: ChunkPool, owned: bool) -> Layer:
+        if self.layers:
+            for problem in alignment_problems(self.layers[0], layer):
+                logger.warning("%s", problem)
         if owned:
             self._owned_pools.append(pool)
         self._links[id(pool)] = _PoolLink.of(pool, self)
@@ -1114,6 +1117,31 @@ class Viewer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def alignment_problems(first: Layer, other: Layer) -> list[str]:
+    """What may keep ``other`` from lining up with ``first`` in world coordinates: axes
+    of the plane named otherwise, or in other units. Layers are placed by their numbers
+    all the same (a warning, not an error: the user may know better), as napari does."""
+    problems = []
+    for role in ("y", "x"):
+        axes = []
+        for layer in (first, other):
+            plane = layer.tiles.plane
+            axes.append(plane.info.levels[0].axes[getattr(plane, f"{role}_axis")])
+        (a, b) = axes
+        if a.name != b.name:
+            problems.append(
+                f"layer {other.name!r}: its {role} axis is named {b.name!r}, but "
+                f"{a.name!r} in layer {first.name!r}: shown as the same axis"
+            )
+        if (a.unit or None) != (b.unit or None):
+            problems.append(
+                f"layer {other.name!r}: {role} is in {b.unit or 'no unit'}, but in "
+                f"{a.unit or 'no unit'} in layer {first.name!r}: aligned by their numbers, "
+                "not converted"
+            )
+    return problems
 
 
 def discover_labels(info: MultiscaleInfo) -> list[zarr.Group]:
