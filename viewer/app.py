@@ -273,6 +273,8 @@ class Viewer:
         self.state = ViewState(show_hud=show_hud)
         self.active_layer = 0
         self.active_channel = 0
+        #: Whether the HUD shows the active channel's colormap and window (the ``b`` key).
+        self.show_colorbar = False
         self.cursor: tuple[float, float] | None = None
         self.position: dict[str, int] = {}
         #: Called (no arguments, on the GUI thread) after each frame is drawn.
@@ -702,6 +704,10 @@ class Viewer:
         self.hud.visible = not self.hud.visible
         self._publish_state()
 
+    def toggle_colorbar(self) -> None:
+        self.show_colorbar = not self.show_colorbar
+        self._request_draw()
+
     def toggle_help(self) -> None:
         self.help.visible = not self.help.visible
 
@@ -889,6 +895,12 @@ class Viewer:
             plane = self.layer.tiles.plane
             unit = plane.info.levels[0].axes[plane.x_axis].unit
             self.hud.show_scale_bar(scale_bar(self.camera.width / max(size[0], 1), unit), size)
+            image = self._image() if self.show_colorbar else None
+            if image is None:
+                self.hud.show_colorbar(None, (0.0, 1.0), size)
+            else:
+                display = image.displays[self.active_channel]
+                self.hud.show_colorbar(display.lut(256), display.clim, size)
             overlays.append(self.hud)
         if self.help.visible:
             self.help.update(help_lines(), None, size, corner="top-right")

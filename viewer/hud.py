@@ -34,6 +34,8 @@ UNIT_SYMBOLS = {
     "millimeter": "mm", "centimeter": "cm", "meter": "m", "kilometer": "km",
     "inch": "in", "foot": "ft", "mile": "mi", "parsec": "pc",
 }  # fmt: skip
+#: How long the colorbar is, in logical pixels.
+COLORBAR_PX = 160.0
 #: How long the scale bar is at most, in logical pixels.
 SCALE_BAR_PX = 120.0
 
@@ -152,6 +154,16 @@ class Hud:
         self._scale_shown: tuple[float, str] | None = None
         self.scene.add(self._box, self._bar_back, self._bar, self._text)
         self.scene.add(self._scale, self._scale_text)
+        self._colorbar = gfx.Image(
+            gfx.Geometry(grid=gfx.Texture(np.zeros((1, 256, 4), np.float32), dim=2)),
+            gfx.ImageBasicMaterial(clim=(0, 1), interpolation="nearest", depth_test=False),
+        )
+        self._colorbar.render_order = 2
+        self._colorbar_low = _label(12, "bottom-left")
+        self._colorbar_high = _label(12, "bottom-right")
+        self._colorbar_shown: tuple | None = None
+        self.scene.add(self._colorbar, self._colorbar_low, self._colorbar_high)
+        self.show_colorbar(None, (0.0, 1.0), (0, 0))
         self._lines: tuple[str, ...] = ()
         self._progress: float | None = None
         self._size: tuple[float, float] = (0, 0)
@@ -199,6 +211,28 @@ class Hud:
         _place(self._scale, MARGIN, MARGIN, MARGIN + length, MARGIN + 4)
         self._scale_text.set_text(label)
         self._scale_text.local.position = (MARGIN, MARGIN + 8, 0.5)
+
+    def show_colorbar(
+        self, lut: np.ndarray | None, clim: tuple[float, float], size: tuple[float, float]
+    ) -> None:
+        """Draw ``lut`` ((256, 4) RGBA, the active channel's colormap) as a bar at the
+        bottom-right corner, labelled with the ends of its window ``clim``; None hides it."""
+        shown = lut is not None
+        for part in (self._colorbar, self._colorbar_low, self._colorbar_high):
+            part.visible = shown
+        key = None if lut is None else (lut.tobytes(), clim, size)
+        if lut is None or key == self._colorbar_shown:
+            return
+        self._colorbar_shown = key
+        self._colorbar.geometry.grid.set_data(np.ascontiguousarray(lut[None], np.float32))
+        width, _ = size
+        x0 = width - MARGIN - COLORBAR_PX
+        self._colorbar.local.scale = (COLORBAR_PX / lut.shape[0], 8, 1)
+        self._colorbar.local.position = (x0 + COLORBAR_PX / lut.shape[0] / 2, MARGIN + 4, 0.4)
+        self._colorbar_low.set_text(format_value(clim[0]))
+        self._colorbar_low.local.position = (x0, MARGIN + 10, 0.5)
+        self._colorbar_high.set_text(format_value(clim[1]))
+        self._colorbar_high.local.position = (width - MARGIN, MARGIN + 10, 0.5)
 
     def _layout(self) -> None:
         width, height = self._size

@@ -55,6 +55,7 @@ BINDINGS: tuple[Binding, ...] = (
     Binding(("k",), "show the image's next label image", lambda v, k: v.show_next_labels()),
     Binding(("o",), "labels: outline only / filled", lambda v, k: v.toggle_outline()),
     Binding(("s",), "save the view state", lambda v, k: v.save_state()),
+    Binding(("b",), "show / hide the active channel's colorbar", lambda v, k: v.toggle_colorbar()),
     Binding(("h",), "show / hide the heads-up display", lambda v, k: v.toggle_hud()),
     Binding(("?",), "show / hide this help", lambda v, k: v.toggle_help()),
     Binding(("q", "Escape"), "quit", lambda v, k: v.close()),
@@ -80,5 +81,5 @@ def help_lines() -> list[str]:
     lines = []
     for b in BINDINGS:
         keys = "1-9" if b.keys == tuple("123456789") else " ".join(arrows.get(k, k) for k in b.keys)
-        lines.append(f"{keys:<12} {b.help}")
+        lines.append(f"{keys}:  {b.help}")
     return lines
