@@ -445,3 +445,57 @@ def test_close_inside_a_frame_waits_for_its_end(
     shot = np.load(tmp_path / "shot.npy")
     expected = expected_view(image, 1, region_world(image, REGION), SIZE)
     assert (shot == expected[0][..., None]).all()
+
+
+QT_SLIDER_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from support.images import write_pyramid, noise_image
+from viewer.qtwindow import ViewerWindow, QtCore, QtWidgets
+from viewer import Viewer
+import pathlib
+root = pathlib.Path(sys.argv[1])
+stack = write_pyramid(root / "zyx.ome.zarr", noise_image((3, 64, 64), seed=1), chunks=(1, 32, 32),
+                      n_levels=1, axes=["z", "y", "x"])
+other = write_pyramid(root / "b.ome.zarr", noise_image((64, 64), seed=2), chunks=(32, 32),
+                      n_levels=1)
+
+def make(canvas):
+    viewer = Viewer(str(stack.path), canvas, size=(320, 240))
+    viewer.add_image(str(other.path))
+    return viewer
+
+window = ViewerWindow(make, (320, 240), "test")
+window.show()
+app = QtWidgets.QApplication.instance()
+for _ in range(20):
+    app.processEvents()
+label, slider = window.sliders["z"]
+assert slider.focusPolicy() == QtCore.Qt.FocusPolicy.NoFocus
+assert window.layer_list.focusPolicy() == QtCore.Qt.FocusPolicy.NoFocus
+assert window.layer_list.count() == 2 and not window.layer_list.isHidden()
+slider.setValue(2)  # the user drags it: the viewer follows
+assert window.viewer.position["z"] == 2, window.viewer.position
+window.viewer.step_axis("z", -1)  # a key moves it: the slider follows
+window.viewer.refresh()
+app.processEvents()
+assert slider.value() == 1 and label.text() == "z 1", (slider.value(), label.text())
+window.layer_list.item(1).setCheckState(QtCore.Qt.CheckState.Unchecked)
+assert not window.viewer.layers[1].visible
+window.close()
+print("ok")
+"""
+
+
+def test_qt_sliders_and_layer_list_follow_the_viewer_and_leave_the_focus(
+    display: str, tmp_path: pathlib.Path
+) -> None:
+    """The Qt window's z slider moves the viewer and follows its keys, the layer list
+    ticks layers on and off, and neither takes the keyboard focus (so q and PageDown
+    stay the canvas's)."""
+    pytest.importorskip("PySide6")
+    result = run_script(
+        QT_SLIDER_SCRIPT, display, str(tmp_path), str(pathlib.Path(__file__).parent)
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
