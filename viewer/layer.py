@@ -71,6 +71,9 @@ class _Stack:
     images: dict[TilePos, gfx.Image] = field(default_factory=dict)
     nbytes: dict[TilePos, int] = field(default_factory=dict)
     last_shown: dict[TilePos, int] = field(default_factory=dict)
+    #: The planes each image shows (a tile whose planes are replaced, a chunk reloaded
+    #: because its stored data changed, gets the new data into its texture).
+    planes: dict[TilePos, tuple[np.ndarray, ...]] = field(default_factory=dict)
 
 
 class Layer:
@@ -276,8 +279,14 @@ class Layer:
                     self._free(stack, pos)
                 continue
             shown = all(t.shown for t in members)
-            if image is None and shown:
-                image = self._make_image(stack, pos, [t.plane for t in members])
+            planes = [t.plane for t in members]
+            if image is not None and any(
+                a is not b for a, b in zip(stack.planes[pos], planes, strict=True)
+            ):
+                self._free(stack, pos)  # reloaded: the new data replaces the old
+                image = self._make_image(stack, pos, planes)
+            elif image is None and shown:
+                image = self._make_image(stack, pos, planes)
             if image is not None:
                 if image.visible != shown:
                     image.visible = shown
@@ -322,6 +331,7 @@ class Layer:
         self._place(stack, pos, image)
         stack.images[pos] = image
         stack.nbytes[pos] = data.nbytes
+        stack.planes[pos] = tuple(planes)
         stack.group.add(image)
         return image
 
@@ -340,6 +350,7 @@ class Layer:
         image = stack.images.pop(pos)
         nbytes = stack.nbytes.pop(pos)
         stack.last_shown.pop(pos, None)
+        stack.planes.pop(pos)
         stack.group.remove(image)
         grid = image.geometry.grid
         self.textures.removed((id(stack.material), grid.data.shape, grid.data.dtype), image, nbytes)

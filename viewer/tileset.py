@@ -351,9 +351,11 @@ class TileSet(ChunkManager):
         ]
 
     def _loaded(self, tile: Tile, loc: ChunkLocation) -> None:
+        """A tile's chunk loaded (again, if its stored data changed: the new plane
+        replaces the old one) or failed."""
         if loc.error is not None:
             tile.failed = True
-        elif tile.plane is None:
+        else:
             tile.failed = False
             tile.plane = self.plane.plane_of(loc.data, tile.select)
 
