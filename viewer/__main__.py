@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         help="show 3 or 4 channels as true colour (default: when the image looks RGB)",
     )
     p.add_argument("--state", metavar="FILE", help="restore a view saved with the s key")
+    p.add_argument(
+        "--live",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="follow stores being written: look for new data every SECONDS (default 1)",
+    )
     p.add_argument("--z", type=int, metavar="N", help="z index (level-0 planes)")
     p.add_argument("--t", type=int, metavar="N", help="time point")
     p.add_argument(
@@ -161,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--clim needs HI > LO")
     if args.state and (args.source or args.labels):
         parser.error("--state restores its own layers: give no SOURCE or --labels with it")
+    if args.live is not None and not args.live > 0:
+        parser.error("--live needs a positive number of seconds")
     if args.memory_mb < 1:
         parser.error("--memory-mb must be at least 1")
     if not args.timeout > 0:
@@ -230,6 +240,7 @@ def _make_viewer(
         t=args.t,
         bias=args.bias,
         memory_budget=args.memory_mb << 20,
+        live=args.live,
         **options,
         **open_options,
     )

@@ -57,6 +57,7 @@ from .display import (
 from .hud import Hud, HudInfo, LayerSummary, hud_lines, scale_bar
 from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
+from .playback import Playback, prefetch_depth
 from .slicing import Plane
 from .state import LayerState, ViewState
 from .textures import TextureBudget
@@ -146,7 +147,11 @@ class Viewer:
     :class:`TextureBudget` to share, by default the process-wide one.
     ``memory_budget`` (bytes, or a :class:`~chunkpool.MemoryBudget` to share) is one
     hard bound on the held and cached chunks of every pool the viewer opens: the
-    visible tiles outrank prefetch, which gives way first.
+    visible tiles outrank prefetch, which gives way first. With ``live`` (seconds),
+    the stores the viewer opens are looked at that often (:meth:`ChunkPool.watch`):
+    grown images extend their layers (and the z / t ranges), rewritten chunks reload
+    (the old tiles stay until the new ones arrive), and a view at the newest time point
+    follows new ones.
     """
 
     def __init__(
@@ -160,9 +165,14 @@ class Viewer:
         show_hud: bool = True,
         texture_budget: int | TextureBudget | None = None,
         memory_budget: int | MemoryBudget | None = None,
+        live: float | None = None,
         **image_options: Any,
     ):
         self.opened_at = time.perf_counter()
+        if live is not None and not live > 0:
+            raise ValueError(f"live needs a positive interval in seconds, not {live}")
+        #: Seconds between looks at the stores for new data (None: not live).
+        self.live = live
         #: The bound on the chunk memory of every pool this viewer opens (None: none).
         self.memory_budget = (
             MemoryBudget(memory_budget) if isinstance(memory_budget, int) else memory_budget
@@ -261,6 +271,13 @@ class Viewer:
         self._links: dict[int, _PoolLink] = {}
         self._label_groups: dict[str, zarr.Group] = {}
         self._adopt: ChunkPool | None = None  # the constructor's pool, until its layer
+        self._store_changes: deque[tuple[ChunkPool, Any]] = deque()
+        #: The playback running (:meth:`play`), or None.
+        self.playback: Playback | None = None
+        self._slice_started: float | None = None  # when the shown slice was asked for
+        self._slice_seconds: float | None = None  # how long the last slice took to load
+        #: When a watched store last changed (time.monotonic()), None before that.
+        self.newest_data_at: float | None = None
         self.camera = Camera(size=self._size())
         self._gfx_camera = gfx.OrthographicCamera(*size, maintain_aspect=False)
         self._gfx_camera.local.scale_y = -1  # y down: array row 0 at the top
@@ -451,6 +468,11 @@ class Viewer:
                 logger.warning("%s", problem)
         if owned:
             self._owned_pools.append(pool)
+            if self.live is not None:
+                pool.watch(
+                    self.live,
+                    on_change=lambda changes, pool=pool: self._store_changed(pool, changes),
+                )
         self._links[id(pool)] = _PoolLink.of(pool, self)
         self.layers.append(layer)
         axes = layer.tiles.plane.info.levels[0].axes
@@ -796,6 +818,107 @@ class Viewer:
         path.write_text(self.state.to_json())
         return path
 
+    # -- playback -------------------------------------------------------------------
+
+    def play(
+        self, axis: str = "t", fps: float = 5.0, mode: str = "smooth", *, clock: Any = None
+    ) -> Playback:
+        """Play a slider axis (by name, or "t" / "z" as for :meth:`set_index`) at
+        ``fps``: "smooth" keeps time and shows the best level arrived, "sharp" waits
+        for each slice (see :mod:`viewer.playback`). The next slices are prefetched.
+        The space key plays t (else z) or stops."""
+        name = self._axis_name(axis)
+        if name is None:
+            raise ValueError(f"{axis!r} is not a slider axis of the layers")
+        options = {} if clock is None else {"clock": clock}
+        self.playback = Playback(name, self.dims()[name], fps, mode, **options)  # type: ignore[arg-type]
+        self._slice_started = self.playback.clock()
+        self._request_draw()
+        return self.playback
+
+    def stop(self) -> None:
+        """Stop playing (the prefetch of slices ahead is dropped)."""
+        self.playback = None
+        for layer in self.layers:
+            layer.tiles.ahead = ()
+        self._request_draw()
+
+    def toggle_play(self) -> None:
+        if self.playback is not None:
+            self.stop()
+        elif self._axis_name("t") is not None:
+            self.play("t")
+        elif self._axis_name("z") is not None:
+            self.play("z")
+
+    def _step_playback(self) -> None:
+        """Move a playing axis on when it is time (and its slice is in, for sharp
+        mode); keep the slices ahead prefetched; ask for the next frame."""
+        playback = self.playback
+        if playback is None:
+            return
+        index = self.position.get(playback.axis, 0)
+        settled = self.settled()
+        if settled and self._slice_started is not None:
+            self._slice_seconds = playback.clock() - self._slice_started
+            self._slice_started = None
+        step = playback.next_index(index, settled)
+        if step is not None:
+            self.set_index(playback.axis, step)
+            index = step
+            self._slice_started = playback.clock()
+        depth = prefetch_depth(playback.fps, self._slice_seconds)
+        for layer in self.layers:
+            plane = layer.tiles.plane
+            axes = plane.info.levels[0].axes
+            ahead = []
+            for i in playback.ahead(index, depth):
+                position = self._axis_position(plane)
+                for a in plane.slider_axes:
+                    if axes[a].name == playback.axis:
+                        position[a] = i
+                ahead.append(plane.clamp(position))
+            layer.tiles.ahead = tuple(p for p in dict.fromkeys(ahead) if p != layer.position)
+        if self._loop is not None:
+            self._loop.call_later(1.0 / playback.fps / 2, self._request_draw)
+
+    # -- live stores ----------------------------------------------------------------
+
+    def _store_changed(self, pool: ChunkPool, changes: Any) -> None:
+        """A watched store changed (the pool's watch thread): apply it on the GUI
+        thread, at the next frame."""
+        self._store_changes.append((pool, changes))
+        self._wake_up()
+
+    def _apply_store_changes(self) -> None:
+        """Grown images: their layers take the new geometry, the slider ranges grow,
+        and an axis at its last index follows to the new last one. (Rewritten chunks
+        reload by themselves: the pool calls their load handlers again.)"""
+        if not self._store_changes:
+            return
+        before = self.dims()
+        grown = False
+        while self._store_changes:
+            pool, changes = self._store_changes.popleft()
+            self.newest_data_at = time.monotonic()
+            if changes.grown or changes.added_levels:
+                grown = True
+                for layer in self.layers:
+                    if layer.pool is pool:
+                        layer.tiles.regrid()
+            if changes.reopened:
+                logger.warning(
+                    "%s changed so that it must be opened again (shrunk, or another dtype "
+                    "or chunk grid): still showing what was read",
+                    pool.multiscale_info.source,
+                )
+        if grown:
+            self._place_layers()
+            for name, size in self.dims().items():
+                if self.position.get(name) == before.get(name, size) - 1:
+                    self.set_index(name, size - 1)  # at the newest: follow it
+            self._publish_state()
+
     # -- event loop plumbing --------------------------------------------------------
 
     def _wake_up(self) -> None:
@@ -839,7 +962,9 @@ class Viewer:
         """What a frame does before rendering: run the queued handlers, bring every
         layer's tiles in line with the view, and sync the scenes; the view."""
         started = time.perf_counter()
+        self._apply_store_changes()
         self._run_handlers()
+        self._step_playback()
         view = self.view()
         width = view.x1 - view.x0
         if self._last_width is not None and width < self._last_width * 0.999:
@@ -954,6 +1079,10 @@ class Viewer:
             cursor=cursor,
             values=values or (),
             channel=channel,
+            live=self.live is not None,
+            live_age=None
+            if self.newest_data_at is None
+            else time.monotonic() - self.newest_data_at,
             hidden_labels=tuple(
                 n for n in self._label_groups if n not in {layer.name for layer in self.layers}
             ),

@@ -63,6 +63,8 @@ class HudInfo:
     values: tuple[tuple[str, Any], ...] = ()  # (label, stored value or None)
     channel: tuple[str, tuple[float, float]] | None = None  # the active channel, window
     hidden_labels: tuple[str, ...] = ()  # label images found in labels/ and not shown
+    live: bool = False  # following its stores
+    live_age: float | None = None  # seconds since a store last changed (None: not yet)
 
 
 def hud_lines(info: HudInfo) -> list[str]:
@@ -87,6 +89,9 @@ def hud_lines(info: HudInfo) -> list[str]:
         )
     if info.position:
         lines.append(", ".join(f"{name}={index}" for name, index in info.position))
+    if info.live:
+        age = "no new data yet" if info.live_age is None else f"newest {info.live_age:.1f} s ago"
+        lines.append(f"live: {age}")
     if len(info.layers) > 1:
         for layer in info.layers:
             mark = ">" if layer.active else " "

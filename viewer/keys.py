@@ -37,6 +37,7 @@ BINDINGS: tuple[Binding, ...] = (
     Binding(("0", "r"), "fit the image", lambda v, k: v.fit()),
     Binding(("PageUp",), "z - 1", lambda v, k: v.step_axis("z", -1)),
     Binding(("PageDown",), "z + 1", lambda v, k: v.step_axis("z", 1)),
+    Binding((" ",), "play / stop t (else z)", lambda v, k: v.toggle_play()),
     Binding((",",), "t - 1", lambda v, k: v.step_axis("t", -1)),
     Binding((".",), "t + 1", lambda v, k: v.step_axis("t", 1)),
     Binding(
@@ -77,9 +78,9 @@ def action_for(key: str) -> Callable[[Any], None] | None:
 
 def help_lines() -> list[str]:
     """The table as text, a line a binding."""
-    arrows = {"ArrowLeft": "←", "ArrowRight": "→", "ArrowUp": "↑", "ArrowDown": "↓"}
+    names = {"ArrowLeft": "←", "ArrowRight": "→", "ArrowUp": "↑", "ArrowDown": "↓", " ": "space"}
     lines = []
     for b in BINDINGS:
-        keys = "1-9" if b.keys == tuple("123456789") else " ".join(arrows.get(k, k) for k in b.keys)
+        keys = "1-9" if b.keys == tuple("123456789") else " ".join(names.get(k, k) for k in b.keys)
         lines.append(f"{keys}:  {b.help}")
     return lines

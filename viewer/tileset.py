@@ -39,8 +39,10 @@ from .tiling import (
     RetrySchedule,
     TileKey,
     View,
+    is_visible_priority,
     plan_tiles,
     plane_levels,
+    slice_prefetch_priority,
     tile_count,
     tiles_to_keep,
     view_complete,
@@ -148,6 +150,10 @@ class TileSet(ChunkManager):
             pool.multiscale_info, self.plane.y_axis, self.plane.x_axis
         )
         self.position = position if position is not None else self.plane.default_position()
+        self._previous_position = self.position  # the slice before, standing in
+        #: Slice positions to prefetch the view's visible tiles at (playback), nearest
+        #: first.
+        self.ahead: tuple[SlicePosition, ...] = ()
         self.bias = bias
         self.prefetch_ring = prefetch_ring
         self.channels = [ChannelTiles(index, visible) for index, visible in channels]
@@ -181,8 +187,16 @@ class TileSet(ChunkManager):
     def set_position(self, position: SlicePosition) -> None:
         """Show another slice (z, t, ...); the current one stands in until it loads."""
         if position != self.position:
-            self.position = position
+            self._previous_position, self.position = self.position, position
             self._changed()
+
+    def regrid(self) -> None:
+        """The image grew (a live store): take the pool's new geometry (more chunks
+        along an axis, levels added). Held tiles stay: their chunks are unchanged."""
+        info = self.pool.multiscale_info
+        self.plane = Plane.of(info)
+        self.levels = plane_levels(info, self.plane.y_axis, self.plane.x_axis)
+        self._changed()
 
     def invalidate(self) -> None:
         """Let the next :meth:`update` recompute everything (display settings changed)."""
@@ -201,7 +215,13 @@ class TileSet(ChunkManager):
         if self.pool.memory_budget is not None:  # O(held): only under a budget
             for chunk in self._released_silently():
                 self._ask_again(chunk)
-        state = (view, zoom_in, self.position, tuple(ch.visible for ch in self.channels))
+        state = (
+            view,
+            zoom_in,
+            self.position,
+            self.ahead,
+            tuple(ch.visible for ch in self.channels),
+        )
         if state == self._last_state:
             return
         self._last_state = state
@@ -396,10 +416,17 @@ class TileSet(ChunkManager):
             ]
             for k in tiles_to_keep(loaded, self.levels, view, target, done):
                 ch.kept.add(ChannelTile(c, position, *k))
-            if not self.overflow and any(k.position != position for k in ch.tiles):
+            if not self.overflow and any(k.position == self._previous_position for k in ch.tiles):
                 self._keep_previous_slice(ch, view, target, done)
             for key in ch.kept:
                 wanted.setdefault(key, ch.tiles[key].priority)
+            for ahead, slice_position in enumerate(self.ahead, 1):
+                for k, p in plan.items():
+                    if k[0] == target and is_visible_priority(p):
+                        wanted.setdefault(
+                            ChannelTile(c, slice_position, *k),
+                            slice_prefetch_priority(p, ahead),
+                        )
         for key in [k for k in ch.tiles if k not in wanted]:
             self._remove_tile(ch, key)
         for key, priority in wanted.items():
@@ -416,7 +443,10 @@ class TileSet(ChunkManager):
             tile.shown = (
                 tile.plane is not None
                 and tile.in_view
-                and (tile.key.level >= target or tile.key in ch.kept)
+                and (
+                    tile.key in ch.kept
+                    or (tile.key.level >= target and tile.key.position == position)
+                )
             )
 
     def _keep_previous_slice(
@@ -428,7 +458,7 @@ class TileSet(ChunkManager):
             return
         for key, tile in ch.tiles.items():
             if (
-                key.position != self.position
+                key.position == self._previous_position != self.position
                 and tile.plane is not None
                 and _intersects(tile.bounds, view)
             ):

@@ -77,8 +77,10 @@ __all__ = [
     "choose_level",
     "eviction_order",
     "follow_origin",
+    "is_visible_priority",
     "plan_tiles",
     "plane_levels",
+    "slice_prefetch_priority",
     "tile_budget",
     "tile_count",
     "tiles_in_view",
@@ -307,6 +309,18 @@ def _add_tiles(
             old = plan.get(key)
             if old is None or p < old:
                 plan[key] = p
+
+
+def slice_prefetch_priority(priority: float, ahead: int) -> float:
+    """The priority of a visible tile's twin ``ahead`` slices further along a played
+    axis: a prefetch, after the ring's nearest, nearer slices first, nearer the focus
+    first within a slice."""
+    return PREFETCH * _TIER + ahead * _LEVEL + priority % _LEVEL
+
+
+def is_visible_priority(priority: float) -> bool:
+    """Whether a planned priority is of the visible tier."""
+    return priority < PREFETCH * _TIER
 
 
 def plan_tiles(
