@@ -481,6 +481,12 @@ window.viewer.step_axis("z", -1)  # a key moves it: the slider follows
 window.viewer.refresh()
 app.processEvents()
 assert slider.value() == 1 and label.text() == "z 1", (slider.value(), label.text())
+play = window.play_buttons["z"]
+assert play.focusPolicy() == QtCore.Qt.FocusPolicy.NoFocus
+play.click()
+assert window.viewer.playback is not None and window.viewer.playback.axis == "z"
+play.click()
+assert window.viewer.playback is None
 window.layer_list.item(1).setCheckState(QtCore.Qt.CheckState.Unchecked)
 assert not window.viewer.layers[1].visible
 window.close()

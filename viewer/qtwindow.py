@@ -35,10 +35,11 @@ __all__ = ["QT_LIB", "ViewerWindow", "loop"]
 
 
 class ViewerWindow(QtWidgets.QWidget):
-    """The viewer's canvas above one labelled slider per slider axis (z, t, ...) and,
-    with more than one layer, a list of the layers (tick: visible; selected: active).
+    """The viewer's canvas above one labelled slider (with a play button) per slider
+    axis (z, t, ...) and, with more than one layer, a list of the layers (tick:
+    visible; selected: active).
 
-    The sliders and the list never take the keyboard focus: keys always reach the
+    Sliders, buttons and the list never take the keyboard focus: keys always reach the
     canvas (a dragged slider that kept the focus would take ``q`` and PageDown)."""
 
     def __init__(self, make_viewer: Callable[[Any], Viewer], size: tuple[int, int], title: str):
@@ -54,6 +55,7 @@ class ViewerWindow(QtWidgets.QWidget):
         layout.addWidget(self.canvas, 1)
         self.viewer = make_viewer(self.canvas)
         self.sliders: dict[str, tuple[Any, Any]] = {}
+        self.play_buttons: dict[str, Any] = {}
         for name, n in self.viewer.dims().items():
             if n < 2:
                 continue
@@ -64,8 +66,14 @@ class ViewerWindow(QtWidgets.QWidget):
             slider.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
             slider.setRange(0, n - 1)
             slider.valueChanged.connect(lambda value, name=name: self.viewer.set_index(name, value))
+            play = QtWidgets.QPushButton("play")
+            play.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+            play.setCheckable(True)
+            play.toggled.connect(lambda on, name=name: self._play(name, on))
+            row.addWidget(play)
             row.addWidget(label)
             row.addWidget(slider, 1)
+            self.play_buttons[name] = play
             layout.addLayout(row)
             self.sliders[name] = (label, slider)
         self.layer_list = QtWidgets.QListWidget()
@@ -91,6 +99,18 @@ class ViewerWindow(QtWidgets.QWidget):
                     slider.blockSignals(True)
                     slider.setValue(index)
                     slider.blockSignals(False)
+
+    def _play(self, name: str, on: bool) -> None:
+        """A play button: play that axis (the others' buttons go up), or stop."""
+        if on:
+            for other, button in self.play_buttons.items():
+                if other != name and button.isChecked():
+                    button.blockSignals(True)
+                    button.setChecked(False)
+                    button.blockSignals(False)
+            self.viewer.play(name)
+        else:
+            self.viewer.stop()
 
     def _sync_layers(self, *_: Any) -> None:
         """List the layers (shown only when there are several)."""
