@@ -276,6 +276,7 @@ class Viewer:
         self.playback: Playback | None = None
         self._slice_started: float | None = None  # when the shown slice was asked for
         self._slice_seconds: float | None = None  # how long the last slice took to load
+        self._prefetch_slices = True
         #: When a watched store last changed (time.monotonic()), None before that.
         self.newest_data_at: float | None = None
         self.camera = Camera(size=self._size())
@@ -821,17 +822,24 @@ class Viewer:
     # -- playback -------------------------------------------------------------------
 
     def play(
-        self, axis: str = "t", fps: float = 5.0, mode: str = "smooth", *, clock: Any = None
+        self,
+        axis: str = "t",
+        fps: float = 5.0,
+        mode: str = "smooth",
+        *,
+        prefetch: bool = True,
+        clock: Any = None,
     ) -> Playback:
         """Play a slider axis (by name, or "t" / "z" as for :meth:`set_index`) at
         ``fps``: "smooth" keeps time and shows the best level arrived, "sharp" waits
-        for each slice (see :mod:`viewer.playback`). The next slices are prefetched.
-        The space key plays t (else z) or stops."""
+        for each slice (see :mod:`viewer.playback`). With ``prefetch`` the next slices
+        are loaded ahead. The space key plays t (else z) or stops."""
         name = self._axis_name(axis)
         if name is None:
             raise ValueError(f"{axis!r} is not a slider axis of the layers")
         options = {} if clock is None else {"clock": clock}
         self.playback = Playback(name, self.dims()[name], fps, mode, **options)  # type: ignore[arg-type]
+        self._prefetch_slices = prefetch
         self._slice_started = self.playback.clock()
         self._request_draw()
         return self.playback
@@ -867,7 +875,7 @@ class Viewer:
             self.set_index(playback.axis, step)
             index = step
             self._slice_started = playback.clock()
-        depth = prefetch_depth(playback.fps, self._slice_seconds)
+        depth = prefetch_depth(playback.fps, self._slice_seconds) if self._prefetch_slices else 0
         for layer in self.layers:
             plane = layer.tiles.plane
             axes = plane.info.levels[0].axes
