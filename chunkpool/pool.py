@@ -976,9 +976,7 @@ class ChunkPool:
         """
         return refresh_pool(self)
 
-    def watch(
-        self, interval: float, on_change: Callable[[Changes], None] | None = None
-    ) -> None:
+    def watch(self, interval: float, on_change: Callable[[Changes], None] | None = None) -> None:
         """Refresh every ``interval`` seconds in a thread of the pool (replacing an
         earlier watch); ``watch(0)`` stops. ``on_change(changes)`` runs in that thread
         when something changed; a refresh that fails is one WARNING of the "chunkpool"
