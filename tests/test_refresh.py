@@ -333,3 +333,23 @@ def test_taller_mosaic_reloads_the_old_edge_chunks(tmp_path, pools):
         assert np.array_equal(loc.data, taller[loc.slices])
     assert sorted(store.rec.finished[reads_before:]) == ["c/0/1/0", "c/0/1/1"]
     assert pool.memory_usage == sum(loc.data.nbytes for loc in locs) + 4 * ENTRY_OVERHEAD
+
+
+def test_reload_in_polled_mode_wakes_and_delivers_the_new_data(movie, pools):
+    path, data = movie
+    pool, _ = open_counted(path, pools)
+    woken = threading.Event()
+    pool.enable_polled_load_handlers(woken.set)
+    seen: list[np.ndarray] = []
+    loc = pool.get_chunk(0, (1, 1, 0), "view", load_handler=lambda loc: seen.append(loc.data))
+    assert woken.wait(GENEROUS)
+    assert pool.run_pending_handlers() == 1
+    woken.clear()
+
+    zarr.open_array(path / "0", mode="r+")[1, 16:, :16] = 31
+    bump_mtime(chunk_file(path, 0, (1, 1, 0)))
+    assert pool.refresh().rewritten == ((0, (1, 1, 0)),)
+    assert woken.wait(GENEROUS)
+    assert pool.run_pending_handlers() == 1
+    assert len(seen) == 2 and np.array_equal(seen[1], np.full((1, 16, 16), 31, data.dtype))
+    assert np.array_equal(seen[0], data[1:2, 16:, :16]) and seen[1] is loc.data
