@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -353,3 +354,21 @@ def test_reload_in_polled_mode_wakes_and_delivers_the_new_data(movie, pools):
     assert pool.run_pending_handlers() == 1
     assert len(seen) == 2 and np.array_equal(seen[1], np.full((1, 16, 16), 31, data.dtype))
     assert np.array_equal(seen[0], data[1:2, 16:, :16]) and seen[1] is loc.data
+
+
+def test_store_deleted_while_watched_keeps_what_it_had(movie, pools, caplog):
+    path, data = movie
+    pool, _ = open_counted(path, pools)
+    locs = hold_all(pool)
+    info = pool.multiscale_info
+    shutil.rmtree(path)
+
+    with pytest.raises(SourceError) as raised:
+        pool.refresh()
+    assert "\n" not in str(raised.value)
+    watcher = Watcher(pool, 1.0)
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        assert watcher.tick() and watcher.tick()
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert pool.multiscale_info is info
+    assert np.array_equal(locs[0].data, data[:1, :16, :16])
