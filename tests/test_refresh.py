@@ -372,3 +372,22 @@ def test_store_deleted_while_watched_keeps_what_it_had(movie, pools, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert pool.multiscale_info is info
     assert np.array_equal(locs[0].data, data[:1, :16, :16])
+
+
+def test_on_change_that_raises_is_logged_and_watching_goes_on(movie, pools, caplog):
+    path, data = movie
+    pool, _ = open_counted(path, pools)
+    calls: list[Changes] = []
+
+    def bad(changes: Changes) -> None:
+        calls.append(changes)
+        raise RuntimeError("handler bug")
+
+    watcher = Watcher(pool, 1.0, bad)
+    assert watcher.tick() and calls == []  # nothing changed: not called
+    append_time_point(path, np.ones((32, 32), data.dtype))
+    with caplog.at_level(logging.ERROR, logger="chunkpool"):
+        assert watcher.tick()
+    assert len(calls) == 1 and "on_change" in caplog.records[-1].getMessage()
+    append_time_point(path, np.ones((32, 32), data.dtype))
+    assert watcher.tick() and len(calls) == 2
