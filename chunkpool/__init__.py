@@ -21,6 +21,7 @@ from .location import ChunkLocation, ChunkState
 from .manager import ChunkManager
 from .metadata import read_multiscales
 from .pool import ChunkPool
+from .refresh import Changes
 from .retry import RetryPolicy
 from .stats import PoolStats
 from .stores import open_node
@@ -28,6 +29,7 @@ from .stores import open_node
 __all__ = [
     "ENTRY_OVERHEAD",
     "Axis",
+    "Changes",
     "ChannelInfo",
     "ChunkCancelledError",
     "ChunkDecodeError",

@@ -65,6 +65,7 @@ class ChunkLocation:
     __slots__ = (
         "__weakref__",
         "_cached_at",
+        "_checked",
         "_data",
         "_destroy_handlers",
         "_error",
@@ -77,6 +78,7 @@ class ChunkLocation:
         "_refs",
         "_scale_info",
         "_seq",
+        "_stamp",
         "_state",
         "_unfired_loads",
         "_waiting",
@@ -109,6 +111,10 @@ class ChunkLocation:
         self._waiting = False  # a request waiting for room in its memory budget
         self._seq = 0  # request order, under a memory budget
         self._cached_at = 0  # cache order, while cached
+        # the stored object's version when the data was read (local files; else None),
+        # and when that was last checked (refresh revalidates the oldest checks first)
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0
 
     def __repr__(self) -> str:
         return f"<ChunkLocation level={self.level} index={self._index} {self.state.value}>"

@@ -10,6 +10,7 @@ pool.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import math
 import operator
@@ -42,6 +43,7 @@ from .errors import (
 from .info import MultiscaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
+from .refresh import Changes, Watcher, refresh_pool
 from .retry import RetryPolicy
 from .scheduler import Completions, LoadJob, LoadScheduler
 from .source import SHARD_INDEX_CACHE_BYTES, ChunkSource, ShardIndexCache
@@ -127,6 +129,10 @@ class ChunkPool:
         makes may call drop and destroy handlers from a pool thread.
     index_cache_bytes:
         Bound on the bytes of the shard indexes kept (all levels together).
+    revalidate:
+        How many held or cached chunks one :meth:`refresh` checks against their stored
+        file (local stores), those checked longest ago first (see
+        :mod:`chunkpool.refresh`).
     """
 
     def __init__(
@@ -142,12 +148,16 @@ class ChunkPool:
         retry: RetryPolicy | None = None,
         memory_budget: int | MemoryBudget | None = None,
         index_cache_bytes: int = SHARD_INDEX_CACHE_BYTES,
+        revalidate: int = 256,
     ):
+        if revalidate < 0:
+            raise ValueError(f"revalidate must be >= 0, not {revalidate}")
         budget = memory_budget
         if budget is not None and not isinstance(budget, MemoryBudget):
             budget = MemoryBudget(budget)
         self._budget: MemoryBudget | None = budget
         self._info = multiscale_info
+        self._retry = retry
         self._buffers = BufferPool(recycle_bytes)
         self._index_cache = ShardIndexCache(
             index_cache_bytes, self._reserve_index, self._release_index
@@ -184,6 +194,10 @@ class ChunkPool:
         self._reserved = 0  # of it, the reservations of admitted loads
         self._pending_bytes = 0
         self._destroyed = False
+        self._revalidate = revalidate
+        self._check_clock = itertools.count(1)  # stamps ChunkLocation._checked
+        self._refresh_lock = threading.Lock()  # one refresh at a time
+        self._watcher: Watcher | None = None
         if budget is not None:
             budget.join(self)
 
@@ -682,6 +696,11 @@ class ChunkPool:
         """``loc`` lost its last ref: cache it (if ``keep`` allows) or let it go; a
         pending load joins ``cancelled``, the destroy-handler calls due join ``calls``.
         Holds ``_lock``."""
+        if loc._state is _LOADED and loc._job is not None:  # a reload: not needed now
+            cancelled.append(loc._job)
+            loc._job = None
+            self._pending_bytes -= loc._nbytes
+            self._loaded_one()
         if loc._state is _LOADED and keep and self._cache.enabled:
             for old in self._cache.add(loc):
                 self._destroy_loc(old, calls)
@@ -776,6 +795,8 @@ class ChunkPool:
         nothing); False if it started meanwhile."""
         job = loc._job
         assert job is not None
+        if loc._state is _LOADED:  # a reload (see refresh): its old data stays in use
+            return False
         if not self._scheduler.withdraw(job):
             return False
         loc._job = LoadJob(job.source, job.index, loc.priority, self._on_job_done)
@@ -858,6 +879,28 @@ class ChunkPool:
                     continue  # cancelled meanwhile
                 loc._job = None
                 self._pending_bytes -= loc._nbytes
+                if loc._state is _LOADED:  # a reload: the stored chunk changed
+                    s.latencies.append(now - job.submitted_at)
+                    s.bytes_fetched += job.nbytes_fetched
+                    self._loaded_one()
+                    if error is not None or data is None:
+                        # the old data stays; its stamp too, so the next refresh retries
+                        resolved.append((None, None, error, key))
+                        s.failures += 1
+                        continue
+                    held = _held_bytes(data) + ENTRY_OVERHEAD
+                    self._memory += held - loc._held_bytes
+                    loc._held_bytes = held
+                    loc._data = data
+                    loc._stamp = job.stamp
+                    loc._checked = next(self._check_clock)
+                    s.loads += 1
+                    s.bytes_loaded += data.nbytes
+                    reloaded = {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
+                    if reloaded:
+                        self._queue_loads(loc, reloaded)
+                        posted = posted or dispatcher is not None
+                    continue
                 reserved = loc._held_bytes  # under a memory budget (else 0)
                 self._reserved -= reserved
                 s.latencies.append(now - job.submitted_at)
@@ -883,6 +926,8 @@ class ChunkPool:
                 else:
                     loc._data = data
                     loc._state = _LOADED
+                    loc._stamp = job.stamp
+                    loc._checked = next(self._check_clock)
                     loc._held_bytes = held = _held_bytes(data) + ENTRY_OVERHEAD
                     self._memory += held - reserved
                     s.loads += 1
@@ -914,6 +959,40 @@ class ChunkPool:
                 future.set_result(data)
         if posted:
             dispatcher.kick()  # type: ignore[union-attr]
+
+    # -- following a store being written (see chunkpool.refresh) ----------------------
+
+    def refresh(self) -> Changes:
+        """Re-read the image's metadata and revalidate up to ``revalidate`` loaded chunks.
+
+        Grown and added levels are taken (``multiscale_info`` is replaced, existing
+        locations stay valid, new indices may be requested); held chunks whose stored
+        file changed are read again, and their holders' load handlers run a second time
+        with the same location once ``loc.data`` is the new data (the old data stays
+        until then); cached ones are dropped. A change the pool cannot follow (a
+        shrink, another dtype, chunk grid or axes...) leaves the pool as it was and
+        says ``reopened``: open the source again. Raises SourceError if the metadata
+        cannot be read now (nothing changes), PoolDestroyedError after destroy().
+        """
+        return refresh_pool(self)
+
+    def watch(self, interval: float, on_change: Callable[[Changes], None] | None = None) -> None:
+        """Refresh every ``interval`` seconds in a thread of the pool (replacing an
+        earlier watch); ``watch(0)`` stops. ``on_change(changes)`` runs in that thread
+        when something changed; a refresh that fails is one WARNING of the "chunkpool"
+        logger per distinct error until one succeeds again. Stopped by destroy().
+        """
+        if not (math.isfinite(interval) and interval >= 0):
+            raise ValueError(f"watch() interval must be a finite number >= 0, not {interval!r}")
+        with self._lock:
+            if self._destroyed:
+                raise PoolDestroyedError("the pool was destroyed")
+            old, self._watcher = self._watcher, None
+            if interval > 0:
+                self._watcher = Watcher(self, interval, on_change)
+                self._watcher.start()
+        if old is not None:
+            old.stop(DESTROY_TIMEOUT)
 
     # -- bulk -----------------------------------------------------------------------
 
@@ -993,6 +1072,7 @@ class ChunkPool:
             if self._destroyed:
                 return
             self._destroyed = True
+            watcher, self._watcher = self._watcher, None
             calls: list[HandlerCall] = []
             cancelled: list[LoadJob] = []  # the scheduler's shutdown cancels them all
             for loc in self._chunks.values():
@@ -1014,6 +1094,8 @@ class ChunkPool:
         # nor those of chunk arrays the application still holds when it lets them go
         self._buffers.max_free_bytes = 0
         self._buffers.clear()
+        if watcher is not None:  # (a refresh in progress ends at its next step)
+            watcher.stop(timeout)
         abandoned = self._scheduler.shutdown(timeout)
         if abandoned.threads:
             shown = ", ".join(f"level {lvl} chunk {idx}" for lvl, idx in abandoned.chunks[:8])

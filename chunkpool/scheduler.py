@@ -110,6 +110,7 @@ class LoadJob:
         "on_done",
         "priority",
         "source",
+        "stamp",
         "state",
         "submitted_at",
     )
@@ -128,6 +129,7 @@ class LoadJob:
         self.state = _QUEUED
         self.submitted_at = time.perf_counter()
         self.nbytes_fetched = 0
+        self.stamp: tuple[int, int] | None = None  # the stored object's, when read
         self._seq = 0
         self._version = 0
         self._io_future: concurrent.futures.Future | None = None
@@ -220,6 +222,7 @@ class _Batch:
             t1 = perf_counter()
             fetch_s += t1 - t0
             job.nbytes_fetched = raw.nbytes_fetched
+            job.stamp = raw.stamp
             if job.state is not _FETCHING:
                 job.source.release(raw)
                 continue
@@ -731,6 +734,7 @@ class LoadScheduler:
         else:
             assert raw is not None
             job.nbytes_fetched = raw.nbytes_fetched
+            job.stamp = raw.stamp
             job.state = _DECODING
             self._decoding += 1
             if self._cpu_busy < self._cpu_limit:

@@ -54,7 +54,7 @@ from zarr.abc.store import (
 from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BytesCodec, GzipCodec
 from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, WrapperStore
 
 from .buffers import BufferPool, transient_size
 from .errors import ChunkDecodeError, ChunkReadError, SourceError
@@ -136,11 +136,36 @@ class _IndexReadAbandoned(Exception):
 
 class RawChunk(NamedTuple):
     """The encoded bytes of one chunk (None when the chunk does not exist). A named
-    tuple: one is made per chunk, and a frozen dataclass costs ~1 µs more to make."""
+    tuple: one is made per chunk, and a frozen dataclass costs ~1 µs more to make.
+    ``stamp``: the stored object's version (:func:`file_stamp`) seen before reading it,
+    for local files; None where the store has no such thing."""
 
     data: np.ndarray | None
     nbytes_fetched: int
     owner: np.ndarray | None = None
+    stamp: Stamp | None = None
+
+
+#: A stored file's version as ``(size, mtime_ns)``; :data:`ABSENT` for no file.
+Stamp = tuple[int, int]
+ABSENT: Stamp = (-1, -1)
+
+
+def file_stamp(path: str) -> Stamp:
+    """``(size, mtime_ns)`` of the file at ``path``, :data:`ABSENT` if there is none.
+    Taken *before* a read: a write after it changes the stamp, so a refresh sees it."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ABSENT
+    return (st.st_size, st.st_mtime_ns)
+
+
+def local_root(store: Any) -> str | None:
+    """The root directory of the LocalStore under ``store`` (through wrappers), if any."""
+    while isinstance(store, WrapperStore):
+        store = store._store
+    return os.path.join(str(store.root), "") if isinstance(store, LocalStore) else None
 
 
 class _IntoDecoder:
@@ -402,41 +427,64 @@ class ShardIndexCache:
         self._reserve = reserve
         self._release = release
         self._lock = threading.Lock()
-        # a Future while being read, then (index or None for a missing shard, bytes)
+        # a Future while being read, then (index or None for a missing shard, bytes,
+        # the shard file's stamp when it was read, or None)
         self._entries: OrderedDict[tuple[int, tuple[int, ...]], Any] = OrderedDict()
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def claim(self, key: tuple[int, tuple[int, ...]]) -> tuple[Any, Future | None, bool]:
+    def claim(
+        self, key: tuple[int, tuple[int, ...]], stamp: Stamp | None = None
+    ) -> tuple[Any, Future | None, bool]:
         """``(entry, None, False)`` for a cached index (``entry[0]`` is the index, None
         for a missing shard); else ``(None, future, mine)``: whether the caller must
-        read it (then :meth:`store` or :meth:`forget` it), or wait for ``future``."""
+        read it (then :meth:`store` or :meth:`forget` it), or wait for ``future``.
+        A cached index read from another version of the shard than ``stamp`` (the
+        file's now, if known) is stale: it is forgotten and read again."""
         with self._lock:
             entry = self._entries.get(key)
+            stale = 0
+            if entry is not None and type(entry) is not Future and _stale(entry, stamp):
+                del self._entries[key]
+                stale = entry[1]
+                self.nbytes -= stale
+                entry = None
             if entry is None:
                 fut: Future = Future()
                 self._entries[key] = fut
-                return None, fut, True
-            if type(entry) is Future:
-                return None, entry, False
-            self._entries.move_to_end(key)
-            return entry, None, False
+                result: tuple[Any, Future | None, bool] = (None, fut, True)
+            elif type(entry) is Future:
+                result = (None, entry, False)
+            else:
+                self._entries.move_to_end(key)
+                result = (entry, None, False)
+        if stale and self._release is not None:
+            self._release(stale)
+        return result
 
-    def cached(self, key: tuple[int, tuple[int, ...]]) -> Any:
+    def cached(self, key: tuple[int, tuple[int, ...]], stamp: Stamp | None = None) -> Any:
         """A shard's index if it was read already (``_MISSING`` if the shard does not
-        exist), else None (not read, being read, or failed)."""
+        exist), else None (not read, being read, failed, or read from another version
+        of the shard than ``stamp``)."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or type(entry) is Future:
+            if entry is None or type(entry) is Future or _stale(entry, stamp):
                 return None
             self._entries.move_to_end(key)
         return _MISSING if entry[0] is None else entry[0]
 
-    def store(self, key: tuple[int, tuple[int, ...]], fut: Future, index: Any) -> None:
-        """Keep the index the caller read (``fut`` already resolved with it), if it
-        fits: evicting the least recently used indexes to stay within the bound."""
+    def store(
+        self,
+        key: tuple[int, tuple[int, ...]],
+        fut: Future,
+        index: Any,
+        stamp: Stamp | None = None,
+    ) -> None:
+        """Keep the index the caller read (``fut`` already resolved with it) from the
+        shard version ``stamp``, if it fits: evicting the least recently used indexes
+        to stay within the bound."""
         nbytes = INDEX_ENTRY_OVERHEAD + (0 if index is None else index.offsets_and_lengths.nbytes)
         if nbytes > self.max_bytes or (self._reserve is not None and not self._reserve(nbytes)):
             self.forget(key, fut)
@@ -445,7 +493,7 @@ class ShardIndexCache:
             if self._entries.get(key) is not fut:  # cleared meanwhile
                 freed = nbytes
             else:
-                self._entries[key] = (index, nbytes)
+                self._entries[key] = (index, nbytes, stamp)
                 self.nbytes += nbytes
                 freed = self._evict(self.nbytes - self.max_bytes)
         if freed and self._release is not None:
@@ -487,6 +535,11 @@ class ShardIndexCache:
         return freed
 
 
+def _stale(entry: tuple[Any, int, Stamp | None], stamp: Stamp | None) -> bool:
+    """Whether a cached shard index was read from another version than ``stamp``."""
+    return stamp is not None and entry[2] is not None and entry[2] != stamp
+
+
 class ChunkSource:
     """Fetches and decodes the chunks of one level (one zarr array)."""
 
@@ -521,6 +574,9 @@ class ChunkSource:
             if isinstance(self.store, LocalStore)
             else None
         )
+        #: The directory of the local files under the store (None: not local), whose
+        #: versions are stamped at each read (:func:`file_stamp`) for refreshes.
+        self.stat_root = local_root(self.store)
         self._sharding: ShardingCodec | None = None
         self._init_keys(self._metadata)
         try:
@@ -609,7 +665,18 @@ class ChunkSource:
             key = sep.join(map(str, coords)) or "0"
         return f"{self._prefix}/{key}" if self._prefix else key
 
-    def _plan(self, index: tuple[int, ...]) -> _Plan:
+    def stored_key(self, index: tuple[int, ...]) -> str:
+        """The store key of the object holding chunk ``index``: its file, or its shard's."""
+        if self._sharding is None:
+            return self._key(index)
+        return self._key(tuple(map(operator.floordiv, index, self._chunks_per_shard)))
+
+    def stamp(self, index: tuple[int, ...]) -> Stamp | None:
+        """The version of the object holding chunk ``index`` now (None: not local)."""
+        root = self.stat_root
+        return None if root is None else file_stamp(root + self.stored_key(index))
+
+    def _plan(self, index: tuple[int, ...], stamp: Stamp | None = None) -> _Plan:
         if self._sharding is None:
             read = yield _Read(self._key(index))
             if read is None:
@@ -617,7 +684,7 @@ class ChunkSource:
             return RawChunk(read.data, read.data.nbytes, read.owner)
         shard = tuple(i // n for i, n in zip(index, self._chunks_per_shard, strict=True))
         inner = tuple(i % n for i, n in zip(index, self._chunks_per_shard, strict=True))
-        shard_index, fetched = yield from self._shard_index_plan(shard)
+        shard_index, fetched = yield from self._shard_index_plan(shard, stamp)
         byte_slice = None if shard_index is None else shard_index.get_chunk_slice(inner)
         if byte_slice is None:  # the whole shard, or this inner chunk, is empty
             return RawChunk(None, fetched)
@@ -627,7 +694,7 @@ class ChunkSource:
         return RawChunk(read.data, fetched + read.data.nbytes, read.owner)
 
     def _shard_index_plan(
-        self, shard: tuple[int, ...]
+        self, shard: tuple[int, ...], stamp: Stamp | None = None
     ) -> Generator[_Read | _Await, Any, tuple[ShardIndex | None, int]]:
         """A shard's index (None if the shard is missing) and the bytes fetched for it.
 
@@ -636,7 +703,7 @@ class ChunkSource:
         """
         key = (self.scale.level, shard)
         while True:
-            entry, fut, mine = self._shard_indexes.claim(key)
+            entry, fut, mine = self._shard_indexes.claim(key, stamp)
             if fut is None:
                 return entry[0], 0
             if not mine:
@@ -657,7 +724,7 @@ class ChunkSource:
                 if read is not None and read.owner is not None:
                     self._buffers.give(read.owner)
             fut.set_result(shard_index)
-            self._shard_indexes.store(key, fut, shard_index)
+            self._shard_indexes.store(key, fut, shard_index, stamp)
             return shard_index, 0 if read is None else read.data.nbytes
 
     def _read_index(self, shard: tuple[int, ...], data: np.ndarray) -> ShardIndex:
@@ -695,11 +762,12 @@ class ChunkSource:
         """Fetch a chunk's bytes from a synchronous store, in the calling thread.
 
         ``files``: see :meth:`_LocalReader.read` (local stores; the caller closes them
-        with :func:`close_files`)."""
+        with :func:`close_files`). Local files are stamped first (``raw.stamp``)."""
+        stamp = None if self.stat_root is None else self.stamp(index)
         if self._local is not None:
-            raw = self._fetch_local(index, files)
+            raw = self._fetch_local(index, files, stamp)
             if raw is not None:
-                return raw
+                return raw if stamp is None else raw._replace(stamp=stamp)
 
         def perform(step: _Read | _Await) -> Any:
             if isinstance(step, _Await):
@@ -717,7 +785,8 @@ class ChunkSource:
             # raised outside the handler: the store's exception is neither cause nor context
             raise ChunkReadError(f"{self.name}/{step.key}: {reason}", reason=reason)
 
-        return self._drive_sync(self._plan(index), perform)
+        raw = self._drive_sync(self._plan(index, stamp), perform)
+        return raw if stamp is None else raw._replace(stamp=stamp)
 
     def _read_local(
         self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
@@ -731,7 +800,9 @@ class ChunkSource:
         # raised outside the handler: the OS error is neither cause nor context
         raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
 
-    def _fetch_local(self, index: tuple[int, ...], files: dict[str, int] | None) -> RawChunk | None:
+    def _fetch_local(
+        self, index: tuple[int, ...], files: dict[str, int] | None, stamp: Stamp | None
+    ) -> RawChunk | None:
         """The plan's common cases for local files, without its generator machinery
         (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
         index is already cached. None means: run the plan."""
@@ -742,7 +813,7 @@ class ChunkSource:
             return RawChunk(read.data, read.data.nbytes, read.owner)
         per = self._chunks_per_shard
         shard = tuple(map(operator.floordiv, index, per))
-        shard_index = self._shard_indexes.cached((self.scale.level, shard))
+        shard_index = self._shard_indexes.cached((self.scale.level, shard), stamp)
         if shard_index is None:
             return None
         if shard_index is _MISSING:
