@@ -1,0 +1,77 @@
+"""A viewer following a store while it is written (``live=``): appended time points
+appear and the view at the newest one follows them; a chunk rewritten in place shows
+its new data; the screenshot ends equal to the numpy ground truth of the final store."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+
+import pytest
+import zarr
+from support.images import noise_image
+from test_render import settle
+
+from viewer import Viewer
+
+pytestmark = pytest.mark.render
+
+SIZE = (96, 64)
+DEADLINE = 60.0
+
+
+def wait_until(viewer: Viewer, condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    pause = threading.Event()
+    while True:
+        viewer.refresh()
+        if condition():
+            return
+        assert time.monotonic() < deadline, f"{what}: not within {DEADLINE:g} s"
+        pause.wait(0.02)
+
+
+def test_a_live_viewer_follows_appended_time_points_and_rewrites(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "live.zarr"
+    frames = [noise_image((SIZE[1], SIZE[0]), seed=s) for s in range(4)]
+    array = zarr.create_array(
+        path,
+        shape=(2, SIZE[1], SIZE[0]),
+        chunks=(1, 32, 32),
+        dtype="uint8",
+        dimension_names=["t", "y", "x"],
+    )
+    array[0], array[1] = frames[0], frames[1]
+    viewer = Viewer(
+        str(path), None, size=SIZE, colormap="gray", clim=(0, 255), show_hud=False, t=1, live=0.1
+    )
+    try:
+        viewer.show_region(0, 0, *SIZE)
+        assert (settle(viewer)[..., 0] == frames[1]).all()
+        writer = zarr.open_array(path, mode="r+")
+        for t in (2, 3):
+            writer.resize((t + 1, SIZE[1], SIZE[0]))
+            writer[t] = frames[t]
+            wait_until(viewer, lambda t=t: viewer.position.get("t") == t, f"t={t} followed")
+            assert viewer.dims()["t"] == t + 1
+            assert (settle(viewer)[..., 0] == frames[t]).all(), f"t={t}"
+        # rewrite one chunk of the shown time point in place
+        new = frames[3].copy()
+        new[:32, :32] = 255 - new[:32, :32]
+        writer[3, :32, :32] = new[:32, :32]
+        wait_until(
+            viewer,
+            lambda: (viewer.screenshot()[..., 0] == new).all(),
+            "the rewritten chunk shown",
+        )
+        # away from the newest: it stays put
+        viewer.set_index("t", 0)
+        writer.resize((5, SIZE[1], SIZE[0]))
+        writer[4] = frames[0]
+        wait_until(viewer, lambda: viewer.dims()["t"] == 5, "the range grown")
+        assert viewer.position["t"] == 0
+        assert (settle(viewer)[..., 0] == frames[0]).all()
+        assert any(line.startswith("live: newest") for line in viewer.hud_lines())
+    finally:
+        viewer.close()
