@@ -16,6 +16,7 @@ from .errors import (
     PoolDestroyedError,
     SourceError,
 )
+from .follow import follow
 from .info import Axis, ChannelInfo, MultiscaleInfo, ScaleInfo
 from .location import ChunkLocation, ChunkState
 from .manager import ChunkManager
@@ -50,6 +51,7 @@ __all__ = [
     "RetryPolicy",
     "ScaleInfo",
     "SourceError",
+    "follow",
     "open_node",
     "read_multiscales",
 ]

@@ -17,7 +17,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -975,6 +975,14 @@ class ChunkPool:
         cannot be read now (nothing changes), PoolDestroyedError after destroy().
         """
         return refresh_pool(self)
+
+    def changes(self, interval: float = 0.5) -> AsyncIterator[Changes]:
+        """``async for changes in pool.changes(0.5)``: the pool's changes, refreshed
+        every ``interval`` seconds (in a worker thread); ends when the pool is
+        destroyed. See :mod:`chunkpool.follow`."""
+        from .follow import changes
+
+        return changes(self, interval)
 
     def watch(self, interval: float, on_change: Callable[[Changes], None] | None = None) -> None:
         """Refresh every ``interval`` seconds in a thread of the pool (replacing an

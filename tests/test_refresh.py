@@ -391,3 +391,46 @@ def test_on_change_that_raises_is_logged_and_watching_goes_on(movie, pools, capl
     assert len(calls) == 1 and "on_change" in caplog.records[-1].getMessage()
     append_time_point(path, np.ones((32, 32), data.dtype))
     assert watcher.tick() and len(calls) == 2
+
+
+def test_follow_and_changes_yield_each_append(tmp_path: Path) -> None:
+    """``chunkpool.follow(path)`` (a plain iterator, as the seed's walk_on_new_events) and
+    ``pool.changes()`` (asyncio) yield a change for each appended time point."""
+    import asyncio
+
+    from chunkpool import follow
+
+    path = tmp_path / "f.zarr"
+    array = zarr.create_array(
+        path, shape=(1, 8, 8), chunks=(1, 8, 8), dtype="uint8", dimension_names=["t", "y", "x"]
+    )
+    array[0] = 1
+    writer = zarr.open_array(path, mode="r+")
+    told = threading.Event()
+
+    def append(t: int) -> None:
+        writer.resize((t + 1, 8, 8))
+        writer[t] = t
+
+    seen = []
+    threading.Thread(target=append, args=(1,)).start()
+    for pool, change in follow(str(path), interval=0.01):
+        seen.append(change.grown[0][1])
+        assert pool.multiscale_info.levels[0].shape == change.grown[0][1]
+        assert int(pool.get_chunk(0, (len(seen), 0, 0)).wait(30)[0, 0, 0]) == len(seen)
+        pool.drop_chunk(0, (len(seen), 0, 0))
+        if len(seen) == 2:
+            break
+        threading.Thread(target=append, args=(2,)).start()
+    assert seen == [(2, 8, 8), (3, 8, 8)] and pool.destroyed  # opened here: destroyed
+
+    async def watch_async() -> tuple:
+        (pool,) = ChunkPool.from_zarr_node(str(path))
+        try:
+            threading.Thread(target=lambda: (append(3), told.set())).start()
+            async for change in pool.changes(0.01):
+                return change.grown[0][1]
+        finally:
+            pool.destroy()
+
+    assert asyncio.run(asyncio.wait_for(watch_async(), 60)) == (4, 8, 8)
