@@ -298,7 +298,8 @@ SMALL_SIZE = 2048  # with 1024 px tile jobs: 4 jobs, levels 3-2 made from them, 
 
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tile jobs of 1024 px, so that a 2048 px sample has several jobs and both passes."""
+    """Tile jobs of 1024 px, so that a 2048 px sample has several jobs, levels they stage
+    and levels made from their results."""
     monkeypatch.setattr(generator, "_TILE", 1024)
 
 
@@ -319,13 +320,11 @@ def test_progress_bar_on_a_terminal(small_tiles: None, tmp_path: pathlib.Path) -
     text = stream.getvalue()
     assert "\r" in text  # redrawn in place
     # The bar says which levels are being made, tiles done of all, elapsed < remaining.
-    bar = r"\|[^|]*\| (\d)/8 tiles \[\d\d:\d\d<(?:\d\d:\d\d|\?)\]"
-    first = [int(n) for n in re.findall(r"levels 3-2: +\d+%" + bar, text)]
-    second = [int(n) for n in re.findall(r"levels 1-0: +\d+%" + bar, text)]
-    assert text.startswith("\rlevels 3-2:"), text  # named from its first frame
-    assert first and max(first) <= 4, text  # the first pass renders the 4 tiles once ...
-    assert second and min(second) >= 4 and max(second) == 8, text  # ... the second again
-    assert re.search(r"\d/8 tiles \[\d\d:\d\d<\d\d:\d\d\]", text)  # an estimate
+    bar = r"\|[^|]*\| (\d)/4 tiles \[\d\d:\d\d<(?:\d\d:\d\d|\?)\]"
+    done = [int(n) for n in re.findall(r"levels 3-0: +\d+%" + bar, text)]
+    assert text.startswith("\rlevels 3-0:"), text  # named from its first frame
+    assert done and max(done) == 4, text  # each of the 4 tiles is rendered once
+    assert re.search(r"\d/4 tiles \[\d\d:\d\d<\d\d:\d\d\]", text)  # an estimate
     assert text.rstrip().splitlines()[-1].startswith("zarrscope: sample written")
 
 
@@ -353,26 +352,29 @@ def test_parallel_output_is_byte_identical_to_sequential(
     assert parallel == sequential
 
 
-def test_coarse_levels_come_first_and_open_while_finer_ones_are_written(
+def test_coarse_levels_come_first_and_open_while_finer_ones_are_placed(
     small_tiles: None, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 ) -> None:
-    """Hold the second pass at its first tile: the sample is at its path and opens, with
-    its exact coarse levels and OME metadata, while it still says it is being written."""
+    """Each tile is rendered once. Hold the placing of the first staged level: the
+    sample is at its path and opens, with its exact coarse levels and OME metadata, and
+    none of its finer chunks, while it still says it is being written."""
     reached, release = threading.Event(), threading.Event()
-    written: list[int] = []
-    real_tile, real_chunks = generator._write_tile, generator._write_chunks
+    rendered: list[tuple[int, int]] = []
+    placed: list[str] = []
+    real_render, real_place = generator._render_tile, generator._place_level
 
-    def held_tile(*args: object) -> None:
+    def counted_render(scene: object, origin: tuple[int, int]) -> np.ndarray:
+        rendered.append(origin)
+        return real_render(scene, origin)
+
+    def held_place(staged: pathlib.Path, level: pathlib.Path) -> None:
         reached.set()
         assert release.wait(60)
-        real_tile(*args)
+        placed.append(level.name)
+        real_place(staged, level)
 
-    def recorded_chunks(writer: object, *args: object) -> None:
-        written.append(writer.level)  # type: ignore[attr-defined]
-        real_chunks(writer, *args)
-
-    monkeypatch.setattr(generator, "_write_tile", held_tile)
-    monkeypatch.setattr(generator, "_write_chunks", recorded_chunks)
+    monkeypatch.setattr(generator, "_render_tile", counted_render)
+    monkeypatch.setattr(generator, "_place_level", held_place)
     path = tmp_path / "s.ome.zarr"
     errors: list[BaseException] = []
 
@@ -393,35 +395,37 @@ def test_coarse_levels_come_first_and_open_while_finer_ones_are_written(
         group = zarr.open_group(path, mode="r")
         early = [group[str(level)][...] for level in (2, 3)]
         assert chunk_files(path, 0) == [] and chunk_files(path, 1) == []
-        assert written == [3, 2]  # coarsest first
+        assert len(chunk_files(path, 2)) == 2 * 2 * 2 and len(chunk_files(path, 3)) == 2
     finally:
         release.set()
         maker.join(60)
     assert not maker.is_alive() and errors == []
     assert generator._sample_state(path) == "complete"
+    assert sorted(rendered) == [(0, 0), (0, 1024), (1024, 0), (1024, 1024)]  # once each
+    assert placed == ["1", "0"]  # the staged levels move in coarse to fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.zarr"]  # no staging left
     levels = levels_of(path)
     for level, seen in zip((2, 3), early, strict=True):
         np.testing.assert_array_equal(levels[level], seen)  # were final when first seen
     np.testing.assert_array_equal(levels[2], halve(halve(levels[0])))
-    # Each tile of the second pass writes its levels coarse to fine as well.
-    assert written[2:] == [1, 0] * 4
 
 
 def test_killed_generation_is_regenerated_not_shown_half_empty(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "sample.ome.zarr"
-    # A generation killed outright (as SIGKILL or a power cut would) after its first
-    # tile of the finest levels: nothing of it gets to clean up.
+    # A generation killed outright (as SIGKILL or a power cut would) once level 1 is
+    # in place and level 0 is still staged: nothing of it gets to clean up.
     script = (
         "import importlib, os, sys\n"
         "g = importlib.import_module('sample_data.make_sample')\n"
         "g._TILE = 1024\n"
-        "real = g._write_tile\n"
-        "def dying(*args):\n"
-        "    real(*args)\n"
-        "    os._exit(3)\n"
-        "g._write_tile = dying\n"
+        "real = g._place_level\n"
+        "def dying(staged, level):\n"
+        "    if level.name == '0':\n"
+        "        os._exit(3)\n"
+        "    real(staged, level)\n"
+        "g._place_level = dying\n"
         f"g.make_sample(sys.argv[1], size={SMALL_SIZE}, workers=1)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
@@ -429,7 +433,8 @@ def test_killed_generation_is_regenerated_not_shown_half_empty(
         [sys.executable, "-c", script, str(path)], env=env, timeout=120, check=False
     )
     assert killed.returncode == 3
-    assert 0 < len(chunk_files(path, 0)) < 2 * 8 * 8  # half-written, at its final path
+    assert len(chunk_files(path, 1)) == 2 * 4 * 4  # at its final path, but level 0 ...
+    assert chunk_files(path, 0) == []  # ... is only in the staging directory
     assert generator._sample_state(path) == "writing"
 
     # The viewer's next start does not take it for a sample: it makes it again ...
