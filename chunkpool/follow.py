@@ -27,16 +27,22 @@ def follow(
     source: Any, interval: float = 0.5, **options: Any
 ) -> Iterator[tuple[ChunkPool, Changes]]:
     """Yield ``(pool, changes)`` each time ``source`` (a :class:`ChunkPool`, or anything
-    :meth:`ChunkPool.from_zarr_node` opens, with ``options``: its first image) changes.
-    A pool opened here is destroyed when the iteration ends (``break``, or close)."""
-    owned = not isinstance(source, ChunkPool)
-    if owned:
-        pools = ChunkPool.from_zarr_node(source, **options)
-        for extra in pools[1:]:
-            extra.destroy()
-        pool = pools[0]
-    else:
-        pool = source
+    :meth:`ChunkPool.from_zarr_node` opens, with ``options``: its first image) changes
+    from what it was when ``follow`` was called (it opens the source at once, so that
+    errors show there and nothing written after the call is missed). A pool opened here
+    is destroyed when the iterator is closed (``close()``, ``contextlib.closing``, or
+    when a ``for`` loop over ``follow(...)`` itself is left)."""
+    if isinstance(source, ChunkPool):
+        return _follow(source, interval, owned=False)
+    pools = ChunkPool.from_zarr_node(source, **options)
+    for extra in pools[1:]:
+        extra.destroy()
+    return _follow(pools[0], interval, owned=True)
+
+
+def _follow(
+    pool: ChunkPool, interval: float, *, owned: bool
+) -> Iterator[tuple[ChunkPool, Changes]]:
     seen: deque[Changes] = deque()
     watcher = Watcher(pool, interval, seen.append)
     try:

@@ -406,28 +406,32 @@ def test_follow_and_changes_yield_each_append(tmp_path: Path) -> None:
     )
     array[0] = 1
     writer = zarr.open_array(path, mode="r+")
-    told = threading.Event()
 
     def append(t: int) -> None:
         writer.resize((t + 1, 8, 8))
         writer[t] = t
 
     seen = []
-    threading.Thread(target=append, args=(1,)).start()
-    for pool, change in follow(str(path), interval=0.01):
+    changes = follow(str(path), interval=0.01)  # opened now: what follows is a change
+    writing = threading.Thread(target=append, args=(1,))
+    writing.start()
+    for pool, change in changes:
+        writing.join(30)  # (the change may be seen between the resize and the write)
         seen.append(change.grown[0][1])
         assert pool.multiscale_info.levels[0].shape == change.grown[0][1]
         assert int(pool.get_chunk(0, (len(seen), 0, 0)).wait(30)[0, 0, 0]) == len(seen)
         pool.drop_chunk(0, (len(seen), 0, 0))
         if len(seen) == 2:
             break
-        threading.Thread(target=append, args=(2,)).start()
+        writing = threading.Thread(target=append, args=(2,))
+        writing.start()
+    changes.close()  # (a for loop left by break does not close an iterator it was given)
     assert seen == [(2, 8, 8), (3, 8, 8)] and pool.destroyed  # opened here: destroyed
 
     async def watch_async() -> tuple:
-        (pool,) = ChunkPool.from_zarr_node(str(path))
+        (pool,) = ChunkPool.from_zarr_node(str(path))  # opened before the append
         try:
-            threading.Thread(target=lambda: (append(3), told.set())).start()
+            threading.Thread(target=append, args=(3,)).start()
             async for change in pool.changes(0.01):
                 return change.grown[0][1]
         finally:
