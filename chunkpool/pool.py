@@ -472,19 +472,12 @@ class ChunkPool:
         when this ref drops it, ``destroy_handler`` when the pool lets the chunk go.
         """
         jobs: list[LoadJob] = []
-        effects = None
         with self._lock:
             loc, kick = self._hold(
                 level, index, ref, priority, load_handler, drop_handler, destroy_handler, jobs
             )
-            if jobs:
-                self._scheduler.submit(jobs[0])
-            elif self._budget is not None:
-                effects = self._settle()
-        if effects is not None:
-            effects.finish()
-        if kick:
-            self._finish([])
+            effects = self._start(jobs)
+        self._after_hold(effects, kick)
         return loc
 
     def get_chunks(
@@ -512,7 +505,6 @@ class ChunkPool:
         jobs: list[LoadJob] = []
         locs: list[ChunkLocation] = []
         kick = False
-        effects = None
         with self._lock:
             chunks = self._chunks
             for key in keys:  # check them all first
@@ -529,15 +521,25 @@ class ChunkPool:
                 )
                 locs.append(loc)
                 kick = kick or kicked
-            if jobs:
-                self._scheduler.submit_many(jobs)
-            elif self._budget is not None:
-                effects = self._settle()
+            effects = self._start(jobs)
+        self._after_hold(effects, kick)
+        return locs
+
+    def _start(self, jobs: list[LoadJob]) -> _Effects | None:
+        """Queue the loads a hold made (or, with none, let the budget admit what now
+        fits); the effects to finish without the lock. Holds ``_lock``."""
+        if jobs:
+            self._scheduler.submit_many(jobs)
+            return None
+        return self._settle() if self._budget is not None else None
+
+    def _after_hold(self, effects: _Effects | None, kick: bool) -> None:
+        """After a hold, without the lock: finish the budget's effects, wake the
+        handler loop if calls were queued."""
         if effects is not None:
             effects.finish()
         if kick:
             self._finish([])
-        return locs
 
     def _hold(
         self,

@@ -299,19 +299,9 @@ class LoadScheduler:
 
     # -- the owner's side -------------------------------------------------------------
 
-    def submit(self, job: LoadJob) -> None:
-        """Queue a job; it starts when it is the best waiting one and a slot is free."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("scheduler is shut down")
-            job._seq = next(self._seq)
-            window = self._windows.get(job.source.window_key) or self._window_for(job.source)
-            window.queued += 1
-            window.push(job)
-            self._pump()
-
     def submit_many(self, jobs: list[LoadJob]) -> None:
-        """:meth:`submit` for many jobs, in order, under one hold of the lock."""
+        """Queue jobs, in order, under one hold of the lock; each starts when it is the
+        best waiting one and a slot is free."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("scheduler is shut down")
