@@ -203,7 +203,9 @@ def test_two_views_on_one_pool_read_each_chunk_once(
     tmp_path: pathlib.Path, make_viewer: Callable[..., Viewer]
 ) -> None:
     """Two viewers showing one pool: every chunk is read once (counting store), both
-    show the same pixels; closing one leaves the other's pool working."""
+    show the same pixels; closing one leaves the other's pool working; once both are
+    closed, the pool is the application's again: nothing stays queued for a viewer,
+    and its own load handlers run in ``wait()`` as before."""
     picture = noise_image((SIZE[1], SIZE[0]), seed=8)
     pyramid = write_pyramid(tmp_path / "p.ome.zarr", picture, chunks=(32, 32), n_levels=2)
     store = GatedStore(LocalStore(pyramid.path))
@@ -221,6 +223,11 @@ def test_two_views_on_one_pool_read_each_chunk_once(
         assert not pool.destroyed  # a pool given to a viewer is not the viewer's
         two.show_region(0, 0, SIZE[0] // 2, SIZE[1] // 2)
         settle(two)
+        two.close()
+        assert pool.pending_handler_calls == 0 and pool.stats.chunks_held == 0
+        loaded: list[tuple[int, ...]] = []
+        pool.get_chunk(0, (1, 1), load_handler=lambda loc: loaded.append(loc.index)).wait(30)
+        assert loaded == [(1, 1)]
     finally:
         for viewer in (one, two):
             viewer.close()

@@ -104,7 +104,10 @@ class _PoolLink:
     The pool queues its handler calls (``enable_polled_load_handlers``); the first call
     queued after a drain wakes every viewer of the pool; whichever draws first runs
     them all on its thread (handlers of layers of other viewers request those viewers'
-    frames). A pool shown by no viewer any more keeps its queue bounded (it coalesces)."""
+    frames). When the last viewer of a pool it did not open leaves, the pool goes back
+    to its default handler mode (handlers run in ``wait()`` and in the dropping thread)
+    and the calls still queued, the closed layers' last, run then: the application
+    that keeps the pool finds no queue that nobody drains."""
 
     _links: ClassVar[weakref.WeakKeyDictionary[ChunkPool, _PoolLink]] = weakref.WeakKeyDictionary()
 
@@ -132,6 +135,13 @@ class _PoolLink:
 
     def leave(self, viewer: Viewer) -> None:
         self.viewers.discard(viewer)
+        pool = self._pool()
+        if self.viewers or pool is None:
+            return
+        del self._links[pool]
+        if not pool.destroyed:
+            pool.enable_async_load_handlers("none")
+            pool.run_pending_handlers()
 
 
 class Viewer:

@@ -27,14 +27,16 @@ from types import TracebackType
 from typing import Literal, Self, get_args
 from urllib.parse import unquote, urlsplit
 
-FaultKind = Literal["403", "500", "503", "reset", "stall"]
+FaultKind = Literal["403", "500", "503", "reset", "stall", "truncated"]
 """What a matching request gets instead of its normal answer:
 
 * ``"403"`` / ``"500"`` / ``"503"`` - that status with a short text body (the connection
   stays open);
 * ``"reset"`` - the connection is closed with SO_LINGER 0, so the client sees a TCP reset;
 * ``"stall"`` - no answer until :attr:`ZarrHTTPServer.stall_release` is set (then the request
-  is served normally) or the server stops (then the connection is closed unanswered).
+  is served normally) or the server stops (then the connection is closed unanswered);
+* ``"truncated"`` - the normal status and headers, ``Content-Length`` included, then half the
+  body and the connection closed (a server or proxy dying mid-response).
 """
 
 _FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
@@ -123,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._respond_text(int(out.fault), f"injected {out.fault}\n", send_body, out)
             else:
                 self._respond_file(path, range_header, send_body, bandwidth, out)
+                if out.fault == "truncated":
+                    self.close_connection = True  # the rest of the body never comes
         finally:
             srv._request_finished(
                 RequestRecord(
@@ -204,7 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
         bandwidth: float | None,
         out: _Outcome,
     ) -> None:
-        """Write status, headers and body, pacing the body and noticing a departed client."""
+        """Write status, headers and body, pacing the body and noticing a departed client.
+        A ``"truncated"`` fault writes only the first half of the body."""
+        if out.fault == "truncated":
+            body = body[: len(body) // 2]
         if self._client_gone():
             out.client_disconnected = True
             self.close_connection = True
@@ -436,7 +443,7 @@ class ZarrHTTPServer(ThreadingHTTPServer):
             match: a predicate on the percent-decoded URL path (e.g. ``"/img.zarr/0/c/1/2"``),
                 or a glob matched against it with :func:`fnmatch.fnmatchcase`, where ``*``
                 also matches ``/``.
-            kind: ``"403"``, ``"500"``, ``"503"``, ``"reset"`` or ``"stall"``.
+            kind: ``"403"``, ``"500"``, ``"503"``, ``"reset"``, ``"stall"`` or ``"truncated"``.
             times: fault only the first ``times`` matching requests; ``None`` for all.
 
         The predicate runs in handler threads under the server's lock: keep it quick and do
