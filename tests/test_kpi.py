@@ -1,0 +1,108 @@
+"""Per-chunk KPI records: the log's bounds and format, and the report drawn from it."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import numpy as np
+import pytest
+
+from chunkpool.kpi import FLUSH_EVERY, KpiLog, LoadRecord, read_kpi_lines
+from viewer import report
+
+
+def record(level: int, i: int, t: float, state: str = "loaded") -> LoadRecord:
+    return LoadRecord(
+        "img.zarr", level, (0, i), state, 100, 400, t, t + 0.001, t + 0.002, t + 0.003, t + 0.004
+    )
+
+
+def test_the_ring_keeps_the_newest_and_the_percentiles_come_from_it() -> None:
+    log = KpiLog(capacity=10)
+    assert np.isnan(log.latency_percentiles()).all()
+    t = time.perf_counter()
+    for i in range(25):
+        log.add(record(0, i, t))
+    kept = log.records()
+    assert [r.index[1] for r in kept] == list(range(15, 25))
+    assert log.latency_percentiles((50,)) == pytest.approx((0.004,))
+
+
+def test_the_file_is_rotated_within_its_bound_and_reads_back_in_order(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "kpi.jsonl"
+    log = KpiLog(path, max_bytes=64 << 10, backups=2)
+    t = time.perf_counter()
+    n = 20 * FLUSH_EVERY
+    for i in range(n):
+        log.add(record(i % 3, i, t + i))
+    log.event("view", when=t, center=(1.0, 2.0), zoom=np.float32(0.5))
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["kpi.jsonl", "kpi.jsonl.1", "kpi.jsonl.2"]
+    batch = max(len(line) for line in path.read_text().splitlines()) * FLUSH_EVERY
+    assert all((tmp_path / f).stat().st_size <= (64 << 10) + batch for f in files)
+    lines = read_kpi_lines(path)
+    loads = [line for line in lines if line["event"] == "load"]
+    assert loads and loads[-1]["index"] == [0, n - 1]  # the newest kept, oldest dropped
+    assert [x["index"][1] for x in loads] == sorted(x["index"][1] for x in loads)
+    first = loads[0]
+    assert first["state"] == "loaded" and first["bytes_decoded"] == 400
+    assert first["fetched"] - first["fetch_started"] == pytest.approx(1000, abs=2)  # µs
+    wall = first["requested"] * 1e-6
+    assert abs(wall - (time.time() + first["index"][1] - (time.perf_counter() - t))) < 5
+    (view,) = [line for line in lines if line["event"] == "view"]
+    assert view["center"] == [1.0, 2.0] and view["zoom"] == 0.5
+
+
+def test_a_line_cut_short_is_skipped(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "kpi.jsonl"
+    log = KpiLog(path)
+    log.add(record(0, 1, time.perf_counter()))
+    log.close()
+    with path.open("a") as f:
+        f.write('{"event": "load", "sou')
+    assert [line["index"] for line in read_kpi_lines(path)] == [[0, 1]]
+
+
+def test_the_report_splits_jumps_and_draws_a_waterfall(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "kpi.jsonl"
+    log = KpiLog(path)
+    t = time.perf_counter()
+    log.event("view", when=t)
+    for i in range(5):
+        log.add(record(1, i, t + 0.01 * i))
+        log.event("drawn", when=t + 0.01 * i + 0.01, source="img.zarr", level=1, index=[0, i])
+    log.add(record(0, 9, t + 0.2, state="cancelled")._replace(decoded=None, delivered=None))
+    log.event("view", when=t + 1.0)
+    log.add(record(0, 7, t + 1.1))
+    log.close()
+    jumps = report.jumps(read_kpi_lines(path))
+    assert [len(j.bars) for j in jumps] == [6, 1]
+    first = jumps[0].bars[0]
+    assert first.times["requested"] == pytest.approx(0.0, abs=1e-5)
+    assert first.times["drawn"] == pytest.approx(0.01, abs=1e-5)
+    cancelled = jumps[0].bars[-1]
+    assert cancelled.state == "cancelled" and cancelled.times["drawn"] is None
+    assert jumps[1].bars[0].times["drawn"] is None  # never drawn
+    out = tmp_path / "w.png"
+    ratios = tmp_path / "benchmarks.json"
+    ratios.write_text(json.dumps({"ratios": {"a": {"ratio": 1.2, "goal": 1.0}}}))
+    assert report.main([str(path), "-o", str(out), "--ratios", str(ratios)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size[0] == 1000
+    assert Image.open(out.with_suffix(".ratios.png")).size[0] == 900
+
+
+def test_the_report_says_one_line_for_a_missing_or_empty_log(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert report.main([str(tmp_path / "none.jsonl")]) == 2
+    (tmp_path / "empty.jsonl").write_text("")
+    assert report.main([str(tmp_path / "empty.jsonl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("zarrscope-report: ") for line in err)
