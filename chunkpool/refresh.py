@@ -43,6 +43,8 @@ memory stays counted, the new replaces it when it lands).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import heapq
 import logging
 import operator
@@ -57,9 +59,11 @@ from .errors import PoolDestroyedError, SourceError
 from .info import MultiscaleInfo, ScaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState
 from .metadata import read_multiscales
+from .retry import RetryPolicy
 from .scheduler import LoadJob
-from .source import ChunkSource, Stamp
+from .source import ChunkSource
 from .stores import describe_error
+from .zarr_compat import zarr_loop
 
 if TYPE_CHECKING:
     from .dispatch import HandlerCall
@@ -260,14 +264,7 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
         candidates += [loc for loc in pool._cache if loc._stamp is not None]
         picked = heapq.nsmallest(pool._revalidate, candidates, key=_by_check)
         sources = list(pool._sources)
-    seen: dict[str, Stamp | None] = {}  # one stat per file
-    stamps = []
-    for loc in picked:
-        source = sources[loc._scale_info.level]
-        key = source.stored_key(loc._index)
-        if key not in seen:
-            seen[key] = source.stamp(loc._index)
-        stamps.append(seen[key])
+    stamps = _stamps_now(pool, picked, sources)
     rewritten: list[ChunkKey] = []
     calls: list[HandlerCall] = []
     jobs: list[LoadJob] = []
@@ -276,11 +273,15 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
             return rewritten
         clock = pool._check_clock
         for loc, stamp in zip(picked, stamps, strict=True):
-            if loc._stamp is None:
-                continue
+            if loc._stamp is None or stamp is _UNKNOWN:
+                continue  # (unknown: not counted as checked, so it comes first next time)
             loc._checked = next(clock)
             if stamp == loc._stamp:
                 continue
+            source = sources[loc._scale_info.level]
+            if source._sharding is not None:  # its index is of the old shard
+                shard = tuple(map(operator.floordiv, loc._index, source._chunks_per_shard))
+                pool._index_cache.discard((loc._scale_info.level, shard), loc._stamp)
             key = loc.key
             if pool._chunks.get(key) is loc:
                 if loc._state is not _LOADED or loc._job is not None:
@@ -296,6 +297,66 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
         done = _after_lock(pool, calls)
     done()
     return rewritten
+
+
+#: A stored object's version that could not be learnt now (the remote unreachable).
+_UNKNOWN: Any = object()
+
+
+def _stamps_now(
+    pool: ChunkPool, picked: list[ChunkLocation], sources: list[ChunkSource]
+) -> list[Any]:
+    """The version now of each picked chunk's stored object: one request per object,
+    a ``stat`` for local files; for remote stores conditional requests (or HEADs) against
+    the version read, all at once on zarr's loop (at most ``remote_io_concurrency`` in
+    flight), each with the store's retries. ``_UNKNOWN`` where a check failed."""
+    local: dict[str, Any] = {}
+    remote: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]] = {}
+    wanted = []
+    for loc in picked:
+        source = sources[loc._scale_info.level]
+        key = source.stored_key(loc._index)
+        if source.stat_root is not None or source.is_sync:
+            if key not in local:
+                local[key] = source.stamp(loc._index)
+            wanted.append((False, key))
+        else:
+            remote.setdefault((id(source), key), (source, loc._index, loc._stamp))
+            wanted.append((True, (id(source), key)))
+    found: dict[tuple[int, str], Any] = {}
+    if remote:
+        found = _check_remote(pool, remote)
+    return [found.get(k, _UNKNOWN) if is_remote else local[k] for is_remote, k in wanted]
+
+
+def _check_remote(
+    pool: ChunkPool, objects: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]]
+) -> dict[tuple[int, str], Any]:
+    """Ask for the versions of remote ``objects`` concurrently; a failed check is left
+    out. Waits at most as long as the retry policy lets the checks take."""
+    limit = asyncio.Semaphore(pool._scheduler._remote_io_concurrency)
+
+    async def one(source: ChunkSource, index: tuple[int, ...], stamp: Any) -> Any:
+        async with limit:
+            try:
+                return await source.remote_stamp(index, stamp)
+            except Exception as err:
+                logger.debug("chunkpool: revalidating %s failed: %s", source.name, err)
+                return _UNKNOWN
+
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(one(*o) for o in objects.values()))
+
+    retry = pool._retry or RetryPolicy()
+    per_check = retry.attempts * (retry.timeout + 1.5 * retry.max_delay)
+    waves = -(-len(objects) // pool._scheduler._remote_io_concurrency)
+    future = asyncio.run_coroutine_threadsafe(all_of(), zarr_loop())
+    try:
+        results = future.result(per_check * waves + 5.0)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return {}
+    return {k: r for k, r in zip(objects, results, strict=True) if r is not _UNKNOWN}
 
 
 def _reload(pool: ChunkPool, loc: ChunkLocation, jobs: list[LoadJob]) -> None:

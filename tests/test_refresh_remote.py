@@ -157,7 +157,9 @@ def test_appended_time_point_reads_only_new_chunks_and_metadata(remote):
         refresh_records = remote.requests()
         checks = chunk_requests(refresh_records)
         # the held chunks' objects are revalidated (the bound: 4), no chunk body is read
-        assert len(checks) == 4 and {r.status for r in checks} == {304 if remote.kind == "http" else 200}
+        assert len(checks) == 4 and {r.status for r in checks} == {
+            304 if remote.kind == "http" else 200
+        }
         assert all(r.method == "HEAD" and r.bytes_sent == 0 for r in checks)
         assert all(loc.state is ChunkState.LOADED for loc in old)
 
@@ -171,11 +173,15 @@ def test_appended_time_point_reads_only_new_chunks_and_metadata(remote):
         expected = {f"{level}/c/{'/'.join(map(str, idx))}" for level, idx in new}
         assert sorted(key_of(r.path) for r in reads) == sorted(expected)
         new_bytes = sum(chunk_file(remote.root, level, idx).stat().st_size for level, idx in new)
-        meta_bytes = sum(r.bytes_sent for r in refresh_records if is_meta(r.path))
+        meta_bytes = sum(
+            r.bytes_sent for r in refresh_records if is_meta(r.path) and r.status < 400
+        )
         meta_size = sum(
             (remote.root / p).stat().st_size for p in ("zarr.json", "0/zarr.json", "1/zarr.json")
         )
-        wire = sum(r.bytes_sent for r in reads) + sum(r.bytes_sent for r in refresh_records)
+        # what was read: successful bodies (S3 answers the v2 names zarr asks for with
+        # a 404 whose body is an XML error document, which is not the store's data)
+        wire = sum(r.bytes_sent for r in reads + refresh_records if r.status < 400)
         assert sum(r.bytes_sent for r in reads) == new_bytes
         assert wire <= 1.2 * (new_bytes + meta_size) and meta_bytes <= meta_size * 1.2
     finally:
@@ -239,9 +245,8 @@ def test_unchanged_store_costs_metadata_and_at_most_revalidate_bodiless_checks(r
             assert len(checks) <= 3 and all(r.bytes_sent == 0 for r in checks)
             if remote.kind == "http":  # a conditional request, answered "not modified"
                 assert all(r.conditional and r.status == 304 for r in checks)
-            assert {r.path.rsplit("/", 1)[-1] for r in records if is_meta(r.path)} == {
-                "zarr.json"
-            }
+            # the rest is metadata (zarr also asks for the v2 names, absent here)
+            assert "zarr.json" in {r.path.rsplit("/", 1)[-1] for r in records if is_meta(r.path)}
             checked.append({key_of(r.path) for r in checks})
         assert pool.stats.loads == 10
         # oldest check first: three refreshes of 3 visit 9 different objects, the fourth the last
@@ -301,7 +306,8 @@ def test_disk_cache_revalidates_then_serves_offline_with_one_warning(tmp_path, c
         try:
             assert server.wait_idle(GENEROUS)
             opened = server.requests
-            assert opened and all(is_meta(r.path) and r.status == 304 for r in opened)
+            assert opened and all(is_meta(r.path) and r.status in (304, 404) for r in opened)
+            assert any(r.status == 304 for r in opened)
             server.reset_stats()
             locs = hold_all(pool)
             assert server.wait_idle(GENEROUS) and server.requests == []  # all from disk
@@ -331,13 +337,17 @@ def test_disk_cache_revalidates_then_serves_offline_with_one_warning(tmp_path, c
                 # a new pool opens from the cache while offline
                 (again,) = ChunkPool.from_zarr_node(url, disk_cache=cache, retry=retry)
                 try:
-                    assert np.array_equal(again.get_chunk(0, (0, 0, 1)).wait(GENEROUS), data[:1, :16, 16:])
+                    assert np.array_equal(
+                        again.get_chunk(0, (0, 0, 1)).wait(GENEROUS), data[:1, :16, 16:]
+                    )
                 finally:
                     again.destroy()
 
                 server.clear_faults()
                 assert pool.refresh() == Changes()
-                back = [r for r in caplog.records if "online" in r.getMessage().replace("offline", "")]
+                back = [
+                    r for r in caplog.records if "online" in r.getMessage().replace("offline", "")
+                ]
                 assert len(back) == 1
                 assert len([r for r in caplog.records if "offline" in r.getMessage()]) == 1
         finally:
