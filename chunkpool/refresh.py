@@ -54,7 +54,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zarr
+from zarr.storage import WrapperStore
 
+from .diskcache import DiskCacheStore
 from .errors import PoolDestroyedError, SourceError
 from .info import MultiscaleInfo, ScaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState
@@ -63,7 +65,7 @@ from .retry import RetryPolicy
 from .scheduler import LoadJob
 from .source import ChunkSource
 from .stores import describe_error
-from .zarr_compat import zarr_loop
+from .zarr_compat import wrapped_store, zarr_loop
 
 if TYPE_CHECKING:
     from .dispatch import HandlerCall
@@ -126,6 +128,14 @@ def reread(info: MultiscaleInfo) -> MultiscaleInfo:
     raise SourceError(f"{where}: refresh: {failure}")
 
 
+def _probe_disk_caches(store: Any) -> None:
+    """Let each disk cache under ``store`` that is offline try its remote again once."""
+    while isinstance(store, WrapperStore):
+        if isinstance(store, DiskCacheStore):
+            store.probe()
+        store = wrapped_store(store)
+
+
 def _codecs(scale: ScaleInfo) -> str:
     """The array's metadata but its shape and attributes, comparably spelt."""
     meta = dict(scale.array.metadata.to_dict())
@@ -167,6 +177,7 @@ def refresh_pool(pool: ChunkPool) -> Changes:
         if pool._destroyed:
             raise PoolDestroyedError("the pool was destroyed")
         old = pool._info
+        _probe_disk_caches(old.levels[0].array.store)
         new = reread(old)
         verdict = compare(old, new)
         if verdict is None:
@@ -339,10 +350,11 @@ def _check_remote(
     async def one(source: ChunkSource, index: tuple[int, ...], stamp: Any) -> Any:
         async with limit:
             try:
-                return await source.remote_stamp(index, stamp)
+                now = await source.remote_stamp(index, stamp)
             except Exception as err:
                 logger.debug("chunkpool: revalidating %s failed: %s", source.name, err)
                 return _UNKNOWN
+            return _UNKNOWN if now is None else now
 
     async def all_of() -> list[Any]:
         return await asyncio.gather(*(one(*o) for o in objects.values()))
