@@ -28,6 +28,23 @@ compares it with what the pool serves, and revalidates some of the chunks it hol
   reload that fails keeps the old data (the failure is logged) and is retried at the
   next refresh. Shard indexes carry the stamp of the shard they were read from, and one
   from another version of the shard is read again before use.
+- **Remote stores** (HTTP(S), S3, obstore; see :mod:`chunkpool.stores`): a chunk is
+  stamped with the validator its read's own response carried (ETag, else Last-Modified;
+  an inner chunk with its shard index's), so loading costs no extra request. A refresh
+  revalidates the same ``revalidate`` oldest-checked chunks, one request per stored
+  object, all at once on zarr's loop (at most ``remote_io_concurrency`` in flight) with
+  the store's retries and timeouts: over HTTP a HEAD with ``If-None-Match`` (or
+  ``If-Modified-Since``), answered ``304`` when unchanged; over S3 a HEAD. No chunk body
+  is read unless the object changed. A changed one reloads as a local one does (a
+  changed shard's cached index is dropped first); a check that fails leaves its chunk
+  unchecked (first in line next time). An inner chunk read from a shard whose version
+  differs from its cached index's reads the index again (once).
+- **The disk cache** (:mod:`chunkpool.diskcache`): metadata documents are revalidated
+  whenever read (at open, at each refresh); cached chunks carry the version they were
+  cached with and are revalidated as above (a changed object's entries are dropped, its
+  reload reads the remote). When the remote does not answer, the cache is served as is,
+  with one WARNING ("offline: serving N cached entries of ..."); each refresh probes the
+  remote once, and one WARNING says when it answers again.
 
 A refresh whose metadata cannot be read (the store deleted, JSON half written) raises a
 :class:`~chunkpool.errors.SourceError` and changes nothing. ``watch`` refreshes on a
@@ -35,10 +52,12 @@ timer in one thread of the pool, logs such failures as one WARNING per distinct 
 until a refresh succeeds again, and calls ``on_change`` (in that thread) when something
 changed.
 
-Not covered yet: remote stores (no ETag / Last-Modified revalidation: their chunks carry
-no stamp and are never revalidated), the disk cache, channel or name metadata changes,
-and under a memory budget a reload is not admitted through the budget (its old data's
-memory stays counted, the new replaces it when it lands).
+Not covered yet: channel or name metadata changes; remote stores whose responses carry
+neither ETag nor Last-Modified, or stores other than HTTP(S), S3 (s3fs) and obstore
+(their chunks carry no stamp and are never revalidated); a remote object with only a
+Last-Modified rewritten within the same second; disk-cache entries written by older
+versions (no version kept); and under a memory budget a reload is not admitted through
+the budget (its old data's memory stays counted, the new replaces it when it lands).
 """
 
 from __future__ import annotations
