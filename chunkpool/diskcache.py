@@ -24,7 +24,7 @@ with, and its store key. The rule:
   answering errors), what the cache has is served as is, and one WARNING says so
   ("offline: serving N cached entries of <location>"); no request is tried again until
   the next refresh probes the remote (:meth:`DiskCacheStore.probe`, one try), and the
-  first one that succeeds says once that it is online again. The state is shared by
+  first one that succeeds says once (INFO) that it is online again. The state is shared by
   the stores of one dataset in one process. Entries written by older versions (no
   version kept) of chunks are not revalidated; their metadata is read again.
 
@@ -767,7 +767,7 @@ class DiskCacheStore(WrapperStore):
             if not link.offline:
                 return
             link.offline = link.probe = False
-        log.warning("online again: %s answers, the disk cache is revalidated", self.location)
+        log.info("online again: %s answers, the disk cache is revalidated", self.location)
 
     def _read(self, entry: str) -> tuple[bytes | None, Any] | None:
         """``(bytes, stamp)`` or ``(None, stamp)`` (a cached absence) on a hit, None on a

@@ -44,7 +44,7 @@ compares it with what the pool serves, and revalidates some of the chunks it hol
   cached with and are revalidated as above (a changed object's entries are dropped, its
   reload reads the remote). When the remote does not answer, the cache is served as is,
   with one WARNING ("offline: serving N cached entries of ..."); each refresh probes the
-  remote once, and one WARNING says when it answers again.
+  remote once, and one INFO line says when it answers again.
 
 A refresh whose metadata cannot be read (the store deleted, JSON half written) raises a
 :class:`~chunkpool.errors.SourceError` and changes nothing. ``watch`` refreshes on a

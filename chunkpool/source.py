@@ -723,7 +723,15 @@ class ChunkSource:
             byte_slice = None if shard_index is None else shard_index.get_chunk_slice(inner)
             if byte_slice is None:  # the whole shard, or this inner chunk, is empty
                 return RawChunk(None, fetched, stamp=version)
-            read = yield _Read(self._key(shard), RangeByteRequest(*byte_slice))
+            try:
+                read = yield _Read(self._key(shard), RangeByteRequest(*byte_slice))
+            except ChunkReadError:
+                # a range the shard does not have (416) from a cached index: the shard
+                # may have changed since; read its index again, once
+                if seen is None or attempt or n:
+                    raise
+                self._shard_indexes.discard((self.scale.level, shard), version)
+                continue
             if not seen or version is None or seen[-1] == version or attempt:
                 break
             # the shard changed since its index was read: read both again

@@ -353,3 +353,29 @@ def test_disk_cache_revalidates_then_serves_offline_with_one_warning(tmp_path, c
         finally:
             pool.destroy()
     shutil.rmtree(cache)
+
+
+@pytest.mark.parametrize("first", ["smaller", "larger"])
+def test_inner_chunk_of_a_shard_rewritten_since_its_index_was_cached_reads_the_new_index(
+    tmp_path, first
+):
+    """No refresh in between: the range read's ETag differs from the cached index's (or
+    its range is past the shard's new end: 416), so the index is read again before the
+    chunk is trusted."""
+    data = ramp((1, 32, 32)) + 1
+    root = tmp_path / "m.zarr"
+    make_array(root, data, CHUNKS, shards=(1, 32, 32))
+    with ZarrHTTPServer(tmp_path) as server:
+        (pool,) = ChunkPool.from_zarr_node(f"{server.url}/m.zarr")
+        try:
+            assert np.array_equal(pool.get_chunk(0, (0, 0, 0)).wait(GENEROUS), data[:, :16, :16])
+            new = data.copy()
+            # the first inner chunk compresses to fewer or more bytes: every later one moves
+            noise = np.random.default_rng(1).integers(0, 60000, (16, 16), dtype=data.dtype)
+            new[0, :16, :16] = 5 if first == "smaller" else noise
+            new[0, 16:, 16:] = 6
+            zarr.open_array(root, mode="r+")[...] = new
+            later = pool.get_chunk(0, (0, 1, 1)).wait(GENEROUS)
+            assert np.array_equal(later, new[:, 16:, 16:])
+        finally:
+            pool.destroy()
