@@ -371,7 +371,9 @@ def _check_remote(
             try:
                 now = await source.remote_stamp(index, stamp)
             except Exception as err:
-                logger.debug("chunkpool: revalidating %s failed: %s", source.name, err)
+                logger.debug(
+                    "chunkpool: revalidating %s failed: %s", source.name, describe_error(err)
+                )
                 return _UNKNOWN
             return _UNKNOWN if now is None else now
 
