@@ -4,8 +4,29 @@ of processes and threads may share.
 ``DiskCacheStore`` wraps a zarr store: every successful read (metadata documents, chunks,
 shard indexes and inner-chunk byte ranges alike) is kept under a directory, so a revisited
 dataset opens and shows from disk. Reads the store reports as absent (a 404) are kept too,
-so that sparse arrays do not re-ask for their fill-value chunks. Meant for immutable
-datasets: the cache never revalidates; delete its directory to refresh.
+so that sparse arrays do not re-ask for their fill-value chunks.
+
+**Revalidation** (over a :class:`~chunkpool.stores.RemoteStore`, whose reads carry the
+objects' versions: ETag / Last-Modified). Each entry keeps the version its bytes came
+with, and its store key. The rule:
+
+- *Metadata documents* (``zarr.json``, ``.zarray``, ``.zattrs``, ``.zgroup``,
+  ``.zmetadata``) are revalidated whenever they are read, that is at open and at each
+  :meth:`ChunkPool.refresh`: a conditional request against the cached version (a HEAD
+  with ``If-None-Match``: "not modified" costs no body), and a fresh read only if the
+  document changed.
+- *Chunks and shard ranges* are served from disk without a request, with the version
+  they were cached with, so the pool revalidates them like any remote chunk: at each
+  refresh, at most ``revalidate`` of the chunks it holds or caches, oldest check first
+  (:meth:`DiskCacheStore.check_stamp`). An object found changed has every entry of its
+  key dropped (all byte ranges), so its reload reads the remote store.
+- *Offline*: when a request for that revalidation fails (the remote unreachable, or
+  answering errors), what the cache has is served as is, and one WARNING says so
+  ("offline: serving N cached entries of <location>"); no request is tried again until
+  the next refresh probes the remote (:meth:`DiskCacheStore.probe`, one try), and the
+  first one that succeeds says once (INFO) that it is online again. The state is shared by
+  the stores of one dataset in one process. Entries written by older versions (no
+  version kept) of chunks are not revalidated; their metadata is read again.
 
 **Layout.** ``DIR/index.sqlite3`` (SQLite in WAL mode) indexes everything under ``DIR``:
 one row per entry with its size, CRC-32, last use and a random write token, and the total
@@ -52,6 +73,7 @@ import asyncio
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -72,6 +94,8 @@ from zarr.abc.buffer import Buffer, BufferPrototype
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.storage import WrapperStore
 
+from .errors import ChunkPoolError
+from .redaction import describe_error, redact_text
 from .zarr_compat import set_wrapped_store
 
 __all__ = ["INDEX_NAME", "DiskCacheStats", "DiskCacheStore", "default_cache_dir"]
@@ -96,7 +120,9 @@ _SCHEMA = (
         size INTEGER NOT NULL,      -- bytes of the file; -1: a cached absence, no file
         checksum INTEGER NOT NULL,  -- zlib.crc32 of the file
         last_use REAL NOT NULL,     -- time.time() of the write or of a (recent enough) hit
-        token INTEGER NOT NULL      -- random per write: a stale reader never drops a newer one
+        token INTEGER NOT NULL,     -- random per write: a stale reader never drops a newer one
+        key TEXT,                   -- the store key (no credentials); NULL: older versions
+        stamp TEXT                  -- JSON of the object's version when read; NULL: none
     )""",
     "CREATE INDEX IF NOT EXISTS entries_by_use ON entries (last_use)",
     """CREATE TABLE IF NOT EXISTS total (
@@ -214,12 +240,18 @@ class _Index:
             self._writer.release()
 
     def setup(self) -> None:
-        """Create the schema if needed and check the file; raises if it is corrupt."""
+        """Create the schema if needed (adding the columns older versions lacked) and
+        check the file; raises if it is corrupt."""
         db = self.db()
         db.execute("PRAGMA journal_mode = WAL")  # stays in rollback mode where WAL cannot
         with self.write() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            for column in ("key", "stamp"):
+                if column not in columns:
+                    db.execute(f"ALTER TABLE entries ADD COLUMN {column} TEXT")
+            db.execute("CREATE INDEX IF NOT EXISTS entries_by_key ON entries (key)")
         problems = db.execute("PRAGMA quick_check").fetchall()
         if problems != [("ok",)]:
             raise _CorruptIndex(str(problems[0][0]) if problems else "no answer")
@@ -243,12 +275,41 @@ class _Index:
                 shutil.rmtree(item.path, ignore_errors=True)
         self.setup()
 
-    def lookup(self, path: str) -> tuple[int, int, float, int] | None:
-        """``(size, checksum, last_use, token)`` of an entry, or None."""
+    def lookup(self, path: str) -> tuple[int, int, float, int, str | None] | None:
+        """``(size, checksum, last_use, token, stamp)`` of an entry, or None."""
         return (
             self.db()
-            .execute("SELECT size, checksum, last_use, token FROM entries WHERE path = ?", (path,))
+            .execute(
+                "SELECT size, checksum, last_use, token, stamp FROM entries WHERE path = ?",
+                (path,),
+            )
             .fetchone()
+        )
+
+    def drop_key(self, dataset: str, key: str) -> int:
+        """Drop every entry (all byte ranges) of ``key`` in ``dataset``; how many."""
+        with self.write() as db:
+            paths = [
+                path
+                for (path,) in db.execute(
+                    "SELECT path FROM entries WHERE key = ? AND path >= ? AND path < ?",
+                    (key, f"{dataset}/", f"{dataset}0"),
+                )
+            ]
+            db.executemany("DELETE FROM entries WHERE path = ?", [(p,) for p in paths])
+            for path in paths:
+                self._remove(path)
+        return len(paths)
+
+    def count(self, dataset: str) -> int:
+        """The entries of ``dataset`` that hold bytes (not cached absences)."""
+        return (
+            self.db()
+            .execute(
+                "SELECT count(*) FROM entries WHERE size >= 0 AND path >= ? AND path < ?",
+                (f"{dataset}/", f"{dataset}0"),
+            )
+            .fetchone()[0]
         )
 
     def touch(self, path: str, token: int) -> None:
@@ -271,17 +332,24 @@ class _Index:
                 self._remove(path)
         return bool(dropped)
 
-    def put(self, path: str, data: bytes | None, max_bytes: int) -> tuple[int, bool]:
-        """Keep ``data`` (None: an absence) as entry ``path``, first evicting least
-        recently used entries until the cache fits in ``max_bytes`` with it. Returns
-        (entries evicted, whether it was kept)."""
+    def put(
+        self,
+        path: str,
+        data: bytes | None,
+        max_bytes: int,
+        key: str | None = None,
+        stamp: str | None = None,
+    ) -> tuple[int, bool]:
+        """Keep ``data`` (None: an absence) as entry ``path`` (of store key ``key``, read
+        at version ``stamp``), first evicting least recently used entries until the cache
+        fits in ``max_bytes`` with it. Returns (entries evicted, whether it was kept)."""
         size = -1 if data is None else len(data)
         checksum = 0 if data is None else zlib.crc32(data)
         with self.write() as db:
             row = db.execute(
-                "SELECT size, checksum FROM entries WHERE path = ?", (path,)
+                "SELECT size, checksum, stamp FROM entries WHERE path = ?", (path,)
             ).fetchone()
-            if row == (size, checksum):  # another reader kept it meanwhile
+            if row == (size, checksum, stamp):  # another reader kept it meanwhile
                 return 0, True
             old = max(row[0], 0) if row else 0
             evicted = self._make_room(db, path, max(size, 0) - old, max_bytes)
@@ -295,11 +363,20 @@ class _Index:
                 self._remove(path)
                 return evicted, False
             db.execute(
-                """INSERT INTO entries (path, size, checksum, last_use, token)
-                VALUES (?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET size = excluded.size,
-                checksum = excluded.checksum, last_use = excluded.last_use,
-                token = excluded.token""",
-                (path, size, checksum, time.time(), int.from_bytes(os.urandom(7), "big")),
+                """INSERT INTO entries (path, size, checksum, last_use, token, key, stamp)
+                VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET
+                size = excluded.size, checksum = excluded.checksum,
+                last_use = excluded.last_use, token = excluded.token, key = excluded.key,
+                stamp = excluded.stamp""",
+                (
+                    path,
+                    size,
+                    checksum,
+                    time.time(),
+                    int.from_bytes(os.urandom(7), "big"),
+                    key,
+                    stamp,
+                ),
             )
         return evicted, True
 
@@ -447,6 +524,59 @@ class _Counts:
                 setattr(self, name, getattr(self, name) + n)
 
 
+#: The documents zarr reads metadata from: revalidated whenever read.
+_METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+
+
+def _is_metadata(key: str) -> bool:
+    return key.rpartition("/")[2] in _METADATA_NAMES
+
+
+def _encode_stamp(stamp: Any) -> str | None:
+    return None if stamp is None else json.dumps(list(stamp))
+
+
+def _decode_stamp(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return tuple(value) if isinstance(value, list) else None
+
+
+class _Link:
+    """Whether one dataset's remote store answers, shared by its stores in a process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.offline = False
+        self.probe = False  # offline: whether the next request may try the remote
+
+
+_LINKS: weakref.WeakValueDictionary[str, _Link] = weakref.WeakValueDictionary()
+_LINKS_LOCK = threading.Lock()
+
+
+def _link(directory: Path) -> _Link:
+    with _LINKS_LOCK:
+        link = _LINKS.get(str(directory))
+        if link is None:
+            link = _LINKS[str(directory)] = _Link()
+        return link
+
+
+async def _get_stamped(
+    store: Any, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+) -> tuple[Buffer | None, Any]:
+    """``store.get_stamped`` where the store knows versions, else a plain get."""
+    getter = getattr(store, "get_stamped", None)
+    if getter is None:
+        return await store.get(key, prototype, byte_range), None
+    return await getter(key, prototype, byte_range)
+
+
 class DiskCacheStore(WrapperStore):
     """A read-only store that keeps what it reads from ``store`` under ``directory``,
     within ``max_bytes`` for the whole directory (see the module's notes).
@@ -474,6 +604,9 @@ class DiskCacheStore(WrapperStore):
         self._recover_lock = threading.Lock()
         self._rebuilt = False
         self._index = self._open_index(Path(directory))
+        self._link = _link(self.directory)
+        #: Whether the store under tells versions (then metadata is revalidated).
+        self._versioned = hasattr(store, "get_stamped")
 
     def _open_index(self, root: Path) -> _Index | None:
         """The directory's index (rebuilt if corrupt) after sweeping this dataset's
@@ -549,25 +682,101 @@ class DiskCacheStore(WrapperStore):
         prototype: BufferPrototype,
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
+        return (await self.get_stamped(key, prototype, byte_range))[0]
+
+    async def get_stamped(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> tuple[Buffer | None, Any]:
+        """:meth:`get`, and the version of the object the bytes are of (see
+        :meth:`chunkpool.stores.RemoteStore.get_stamped`): a hit's is the one it was
+        cached with. A metadata document is revalidated first (the module's notes)."""
         if self._index is None:
-            return await self._store.get(key, prototype, byte_range)
+            return await _get_stamped(self._store, key, prototype, byte_range)
         entry = self._entry(key, byte_range)
         hit = await asyncio.to_thread(self._read, entry)
-        if hit is not None:
+        if hit is not None and (not _is_metadata(key) or await self._current(key, hit[1])):
             self._counts.add(hits=1)
-            return None if hit[0] is None else prototype.buffer.from_bytes(hit[0])
+            data, stamp = hit
+            return (None if data is None else prototype.buffer.from_bytes(data)), stamp
         self._counts.add(misses=1)
-        result = await self._store.get(key, prototype, byte_range)
-        await asyncio.to_thread(self._keep, entry, None if result is None else result.to_bytes())
-        return result
+        result, stamp = await _get_stamped(self._store, key, prototype, byte_range)
+        data = None if result is None else result.to_bytes()
+        await asyncio.to_thread(self._keep, entry, data, key, stamp)
+        return result, stamp
 
-    def _read(self, entry: str) -> tuple[bytes | None] | None:
-        """``(bytes,)`` or ``(None,)`` (a cached absence) on a hit, None on a miss."""
+    async def check_stamp(self, key: str, stamp: Any) -> Any:
+        """The version of ``key`` now, asked of the store under (conditionally); a changed
+        object's entries are dropped. None, without a request, while offline (until the
+        next :meth:`probe`); a failure makes it offline (one warning)."""
+        if not self._may_ask():
+            return None
+        check = getattr(self._store, "check_stamp", None)
+        if check is None:
+            return None
+        try:
+            now = await check(key, stamp)
+        except Exception as err:
+            self._went_offline(err)
+            return None
+        self._online()
+        if now is not None and now != stamp and self._index is not None:
+            await asyncio.to_thread(self._cached, _Index.drop_key, self.dataset, key)
+        return now
+
+    def probe(self) -> None:
+        """While offline, let the next request try the remote once (each refresh does)."""
+        link = self._link
+        with link.lock:
+            if link.offline:
+                link.probe = True
+
+    async def _current(self, key: str, stamp: Any) -> bool:
+        """Whether a cached metadata document may be served: it is still the remote's
+        (a conditional request), or the remote cannot be asked now (offline), or no
+        version can be known for it."""
+        if stamp is None:
+            return not self._versioned  # kept without a version: read it again
+        return await self.check_stamp(key, stamp) in (None, stamp)
+
+    def _may_ask(self) -> bool:
+        link = self._link
+        with link.lock:
+            if not link.offline:
+                return True
+            probe, link.probe = link.probe, False
+            return probe
+
+    def _went_offline(self, err: BaseException) -> None:
+        link = self._link
+        with link.lock:
+            if link.offline:
+                return
+            link.offline, link.probe = True, False
+        reason = str(err) if isinstance(err, ChunkPoolError) else describe_error(err)
+        n = self._cached(_Index.count, self.dataset) or 0
+        log.warning(
+            "offline: serving the %d cached entries of %s (the remote did not answer: %s)",
+            n,
+            self.location,
+            redact_text(reason),
+        )
+
+    def _online(self) -> None:
+        link = self._link
+        with link.lock:
+            if not link.offline:
+                return
+            link.offline = link.probe = False
+        log.info("online again: %s answers, the disk cache is revalidated", self.location)
+
+    def _read(self, entry: str) -> tuple[bytes | None, Any] | None:
+        """``(bytes, stamp)`` or ``(None, stamp)`` (a cached absence) on a hit, None on a
+        miss."""
         index = self._index
         row = self._cached(_Index.lookup, entry)
         if index is None or row is None:
             return None
-        size, checksum, last_use, token = row
+        size, checksum, last_use, token, stamp = row
         data = None
         if size >= 0:
             data = _read_entry(index.root / entry, size, checksum)
@@ -577,13 +786,13 @@ class DiskCacheStore(WrapperStore):
                 return None
         if time.time() - last_use > _TOUCH_INTERVAL:
             self._cached(_Index.touch, entry, token)
-        return (data,)
+        return data, _decode_stamp(stamp)
 
-    def _keep(self, entry: str, data: bytes | None) -> None:
+    def _keep(self, entry: str, data: bytes | None, key: str, stamp: Any) -> None:
         if data is not None and len(data) > self.max_bytes:
             self._counts.add(write_skips=1)
             return
-        done = self._cached(_Index.put, entry, data, self.max_bytes)
+        done = self._cached(_Index.put, entry, data, self.max_bytes, key, _encode_stamp(stamp))
         evicted, kept = done if done is not None else (0, False)
         self._counts.add(evicted=evicted, write_skips=0 if kept else 1)
 

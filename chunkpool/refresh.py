@@ -28,6 +28,23 @@ compares it with what the pool serves, and revalidates some of the chunks it hol
   reload that fails keeps the old data (the failure is logged) and is retried at the
   next refresh. Shard indexes carry the stamp of the shard they were read from, and one
   from another version of the shard is read again before use.
+- **Remote stores** (HTTP(S), S3, obstore; see :mod:`chunkpool.stores`): a chunk is
+  stamped with the validator its read's own response carried (ETag, else Last-Modified;
+  an inner chunk with its shard index's), so loading costs no extra request. A refresh
+  revalidates the same ``revalidate`` oldest-checked chunks, one request per stored
+  object, all at once on zarr's loop (at most ``remote_io_concurrency`` in flight) with
+  the store's retries and timeouts: over HTTP a HEAD with ``If-None-Match`` (or
+  ``If-Modified-Since``), answered ``304`` when unchanged; over S3 a HEAD. No chunk body
+  is read unless the object changed. A changed one reloads as a local one does (a
+  changed shard's cached index is dropped first); a check that fails leaves its chunk
+  unchecked (first in line next time). An inner chunk read from a shard whose version
+  differs from its cached index's reads the index again (once).
+- **The disk cache** (:mod:`chunkpool.diskcache`): metadata documents are revalidated
+  whenever read (at open, at each refresh); cached chunks carry the version they were
+  cached with and are revalidated as above (a changed object's entries are dropped, its
+  reload reads the remote). When the remote does not answer, the cache is served as is,
+  with one WARNING ("offline: serving N cached entries of ..."); each refresh probes the
+  remote once, and one INFO line says when it answers again.
 
 A refresh whose metadata cannot be read (the store deleted, JSON half written) raises a
 :class:`~chunkpool.errors.SourceError` and changes nothing. ``watch`` refreshes on a
@@ -35,14 +52,18 @@ timer in one thread of the pool, logs such failures as one WARNING per distinct 
 until a refresh succeeds again, and calls ``on_change`` (in that thread) when something
 changed.
 
-Not covered yet: remote stores (no ETag / Last-Modified revalidation: their chunks carry
-no stamp and are never revalidated), the disk cache, channel or name metadata changes,
-and under a memory budget a reload is not admitted through the budget (its old data's
-memory stays counted, the new replaces it when it lands).
+Not covered yet: channel or name metadata changes; remote stores whose responses carry
+neither ETag nor Last-Modified, or stores other than HTTP(S), S3 (s3fs) and obstore
+(their chunks carry no stamp and are never revalidated); a remote object with only a
+Last-Modified rewritten within the same second; disk-cache entries written by older
+versions (no version kept); and under a memory budget a reload is not admitted through
+the budget (its old data's memory stays counted, the new replaces it when it lands).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import heapq
 import logging
 import operator
@@ -52,14 +73,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zarr
+from zarr.storage import WrapperStore
 
+from .diskcache import DiskCacheStore
 from .errors import PoolDestroyedError, SourceError
 from .info import MultiscaleInfo, ScaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState
 from .metadata import read_multiscales
+from .retry import RetryPolicy
 from .scheduler import LoadJob
-from .source import ChunkSource, Stamp
+from .source import ChunkSource
 from .stores import describe_error
+from .zarr_compat import wrapped_store, zarr_loop
 
 if TYPE_CHECKING:
     from .dispatch import HandlerCall
@@ -122,6 +147,14 @@ def reread(info: MultiscaleInfo) -> MultiscaleInfo:
     raise SourceError(f"{where}: refresh: {failure}")
 
 
+def _probe_disk_caches(store: Any) -> None:
+    """Let each disk cache under ``store`` that is offline try its remote again once."""
+    while isinstance(store, WrapperStore):
+        if isinstance(store, DiskCacheStore):
+            store.probe()
+        store = wrapped_store(store)
+
+
 def _codecs(scale: ScaleInfo) -> str:
     """The array's metadata but its shape and attributes, comparably spelt."""
     meta = dict(scale.array.metadata.to_dict())
@@ -163,6 +196,7 @@ def refresh_pool(pool: ChunkPool) -> Changes:
         if pool._destroyed:
             raise PoolDestroyedError("the pool was destroyed")
         old = pool._info
+        _probe_disk_caches(old.levels[0].array.store)
         new = reread(old)
         verdict = compare(old, new)
         if verdict is None:
@@ -260,14 +294,7 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
         candidates += [loc for loc in pool._cache if loc._stamp is not None]
         picked = heapq.nsmallest(pool._revalidate, candidates, key=_by_check)
         sources = list(pool._sources)
-    seen: dict[str, Stamp | None] = {}  # one stat per file
-    stamps = []
-    for loc in picked:
-        source = sources[loc._scale_info.level]
-        key = source.stored_key(loc._index)
-        if key not in seen:
-            seen[key] = source.stamp(loc._index)
-        stamps.append(seen[key])
+    stamps = _stamps_now(pool, picked, sources)
     rewritten: list[ChunkKey] = []
     calls: list[HandlerCall] = []
     jobs: list[LoadJob] = []
@@ -276,11 +303,15 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
             return rewritten
         clock = pool._check_clock
         for loc, stamp in zip(picked, stamps, strict=True):
-            if loc._stamp is None:
-                continue
+            if loc._stamp is None or stamp is _UNKNOWN:
+                continue  # (unknown: not counted as checked, so it comes first next time)
             loc._checked = next(clock)
             if stamp == loc._stamp:
                 continue
+            source = sources[loc._scale_info.level]
+            if source._sharding is not None:  # its index is of the old shard
+                shard = tuple(map(operator.floordiv, loc._index, source._chunks_per_shard))
+                pool._index_cache.discard((loc._scale_info.level, shard), loc._stamp)
             key = loc.key
             if pool._chunks.get(key) is loc:
                 if loc._state is not _LOADED or loc._job is not None:
@@ -296,6 +327,69 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
         done = _after_lock(pool, calls)
     done()
     return rewritten
+
+
+#: A stored object's version that could not be learnt now (the remote unreachable).
+_UNKNOWN: Any = object()
+
+
+def _stamps_now(
+    pool: ChunkPool, picked: list[ChunkLocation], sources: list[ChunkSource]
+) -> list[Any]:
+    """The version now of each picked chunk's stored object: one request per object,
+    a ``stat`` for local files; for remote stores conditional requests (or HEADs) against
+    the version read, all at once on zarr's loop (at most ``remote_io_concurrency`` in
+    flight), each with the store's retries. ``_UNKNOWN`` where a check failed."""
+    local: dict[str, Any] = {}
+    remote: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]] = {}
+    wanted = []
+    for loc in picked:
+        source = sources[loc._scale_info.level]
+        key = source.stored_key(loc._index)
+        if source.stat_root is not None or source.is_sync:
+            if key not in local:
+                local[key] = source.stamp(loc._index)
+            wanted.append((False, key))
+        else:
+            remote.setdefault((id(source), key), (source, loc._index, loc._stamp))
+            wanted.append((True, (id(source), key)))
+    found: dict[tuple[int, str], Any] = {}
+    if remote:
+        found = _check_remote(pool, remote)
+    return [found.get(k, _UNKNOWN) if is_remote else local[k] for is_remote, k in wanted]
+
+
+def _check_remote(
+    pool: ChunkPool, objects: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]]
+) -> dict[tuple[int, str], Any]:
+    """Ask for the versions of remote ``objects`` concurrently; a failed check is left
+    out. Waits at most as long as the retry policy lets the checks take."""
+    limit = asyncio.Semaphore(pool._scheduler._remote_io_concurrency)
+
+    async def one(source: ChunkSource, index: tuple[int, ...], stamp: Any) -> Any:
+        async with limit:
+            try:
+                now = await source.remote_stamp(index, stamp)
+            except Exception as err:
+                logger.debug(
+                    "chunkpool: revalidating %s failed: %s", source.name, describe_error(err)
+                )
+                return _UNKNOWN
+            return _UNKNOWN if now is None else now
+
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(one(*o) for o in objects.values()))
+
+    retry = pool._retry or RetryPolicy()
+    per_check = retry.attempts * (retry.timeout + 1.5 * retry.max_delay)
+    waves = -(-len(objects) // pool._scheduler._remote_io_concurrency)
+    future = asyncio.run_coroutine_threadsafe(all_of(), zarr_loop())
+    try:
+        results = future.result(per_check * waves + 5.0)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return {}
+    return {k: r for k, r in zip(objects, results, strict=True) if r is not _UNKNOWN}
 
 
 def _reload(pool: ChunkPool, loc: ChunkLocation, jobs: list[LoadJob]) -> None:

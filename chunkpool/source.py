@@ -62,7 +62,7 @@ from .frames import IntoDecode, into_decoder, wrong_size
 from .info import ScaleInfo
 from .links import StoreRoot
 from .retry import RetryPolicy
-from .stores import describe_error, with_retries
+from .stores import MISSING_OBJECT, check_stamp, describe_error, with_retries
 from .zarr_compat import (
     ArraySpec,
     DefaultChunkKeyEncoding,
@@ -137,8 +137,9 @@ class _IndexReadAbandoned(Exception):
 class RawChunk(NamedTuple):
     """The encoded bytes of one chunk (None when the chunk does not exist). A named
     tuple: one is made per chunk, and a frozen dataclass costs ~1 µs more to make.
-    ``stamp``: the stored object's version (:func:`file_stamp`) seen before reading it,
-    for local files; None where the store has no such thing."""
+    ``stamp``: the stored object's version: for local files (:func:`file_stamp`) seen
+    before reading it, for remote stores the validator its response carried
+    (:data:`~chunkpool.stores.RemoteStamp`); None where the store has no such thing."""
 
     data: np.ndarray | None
     nbytes_fetched: int
@@ -146,9 +147,11 @@ class RawChunk(NamedTuple):
     stamp: Stamp | None = None
 
 
-#: A stored file's version as ``(size, mtime_ns)``; :data:`ABSENT` for no file.
-Stamp = tuple[int, int]
-ABSENT: Stamp = (-1, -1)
+#: A stored object's version: ``(size, mtime_ns)`` of a local file, ``(ETag,
+#: Last-Modified)`` of a remote object (:data:`~chunkpool.stores.RemoteStamp`);
+#: :data:`ABSENT` for no object.
+Stamp = tuple[int, int] | tuple[str, str]
+ABSENT: Stamp = MISSING_OBJECT
 
 
 def file_stamp(path: str) -> Stamp:
@@ -499,6 +502,18 @@ class ShardIndexCache:
         if freed and self._release is not None:
             self._release(freed)
 
+    def discard(self, key: tuple[int, tuple[int, ...]], stamp: Stamp | None) -> None:
+        """Forget a kept index read from the shard version ``stamp`` (another version,
+        or one being read, stays): the shard changed since."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or type(entry) is Future or entry[2] != stamp:
+                return
+            del self._entries[key]
+            self.nbytes -= entry[1]
+        if self._release is not None:
+            self._release(entry[1])
+
     def forget(self, key: tuple[int, tuple[int, ...]], fut: Future) -> None:
         """Drop an entry being read (a failed or refused read): a later request reads it."""
         with self._lock:
@@ -569,6 +584,8 @@ class ChunkSource:
         # Asynchronous (remote) reads are retried by one RemoteStore layer: the one
         # open_node put in, or, for a node opened elsewhere, one with ``retry``.
         self._remote = None if self.is_sync else with_retries(self.store, name, retry)
+        #: The remote store's read that also says the object's version (stamps), if any.
+        self._get_stamped = getattr(self._remote, "get_stamped", None)
         self._local = (
             _LocalReader(str(self.store.root), buffers)
             if isinstance(self.store, LocalStore)
@@ -676,7 +693,22 @@ class ChunkSource:
         root = self.stat_root
         return None if root is None else file_stamp(root + self.stored_key(index))
 
-    def _plan(self, index: tuple[int, ...], stamp: Stamp | None = None) -> _Plan:
+    async def remote_stamp(self, index: tuple[int, ...], stamp: Stamp) -> Stamp | None:
+        """The version of the remote object holding chunk ``index`` now, asked with a
+        conditional request against ``stamp`` (the version read) or a HEAD; None if the
+        store cannot say. Raises ChunkReadError when the store cannot be reached."""
+        return await check_stamp(self._remote, self.stored_key(index), stamp)
+
+    def _plan(
+        self,
+        index: tuple[int, ...],
+        stamp: Stamp | None = None,
+        seen: list[Stamp | None] | None = None,
+    ) -> _Plan:
+        """``stamp``: the stored object's version known before reading (local files);
+        ``seen``: where a remote driver appends the version each read's response carried
+        (then a shard index read from another version than the inner chunk's bytes is
+        stale: it is read again, once)."""
         if self._sharding is None:
             read = yield _Read(self._key(index))
             if read is None:
@@ -684,19 +716,40 @@ class ChunkSource:
             return RawChunk(read.data, read.data.nbytes, read.owner)
         shard = tuple(i // n for i, n in zip(index, self._chunks_per_shard, strict=True))
         inner = tuple(i % n for i, n in zip(index, self._chunks_per_shard, strict=True))
-        shard_index, fetched = yield from self._shard_index_plan(shard, stamp)
-        byte_slice = None if shard_index is None else shard_index.get_chunk_slice(inner)
-        if byte_slice is None:  # the whole shard, or this inner chunk, is empty
-            return RawChunk(None, fetched)
-        read = yield _Read(self._key(shard), RangeByteRequest(*byte_slice))
+        fetched = 0
+        for attempt in range(2):
+            shard_index, n, version = yield from self._shard_index_plan(shard, stamp, seen)
+            fetched += n
+            byte_slice = None if shard_index is None else shard_index.get_chunk_slice(inner)
+            if byte_slice is None:  # the whole shard, or this inner chunk, is empty
+                return RawChunk(None, fetched, stamp=version)
+            try:
+                read = yield _Read(self._key(shard), RangeByteRequest(*byte_slice))
+            except ChunkReadError:
+                # a range the shard does not have (416) from a cached index: the shard
+                # may have changed since; read its index again, once
+                if seen is None or attempt or n:
+                    raise
+                self._shard_indexes.discard((self.scale.level, shard), version)
+                continue
+            if not seen or version is None or seen[-1] == version or attempt:
+                break
+            # the shard changed since its index was read: read both again
+            self._shard_indexes.discard((self.scale.level, shard), version)
+            if read is not None:
+                fetched += read.data.nbytes
         if read is None:
-            return RawChunk(None, fetched)
-        return RawChunk(read.data, fetched + read.data.nbytes, read.owner)
+            return RawChunk(None, fetched, stamp=version)
+        return RawChunk(read.data, fetched + read.data.nbytes, read.owner, version)
 
     def _shard_index_plan(
-        self, shard: tuple[int, ...], stamp: Stamp | None = None
-    ) -> Generator[_Read | _Await, Any, tuple[ShardIndex | None, int]]:
-        """A shard's index (None if the shard is missing) and the bytes fetched for it.
+        self,
+        shard: tuple[int, ...],
+        stamp: Stamp | None = None,
+        seen: list[Stamp | None] | None = None,
+    ) -> Generator[_Read | _Await, Any, tuple[ShardIndex | None, int, Stamp | None]]:
+        """A shard's index (None if the shard is missing), the bytes fetched for it and
+        the shard's version it was read from (``stamp``, or the response's in ``seen``).
 
         The first request for a shard reads the index; concurrent ones wait for it. If
         that first request is cancelled, a waiter takes over.
@@ -705,12 +758,13 @@ class ChunkSource:
         while True:
             entry, fut, mine = self._shard_indexes.claim(key, stamp)
             if fut is None:
-                return entry[0], 0
+                return entry[0], 0, entry[2]
             if not mine:
                 try:
-                    return (fut.result() if fut.done() else (yield _Await(fut))), 0
+                    got = fut.result() if fut.done() else (yield _Await(fut))
                 except _IndexReadAbandoned:
                     continue
+                return got[0], 0, got[1]
             read = None
             try:
                 read = yield _Read(self._key(shard), self._index_range)
@@ -723,9 +777,10 @@ class ChunkSource:
             finally:
                 if read is not None and read.owner is not None:
                     self._buffers.give(read.owner)
-            fut.set_result(shard_index)
-            self._shard_indexes.store(key, fut, shard_index, stamp)
-            return shard_index, 0 if read is None else read.data.nbytes
+            version = stamp if stamp is not None or not seen else seen[-1]
+            fut.set_result((shard_index, version))
+            self._shard_indexes.store(key, fut, shard_index, version)
+            return shard_index, 0 if read is None else read.data.nbytes, version
 
     def _read_index(self, shard: tuple[int, ...], data: np.ndarray) -> ShardIndex:
         """Decode a shard's index into memory of its own (``data`` may be a read buffer
@@ -829,8 +884,13 @@ class ChunkSource:
         return RawChunk(read.data, read.data.nbytes, read.owner)
 
     async def fetch_async(self, index: tuple[int, ...]) -> RawChunk:
-        """Fetch a chunk's bytes from an asynchronous store, on zarr's event loop."""
-        plan = self._plan(index)
+        """Fetch a chunk's bytes from an asynchronous store, on zarr's event loop.
+
+        Where the store says so, the chunk is stamped with the version its object's
+        response carried (its shard's index's, for an inner chunk): no extra request."""
+        get_stamped = self._get_stamped
+        seen: list[Stamp | None] | None = None if get_stamped is None else []
+        plan = self._plan(index, None, seen)
         try:
             step = next(plan)
             while True:
@@ -838,15 +898,24 @@ class ChunkSource:
                     if isinstance(step, _Await):
                         # shield: cancelling this request must not cancel the shared read
                         result = await asyncio.shield(asyncio.wrap_future(step.future))
-                    else:
+                    elif seen is None:
                         buf = await self._remote.get(step.key, self._prototype, step.byte_range)
+                        result = None if buf is None else _Bytes(buf.as_numpy_array(), None)
+                    else:
+                        buf, version = await get_stamped(  # type: ignore[misc]
+                            step.key, self._prototype, step.byte_range
+                        )
+                        seen.append(version)
                         result = None if buf is None else _Bytes(buf.as_numpy_array(), None)
                 except BaseException as err:
                     step = plan.throw(err)
                 else:
                     step = plan.send(result)
         except StopIteration as stop:
-            return stop.value
+            raw = stop.value
+        if seen and raw.stamp is None:  # a whole chunk: its one read's
+            return raw._replace(stamp=seen[0])
+        return raw
 
     @staticmethod
     def io_loop() -> asyncio.AbstractEventLoop:

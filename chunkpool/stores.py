@@ -12,6 +12,21 @@ remote store is wrapped in a :class:`RemoteStore`: all its reads, metadata and c
 alike, have a timeout per attempt and are retried on transient errors
 (:class:`~chunkpool.retry.RetryPolicy`), and it is known by its redacted name only, so
 that nothing built on it (zarr arrays and groups, the disk cache) shows credentials.
+
+**Versions of remote objects** (for :meth:`ChunkPool.refresh`). zarr's stores drop the
+headers of their responses, so :meth:`RemoteStore.get_stamped` reads an object itself,
+the same request zarr's store would send, and keeps the validator the response carries
+(:data:`RemoteStamp`): over HTTP(S) the ``ETag`` and ``Last-Modified`` headers, over S3
+(s3fs) and obstore stores the ``ETag``. No extra request: the version comes with the
+bytes, so it is the version of exactly those bytes. :meth:`RemoteStore.check_stamp` asks
+for the version now: over HTTP a HEAD with ``If-None-Match`` (or ``If-Modified-Since``
+when there is no ETag), which a current copy gets as ``304 Not Modified``; over S3 and
+obstore a HEAD (a HEAD has no body either way). Both go through the same retries as any
+read. Used here, beyond zarr's API: fsspec's ``HTTPFileSystem.set_session`` /
+``.kwargs`` / ``.encode_url`` and s3fs's ``S3FileSystem._call_s3`` / ``.split_path``
+(the requests those file systems make for zarr, with their sessions, options and
+credentials); obstore's public ``get_async`` / ``head_async``. Other stores give no
+versions: their chunks are never revalidated.
 """
 
 from __future__ import annotations
@@ -21,14 +36,20 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import zarr
 from zarr.abc.buffer import Buffer, BufferPrototype
-from zarr.abc.store import ByteRequest, Store
-from zarr.storage import FsspecStore, LocalStore, WrapperStore
+from zarr.abc.store import (
+    ByteRequest,
+    OffsetByteRequest,
+    RangeByteRequest,
+    Store,
+    SuffixByteRequest,
+)
+from zarr.storage import FsspecStore, LocalStore, ObjectStore, WrapperStore
 
 from .diskcache import DiskCacheStore
 from .errors import SourceError
@@ -44,7 +65,10 @@ from .retry import RetryPolicy, call_with_retries
 from .zarr_compat import wrapped_store
 
 __all__ = [
+    "MISSING_OBJECT",
+    "RemoteStamp",
     "RemoteStore",
+    "check_stamp",
     "describe_error",
     "open_node",
     "redact",
@@ -59,6 +83,11 @@ _S3_AUTH_OPTIONS = frozenset({"anon", "key", "secret", "token", "profile", "sess
 
 #: Connections s3fs may keep to S3 (above any pool's in-flight window).
 S3_CONNECTIONS = 128
+
+#: A remote object's version: ``(ETag, Last-Modified)`` as its store reported them
+#: (either may be ``""``), or :data:`MISSING_OBJECT` for an object that does not exist.
+RemoteStamp = tuple[str, str] | tuple[int, int]
+MISSING_OBJECT: tuple[int, int] = (-1, -1)
 
 
 def open_node(
@@ -125,6 +154,7 @@ class RemoteStore(WrapperStore[Store]):
         super().__init__(store)
         self.name = name
         self.retry = retry or RetryPolicy()
+        self._versions = _versions_of(store)
 
     def _with_store(self, store: Store) -> RemoteStore:
         return type(self)(store, self.name, self.retry)
@@ -142,6 +172,25 @@ class RemoteStore(WrapperStore[Store]):
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
     ) -> Buffer | None:
         return await self._retrying(key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_stamped(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> tuple[Buffer | None, RemoteStamp | None]:
+        """:meth:`get`, and the object's version its response carried (None: this store
+        gives none; :data:`MISSING_OBJECT` with no buffer: there is no such object)."""
+        versions = self._versions
+        if versions is None:
+            return await self.get(key, prototype, byte_range), None
+        return await self._retrying(key, lambda: versions.get(key, prototype, byte_range))
+
+    async def check_stamp(self, key: str, stamp: RemoteStamp) -> RemoteStamp | None:
+        """The version of ``key`` now: ``stamp`` itself if a conditional request against
+        it was answered "not modified" (no body either way); None: the store cannot say.
+        Raises ChunkReadError when the attempts run out."""
+        versions = self._versions
+        if versions is None:
+            return None
+        return await self._retrying(key, lambda: versions.check(key, stamp))
 
     async def get_partial_values(
         self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
@@ -192,6 +241,198 @@ def with_retries(store: Store, name: str, retry: RetryPolicy | None = None) -> S
 
 async def _collect(items: AsyncIterator[str]) -> list[str]:
     return [item async for item in items]
+
+
+async def check_stamp(store: Any, key: str, stamp: Any) -> Any:
+    """``store.check_stamp(key, stamp)`` for the stores that know versions (a
+    :class:`RemoteStore`, the disk cache over one), else None."""
+    check = getattr(store, "check_stamp", None)
+    return None if check is None else await check(key, stamp)
+
+
+class _Versions(Protocol):
+    """Reads of one kind of remote store that also say the object's version."""
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> tuple[Buffer | None, RemoteStamp | None]: ...
+
+    async def check(self, key: str, stamp: RemoteStamp) -> RemoteStamp | None: ...
+
+
+def _versions_of(store: Store) -> _Versions | None:
+    """How to read ``store`` with versions, if it is one of the kinds that have them."""
+    if isinstance(store, FsspecStore):
+        protocols = store.fs.protocol
+        protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+        if protocols & {"http", "https"}:
+            return _HTTPVersions(store)
+        if protocols & {"s3", "s3a"}:
+            return _S3Versions(store)
+    if isinstance(store, ObjectStore):
+        return _ObjectStoreVersions(store)
+    return None
+
+
+def _range_header(byte_range: ByteRequest) -> str | None:
+    """The HTTP ``Range`` value of a byte request; None for an empty range."""
+    if isinstance(byte_range, RangeByteRequest):
+        if byte_range.end <= byte_range.start:
+            return None
+        return f"bytes={byte_range.start}-{byte_range.end - 1}"
+    if isinstance(byte_range, OffsetByteRequest):
+        return f"bytes={byte_range.offset}-"
+    if isinstance(byte_range, SuffixByteRequest):
+        return f"bytes=-{byte_range.suffix}"
+    raise ValueError(f"unexpected byte range {byte_range!r}")
+
+
+def _object_path(store: FsspecStore, key: str) -> str:
+    """The file system path of ``key`` in an fsspec store (as zarr spells it)."""
+    root = store.path.rstrip("/")
+    return (f"{root}/{key}" if root else key).rstrip("/")
+
+
+def _stamp_of(etag: str | None, last_modified: Any = None) -> RemoteStamp | None:
+    """A version from an object's validators: the ETag, else the modification time."""
+    if etag:
+        return (etag, "")
+    return ("", str(last_modified)) if last_modified else None
+
+
+class _HTTPVersions:
+    """GET and conditional HEAD through an fsspec ``HTTPFileSystem``'s own session and
+    options (headers, auth), as its ``_cat_file`` sends them."""
+
+    def __init__(self, store: FsspecStore):
+        self._store = store
+        self._fs = store.fs
+
+    def _request(self, key: str, headers: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+        kw = dict(self._fs.kwargs)
+        kw["headers"] = {**(kw.get("headers") or {}), **headers}
+        return self._fs.encode_url(_object_path(self._store, key)), kw
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> tuple[Buffer | None, RemoteStamp | None]:
+        headers = {}
+        if byte_range is not None:
+            spec = _range_header(byte_range)
+            if spec is None:
+                return prototype.buffer.from_bytes(b""), None
+            headers["Range"] = spec
+        url, kw = self._request(key, headers)
+        session = await self._fs.set_session()
+        async with session.get(url, **kw) as response:
+            body = await response.read()
+            if response.status == 404:
+                return None, MISSING_OBJECT
+            response.raise_for_status()
+            stamp = _stamp_of(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        return prototype.buffer.from_bytes(body), stamp
+
+    async def check(self, key: str, stamp: RemoteStamp) -> RemoteStamp | None:
+        etag, modified = stamp
+        headers = {}
+        if isinstance(etag, str) and etag:
+            headers["If-None-Match"] = etag
+        elif isinstance(modified, str) and modified:
+            headers["If-Modified-Since"] = modified
+        url, kw = self._request(key, headers)
+        kw.setdefault("allow_redirects", True)
+        session = await self._fs.set_session()
+        async with session.head(url, **kw) as response:
+            if response.status == 304:
+                return stamp
+            if response.status == 404:
+                return MISSING_OBJECT
+            response.raise_for_status()
+            return _stamp_of(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+
+
+class _S3Versions:
+    """``get_object`` / ``head_object`` through an s3fs file system's own client (its
+    credentials, endpoint and options), as its ``_cat_file`` and ``_info`` call them."""
+
+    def __init__(self, store: FsspecStore):
+        self._store = store
+        self._fs = store.fs
+
+    def _where(self, key: str) -> dict[str, Any]:
+        bucket, path, version = self._fs.split_path(_object_path(self._store, key))
+        return {"Bucket": bucket, "Key": path, **({"VersionId": version} if version else {})}
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> tuple[Buffer | None, RemoteStamp | None]:
+        where = self._where(key)
+        if byte_range is not None:
+            spec = _range_header(byte_range)
+            if spec is None:
+                return prototype.buffer.from_bytes(b""), None
+            where["Range"] = spec
+        try:
+            response = await self._fs._call_s3("get_object", **where)
+        except FileNotFoundError:
+            return None, MISSING_OBJECT
+        except OSError as err:
+            if "not satisfiable" in str(err):  # as zarr's FsspecStore answers it
+                return prototype.buffer.from_bytes(b""), None
+            raise
+        try:
+            body = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        return prototype.buffer.from_bytes(body), _stamp_of(response.get("ETag"))
+
+    async def check(self, key: str, stamp: RemoteStamp) -> RemoteStamp | None:
+        try:
+            info = await self._fs._call_s3("head_object", **self._where(key))
+        except FileNotFoundError:
+            return MISSING_OBJECT
+        return _stamp_of(info.get("ETag"))
+
+
+class _ObjectStoreVersions:
+    """``get_async`` / ``head_async`` of obstore, on a zarr ``ObjectStore``'s store."""
+
+    _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+    def __init__(self, store: ObjectStore):
+        self._store = store.store
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> tuple[Buffer | None, RemoteStamp | None]:
+        import obstore
+
+        options: dict[str, Any] = {}
+        if isinstance(byte_range, RangeByteRequest):
+            if byte_range.end <= byte_range.start:
+                return prototype.buffer.from_bytes(b""), None
+            options["range"] = (byte_range.start, byte_range.end)
+        elif isinstance(byte_range, OffsetByteRequest):
+            options["range"] = {"offset": byte_range.offset}
+        elif isinstance(byte_range, SuffixByteRequest):
+            options["range"] = {"suffix": byte_range.suffix}
+        try:
+            response = await obstore.get_async(self._store, key, options=options)
+            body = await response.bytes_async()
+        except self._ABSENT:
+            return None, MISSING_OBJECT
+        meta = response.meta
+        stamp = _stamp_of(meta.get("e_tag"), meta.get("last_modified"))
+        return prototype.buffer.from_bytes(body), stamp  # type: ignore[arg-type]
+
+    async def check(self, key: str, stamp: RemoteStamp) -> RemoteStamp | None:
+        import obstore
+
+        try:
+            meta = await obstore.head_async(self._store, key)
+        except self._ABSENT:
+            return MISSING_OBJECT
+        return _stamp_of(meta.get("e_tag"), meta.get("last_modified"))
 
 
 def _disk_cache_identity(

@@ -6,12 +6,19 @@ that is not a file) and lets a test make it slow (:attr:`~ZarrHTTPServer.latency
 (:attr:`~ZarrHTTPServer.bandwidth`) or broken (:meth:`~ZarrHTTPServer.add_fault`) at runtime,
 while it records every request so a test can count what a client actually asked for, how many
 bytes crossed the wire and whether responses were still being written after the client gave up.
+
+Like an object store, every file's answer carries validators: a strong ``ETag`` (a digest of the
+file's bytes, so a rewrite within one tick of the file system's clock still changes it) and
+``Last-Modified``; a GET or HEAD with ``If-None-Match`` (or, without it, ``If-Modified-Since``)
+that still matches is answered ``304 Not Modified`` without a body (RFC 9110 13.1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fnmatch
+import hashlib
 import os
 import socket
 import struct
@@ -81,6 +88,8 @@ class RequestRecord:
     end: float
     client_disconnected: bool
     fault: FaultKind | None
+    conditional: bool = False
+    """Whether the request carried ``If-None-Match`` or ``If-Modified-Since``."""
 
 
 @dataclass
@@ -112,6 +121,9 @@ class _Handler(BaseHTTPRequestHandler):
         start = time.monotonic()
         path = unquote(urlsplit(self.path).path)
         range_header = self.headers.get("Range")
+        conditional = bool(
+            self.headers.get("If-None-Match") or self.headers.get("If-Modified-Since")
+        )
         out = _Outcome()
         srv = self.server
         srv._request_started()
@@ -139,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
                     end=time.monotonic(),
                     client_disconnected=out.client_disconnected,
                     fault=out.fault,
+                    conditional=conditional,
                 )
             )
 
@@ -162,7 +175,15 @@ class _Handler(BaseHTTPRequestHandler):
         if file is None:
             self._respond_text(HTTPStatus.NOT_FOUND, "not found\n", send_body, out)
             return
-        size = file.stat().st_size
+        content = file.read_bytes()
+        size = len(content)
+        validators = {
+            "ETag": f'"{hashlib.blake2b(content, digest_size=12).hexdigest()}"',
+            "Last-Modified": email.utils.formatdate(file.stat().st_mtime, usegmt=True),
+        }
+        if self._not_modified(validators, file.stat().st_mtime):
+            self._send_not_modified(validators, out)
+            return
         span = _parse_range(range_header, size)
         if span == "unsatisfiable":
             self._respond_text(
@@ -175,17 +196,46 @@ class _Handler(BaseHTTPRequestHandler):
             return
         first, last = span if span is not None else (0, size - 1)
         length = last - first + 1
-        headers = {"Content-Type": _content_type(file), "Accept-Ranges": "bytes"}
+        headers = {"Content-Type": _content_type(file), "Accept-Ranges": "bytes", **validators}
         status = HTTPStatus.OK
         if span is not None:
             status = HTTPStatus.PARTIAL_CONTENT
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        body = b""
-        if send_body and length > 0:
-            with file.open("rb") as f:
-                f.seek(first)
-                body = f.read(length)
+        body = content[first : last + 1] if send_body and length > 0 else b""
         self._send(status, headers, length, body, bandwidth, out)
+
+    def _not_modified(self, validators: dict[str, str], mtime: float) -> bool:
+        """Whether the request's preconditions say the client's copy is current:
+        ``If-None-Match`` lists the ETag (or ``*``); without it, ``If-Modified-Since`` is
+        not before the file's modification (at the header's one-second resolution)."""
+        if_none_match = self.headers.get("If-None-Match")
+        if if_none_match is not None:
+            tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+            return "*" in tags or validators["ETag"] in tags
+        since = self.headers.get("If-Modified-Since")
+        if since is None:
+            return False
+        try:
+            when = email.utils.parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError):
+            return False  # an invalid date is ignored (RFC 9110 13.1.3)
+        return int(mtime) <= when
+
+    def _send_not_modified(self, validators: dict[str, str], out: _Outcome) -> None:
+        """``304 Not Modified``: the validators, no body and no Content-Length."""
+        if self._client_gone():
+            out.client_disconnected = True
+            self.close_connection = True
+            return
+        try:
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            for name, value in validators.items():
+                self.send_header(name, value)
+            self.end_headers()
+            out.status = int(HTTPStatus.NOT_MODIFIED)
+        except ConnectionError:
+            out.client_disconnected = True
+            self.close_connection = True
 
     def _respond_text(
         self,
