@@ -139,16 +139,24 @@ def test_credentials_never_appear_in_errors_or_logs(server, caplog):
 def test_dropping_cancels_in_flight_http_requests(server):
     pool = open_pool(f"{server.url}/img.zarr", remote_io_concurrency=16)
     try:
-        server.latency = 1.0
+        server.add_fault("*/c/*", "stall")  # no answer until released
         server.reset_stats()
         for i in range(4):
             for j in range(4):
                 pool.get_chunk(0, (i, j))
-        time.sleep(0.3)  # 16 requests in flight, each waiting out the latency
+        deadline = time.monotonic() + 30
+        while server.in_flight < 16:  # every request sent and waiting for its answer
+            assert time.monotonic() < deadline, server.in_flight
+            time.sleep(0.01)
         dropped_at = time.monotonic()
         for i in range(4):
             for j in range(4):
                 pool.drop_chunk(0, (i, j))
+        assert pool.stats.cancellations == 16
+        while pool.stats.chunks_fetching:  # the client has given every request up
+            assert time.monotonic() < deadline, pool.stats
+            time.sleep(0.01)
+        server.stall_release.set()  # answered now, to a client that has gone
         assert server.wait_idle(10)
         chunks = [r for r in server.requests if "/c/" in r.path]
         assert len(chunks) == 16
