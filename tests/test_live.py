@@ -13,6 +13,7 @@ import zarr
 from support.images import noise_image
 from test_render import settle
 
+from chunkpool import Changes, refresh
 from viewer import Viewer
 
 pytestmark = pytest.mark.render
@@ -75,3 +76,52 @@ def test_a_live_viewer_follows_appended_time_points_and_rewrites(tmp_path: pathl
         assert any(line.startswith("live: newest") for line in viewer.hud_lines())
     finally:
         viewer.close()
+
+
+def watch_threads() -> list[str]:
+    """The names of the threads of pools' watches (timer and file-system watch)."""
+    prefixes = ("chunkpool-watch", "chunkpool-files")
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefixes)]
+
+
+def test_a_local_watch_wakes_on_a_write_long_before_its_interval(
+    tmp_path: pathlib.Path, pools
+) -> None:
+    """inotify (watchfiles): a new time point is seen at once, not after the 60 s poll;
+    the watch's threads end with destroy()."""
+    path = tmp_path / "live.zarr"
+    array = zarr.create_array(path, shape=(1, 32, 32), chunks=(1, 32, 32), dtype="uint8")
+    pool = pools(zarr.open_array(path, mode="r"))
+    seen: list[Changes] = []
+    changed = threading.Event()
+    pool.watch(60.0, on_change=lambda changes: (seen.append(changes), changed.set()))
+    assert len(watch_threads()) == 2, watch_threads()  # the poll and the file-system watch
+    array.resize((2, 32, 32))
+    assert changed.wait(DEADLINE / 2), "the write was not seen before the poll"
+    assert seen[0].grown == {0: ((1, 32, 32), (2, 32, 32))}
+    pool.destroy()
+    assert not watch_threads()
+
+
+def test_a_watch_polls_without_watchfiles_or_a_local_store(
+    tmp_path: pathlib.Path, pools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file-system watch for a store in memory, nor without the library: the poll
+    still sees changes."""
+    memory = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=(1, 8), chunks=(1, 8), dtype="uint8"
+    )
+    monkeypatch.setattr(refresh, "watchfiles", None)
+    local = zarr.create_array(tmp_path / "a.zarr", shape=(1, 8), chunks=(1, 8), dtype="uint8")
+    for array in (memory, local):
+        pool = pools(array)
+        changed = threading.Event()
+        pool.watch(0.05, on_change=lambda changes, changed=changed: changed.set())
+        assert len(watch_threads()) == 1, watch_threads()
+        array.resize((2, 8))
+        assert changed.wait(DEADLINE), f"{array.store}: no change seen"
+        pool.destroy()
+    monkeypatch.undo()
+    pool = pools(memory)
+    pool.watch(0.05)
+    assert len(watch_threads()) == 1, watch_threads()  # in memory: nothing to watch
