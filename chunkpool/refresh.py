@@ -33,8 +33,9 @@ A refresh whose metadata cannot be read (the store deleted, JSON half written) r
 :class:`~chunkpool.errors.SourceError` and changes nothing. ``watch`` refreshes on a
 timer in one thread of the pool, and for a local store also as soon as a file under the
 image changes (``watchfiles``: inotify on Linux, debounced; see :class:`Watcher`), logs
-such failures as one WARNING per distinct error until a refresh succeeds again, and
-calls ``on_change`` (in that thread) when something changed.
+such failures as one WARNING per distinct error until a refresh succeeds again (told to
+``on_error`` with the message, then None when it works again), and calls ``on_change``
+(in that thread) when something changed.
 
 Not covered yet: remote stores (no ETag / Last-Modified revalidation: their chunks carry
 no stamp and are never revalidated), the disk cache, channel or name metadata changes,
@@ -349,10 +350,12 @@ class Watcher:
         pool: ChunkPool,
         interval: float,
         on_change: Callable[[Changes], None] | None = None,
+        on_error: Callable[[str | None], None] | None = None,
     ):
         self._pool = pool
         self.interval = interval
         self._on_change = on_change
+        self._on_error = on_error
         self._stop = threading.Event()
         self._wake = threading.Event()  # a file changed, or stop
         self._last_error: str | None = None
@@ -434,16 +437,25 @@ class Watcher:
                     "chunkpool: refresh failed, still showing what was read before: %s",
                     message,
                 )
+                self._tell_error(message)
             return True
         if self._last_error is not None:
             self._last_error = None
             logger.info("chunkpool: %s: refresh works again", pool._info.source)
+            self._tell_error(None)
         if changes.changed and self._on_change is not None:
             try:
                 self._on_change(changes)
             except Exception:
                 logger.exception("chunkpool: a watch on_change handler raised")
         return True
+
+    def _tell_error(self, message: str | None) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except Exception:
+                logger.exception("chunkpool: a watch on_error handler raised")
 
     def stop(self, timeout: float) -> None:
         """Stop the thread; waits at most ``timeout`` seconds for it (not from itself)."""

@@ -4,7 +4,9 @@ its new data; the screenshot ends equal to the numpy ground truth of the final s
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import shutil
 import threading
 import time
 
@@ -125,3 +127,108 @@ def test_a_watch_polls_without_watchfiles_or_a_local_store(
     pool = pools(memory)
     pool.watch(0.05)
     assert len(watch_threads()) == 1, watch_threads()  # in memory: nothing to watch
+
+
+def write_movie(path: pathlib.Path, frames: list) -> None:
+    """A (t, y, x) store of ``frames`` at ``path``, made aside and moved in at once."""
+    aside = path.with_name(path.name + ".new")
+    array = zarr.create_array(
+        aside,
+        shape=(len(frames), SIZE[1], SIZE[0]),
+        chunks=(1, 32, 32),
+        dtype="uint8",
+        dimension_names=["t", "y", "x"],
+    )
+    for t, frame in enumerate(frames):
+        array[t] = frame
+    aside.rename(path)
+
+
+def test_a_live_viewer_survives_a_deleted_half_written_and_shrunk_store(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each is one line (HUD and log, once), the view keeps what it showed, and it
+    recovers when the store is valid again; a shrink reopens the image."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "live.zarr"
+    frames = [noise_image((SIZE[1], SIZE[0]), seed=s) for s in range(10, 16)]
+    write_movie(path, frames[:3])
+    viewer = Viewer(
+        str(path), None, size=SIZE, colormap="gray", clim=(0, 255), show_hud=False, t=2, live=0.05
+    )
+
+    def problems() -> list[str]:
+        return [line for line in viewer.hud_lines() if line.startswith("live: store")]
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    refreshed = threading.Semaphore(0)
+    pool = viewer.pool
+    original = pool.refresh
+
+    def counting_refresh():
+        try:
+            return original()
+        finally:
+            refreshed.release()
+
+    pool.refresh = counting_refresh
+
+    def refreshes(n: int) -> None:  # wait for n more refreshes of the watch
+        for _ in range(n):
+            assert refreshed.acquire(timeout=DEADLINE)
+
+    try:
+        viewer.show_region(0, 0, *SIZE)
+        assert (settle(viewer)[..., 0] == frames[2]).all()
+        # the store deleted
+        shutil.rmtree(path)
+        wait_until(viewer, lambda: problems(), "the deletion shown")
+        refreshes(5)
+        viewer.refresh()
+        (line,) = problems()
+        assert "not a Zarr store" in line and str(path) in line, line
+        (logged,) = warnings()
+        assert "not a Zarr store" in logged and "Traceback" not in caplog.text
+        assert (settle(viewer)[..., 0] == frames[2]).all(), "it keeps what it showed"
+        # back, with new data of the same shape
+        write_movie(path, frames[3:6])
+        wait_until(
+            viewer,
+            lambda: not problems() and (viewer.screenshot()[..., 0] == frames[5]).all(),
+            "the store back",
+        )
+        # metadata half written
+        caplog.clear()
+        document = (path / "zarr.json").read_bytes()
+        (path / "zarr.json").write_bytes(document[: len(document) // 2])
+        wait_until(viewer, lambda: problems(), "the half-written metadata shown")
+        refreshes(5)
+        viewer.refresh()
+        (line,) = problems()
+        assert "invalid Zarr metadata" in line, line
+        assert len(warnings()) == 1, warnings()
+        assert (settle(viewer)[..., 0] == frames[5]).all()
+        (path / "zarr.json").write_bytes(document)
+        wait_until(viewer, lambda: not problems(), "the metadata whole again")
+        # shrunk: one time point left, with other data
+        caplog.clear()
+        shutil.rmtree(path)
+        write_movie(path, frames[:1])
+        wait_until(viewer, lambda: viewer.dims()["t"] == 1, "the shrunk store reopened")
+        assert viewer.position["t"] == 0
+        assert (settle(viewer)[..., 0] == frames[0]).all()
+        new_pool = viewer.pool
+        assert new_pool is not pool and pool.destroyed
+        # it follows the reopened store
+        writer = zarr.open_array(path, mode="r+")
+        writer.resize((2, SIZE[1], SIZE[0]))
+        writer[1] = frames[1]
+        wait_until(viewer, lambda: viewer.position["t"] == 1, "t=1 followed after reopening")
+        assert (settle(viewer)[..., 0] == frames[1]).all()
+        shrinks = [w for w in warnings() if "opened again" in w]
+        assert len(shrinks) == 1, warnings()
+        assert "Traceback" not in caplog.text
+    finally:
+        viewer.close()
