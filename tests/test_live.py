@@ -10,12 +10,14 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 import zarr
 from support.images import noise_image
 from test_render import settle
 
 from chunkpool import Changes, refresh
+from sample_data.acquire import Acquisition, run, time_point
 from viewer import Viewer
 
 pytestmark = pytest.mark.render
@@ -231,4 +233,57 @@ def test_a_live_viewer_survives_a_deleted_half_written_and_shrunk_store(
         assert len(shrinks) == 1, warnings()
         assert "Traceback" not in caplog.text
     finally:
+        viewer.close()
+
+
+def test_each_point_a_writer_thread_appends_is_shown_then_the_final_store(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A writer thread (the acquisition simulator) appends time points while the
+    viewer draws; each one is shown as it lands, and at the end the screen is the final
+    store read back by zarr, through the window (no stale pixel)."""
+    path = tmp_path / "acquired.ome.zarr"
+    count, clim = 6, (0.0, 4000.0)
+    acquisition = Acquisition(path, size=(SIZE[1], SIZE[0]), channels=0, chunk=32, count=count)
+    acquisition.rate = 1000.0
+    assert acquisition.step()  # t=0: the store exists
+
+    def window(data: np.ndarray) -> np.ndarray:
+        return np.clip((data.astype(np.float64) - clim[0]) / (clim[1] - clim[0]), 0, 1) * 255
+
+    def shows(data: np.ndarray) -> bool:
+        return bool(np.abs(viewer.screenshot()[..., 0] - window(data)).max() <= 1.0)
+
+    viewer = Viewer(
+        str(path), None, size=SIZE, colormap="gray", clim=clim, show_hud=False, t=0, live=0.05
+    )
+    seen = [threading.Event() for _ in range(count)]
+    stop = threading.Event()
+    writer = threading.Thread(
+        target=run, args=(acquisition, stop, lambda acq: seen[acq.done - 1].wait(DEADLINE))
+    )
+    try:
+        viewer.show_region(0, 0, *SIZE)
+        settle(viewer)
+        assert shows(time_point(0, SIZE[1], SIZE[0], 0))
+        writer.start()
+        for t in range(1, count):
+            wait_until(
+                viewer,
+                lambda t=t: viewer.position["t"] == t and shows(time_point(t, SIZE[1], SIZE[0], 0)),
+                f"t={t} shown",
+            )
+            seen[t].set()
+        writer.join(DEADLINE)
+        assert not writer.is_alive() and acquisition.done == count
+        final = zarr.open_array(path / "0", mode="r")
+        assert final.shape == (count, SIZE[1], SIZE[0])
+        settle(viewer)
+        assert shows(final[count - 1])
+    finally:
+        stop.set()
+        for event in seen:
+            event.set()
+        if writer.is_alive():
+            writer.join(DEADLINE)
         viewer.close()
