@@ -240,13 +240,13 @@ def test_each_point_a_writer_thread_appends_is_shown_then_the_final_store(
     tmp_path: pathlib.Path,
 ) -> None:
     """A writer thread (the acquisition simulator) appends time points while the
-    viewer draws; each one is shown as it lands, and at the end the screen is the final
+    viewer draws; the viewer starts at the newest; each one is shown as it lands, and at the end the screen is the final
     store read back by zarr, through the window (no stale pixel)."""
     path = tmp_path / "acquired.ome.zarr"
     count, clim = 6, (0.0, 4000.0)
     acquisition = Acquisition(path, size=(SIZE[1], SIZE[0]), channels=0, chunk=32, count=count)
     acquisition.rate = 1000.0
-    assert acquisition.step()  # t=0: the store exists
+    assert acquisition.step() and acquisition.step()  # t=0, 1: the store exists
 
     def window(data: np.ndarray) -> np.ndarray:
         return np.clip((data.astype(np.float64) - clim[0]) / (clim[1] - clim[0]), 0, 1) * 255
@@ -255,7 +255,7 @@ def test_each_point_a_writer_thread_appends_is_shown_then_the_final_store(
         return bool(np.abs(viewer.screenshot()[..., 0] - window(data)).max() <= 1.0)
 
     viewer = Viewer(
-        str(path), None, size=SIZE, colormap="gray", clim=clim, show_hud=False, t=0, live=0.05
+        str(path), None, size=SIZE, colormap="gray", clim=clim, show_hud=False, live=0.05
     )
     seen = [threading.Event() for _ in range(count)]
     stop = threading.Event()
@@ -265,9 +265,10 @@ def test_each_point_a_writer_thread_appends_is_shown_then_the_final_store(
     try:
         viewer.show_region(0, 0, *SIZE)
         settle(viewer)
-        assert shows(time_point(0, SIZE[1], SIZE[0], 0))
+        assert viewer.position["t"] == 1  # live: it starts at the newest
+        assert shows(time_point(1, SIZE[1], SIZE[0], 0))
         writer.start()
-        for t in range(1, count):
+        for t in range(2, count):
             wait_until(
                 viewer,
                 lambda t=t: viewer.position["t"] == t and shows(time_point(t, SIZE[1], SIZE[0], 0)),

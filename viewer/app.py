@@ -559,8 +559,11 @@ class Viewer:
         return position
 
     def _set_initial_position(self, plane: Plane, z: int | None, t: int | None) -> None:
-        """Start at level-0 indices ``z`` and ``t`` of the first image (checked)."""
+        """Start at level-0 indices ``z`` and ``t`` of the first image (checked); live,
+        at its newest time point by default (then it follows new ones)."""
         scale = plane.info.levels[0]
+        if t is None and self.live is not None and scale.time_axis in plane.slider_axes:
+            t = scale.shape[scale.time_axis] - 1
         for value, axis in ((z, _z_axis(plane)), (t, scale.time_axis)):
             if value is None:
                 continue
