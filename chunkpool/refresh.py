@@ -84,6 +84,7 @@ _by_check = operator.attrgetter("_checked")
 # _DEBOUNCE ms after its first (a writer that never pauses still gets refreshes).
 _STEP = 20
 _DEBOUNCE = 200
+_RETRY = 0.05  # seconds before a failed refresh is tried again
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,7 @@ class Watcher:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a file changed, or stop
         self._last_error: str | None = None
+        self._failed = False  # the last refresh failed (once: it is tried again soon)
         name = f"chunkpool-watch {pool._info.source}"
         self._threads = [threading.Thread(target=self._run, name=name, daemon=True)]
         directory = _watched_directory(pool._info)
@@ -378,7 +380,7 @@ class Watcher:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.interval)
+            self._wake.wait(min(self.interval, _RETRY) if self._failed else self.interval)
             if self._stop.is_set():
                 return
             self._wake.clear()
@@ -422,8 +424,10 @@ class Watcher:
                 return
 
     def tick(self) -> bool:
-        """One refresh: a failure is logged (once per distinct error until a refresh
-        succeeds again), a change told to ``on_change``. False once the pool is gone."""
+        """One refresh: a failure twice in a row is logged (once per distinct error
+        until a refresh succeeds again; a first one may be a writer caught between the
+        metadata documents of two levels, tried again soon), a change told to
+        ``on_change``. False once the pool is gone."""
         pool = self._pool
         try:
             changes = pool.refresh()
@@ -431,6 +435,9 @@ class Watcher:
             return False
         except Exception as err:
             message = str(err) if isinstance(err, SourceError) else describe_error(err)
+            if not self._failed:
+                self._failed = True
+                return True
             if message != self._last_error:
                 self._last_error = message
                 logger.warning(
@@ -439,6 +446,7 @@ class Watcher:
                 )
                 self._tell_error(message)
             return True
+        self._failed = False
         if self._last_error is not None:
             self._last_error = None
             logger.info("chunkpool: %s: refresh works again", pool._info.source)

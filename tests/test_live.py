@@ -4,6 +4,7 @@ its new data; the screenshot ends equal to the numpy ground truth of the final s
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import shutil
@@ -240,8 +241,9 @@ def test_each_point_a_writer_thread_appends_is_shown_then_the_final_store(
     tmp_path: pathlib.Path,
 ) -> None:
     """A writer thread (the acquisition simulator) appends time points while the
-    viewer draws; the viewer starts at the newest; each one is shown as it lands, and at the end the screen is the final
-    store read back by zarr, through the window (no stale pixel)."""
+    viewer draws; the viewer starts at the newest; each one is shown as it lands, and at
+    the end the screen is the final store read back by zarr, through the window (no
+    stale pixel)."""
     path = tmp_path / "acquired.ome.zarr"
     count, clim = 6, (0.0, 4000.0)
     acquisition = Acquisition(path, size=(SIZE[1], SIZE[0]), channels=0, chunk=32, count=count)
@@ -288,3 +290,34 @@ def test_each_point_a_writer_thread_appends_is_shown_then_the_final_store(
         if writer.is_alive():
             writer.join(DEADLINE)
         viewer.close()
+
+
+def test_a_writer_caught_between_two_levels_is_no_warning(
+    tmp_path: pathlib.Path, pools, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refresh that reads one level's new metadata and the next one's old (a writer
+    between two renames) is tried again, not reported; one that stays failed is."""
+    path = tmp_path / "a.ome.zarr"
+    acquisition = Acquisition(path, size=(64, 64), channels=0, chunk=32)
+    assert acquisition.step() and acquisition.levels == 2
+    pool = pools(zarr.open_group(path, mode="r"))
+    changes: list[Changes] = []
+    problems: list[str | None] = []
+    watcher = refresh.Watcher(pool, 1.0, changes.append, problems.append)  # ticked here
+    level1 = path / "1" / "zarr.json"
+    old = level1.read_bytes()
+    document = json.loads(old)
+    document["shape"][0] = 2
+    level1.write_text(json.dumps(document))  # level 1 written, level 0 not yet
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        assert watcher.tick()
+        assert acquisition.step()  # the rest of the step
+        assert watcher.tick()
+        assert not caplog.records and not problems
+        assert changes[0].grown[0] == ((1, 64, 64), (2, 64, 64))
+        level1.write_bytes(old)  # now it stays inconsistent
+        for _ in range(3):
+            assert watcher.tick()
+    (record,) = caplog.records
+    assert "refresh failed" in record.getMessage() and "level 1" in record.getMessage()
+    assert problems == [record.getMessage().split("before: ", 1)[1]]
