@@ -85,6 +85,9 @@ _by_check = operator.attrgetter("_checked")
 _STEP = 20
 _DEBOUNCE = 200
 _RETRY = 0.05  # seconds before a failed refresh is tried again
+# The file-system watch yields at least every _ARMED ms: its first yield says it is set
+# up, the others check that the directory is still the one watched.
+_ARMED = 100
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,8 @@ class Watcher:
     installed, a second thread watches the image's directory through the operating
     system (inotify on Linux): a burst of changes wakes the refresh once, ``_STEP`` after
     its last change (at most ``_DEBOUNCE`` after its first), so a new time point is seen
-    as soon as its metadata lands. The timer stays as a fallback (a network file system
+    as soon as its metadata lands (and once when the watch is set up, for what changed
+    before). The timer stays as a fallback (a network file system
     whose writers are elsewhere sends no events). Setting the watch up lists the store's
     directories once (no stat per chunk); if it cannot be set up (the kernel's watch
     limit, the directory gone) the watch polls only, and a store deleted or replaced is
@@ -388,10 +392,11 @@ class Watcher:
                 return
 
     def _watch_files(self, directory: str) -> None:
-        """Wake the refresh when a file under ``directory`` changes (see the class)."""
-        timeout = round(min(max(self.interval, 0.1), 5.0) * 1000)
+        """Wake the refresh when a file under ``directory`` changes (see the class),
+        and once when the watch is set up (for what changed before)."""
         while not self._stop.is_set():
             armed = _identity(directory)
+            first = True
             if armed is None:  # not there (yet, or any more): the timer polls meanwhile
                 self._stop.wait(self.interval)
                 continue
@@ -402,12 +407,13 @@ class Watcher:
                     debounce=_DEBOUNCE,
                     step=_STEP,
                     stop_event=self._stop,
-                    rust_timeout=timeout,
+                    rust_timeout=_ARMED,
                     yield_on_timeout=True,
                     force_polling=False,  # never its polling: it stats every file
                     ignore_permission_denied=True,
                 ):
-                    if changes:
+                    if changes or first:  # first: set up, look at what changed before
+                        first = False
                         self._wake.set()
                     if _identity(directory) != armed:  # deleted or replaced: arm again
                         self._wake.set()
