@@ -84,7 +84,11 @@ _by_check = operator.attrgetter("_checked")
 # _DEBOUNCE ms after its first (a writer that never pauses still gets refreshes).
 _STEP = 20
 _DEBOUNCE = 200
-_RETRY = 0.05  # seconds before a failed refresh is tried again
+# A failed refresh is reported when it failed _CONFIRM times in a row, the watch trying
+# again after _RETRY s (a writer between two levels' metadata is caught once, not for
+# a quarter of a second).
+_CONFIRM = 2
+_RETRY = 0.25
 # The file-system watch yields at least every _ARMED ms: its first yield says it is set
 # up, the others check that the directory is still the one watched.
 _ARMED = 100
@@ -364,7 +368,7 @@ class Watcher:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a file changed, or stop
         self._last_error: str | None = None
-        self._failed = False  # the last refresh failed (once: it is tried again soon)
+        self._failures = 0  # failed refreshes in a row (the first ones tried again soon)
         name = f"chunkpool-watch {pool._info.source}"
         self._threads = [threading.Thread(target=self._run, name=name, daemon=True)]
         directory = _watched_directory(pool._info)
@@ -384,7 +388,8 @@ class Watcher:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(min(self.interval, _RETRY) if self._failed else self.interval)
+            soon = 0 < self._failures < _CONFIRM  # not reported yet: try again soon
+            self._wake.wait(min(_RETRY, self.interval) if soon else self.interval)
             if self._stop.is_set():
                 return
             self._wake.clear()
@@ -432,8 +437,8 @@ class Watcher:
     def tick(self) -> bool:
         """One refresh: a failure twice in a row is logged (once per distinct error
         until a refresh succeeds again; a first one may be a writer caught between the
-        metadata documents of two levels, tried again soon), a change told to
-        ``on_change``. False once the pool is gone."""
+        metadata documents of two levels: ``watch`` tries again after ``_RETRY``), a
+        change told to ``on_change``. False once the pool is gone."""
         pool = self._pool
         try:
             changes = pool.refresh()
@@ -441,8 +446,8 @@ class Watcher:
             return False
         except Exception as err:
             message = str(err) if isinstance(err, SourceError) else describe_error(err)
-            if not self._failed:
-                self._failed = True
+            self._failures += 1
+            if self._failures < _CONFIRM:
                 return True
             if message != self._last_error:
                 self._last_error = message
@@ -452,7 +457,7 @@ class Watcher:
                 )
                 self._tell_error(message)
             return True
-        self._failed = False
+        self._failures = 0
         if self._last_error is not None:
             self._last_error = None
             logger.info("chunkpool: %s: refresh works again", pool._info.source)
