@@ -982,6 +982,8 @@ class Viewer:
                 self._adopt = fresh  # owned: watched, destroyed with its layers
                 self._add_layer_from_state(replace(spec, source=fresh), {})
                 self.layers.insert(index, self.layers.pop())
+        except Exception as err:  # e.g. no longer true colour: the layer is gone
+            logger.warning("%s: cannot be shown again: %s", old.source, err)
         finally:
             if self._adopt is fresh:  # no layer took it
                 self._adopt = None
