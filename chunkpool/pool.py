@@ -986,11 +986,18 @@ class ChunkPool:
 
         return changes(self, interval)
 
-    def watch(self, interval: float, on_change: Callable[[Changes], None] | None = None) -> None:
+    def watch(
+        self,
+        interval: float,
+        on_change: Callable[[Changes], None] | None = None,
+        on_error: Callable[[str | None], None] | None = None,
+    ) -> None:
         """Refresh every ``interval`` seconds in a thread of the pool (replacing an
-        earlier watch); ``watch(0)`` stops. ``on_change(changes)`` runs in that thread
-        when something changed; a refresh that fails is one WARNING of the "chunkpool"
-        logger per distinct error until one succeeds again. Stopped by destroy().
+        earlier watch), and a local store also as soon as its files change;
+        ``watch(0)`` stops. ``on_change(changes)`` runs in that thread when something
+        changed; a refresh that fails is one WARNING of the "chunkpool" logger per
+        distinct error until one succeeds again, and one ``on_error(message)`` (then
+        ``on_error(None)`` when it works again). Stopped by destroy().
         """
         if not (math.isfinite(interval) and interval >= 0):
             raise ValueError(f"watch() interval must be a finite number >= 0, not {interval!r}")
@@ -999,7 +1006,7 @@ class ChunkPool:
                 raise PoolDestroyedError("the pool was destroyed")
             old, self._watcher = self._watcher, None
             if interval > 0:
-                self._watcher = Watcher(self, interval, on_change)
+                self._watcher = Watcher(self, interval, on_change, on_error)
                 self._watcher.start()
         if old is not None:
             old.stop(DESTROY_TIMEOUT)

@@ -48,9 +48,11 @@ compares it with what the pool serves, and revalidates some of the chunks it hol
 
 A refresh whose metadata cannot be read (the store deleted, JSON half written) raises a
 :class:`~chunkpool.errors.SourceError` and changes nothing. ``watch`` refreshes on a
-timer in one thread of the pool, logs such failures as one WARNING per distinct error
-until a refresh succeeds again, and calls ``on_change`` (in that thread) when something
-changed.
+timer in one thread of the pool, and for a local store also as soon as a file under the
+image changes (``watchfiles``: inotify on Linux, debounced; see :class:`Watcher`), logs
+such failures as one WARNING per distinct error until a refresh succeeds again (told to
+``on_error`` with the message, then None when it works again), and calls ``on_change``
+(in that thread) when something changed.
 
 Not covered yet: channel or name metadata changes; remote stores whose responses carry
 neither ETag nor Last-Modified, or stores other than HTTP(S), S3 (s3fs) and obstore
@@ -67,7 +69,9 @@ import concurrent.futures
 import heapq
 import logging
 import operator
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,9 +86,14 @@ from .location import ChunkKey, ChunkLocation, ChunkState
 from .metadata import read_multiscales
 from .retry import RetryPolicy
 from .scheduler import LoadJob
-from .source import ChunkSource
+from .source import ChunkSource, local_root
 from .stores import describe_error
 from .zarr_compat import wrapped_store, zarr_loop
+
+try:  # optional: without it, a watch polls only
+    import watchfiles
+except ImportError:
+    watchfiles = None
 
 if TYPE_CHECKING:
     from .dispatch import HandlerCall
@@ -96,6 +105,18 @@ logger = logging.getLogger("chunkpool")
 
 _LOADED = ChunkState.LOADED
 _by_check = operator.attrgetter("_checked")
+# A burst of file changes wakes a watch _STEP ms after its last change, at most
+# _DEBOUNCE ms after its first (a writer that never pauses still gets refreshes).
+_STEP = 20
+_DEBOUNCE = 200
+# A failed refresh is reported when it failed _CONFIRM times in a row, the watch trying
+# again after _RETRY s (a writer between two levels' metadata is caught once, not for
+# a quarter of a second).
+_CONFIRM = 2
+_RETRY = 0.25
+# The file-system watch yields at least every _ARMED ms: its first yield says it is set
+# up, the others check that the directory is still the one watched.
+_ARMED = 100
 
 
 @dataclass(frozen=True)
@@ -412,34 +433,106 @@ def _after_lock(pool: ChunkPool, calls: list[HandlerCall]) -> Callable[[], None]
 
 
 class Watcher:
-    """Refreshes a pool every ``interval`` seconds in one thread (see ``ChunkPool.watch``)."""
+    """Refreshes a pool every ``interval`` seconds in one thread (see ``ChunkPool.watch``),
+    and sooner when a file of a local store changes.
+
+    For a local store (a ``LocalStore``, also under wrappers) with ``watchfiles``
+    installed, a second thread watches the image's directory through the operating
+    system (inotify on Linux): a burst of changes wakes the refresh once, ``_STEP`` after
+    its last change (at most ``_DEBOUNCE`` after its first), so a new time point is seen
+    as soon as its metadata lands (and once when the watch is set up, for what changed
+    before). The timer stays as a fallback (a network file system
+    whose writers are elsewhere sends no events). Setting the watch up lists the store's
+    directories once (no stat per chunk); if it cannot be set up (the kernel's watch
+    limit, the directory gone) the watch polls only, and a store deleted or replaced is
+    watched again once it is back.
+    """
 
     def __init__(
         self,
         pool: ChunkPool,
         interval: float,
         on_change: Callable[[Changes], None] | None = None,
+        on_error: Callable[[str | None], None] | None = None,
     ):
         self._pool = pool
         self.interval = interval
         self._on_change = on_change
+        self._on_error = on_error
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a file changed, or stop
         self._last_error: str | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"chunkpool-watch {pool._info.source}", daemon=True
-        )
+        self._failures = 0  # failed refreshes in a row (the first ones tried again soon)
+        name = f"chunkpool-watch {pool._info.source}"
+        self._threads = [threading.Thread(target=self._run, name=name, daemon=True)]
+        directory = _watched_directory(pool._info)
+        if directory is not None and watchfiles is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._watch_files,
+                    args=(directory,),
+                    name=f"chunkpool-files {pool._info.source}",
+                    daemon=True,
+                )
+            )
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
+            soon = 0 < self._failures < _CONFIRM  # not reported yet: try again soon
+            self._wake.wait(min(_RETRY, self.interval) if soon else self.interval)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             if not self.tick():
                 return
 
+    def _watch_files(self, directory: str) -> None:
+        """Wake the refresh when a file under ``directory`` changes (see the class),
+        and once when the watch is set up (for what changed before)."""
+        while not self._stop.is_set():
+            armed = _identity(directory)
+            first = True
+            if armed is None:  # not there (yet, or any more): the timer polls meanwhile
+                self._stop.wait(self.interval)
+                continue
+            try:
+                for changes in watchfiles.watch(
+                    directory,
+                    watch_filter=None,
+                    debounce=_DEBOUNCE,
+                    step=_STEP,
+                    stop_event=self._stop,
+                    rust_timeout=_ARMED,
+                    yield_on_timeout=True,
+                    force_polling=False,  # never its polling: it stats every file
+                    ignore_permission_denied=True,
+                ):
+                    if changes or first:  # first: set up, look at what changed before
+                        first = False
+                        self._wake.set()
+                    if _identity(directory) != armed:  # deleted or replaced: arm again
+                        self._wake.set()
+                        break
+            except FileNotFoundError:
+                continue
+            except Exception as err:
+                logger.info(
+                    "chunkpool: %s: no file-system watch (%s), polling every %g s",
+                    self._pool._info.source,
+                    describe_error(err),
+                    self.interval,
+                )
+                return
+
     def tick(self) -> bool:
-        """One refresh: a failure is logged (once per distinct error until a refresh
-        succeeds again), a change told to ``on_change``. False once the pool is gone."""
+        """One refresh: a failure twice in a row is logged (once per distinct error
+        until a refresh succeeds again; a first one may be a writer caught between the
+        metadata documents of two levels: ``watch`` tries again after ``_RETRY``), a
+        change told to ``on_change``. False once the pool is gone."""
         pool = self._pool
         try:
             changes = pool.refresh()
@@ -447,16 +540,22 @@ class Watcher:
             return False
         except Exception as err:
             message = str(err) if isinstance(err, SourceError) else describe_error(err)
+            self._failures += 1
+            if self._failures < _CONFIRM:
+                return True
             if message != self._last_error:
                 self._last_error = message
                 logger.warning(
                     "chunkpool: refresh failed, still showing what was read before: %s",
                     message,
                 )
+                self._tell_error(message)
             return True
+        self._failures = 0
         if self._last_error is not None:
             self._last_error = None
             logger.info("chunkpool: %s: refresh works again", pool._info.source)
+            self._tell_error(None)
         if changes.changed and self._on_change is not None:
             try:
                 self._on_change(changes)
@@ -464,9 +563,36 @@ class Watcher:
                 logger.exception("chunkpool: a watch on_change handler raised")
         return True
 
+    def _tell_error(self, message: str | None) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except Exception:
+                logger.exception("chunkpool: a watch on_error handler raised")
+
     def stop(self, timeout: float) -> None:
         """Stop the thread; waits at most ``timeout`` seconds for it (not from itself)."""
         self._stop.set()
-        thread = self._thread
-        if thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout)
+        self._wake.set()
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(end - time.monotonic(), 0.0))
+
+
+def _watched_directory(info: MultiscaleInfo) -> str | None:
+    """The local directory of the image ``info`` describes, or None (not local)."""
+    root = local_root(info.levels[0].array.store)
+    if root is None:
+        return None
+    directory = os.path.join(root, info.path) if info.path else root
+    return directory if os.path.isdir(directory) else root
+
+
+def _identity(directory: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of ``directory``, None if it is not there."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)

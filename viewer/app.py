@@ -43,8 +43,9 @@ import pygfx as gfx
 import zarr
 from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 
-from chunkpool import ChunkPool, MemoryBudget, MultiscaleInfo
+from chunkpool import Changes, ChunkPool, MemoryBudget, MultiscaleInfo
 from chunkpool.redaction import redact
+from chunkpool.refresh import reread
 
 from .camera import Camera
 from .display import (
@@ -289,6 +290,7 @@ class Viewer:
         self._prefetch_slices = True
         #: When a watched store last changed (time.monotonic()), None before that.
         self.newest_data_at: float | None = None
+        self._live_problems: dict[ChunkPool, str] = {}  # a watched store unreadable now
         self.camera = Camera(size=self._size())
         self._gfx_camera = gfx.OrthographicCamera(*size, maintain_aspect=False)
         self._gfx_camera.local.scale_y = -1  # y down: array row 0 at the top
@@ -483,6 +485,7 @@ class Viewer:
                 pool.watch(
                     self.live,
                     on_change=lambda changes, pool=pool: self._store_changed(pool, changes),
+                    on_error=lambda problem, pool=pool: self._store_changed(pool, problem),
                 )
         self._links[id(pool)] = _PoolLink.of(pool, self)
         self.layers.append(layer)
@@ -566,8 +569,11 @@ class Viewer:
         return position
 
     def _set_initial_position(self, plane: Plane, z: int | None, t: int | None) -> None:
-        """Start at level-0 indices ``z`` and ``t`` of the first image (checked)."""
+        """Start at level-0 indices ``z`` and ``t`` of the first image (checked); live,
+        at its newest time point by default (then it follows new ones)."""
         scale = plane.info.levels[0]
+        if t is None and self.live is not None and scale.time_axis in plane.slider_axes:
+            t = scale.shape[scale.time_axis] - 1
         for value, axis in ((z, _z_axis(plane)), (t, scale.time_axis)):
             if value is None:
                 continue
@@ -902,40 +908,98 @@ class Viewer:
 
     # -- live stores ----------------------------------------------------------------
 
-    def _store_changed(self, pool: ChunkPool, changes: Any) -> None:
-        """A watched store changed (the pool's watch thread): apply it on the GUI
-        thread, at the next frame."""
-        self._store_changes.append((pool, changes))
+    def _store_changed(self, pool: ChunkPool, event: Changes | str | None) -> None:
+        """A watched store changed, or its refresh failed (a message) or works again
+        (None), in the pool's watch thread: apply it on the GUI thread, at the next
+        frame."""
+        self._store_changes.append((pool, event))
         self._wake_up()
 
     def _apply_store_changes(self) -> None:
         """Grown images: their layers take the new geometry, the slider ranges grow,
         and an axis at its last index follows to the new last one. (Rewritten chunks
-        reload by themselves: the pool calls their load handlers again.)"""
+        reload by themselves: the pool calls their load handlers again.) An image that
+        had to be opened again (shrunk, another layout) is: its layers move to the new
+        pool. A store that cannot be read is one HUD line (the pool logged it) while
+        the layers keep what they show."""
         if not self._store_changes:
             return
         before = self.dims()
         grown = False
+        reopen: list[ChunkPool] = []
         while self._store_changes:
-            pool, changes = self._store_changes.popleft()
+            pool, event = self._store_changes.popleft()
+            if pool.destroyed:  # replaced by a reopened one
+                continue
+            if not isinstance(event, Changes):
+                if event is None:
+                    self._live_problems.pop(pool, None)
+                else:
+                    self._live_problems[pool] = f"store unreadable, showing what was read: {event}"
+                continue
             self.newest_data_at = time.monotonic()
-            if changes.grown or changes.added_levels:
+            if event.reopened:
+                if pool not in reopen:
+                    reopen.append(pool)
+            elif event.grown or event.added_levels:
                 grown = True
                 for layer in self.layers:
                     if layer.pool is pool:
                         layer.tiles.regrid()
-            if changes.reopened:
-                logger.warning(
-                    "%s changed so that it must be opened again (shrunk, or another dtype "
-                    "or chunk grid): still showing what was read",
-                    pool.multiscale_info.source,
-                )
+        for pool in reopen:
+            grown = self._reopen(pool) or grown
         if grown:
             self._place_layers()
             for name, size in self.dims().items():
-                if self.position.get(name) == before.get(name, size) - 1:
+                at = self.position.get(name)
+                if at is not None and (at == before.get(name, size) - 1 or at >= size):
                     self.set_index(name, size - 1)  # at the newest: follow it
             self._publish_state()
+
+    def _reopen(self, pool: ChunkPool) -> bool:
+        """Open ``pool``'s image again from its store (the same store object: the same
+        credentials, cache and options) and move its layers, with their settings and
+        places, to the new pool; the old one is destroyed. Whether it was done (if
+        not, the old image stays shown, with a HUD line, and it is tried at the next
+        change)."""
+        options = _REOPEN_OPTIONS.get(pool)
+        layers = [layer for layer in self.layers if layer.pool is pool]
+        if options is None or not layers:
+            return False
+        old = pool.multiscale_info
+        try:
+            fresh = ChunkPool(reread(old), **options)
+        except Exception as err:  # SourceError (or an invalid image): keep the old one
+            problem = f"store changed and cannot be opened again: {err}"
+            if self._live_problems.get(pool) != problem:
+                logger.warning("%s", problem)
+                self._live_problems[pool] = problem
+            return False
+        _REOPEN_OPTIONS[fresh] = options
+        self._live_problems.pop(pool, None)
+        logger.warning(
+            "%s changed so that it was opened again (level 0 was %s, is %s)",
+            old.source,
+            old.levels[0].shape,
+            fresh.multiscale_info.levels[0].shape,
+        )
+        places = [(self.layers.index(layer), _layer_state(layer)) for layer in layers]
+        active = self.active_layer
+        for layer in layers:
+            self.remove_layer(layer)  # destroys the old pool
+        try:
+            for index, spec in places:
+                self._adopt = fresh  # owned: watched, destroyed with its layers
+                self._add_layer_from_state(replace(spec, source=fresh), {})
+                self.layers.insert(index, self.layers.pop())
+        except Exception as err:  # e.g. no longer true colour: the layer is gone
+            logger.warning("%s: cannot be shown again: %s", old.source, err)
+        finally:
+            if self._adopt is fresh:  # no layer took it
+                self._adopt = None
+                fresh.destroy()
+        self.active_layer = min(active, max(len(self.layers) - 1, 0))
+        return True
 
     # -- event loop plumbing --------------------------------------------------------
 
@@ -1098,6 +1162,7 @@ class Viewer:
             values=values or (),
             channel=channel,
             live=self.live is not None,
+            live_problem=next(iter(self._live_problems.values()), None),
             live_age=None
             if self.newest_data_at is None
             else time.monotonic() - self.newest_data_at,
@@ -1345,6 +1410,10 @@ OPEN_OPTIONS = (
 )
 
 
+_REOPEN_OPTIONS: weakref.WeakKeyDictionary[ChunkPool, dict[str, Any]] = weakref.WeakKeyDictionary()
+"""The :class:`ChunkPool` options of each pool the viewers opened."""
+
+
 def _open(source: Any, options: dict[str, Any], *, only: bool = True) -> tuple[ChunkPool, bool]:
     """The pool of ``source`` (its first image), and whether it was opened here (then
     the viewer destroys it). ``options`` that concern opening are taken from it; with
@@ -1362,6 +1431,12 @@ def _open(source: Any, options: dict[str, Any], *, only: bool = True) -> tuple[C
     pools = ChunkPool.from_zarr_node(source, **opening, **pool_options)
     for extra in pools[1:]:
         extra.destroy()
+    # what opening it again from its store takes (a live store that shrank)
+    _REOPEN_OPTIONS[pools[0]] = {
+        "cache_bytes": opening["cache_bytes"],
+        "memory_budget": pools[0].memory_budget,
+        **pool_options,
+    }
     return pools[0], True
 
 

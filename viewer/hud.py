@@ -65,6 +65,7 @@ class HudInfo:
     hidden_labels: tuple[str, ...] = ()  # label images found in labels/ and not shown
     live: bool = False  # following its stores
     live_age: float | None = None  # seconds since a store last changed (None: not yet)
+    live_problem: str | None = None  # why a watched store cannot be followed now
 
 
 def hud_lines(info: HudInfo) -> list[str]:
@@ -92,6 +93,8 @@ def hud_lines(info: HudInfo) -> list[str]:
     if info.live:
         age = "no new data yet" if info.live_age is None else f"newest {info.live_age:.1f} s ago"
         lines.append(f"live: {age}")
+        if info.live_problem:
+            lines.append(f"live: {info.live_problem}")
     if len(info.layers) > 1:
         for layer in info.layers:
             mark = ">" if layer.active else " "
