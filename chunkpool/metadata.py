@@ -55,6 +55,7 @@ from .errors import SourceError
 from .info import Axis, ChannelInfo, MultiscaleInfo, ScaleInfo, spatial_axis_indices
 from .links import LinkEscapeError, StoreRoot
 from .stores import describe_error
+from .zarr_compat import members
 
 __all__ = ["SUPPORTED_DTYPES", "read_multiscales"]
 
@@ -158,7 +159,10 @@ def _ome_image(
     if not isinstance(datasets, list) or not datasets:
         raise SourceError(f"{where}: multiscales has no datasets")
     paths = [_dataset_path(ds, i, where) for i, ds in enumerate(datasets)]
-    arrays = [_dataset_array(group, path, where) for path in paths]
+    arrays = [
+        _dataset_array(node, path, where)
+        for node, path in zip(members(group, paths), paths, strict=True)
+    ]
     order = _finest_first(arrays)
     if order != sorted(order):
         logger.warning(
@@ -248,8 +252,12 @@ def _dataset_path(dataset: object, index: int, where: str) -> str:
     return path
 
 
-def _dataset_array(group: zarr.Group, path: str, where: str) -> zarr.Array:
-    node = _child(group, path, "dataset", where)
+def _dataset_array(node: zarr.Array | zarr.Group | Exception, path: str, where: str) -> zarr.Array:
+    """A dataset's array, from what reading ``path`` gave (:func:`members`)."""
+    if isinstance(node, KeyError):
+        raise SourceError(f"{where}: dataset {path!r} does not exist")
+    if isinstance(node, Exception):
+        raise SourceError(f"{where}: dataset {path!r}: {describe_error(node)}") from None
     if not isinstance(node, zarr.Array):
         raise SourceError(f"{where}: dataset {path!r} is a group, not an array")
     return node

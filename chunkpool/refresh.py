@@ -146,11 +146,14 @@ def reread(info: MultiscaleInfo) -> MultiscaleInfo:
     """The image ``info`` describes, read again from its store. Raises SourceError."""
     first = info.levels[0]
     store = first.array.store
+    zarr_format = first.array.metadata.zarr_format  # known: zarr need not probe for it
     try:
         if info.ome_version is None and len(info.levels) == 1:  # a lone array
-            node: Any = zarr.open_array(store=store, path=first.array.path, mode="r")
+            node: Any = zarr.open_array(
+                store=store, path=first.array.path, mode="r", zarr_format=zarr_format
+            )
         else:
-            node = zarr.open_group(store=store, path=info.path, mode="r")
+            node = zarr.open_group(store=store, path=info.path, mode="r", zarr_format=zarr_format)
         images = read_multiscales(node, info.source)
     except SourceError:
         raise

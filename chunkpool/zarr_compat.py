@@ -28,13 +28,18 @@ Private names of zarr objects:
   decodes into a recycled buffer after checking the frame's size.
 - ``WrapperStore._store``: the store a wrapper wraps (finding a ``RemoteStore`` under
   wrappers, naming a store; setting it in ``DiskCacheStore._with_store``).
+- ``Group._async_group``: a group's asynchronous twin, to read the metadata of several
+  of its members concurrently (:func:`members`: one round trip for all the levels of
+  a remote image, not one each).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
+import zarr
 from zarr.codecs.sharding import _ShardIndex as ShardIndex
 from zarr.core.array_spec import ArraySpec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
@@ -51,6 +56,7 @@ __all__ = [
     "codecs_from_list",
     "decode_sync",
     "inner_chunk_spec",
+    "members",
     "numcodecs_compressor",
     "set_wrapped_store",
     "shard_index_size",
@@ -74,6 +80,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("zarr.codecs.BloscCodec", "_blosc_codec"),
     ("zarr.codecs.numcodecs.LZ4", "_codec"),
     ("zarr.storage.WrapperStore", "_store"),
+    ("zarr.Group", "_async_group"),
 )
 
 
@@ -122,3 +129,28 @@ def wrapped_store(store: Any) -> Any:
 def set_wrapped_store(wrapper: Any, store: Any) -> None:
     """Make a (copied) ``WrapperStore`` wrap ``store``."""
     wrapper._store = store
+
+
+def members(group: zarr.Group, paths: Sequence[str]) -> list[zarr.Array | zarr.Group | Exception]:
+    """``group[path]`` for each of ``paths``, their metadata read concurrently on zarr's
+    loop; for each, the node or the exception reading it raised (KeyError: none)."""
+    parent = group._async_group
+
+    async def one(path: str) -> Any:
+        try:
+            return await parent.getitem(path)
+        except Exception as err:  # returned, for the caller to describe per path
+            return err
+
+    async def every() -> list[Any]:
+        return await asyncio.gather(*(one(path) for path in paths))
+
+    nodes = sync(every())
+    return [
+        node
+        if isinstance(node, Exception)
+        else zarr.Array(node)
+        if isinstance(node, zarr.AsyncArray)
+        else zarr.Group(node)
+        for node in nodes
+    ]

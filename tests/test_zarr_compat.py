@@ -53,6 +53,8 @@ def test_every_private_attribute_still_exists(owner, attribute):
     # an instance attribute: made by the constructor
     if owner == "zarr.storage.WrapperStore":
         obj = cls(MemoryStore())
+    elif owner == "zarr.Group":
+        obj = zarr.open_group(MemoryStore(), mode="w")
     else:
         with warnings.catch_warnings():  # numcodecs wrappers warn: not in the spec
             warnings.simplefilter("ignore")
@@ -72,6 +74,12 @@ def test_the_accessors_work_on_real_zarr_objects():
     zarr_compat.set_wrapped_store(wrapper, inner)
     assert zarr_compat.wrapped_store(wrapper) is inner
     assert zarr_compat.zarr_loop().is_running()
+    group = zarr.open_group(MemoryStore(), mode="w")
+    group.create_array("a", shape=(4,), dtype="uint8")
+    group.create_group("g")
+    a, g, missing = zarr_compat.members(group, ["a", "g", "nope"])
+    assert isinstance(a, zarr.Array) and a.shape == (4,)
+    assert isinstance(g, zarr.Group) and isinstance(missing, KeyError)
 
 
 def _zarr_private_uses(path: pathlib.Path) -> list[str]:
