@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .source import ChunkSource, RawChunk, close_files
+from .source import ChunkSource, OpenFiles, RawChunk, close_files
 from .workers import Workers
 
 __all__ = ["Abandoned", "Completions", "JobState", "LoadJob", "LoadScheduler"]
@@ -189,7 +189,7 @@ class _Batch:
 
     def run(self) -> None:
         """Read and decode every job not cancelled meanwhile (without the lock)."""
-        files: dict[str, int] = {}  # shards stay open for the batch's other inner chunks
+        files = OpenFiles()  # shards stay open for the batch's other inner chunks
         try:
             self._run(self.results, self.taken, self.pending, files)
         finally:
@@ -200,7 +200,7 @@ class _Batch:
         results: Completions,
         taken: list[LoadJob],
         pending: deque[LoadJob],
-        files: dict[str, int],
+        files: OpenFiles,
     ) -> None:
         perf_counter = time.perf_counter
         fetch_s = decode_s = 0.0

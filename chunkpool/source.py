@@ -78,7 +78,7 @@ from .zarr_compat import (
     zarr_loop,
 )
 
-__all__ = ["ChunkSource", "RawChunk", "ShardIndexCache", "close_files"]
+__all__ = ["ChunkSource", "OpenFiles", "RawChunk", "ShardIndexCache", "close_files"]
 
 #: Default bound on the bytes of the shard indexes a pool keeps (all its levels).
 SHARD_INDEX_CACHE_BYTES = 64 << 20
@@ -320,48 +320,70 @@ class _LocalReader:
         self._buffers = buffers
         self._store_root = StoreRoot(root)
         self._checked_dirs: set[str] = set()  # directories known to resolve inside
-        self._large_files = False  # whether whole files were seen of SMALL_READ or more
 
-    def read(
-        self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
-    ) -> _Bytes | None:
+    def read(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
         """The bytes of ``key`` (None if there is no such file). Raises
-        :class:`LinkEscapeError` if reading it would follow a link out of the root.
-
-        With ``files`` (the caller's: key -> open descriptor), a file opened here stays
-        open in it for the caller's next reads of the same file (the inner chunks of a
-        shard), and the caller closes it; what is in ``files`` was opened here, checked
-        the same way."""
-        fd = None if files is None else files.get(key)
+        :class:`LinkEscapeError` if reading it would follow a link out of the root."""
+        fd = self._open(key)
         if fd is None:
-            fd = self._open(key)
-            if fd is None:
-                return None
-            if files is not None:
-                files[key] = fd
+            return None
         try:
             if type(byte_range) is RangeByteRequest:  # (pread stops at the file's end)
-                start, length = byte_range.start, max(0, byte_range.end - byte_range.start)
-            elif byte_range is None and not self._large_files:
-                # a whole small file in one call, without asking its size first (each
-                # system call here is a hand-over of the GIL); a read that fills the
-                # buffer may have stopped short of the end: then ask, as for large ones
-                head = os.pread(fd, SMALL_READ, 0)
-                if len(head) < SMALL_READ:
-                    return _Bytes(np.frombuffer(head, np.uint8), None)
-                self._large_files = True
-                start, length = 0, os.fstat(fd).st_size
-            else:
-                start, stop = _byte_span(byte_range, os.fstat(fd).st_size)
-                length = max(0, stop - start)
-            if length < SMALL_READ:
-                return _Bytes(np.frombuffer(os.pread(fd, length, start), np.uint8), None)
-            owner = self._buffers.take(transient_size(length))
-            n = os.preadv(fd, [memoryview(owner)[:length]], start)
-            return _Bytes(owner[:n], owner)
+                return self.pread(fd, byte_range.start, byte_range.end - byte_range.start)
+            start, stop = _byte_span(byte_range, os.fstat(fd).st_size)
+            return self.pread(fd, start, stop - start)
         finally:
-            if files is None:
-                os.close(fd)
+            os.close(fd)
+
+    def read_stamped(self, key: str) -> tuple[_Bytes | None, Stamp]:
+        """The whole file ``key`` (None if there is none) and its stamp, taken with
+        ``fstat`` on the open file before reading it: the version read, never a later
+        one, at the cost of no second path lookup (each system call here also hands
+        the GIL over)."""
+        fd, stamp = self.open_stamped(key, None)
+        if fd is None:
+            return None, stamp
+        try:
+            return self.pread(fd, 0, stamp[0]), stamp
+        finally:
+            os.close(fd)
+
+    def open_stamped(self, key: str, files: OpenFiles | None) -> tuple[int | None, Stamp]:
+        """A descriptor of ``key`` opened for reading (None if there is no such file,
+        :data:`ABSENT` its stamp) and its stamp, taken with ``fstat`` before anything
+        is read from it. Raises :class:`LinkEscapeError` for a link out of the root.
+
+        With ``files`` (the caller's), the file stays open there, with that stamp, for
+        the caller's next reads of it (the inner chunks of a shard: their stamp is the
+        one taken at the first, which is never newer than what they read), and the
+        caller closes it (:func:`close_files`)."""
+        if files is not None:
+            fd = files.get(key)
+            if fd is not None:
+                return fd, files.stamps[key]
+        fd = self._open(key)
+        if fd is None:
+            return None, ABSENT
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        stamp = (st.st_size, st.st_mtime_ns)
+        if files is not None:
+            files[key] = fd
+            files.stamps[key] = stamp
+        return fd, stamp
+
+    def pread(self, fd: int, start: int, length: int) -> _Bytes:
+        """``length`` bytes of ``fd`` from ``start`` (fewer at the file's end): small
+        reads as bytes of their own, larger ones into a recycled buffer."""
+        length = max(0, length)
+        if length < SMALL_READ:
+            return _Bytes(np.frombuffer(os.pread(fd, length, start), np.uint8), None)
+        owner = self._buffers.take(transient_size(length))
+        n = os.preadv(fd, [memoryview(owner)[:length]], start)
+        return _Bytes(owner[:n], owner)
 
     def _open(self, key: str) -> int | None:
         """A descriptor of ``key`` opened for reading, never through a link out of the
@@ -387,11 +409,23 @@ class _LocalReader:
             return None
 
 
-def close_files(files: dict[str, int]) -> None:
+class OpenFiles(dict[str, int]):
+    """The files a batch of reads keeps open (key -> descriptor), and the stamp of each
+    taken when it was opened (:meth:`_LocalReader.open_stamped`)."""
+
+    __slots__ = ("stamps",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: dict[str, Stamp] = {}
+
+
+def close_files(files: OpenFiles) -> None:
     """Close the descriptors that reads with ``files`` left open, and forget them."""
     for fd in files.values():
         os.close(fd)
     files.clear()
+    files.stamps.clear()
 
 
 def _byte_span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
@@ -813,16 +847,17 @@ class ChunkSource:
         except StopIteration as stop:
             return stop.value
 
-    def fetch_sync(self, index: tuple[int, ...], files: dict[str, int] | None = None) -> RawChunk:
+    def fetch_sync(self, index: tuple[int, ...], files: OpenFiles | None = None) -> RawChunk:
         """Fetch a chunk's bytes from a synchronous store, in the calling thread.
 
-        ``files``: see :meth:`_LocalReader.read` (local stores; the caller closes them
-        with :func:`close_files`). Local files are stamped first (``raw.stamp``)."""
-        stamp = None if self.stat_root is None else self.stamp(index)
+        ``files``: see :meth:`_LocalReader.open_stamped` (local stores; the caller
+        closes them with :func:`close_files`). Local files are stamped before they are
+        read (``raw.stamp``)."""
         if self._local is not None:
-            raw = self._fetch_local(index, files, stamp)
+            raw = self._fetch_local(index, files)
             if raw is not None:
-                return raw if stamp is None else raw._replace(stamp=stamp)
+                return raw
+        stamp = None if self.stat_root is None else self.stamp(index)
 
         def perform(step: _Read | _Await) -> Any:
             if isinstance(step, _Await):
@@ -843,45 +878,59 @@ class ChunkSource:
         raw = self._drive_sync(self._plan(index, stamp), perform)
         return raw if stamp is None else raw._replace(stamp=stamp)
 
-    def _read_local(
-        self, key: str, byte_range: ByteRequest | None, files: dict[str, int] | None = None
-    ) -> _Bytes | None:
+    def _read_local(self, key: str, byte_range: ByteRequest | None) -> _Bytes | None:
         """Read a local file's bytes; a failure is a ChunkReadError naming the key."""
         assert self._local is not None
         try:
-            return self._local.read(key, byte_range, files)
+            return self._local.read(key, byte_range)
         except Exception as err:
             reason = describe_error(err)
         # raised outside the handler: the OS error is neither cause nor context
         raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
 
-    def _fetch_local(
-        self, index: tuple[int, ...], files: dict[str, int] | None, stamp: Stamp | None
-    ) -> RawChunk | None:
+    def _fetch_local(self, index: tuple[int, ...], files: OpenFiles | None) -> RawChunk | None:
         """The plan's common cases for local files, without its generator machinery
-        (a few µs per chunk): a whole chunk file, or an inner chunk of a shard whose
-        index is already cached. None means: run the plan."""
+        (a few µs per chunk), stamped with ``fstat`` of the file read: a whole chunk
+        file, or an inner chunk of a shard whose index is already cached. None means:
+        run the plan. A failure is a ChunkReadError naming the key."""
+        local = self._local
+        assert local is not None
         if self._sharding is None:
-            read = self._read_local(self._key(index), None)  # (each file read once)
-            if read is None:
-                return RawChunk(None, 0)
-            return RawChunk(read.data, read.data.nbytes, read.owner)
+            key = self._key(index)
+            try:
+                read, stamp = local.read_stamped(key)
+            except Exception as err:
+                reason = describe_error(err)
+            else:
+                if read is None:
+                    return RawChunk(None, 0, None, stamp)
+                return RawChunk(read.data, read.data.nbytes, read.owner, stamp)
+            # raised outside the handler: the OS error is neither cause nor context
+            raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
         per = self._chunks_per_shard
         shard = tuple(map(operator.floordiv, index, per))
-        shard_index = self._shard_indexes.cached((self.scale.level, shard), stamp)
-        if shard_index is None:
-            return None
-        if shard_index is _MISSING:
-            return RawChunk(None, 0)
-        offset, length = shard_index.offsets_and_lengths[
-            tuple(map(operator.mod, index, per))
-        ].tolist()
-        if offset == _NO_CHUNK and length == _NO_CHUNK:
-            return RawChunk(None, 0)
-        read = self._read_local(self._key(shard), RangeByteRequest(offset, offset + length), files)
-        if read is None:
-            return RawChunk(None, 0)
-        return RawChunk(read.data, read.data.nbytes, read.owner)
+        key = self._key(shard)
+        fd = None
+        try:
+            fd, stamp = local.open_stamped(key, files)
+            shard_index = self._shard_indexes.cached((self.scale.level, shard), stamp)
+            if shard_index is None:
+                return None
+            if shard_index is _MISSING or fd is None:
+                return RawChunk(None, 0, None, stamp)
+            offset, length = shard_index.offsets_and_lengths[
+                tuple(map(operator.mod, index, per))
+            ].tolist()
+            if offset == _NO_CHUNK and length == _NO_CHUNK:
+                return RawChunk(None, 0, None, stamp)
+            read = local.pread(fd, offset, length)
+            return RawChunk(read.data, read.data.nbytes, read.owner, stamp)
+        except Exception as err:
+            reason = describe_error(err)
+        finally:
+            if files is None and fd is not None:
+                os.close(fd)
+        raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
 
     async def fetch_async(self, index: tuple[int, ...]) -> RawChunk:
         """Fetch a chunk's bytes from an asynchronous store, on zarr's event loop.
