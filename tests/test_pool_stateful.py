@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -64,7 +65,7 @@ class _Loop:
         """Wait until every callback queued so far has run."""
         done = threading.Event()
         self.loop.call_soon_threadsafe(done.set)
-        done.wait(5)
+        assert done.wait(60), "the application loop did not run its callbacks"
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -145,7 +146,15 @@ class PoolMachine(RuleBasedStateMachine):
                         self.drops[(ref, id(previous[0]))] += 1
 
     def flush(self) -> None:
-        if self.app is not None:
+        """Let the application loop run every handler call the pool has queued: the
+        pool hands a batch to the loop just after its state changed (after the lock),
+        so a call can still be on its way when a wait for the loads returns."""
+        if self.app is None:
+            return
+        deadline = time.monotonic() + 60
+        self.app.flush()
+        while self.pool.pending_handler_calls:
+            assert time.monotonic() < deadline, "queued handler calls never ran"
             self.app.flush()
 
     @rule(ops_a=ops, ops_b=ops)
