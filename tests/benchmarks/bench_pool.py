@@ -342,6 +342,39 @@ def _decode_mode_run(
     return run, pool
 
 
+def _workers_cpu(pool: ChunkPool) -> float:
+    """CPU seconds the pool's decode processes have used so far (Linux ``/proc``)."""
+    processes = pool._processes
+    total = 0.0
+    for pid in [] if processes is None else processes.pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _paired_modes(
+    runs: dict[str, Callable[[], None]], pools: dict[str, ChunkPool], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``paired_rounds`` of the two modes, with CPU seconds in all, of this process
+    and of the decode processes together, per mode."""
+    for fn in runs.values():
+        fn()  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu = dict.fromkeys(runs, 0.0)
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % 2 :] + names[: r % 2]:
+            c0, w0, t0 = time.process_time(), _workers_cpu(pools[name]), time.perf_counter()
+            runs[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name] += time.process_time() - c0 + _workers_cpu(pools[name]) - w0
+    return wall, cpu
+
+
 def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
     """``--decode-modes``: the pool's throughput with ``decode="processes"`` over
     ``decode="threads"``, in paired rounds of the same run (medians and quartiles of
@@ -356,7 +389,10 @@ def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
         f"decode='processes' / decode='threads' throughput, {args.rounds} paired rounds, "
         f"{os.cpu_count()} cores (processes: one per core; threads: cores + 1)"
     )
-    print(f"{'case':28s} {'chunks':>6s} {'threads ms':>10s} {'procs ms':>9s}   ratio [q1..q3]")
+    print(
+        f"{'case':28s} {'chunks':>6s} {'threads ms':>10s} {'procs ms':>9s}   throughput ratio"
+        " [q1..q3]   CPU µs/chunk threads procs (this process + workers)"
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="zarrscope-bench-decode-") as tmp:
         for name in args.codecs.split(","):
@@ -367,22 +403,25 @@ def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
             for chunk in chunks:
                 path = Path(tmp) / f"{name}-{chunk}.zarr"
                 _decode_array(path, codec, data, chunk)
-                runs, made = {}, []
+                runs: dict[str, Callable[[], None]] = {}
+                pools: dict[str, ChunkPool] = {}
                 try:
                     for mode in ("threads", "processes"):
-                        runs[mode], pool = _decode_mode_run(path, data, mode)
-                        made.append(pool)
-                    wall, _ = paired_rounds(runs, args.rounds)
+                        runs[mode], pools[mode] = _decode_mode_run(path, data, mode)
+                    wall, cpu = _paired_modes(runs, pools, args.rounds)
                 finally:
-                    for pool in made:
+                    for pool in pools.values():
                         pool.destroy()
+                n = (size // chunk) ** 2
+                per_chunk = {m: cpu[m] * 1e6 / (args.rounds * n) for m in cpu}
                 q1, q2, q3 = ratio(wall["processes"], wall["threads"])
                 label = f"{name}, {chunk}² {np.dtype(dtype).name}"
                 print(
-                    f"{label:28s} {(size // chunk) ** 2:6d}"
+                    f"{label:28s} {n:6d}"
                     f" {statistics.median(wall['threads']) * 1000:10.1f}"
                     f" {statistics.median(wall['processes']) * 1000:9.1f}"
-                    f"   {q2:5.2f} [{q1:.2f}..{q3:.2f}]",
+                    f"   {q2:5.2f} [{q1:.2f}..{q3:.2f}]"
+                    f"            {per_chunk['threads']:7.0f} {per_chunk['processes']:5.0f}",
                     flush=True,
                 )
                 results.append((label, q2))
