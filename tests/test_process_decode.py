@@ -15,6 +15,8 @@ import mmap
 import multiprocessing
 import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from chunkpool import (
     ChunkPool,
     ChunkState,
     DecodeWorkerError,
+    procdecode,
     read_multiscales,
 )
 from chunkpool.procdecode import PROCESS_NAME, SEGMENT_PREFIX, SHM_DIR
@@ -340,3 +343,26 @@ def test_decode_mode_is_checked(tmp_path):
         ChunkPool(info, decode_processes=2)
     with pytest.raises(ValueError, match="decode_processes must be"):
         ChunkPool(info, decode="processes", decode_processes=0)
+
+
+def test_segments_of_a_killed_process_are_swept(monkeypatch):
+    """A process killed outright (SIGKILL: no cleanup) leaves its segments; the next
+    pool of this mode in another process unlinks them, and only those of dead pids."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    stale = Path(SHM_DIR, f"{SEGMENT_PREFIX}{dead_pid}-0-test")
+    alive = Path(SHM_DIR, f"{SEGMENT_PREFIX}{os.getpid()}-999999-test")
+    for path in (stale, alive):
+        path.write_bytes(b"x")
+    try:
+        monkeypatch.setattr(procdecode, "_swept", False)
+        procdecode.SharedBuffers(0).close()
+        assert not stale.exists() and alive.exists()
+    finally:
+        for path in (stale, alive):
+            path.unlink(missing_ok=True)
