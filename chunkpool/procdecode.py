@@ -10,7 +10,8 @@ not the application.
 needs one, from multiprocessing's *forkserver* (``spawn`` where there is none), never
 forked from the application, whose other threads may hold locks. The forkserver
 preloads this module (numpy, zarr, numcodecs, chunkpool: about 0.6 s, once per
-application); a worker then starts in ~25 ms. Each gets the application's
+application); a worker then starts in ~25 ms (if the application started the
+forkserver earlier without this module, each worker imports it: ~0.5 s). Each gets the application's
 ``sys.path`` and ignores SIGINT (a Ctrl-C is the application's to handle). The pool's
 decode slots (``cpu_workers``) are threads that hand their chunk to a free worker and
 wait for it (without the GIL), so the scheduler, priorities, batches and
