@@ -82,11 +82,16 @@ class BufferPool:
                 return free.pop()
             count = max(1, ARENA_BYTES // nbytes) if nbytes else 1  # (not 4 Mi empty ones)
             self.allocated += 1
-        arena = np.ndarray.__new__(_Owner, (count * nbytes,), np.uint8)
+        arena = self._new_arena(count * nbytes)
         slices = [arena[i * nbytes : (i + 1) * nbytes] for i in range(count)]
         for spare in slices[1:]:
             self.give(spare)
         return slices[0]
+
+    def _new_arena(self, nbytes: int) -> np.ndarray:
+        """Fresh memory for ``nbytes`` of buffers, as an ``_Owner`` (the hook of
+        :class:`chunkpool.procdecode.SharedBuffers`, which maps shared memory instead)."""
+        return np.ndarray.__new__(_Owner, (nbytes,), np.uint8)
 
     def give(self, buffer: np.ndarray) -> None:
         """Return a buffer taken from :meth:`take` (kept if the free list has room)."""

@@ -65,6 +65,17 @@ class ChunkDecodeError(ChunkPoolError):
     """
 
 
+class DecodeWorkerError(ChunkDecodeError):
+    """A decode process died (or had to be killed) while decoding a chunk
+    (``ChunkPool(..., decode="processes")``): a codec crashed, exited or ran out of
+    memory. The message names the store, the key, the worker's pid and ``exit_reason``
+    (e.g. ``"killed by SIGSEGV"``, ``"exit code 3"``); the pool replaces the worker."""
+
+    def __init__(self, message: str, *, exit_reason: str):
+        super().__init__(message)
+        self.exit_reason = exit_reason
+
+
 class MemoryBudgetError(ChunkPoolError):
     """A chunk larger than the whole memory budget of its pool: it can never load under
     that bound, so it fails at once (as its load error) instead of waiting for ever."""

@@ -25,7 +25,6 @@ import zarr
 
 from .batch import iter_chunk_data
 from .budget import ENTRY_OVERHEAD, MemoryBudget, _Effects
-from .buffers import BufferPool
 from .cache import ChunkCache
 from .dispatch import (
     HandlerCall,
@@ -43,6 +42,7 @@ from .errors import (
 from .info import MultiscaleInfo
 from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
+from .procdecode import decode_setup
 from .refresh import Changes, Watcher, refresh_pool
 from .retry import RetryPolicy
 from .scheduler import Completions, LoadJob, LoadScheduler
@@ -133,6 +133,14 @@ class ChunkPool:
         How many held or cached chunks one :meth:`refresh` checks against their stored
         file (local stores), those checked longest ago first (see
         :mod:`chunkpool.refresh`).
+    decode:
+        ``"threads"`` (decode in the pool's threads) or ``"processes"``: decode in
+        worker processes, into shared memory (see :mod:`chunkpool.procdecode`), so that
+        codecs holding the GIL scale with cores and a crashing codec fails its chunk
+        (:class:`~chunkpool.DecodeWorkerError`), not the application.
+    decode_processes:
+        With ``decode="processes"``: how many worker processes at most (default: one
+        per CPU).
     """
 
     def __init__(
@@ -149,6 +157,8 @@ class ChunkPool:
         memory_budget: int | MemoryBudget | None = None,
         index_cache_bytes: int = SHARD_INDEX_CACHE_BYTES,
         revalidate: int = 256,
+        decode: str = "threads",
+        decode_processes: int | None = None,
     ):
         if revalidate < 0:
             raise ValueError(f"revalidate must be >= 0, not {revalidate}")
@@ -158,7 +168,7 @@ class ChunkPool:
         self._budget: MemoryBudget | None = budget
         self._info = multiscale_info
         self._retry = retry
-        self._buffers = BufferPool(recycle_bytes)
+        self._buffers, self._processes = decode_setup(decode, decode_processes, recycle_bytes)
         self._index_cache = ShardIndexCache(
             index_cache_bytes, self._reserve_index, self._release_index
         )
@@ -169,6 +179,7 @@ class ChunkPool:
                 name=multiscale_info.source,
                 retry=retry,
                 shard_indexes=self._index_cache,
+                processes=self._processes,
             )
             for scale in multiscale_info.levels
         ]
@@ -1113,6 +1124,8 @@ class ChunkPool:
         self._buffers.clear()
         if watcher is not None:  # (a refresh in progress ends at its next step)
             watcher.stop(timeout)
+        if self._processes is not None:  # decode="processes": stop and unlink first
+            self._processes.close(timeout)
         abandoned = self._scheduler.shutdown(timeout)
         if abandoned.threads:
             shown = ", ".join(f"level {lvl} chunk {idx}" for lvl, idx in abandoned.chunks[:8])

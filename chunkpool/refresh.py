@@ -235,6 +235,7 @@ def refresh_pool(pool: ChunkPool) -> Changes:
                     name=new.source,
                     retry=pool._retry,
                     shard_indexes=pool._index_cache,
+                    processes=pool._processes,
                 )
                 for level in (*grown, *added)
             }

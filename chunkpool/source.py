@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numcodecs
 import numpy as np
@@ -77,6 +77,9 @@ from .zarr_compat import (
     sync,
     zarr_loop,
 )
+
+if TYPE_CHECKING:
+    from .procdecode import DecodeProcesses
 
 __all__ = ["ChunkSource", "OpenFiles", "RawChunk", "ShardIndexCache", "close_files"]
 
@@ -600,7 +603,10 @@ class ChunkSource:
         name: str = "",
         retry: RetryPolicy | None = None,
         shard_indexes: ShardIndexCache | None = None,
+        processes: DecodeProcesses | None = None,
     ):
+        #: Where present chunks are decoded, with decode="processes" (None: here).
+        self.processes = processes
         async_array = scale.array.async_array
         #: Where this level's shard indexes are kept (the pool's, shared by its levels).
         self._shard_indexes = shard_indexes if shard_indexes is not None else ShardIndexCache()
@@ -986,6 +992,8 @@ class ChunkSource:
                 value = np.asarray(self.scale.fill_value, self.scale.dtype)
                 fill = self._fills[shape] = np.broadcast_to(value, shape)
             return fill
+        if self.processes is not None:  # decode="processes": the same decode, in a worker
+            return self.processes.decode(self, index, raw)
         if self._plain_decode and shape is self.scale.chunk_shape:
             # the common case, in short: a full chunk decoded into memory of its own
             # (a recycled buffer, or what zlib inflated to) in native byte order

@@ -21,6 +21,12 @@ numbers.
 
     python tests/benchmarks/bench_pool.py [--rounds 15] [--chunks 128,256,512]
         [--layouts unsharded,sharded] [--size 8192]
+
+``--decode-modes`` measures instead ``decode="processes"`` against ``decode="threads"``
+(see :func:`decode_modes`):
+
+    python tests/benchmarks/bench_pool.py --decode-modes [--rounds 9]
+        [--codecs zstd,blosc,python-xor]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import os
 import statistics
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -286,5 +293,143 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict[str, list[float]
     return results
 
 
+# -- decode="processes" against decode="threads" -----------------------------------------
+
+
+DECODE_CASES = {
+    # name: (codec chain for zarr.create_array, dtype, array size, chunk sizes)
+    "zstd": (None, np.uint16, 4096, (256, 512)),
+    "blosc": ("blosc", np.uint16, 4096, (256, 512)),
+    "python-xor": ("python", np.uint8, 2048, (128,)),
+}
+
+
+def _decode_array(path: Path, codec: str | None, data: np.ndarray, chunk: int) -> None:
+    """``data`` as a zarr v3 array: zarr's default zstd, blosc (lz4, shuffle), or a
+    pure-Python XOR codec (``tests/support/pycodecs.py``: a Python loop over the bytes,
+    holding the GIL, as a codec an application registers itself)."""
+    kwargs: dict = {}
+    if codec == "blosc":
+        kwargs["compressors"] = zarr.codecs.BloscCodec(cname="lz4", shuffle="shuffle")
+    elif codec == "python":
+        from tests.support.pycodecs import PyXorV3
+
+        kwargs["compressors"] = PyXorV3()
+    arr = zarr.create_array(
+        path, shape=data.shape, chunks=(chunk, chunk), dtype=data.dtype, overwrite=True, **kwargs
+    )
+    arr[:] = data
+
+
+def _decode_mode_run(
+    path: Path, data: np.ndarray, decode: str
+) -> tuple[Callable[[], None], ChunkPool]:
+    """A pool (no cache) decoding in ``decode`` mode: its run (every chunk, waited for,
+    dropped), checked once against ``data``, and the pool."""
+    (pool,) = ChunkPool.from_zarr_node(str(path), decode=decode)
+    grid = pool.multiscale_info.levels[0].chunk_grid_shape
+    keys = [(0, idx) for idx in np.ndindex(*grid)]
+
+    def run() -> None:
+        pool.get_chunks(keys)
+        pool.wait_for_chunks_to_load()
+        pool.drop_chunks(keys)
+
+    for _, idx in keys[:: max(1, len(keys) // 7)]:
+        loc = pool.get_chunk(0, idx, "check")
+        assert np.array_equal(loc.wait(), data[loc.slices]), (decode, idx)
+        pool.drop_chunk(0, idx, "check")
+    return run, pool
+
+
+def _workers_cpu(pool: ChunkPool) -> float:
+    """CPU seconds the pool's decode processes have used so far (Linux ``/proc``)."""
+    processes = pool._processes
+    total = 0.0
+    for pid in [] if processes is None else processes.pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _paired_modes(
+    runs: dict[str, Callable[[], None]], pools: dict[str, ChunkPool], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``paired_rounds`` of the two modes, with CPU seconds in all, of this process
+    and of the decode processes together, per mode."""
+    for fn in runs.values():
+        fn()  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu = dict.fromkeys(runs, 0.0)
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % 2 :] + names[: r % 2]:
+            c0, w0, t0 = time.process_time(), _workers_cpu(pools[name]), time.perf_counter()
+            runs[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name] += time.process_time() - c0 + _workers_cpu(pools[name]) - w0
+    return wall, cpu
+
+
+def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
+    """``--decode-modes``: the pool's throughput with ``decode="processes"`` over
+    ``decode="threads"``, in paired rounds of the same run (medians and quartiles of
+    the per-round ratios), for zstd and blosc (their decoders release the GIL: goal
+    >= 0.85) and a pure-Python codec (holds the GIL: goal >= 1.6 on 2 cores)."""
+    parser = argparse.ArgumentParser(description=decode_modes.__doc__)
+    parser.add_argument("--decode-modes", action="store_true")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--codecs", default=",".join(DECODE_CASES), help="comma-separated")
+    args = parser.parse_args(argv)
+    print(
+        f"decode='processes' / decode='threads' throughput, {args.rounds} paired rounds, "
+        f"{os.cpu_count()} cores (processes: one per core; threads: cores + 1)"
+    )
+    print(
+        f"{'case':28s} {'chunks':>6s} {'threads ms':>10s} {'procs ms':>9s}   throughput ratio"
+        " [q1..q3]   CPU µs/chunk threads procs (this process + workers)"
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="zarrscope-bench-decode-") as tmp:
+        for name in args.codecs.split(","):
+            codec, dtype, size, chunks = DECODE_CASES[name]
+            data = make_data(size)
+            if dtype == np.uint8:
+                data = (data >> 8).astype(np.uint8)
+            for chunk in chunks:
+                path = Path(tmp) / f"{name}-{chunk}.zarr"
+                _decode_array(path, codec, data, chunk)
+                runs: dict[str, Callable[[], None]] = {}
+                pools: dict[str, ChunkPool] = {}
+                try:
+                    for mode in ("threads", "processes"):
+                        runs[mode], pools[mode] = _decode_mode_run(path, data, mode)
+                    wall, cpu = _paired_modes(runs, pools, args.rounds)
+                finally:
+                    for pool in pools.values():
+                        pool.destroy()
+                n = (size // chunk) ** 2
+                per_chunk = {m: cpu[m] * 1e6 / (args.rounds * n) for m in cpu}
+                q1, q2, q3 = ratio(wall["processes"], wall["threads"])
+                label = f"{name}, {chunk}² {np.dtype(dtype).name}"
+                print(
+                    f"{label:28s} {n:6d}"
+                    f" {statistics.median(wall['threads']) * 1000:10.1f}"
+                    f" {statistics.median(wall['processes']) * 1000:9.1f}"
+                    f"   {q2:5.2f} [{q1:.2f}..{q3:.2f}]"
+                    f"            {per_chunk['threads']:7.0f} {per_chunk['processes']:5.0f}",
+                    flush=True,
+                )
+                results.append((label, q2))
+    return results
+
+
 if __name__ == "__main__":
-    main()
+    if "--decode-modes" in sys.argv[1:]:
+        decode_modes(sys.argv[1:])
+    else:
+        main()

@@ -1,0 +1,712 @@
+"""Decoding in worker processes: ``ChunkPool(..., decode="processes")``.
+
+Why: a codec that holds the GIL (a pure-Python codec or filter an application
+registered with zarr or numcodecs) decodes one chunk at a time in threads, whatever the
+number of cores; in processes it scales with them. And a codec that crashes (a
+segfault in a C extension, ``os._exit``, running out of memory) takes down a worker,
+not the application.
+
+**Workers.** At most ``size`` processes (default: one per CPU), started when a decode
+needs one, from multiprocessing's *forkserver* (``spawn`` where there is none), never
+forked from the application, whose other threads may hold locks. The forkserver
+preloads this module (numpy, zarr, numcodecs, chunkpool: about 0.6 s, once per
+application); a worker then starts in ~25 ms (if the application started the
+forkserver earlier without this module, each worker imports it: ~0.5 s). Each gets the application's
+``sys.path`` and ignores SIGINT (a Ctrl-C is the application's to handle). The pool's
+decode slots (``cpu_workers``) are threads that hand their chunk to a free worker and
+wait for it (without the GIL), so the scheduler, priorities, batches and
+cancellation are those of thread mode: a chunk dropped while a worker decodes it has
+its result discarded.
+
+**Codecs.** A worker rebuilds each level's :class:`~chunkpool.source.ChunkSource` from
+a pickle of its :class:`~chunkpool.info.ScaleInfo` whose array has the same metadata
+(codecs, dtype, chunk grid, fill value) over an empty in-memory store, and decodes
+with it: the very decoders and decoded-size and shape checks of thread mode (the
+header checks of :mod:`chunkpool.frames`, the byte count before the array-to-bytes
+step, the final shape, ``MAX_CHUNK_BYTES``, cropping, byte order). Unpickling imports
+the module that defines each codec class, which is where an application's codecs
+register themselves (``numcodecs.register_codec``, ``zarr.registry.register_codec``):
+so a codec class must live in an importable module, or in the main script, which the
+forkserver imports as ``__mp_main__`` as multiprocessing always does (keep its work
+under ``if __name__ == "__main__":``). A codec that cannot be pickled or imported
+fails its chunks with a :class:`~chunkpool.errors.ChunkDecodeError` saying so.
+
+**Memory.** In this mode the pool's recycled buffers (:class:`SharedBuffers`) are
+carved out of files under ``/dev/shm``, which the pool alone creates, maps and
+unlinks. Local reads land there directly; other encoded bytes are copied there. Only
+references travel over a worker's pipe: (segment, size, offset, length) of the encoded
+bytes and of the buffer to decode into, taken from the pool's free list; the reply
+says the dtype, shape and memory order. ``ChunkLocation.data`` is then a read-only
+view of that buffer, recycled by the pool's usual rule: it returns to the free list
+when the last array or view of it dies, and only then can it be given to a worker
+again. A worker writes into a buffer only while the thread that gave it waits for that
+job; a buffer whose worker may still run (killed but not seen to exit) is never reused.
+
+**Failures.** A worker that dies while decoding fails that chunk with a
+:class:`~chunkpool.errors.DecodeWorkerError` naming the store, the key, the worker's
+pid and its exit reason (``"killed by SIGSEGV"``, ``"exit code 3"``); a codec raising
+MemoryError fails its chunk the same way, and its worker exits after replying (its
+heap may be the problem). A decode running longer than ``timeout`` (default
+:data:`DECODE_TIMEOUT`) is killed and fails its chunk. A dead worker is replaced by the
+next decode that needs one; the other chunks keep loading. A worker found dead before
+it took a job costs no chunk: the job goes to another.
+
+**Lifetime.** :meth:`DecodeProcesses.close` (run by ``ChunkPool.destroy()``) stops the
+idle workers, kills the busy ones at once (their results would be discarded) and waits
+for them within its timeout, then unlinks every segment: ``/dev/shm`` holds nothing of
+the pool afterwards, also after a worker crashed (workers create nothing there). Chunk
+arrays the application still holds stay valid (an unlinked file's memory lives until
+its last mapping goes). A segment whose buffers are all gone is unlinked at once, and
+the workers that mapped it unmap it with their next job. Segments left by a process
+that was killed (SIGKILL: no cleanup ran) are unlinked by the next process that makes
+a pool in this mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import mmap
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import pickle
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import MemoryStore, StorePath
+
+from .buffers import BufferPool, _Owner, transient_size
+from .errors import ChunkDecodeError, DecodeWorkerError
+from .source import MAX_CHUNK_BYTES, ChunkSource, RawChunk
+
+__all__ = ["DECODE_TIMEOUT", "DecodeProcesses", "SharedBuffers", "decode_setup"]
+
+#: Where the shared segments live (tmpfs on Linux).
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+#: Name prefix of the segments: ``chunkpool-shm-<pid>-<n>-<random>``.
+SEGMENT_PREFIX = "chunkpool-shm-"
+#: Seconds a decode may take (and a decode may wait for a free worker) before its
+#: worker is killed (it fails the chunk).
+DECODE_TIMEOUT = 60.0
+#: Seconds to wait for a worker that closed its pipe, or was killed, to exit.
+EXIT_WAIT = 2.0
+#: Name of the worker processes (``multiprocessing.active_children()`` shows them).
+PROCESS_NAME = "chunkpool-decode"
+
+_segment_numbers = itertools.count()
+_swept = False
+_context_lock = threading.Lock()
+
+#: A reference to bytes in a segment: (name, segment size, offset, length).
+Ref = tuple[str, int, int, int]
+
+
+def decode_setup(
+    decode: str, processes: int | None, recycle_bytes: int
+) -> tuple[BufferPool, DecodeProcesses | None]:
+    """A pool's buffers and decode processes for its ``decode`` mode."""
+    if decode == "threads":
+        if processes is not None:
+            raise ValueError("decode_processes needs decode='processes'")
+        return BufferPool(recycle_bytes), None
+    if decode == "processes":
+        buffers = SharedBuffers(recycle_bytes)
+        return buffers, DecodeProcesses(buffers, processes)
+    raise ValueError(f"decode must be 'threads' or 'processes', not {decode!r}")
+
+
+def _address(arr: np.ndarray) -> int:
+    return arr.__array_interface__["data"][0]
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def _sweep_stale() -> None:
+    """Unlink the segments of chunkpool processes that no longer exist (killed before
+    they could clean up). Once per process."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(SEGMENT_PREFIX) :].partition("-")[0]
+        if not name.startswith(SEGMENT_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):  # (another user's)
+                _unlink(name)
+        except OSError:  # a live process of another user
+            pass
+
+
+class SharedBuffers(BufferPool):
+    """A :class:`~chunkpool.buffers.BufferPool` whose arenas are files under
+    :data:`SHM_DIR`, mapped here and by the decode workers. The same recycling rules;
+    an arena whose buffers are all gone is unlinked, and :meth:`close` unlinks every
+    one (arenas made afterwards are private memory)."""
+
+    def __init__(self, max_free_bytes: int = 64 << 20):
+        super().__init__(max_free_bytes)
+        _sweep_stale()
+        self._arenas: dict[int, tuple[str, int, int]] = {}  # id -> (name, size, address)
+        self._live: set[str] = set()  # segment names not unlinked yet
+        self._closed = False
+        #: Called with a segment's name when it is unlinked (from any thread, maybe
+        #: inside a garbage collection: it must take no lock).
+        self.on_retire: Callable[[str], None] | None = None
+
+    def _new_arena(self, nbytes: int) -> np.ndarray:
+        if self._closed or nbytes == 0:
+            return super()._new_arena(nbytes)
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{next(_segment_numbers)}-{secrets.token_hex(4)}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            mapping = mmap.mmap(fd, nbytes)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        arena = np.ndarray.__new__(_Owner, (nbytes,), np.uint8, buffer=mapping)
+        self._live.add(name)
+        self._arenas[id(arena)] = (name, nbytes, _address(arena))
+        weakref.finalize(arena, self._retire, id(arena), name)
+        return arena
+
+    def _retire(self, key: int, name: str) -> None:
+        """An arena died: unlink its file (if close did not), tell the workers."""
+        self._arenas.pop(key, None)
+        if name in self._live:
+            self._live.discard(name)
+            _unlink(name)
+        callback = self.on_retire
+        if callback is not None:
+            callback(name)
+
+    def ref(self, buffer: np.ndarray, nbytes: int) -> Ref | None:
+        """Where ``buffer`` (taken from this pool, or a view of one) is: its segment, the
+        segment's size and its offset there, with ``nbytes``; None if not shared."""
+        info = self._arenas.get(id(buffer.base))
+        if info is None:
+            return None
+        name, size, address = info
+        return name, size, _address(buffer) - address, nbytes
+
+    def hand_out_prefix(
+        self, buffer: np.ndarray, nbytes: int, dtype: np.dtype, shape: tuple[int, ...], order: str
+    ) -> np.ndarray:
+        """:meth:`hand_out` of the first ``nbytes`` of ``buffer`` (a cropped edge chunk
+        in a full chunk's buffer): the whole buffer returns once no view remains."""
+        handle = buffer.view(self._handle)
+        if nbytes != buffer.nbytes:
+            handle = handle[:nbytes]  # (a view of the handle: it keeps the handle alive)
+        return handle.view(dtype, np.ndarray).reshape(shape, order=order)  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        """Unlink every segment and recycle nothing more."""
+        self._closed = True
+        self.max_free_bytes = 0
+        self.clear()
+        for name in list(self._live):
+            self._live.discard(name)
+            _unlink(name)
+
+
+def _context() -> Any:
+    """The forkserver context (spawn where there is none), its server preloading this
+    module (added to what the application asked for, if it starts the server)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    with _context_lock:
+        server = getattr(multiprocessing.forkserver, "_forkserver", None)
+        if server is not None and getattr(server, "_forkserver_pid", 0) is None:
+            preload = list(getattr(server, "_preload_modules", ["__main__"]))
+            if __name__ not in preload:
+                context.set_forkserver_preload([*preload, __name__])
+    return context
+
+
+def _exit_reason(code: int | None) -> str | None:
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class _Worker:
+    """The application's side of one worker process: its pipe, and what it knows."""
+
+    __slots__ = ("conn", "forget_segments", "forget_specs", "mapped", "pid", "process", "specs")
+
+    def __init__(self, context: Any):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child, list(sys.path)), name=PROCESS_NAME, daemon=True
+        )
+        try:
+            self.process.start()
+        finally:
+            child.close()
+        self.pid: int = self.process.pid
+        self.specs: set[int] = set()  # the sources it has rebuilt
+        self.mapped: set[str] = set()  # the segments it has mapped
+        # what it must forget with its next job (appended to without a lock)
+        self.forget_segments: list[str] = []
+        self.forget_specs: list[int] = []
+
+    def end(self, timeout: float) -> str | None:
+        """Close the pipe (an idle worker then exits), wait up to ``timeout`` for the
+        process to end, kill it if it did not; its exit reason, None if it is still
+        not seen to have exited."""
+        self.conn.close()
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(EXIT_WAIT)
+        return _exit_reason(self.process.exitcode)
+
+
+class _Lost(Exception):
+    """A worker died or was killed during a job: ``error`` for the chunk; ``settled``:
+    whether it is known to have exited (then its buffers may be reused)."""
+
+    def __init__(self, error: DecodeWorkerError, settled: bool):
+        self.error = error
+        self.settled = settled
+
+
+class DecodeProcesses:
+    """The worker processes of one pool, and decoding a chunk with one of them."""
+
+    def __init__(
+        self, buffers: SharedBuffers, size: int | None = None, *, timeout: float = DECODE_TIMEOUT
+    ):
+        if size is not None and size < 1:
+            raise ValueError(f"decode_processes must be >= 1, not {size}")
+        #: How many workers may run at once.
+        self.size = size or os.cpu_count() or 1
+        self.timeout = timeout
+        self._buffers = buffers
+        buffers.on_retire = self._segment_retired
+        self._cond = threading.Condition()
+        self._workers: list[_Worker] = []  # started and not known dead
+        self._idle: list[_Worker] = []
+        self._starting = 0
+        self._closed = False
+        self._specs_lock = threading.Lock()
+        self._specs: weakref.WeakKeyDictionary[ChunkSource, tuple[int, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._spec_ids = itertools.count()
+        #: Workers started, and lost (died or killed), so far.
+        self.started = 0
+        self.lost = 0
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the workers running now."""
+        with self._cond:
+            return [worker.pid for worker in self._workers]
+
+    # -- decoding -----------------------------------------------------------------------
+
+    def decode(self, source: ChunkSource, index: tuple[int, ...], raw: RawChunk) -> np.ndarray:
+        """:meth:`ChunkSource.decode` of a present chunk, run by a worker process; the
+        result is a read-only view of shared memory (see the module docstring)."""
+        where = f"{source.name}/{source._chunk_key(index)}"
+        buffers = self._buffers
+        data = raw.data
+        assert data is not None
+        copy: np.ndarray | None = None
+        out: np.ndarray | None = None
+        recycle = True  # whether no worker can write into ``out`` or read the input now
+        try:
+            spec_id, spec = self._spec(source, where)
+            inp = None if raw.owner is None else buffers.ref(data, data.nbytes)
+            if inp is None:  # not read into shared memory (a small read, a remote store)
+                copy = buffers.take(transient_size(data.nbytes))
+                copy[: data.nbytes] = data
+                inp = buffers.ref(copy, data.nbytes)
+            nbytes = source._decode.nbytes  # (a larger chunk fails in the worker, unallocated)
+            if 0 < nbytes <= MAX_CHUNK_BYTES:
+                out = buffers.take(nbytes)
+            out_ref = None if out is None else buffers.ref(out, nbytes)
+            if inp is None or (out is not None and out_ref is None):  # closed meanwhile
+                raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
+            try:
+                reply = self._call(where, spec_id, spec, index, inp, out_ref)
+            except _Lost as lost:
+                recycle = lost.settled
+                raise lost.error from None
+            result = self._result(where, reply, out)
+            out = None  # it is the result's now
+            return result
+        finally:
+            if recycle:
+                if out is not None:
+                    buffers.give(out)
+                if copy is not None:
+                    buffers.give(copy)
+                source.release(raw)
+
+    def _result(self, where: str, reply: tuple, out: np.ndarray | None) -> np.ndarray:
+        """The chunk a worker's reply describes, over ``out``; or its error, raised."""
+        kind = reply[0]
+        if kind == "error":  # a ChunkDecodeError, as thread mode raises it
+            raise ChunkDecodeError(reply[1])
+        if kind == "failed":
+            raise ChunkDecodeError(f"{where}: in a decode process: {reply[1]}")
+        _, dtype_str, shape, order = reply
+        dtype = np.dtype(dtype_str)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if out is None or nbytes > out.nbytes:
+            if nbytes:
+                raise ChunkDecodeError(f"{where}: a decode process returned {nbytes} bytes")
+            arr = np.empty(shape, dtype)
+        else:
+            arr = self._buffers.hand_out_prefix(out, nbytes, dtype, shape, order)
+        arr.flags.writeable = False
+        return arr
+
+    def _spec(self, source: ChunkSource, where: str) -> tuple[int, bytes]:
+        """The id and pickle a worker rebuilds ``source``'s decoding from."""
+        entry = self._specs.get(source)
+        if entry is not None:
+            return entry
+        with self._specs_lock:
+            entry = self._specs.get(source)
+            if entry is None:
+                scale = source.scale
+                array = scale.array.async_array
+                empty = zarr.AsyncArray(
+                    metadata=array.metadata,
+                    store_path=StorePath(MemoryStore(), array.store_path.path),
+                    config=array.config,
+                )
+                copy = dataclasses.replace(scale, array=zarr.Array(empty))
+                try:
+                    blob = pickle.dumps((copy, source.name), pickle.HIGHEST_PROTOCOL)
+                except Exception as err:
+                    raise ChunkDecodeError(
+                        f"{where}: its codecs cannot be sent to a decode process "
+                        f"({type(err).__name__}: {err})"
+                    ) from None
+                entry = self._specs[source] = (next(self._spec_ids), blob)
+                weakref.finalize(source, self._spec_gone, entry[0])
+        return entry
+
+    def _call(
+        self,
+        where: str,
+        spec_id: int,
+        spec: bytes,
+        index: tuple[int, ...],
+        inp: Ref,
+        out: Ref | None,
+    ) -> tuple:
+        """Run one job in a worker and return its reply; raises :class:`_Lost` if the
+        worker died or was killed during it."""
+        for _ in range(3):  # a worker found dead before it took the job: another one
+            worker = self._acquire(where)
+            forget_segments, worker.forget_segments = worker.forget_segments, []
+            forget_specs, worker.forget_specs = worker.forget_specs, []
+            worker.mapped.add(inp[0])
+            if out is not None:
+                worker.mapped.add(out[0])
+            known = spec_id in worker.specs
+            worker.specs.add(spec_id)
+            message = (spec_id, None if known else spec, index, inp, out)
+            try:
+                worker.conn.send((*message, forget_segments, forget_specs))
+            except (OSError, ValueError):  # it died while idle: the job never reached it
+                self._lose(worker)
+                continue
+            reply: tuple | None = None
+            finished = True
+            try:
+                if worker.conn.poll(self.timeout):
+                    reply = worker.conn.recv()
+                else:
+                    finished = False
+            except (EOFError, OSError):  # it died (its end of the pipe closed)
+                pass
+            if reply is None:
+                if not finished:
+                    worker.process.kill()
+                reason = self._lose(worker)
+                if finished:
+                    what = reason or "closed its pipe"
+                else:
+                    what = f"did not finish within {self.timeout:g} s and was killed"
+                error = DecodeWorkerError(
+                    f"{where}: decode worker (pid {worker.pid}) {what}",
+                    exit_reason=reason or what,
+                )
+                raise _Lost(error, settled=reason is not None)
+            if reply[0] == "exit":  # it ran out of memory, replied, and exits
+                self._lose(worker)
+                raise _Lost(
+                    DecodeWorkerError(
+                        f"{where}: decode worker (pid {worker.pid}) {reply[1]}; it is replaced",
+                        exit_reason=reply[1],
+                    ),
+                    settled=True,
+                )
+            if reply[0] == "failed":
+                worker.specs.discard(spec_id)  # (it may not have rebuilt the source)
+            self._release(worker)
+            return reply
+        raise ChunkDecodeError(f"{where}: decode workers keep dying before taking a job")
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _acquire(self, where: str) -> _Worker:
+        """A free worker, started if fewer than ``size`` run; waits for one at most
+        ``timeout`` seconds."""
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._workers) + self._starting < self.size:
+                    self._starting += 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChunkDecodeError(
+                        f"{where}: no decode worker became free within {self.timeout:g} s"
+                    )
+                self._cond.wait(left)
+        worker: _Worker | None = None
+        try:
+            worker = _Worker(_context())
+        except Exception as err:
+            raise ChunkDecodeError(
+                f"{where}: could not start a decode worker ({type(err).__name__}: {err})"
+            ) from None
+        finally:
+            with self._cond:
+                closed = self._closed
+                if worker is not None and not closed:
+                    self._workers.append(worker)
+                    self.started += 1
+            if worker is not None and closed:
+                worker.end(EXIT_WAIT)
+            with self._cond:
+                self._starting -= 1
+                self._cond.notify_all()
+        if closed:
+            raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
+        return worker
+
+    def _release(self, worker: _Worker) -> None:
+        with self._cond:
+            if not self._closed:
+                self._idle.append(worker)
+                self._cond.notify()
+                return
+        worker.end(EXIT_WAIT)
+
+    def _lose(self, worker: _Worker) -> str | None:
+        """Let a dead (or killed) worker go, so that another may start; its exit reason."""
+        with self._cond:
+            if worker in self._workers:
+                self._workers.remove(worker)
+                self.lost += 1
+            self._cond.notify()
+        return worker.end(EXIT_WAIT)
+
+    def _segment_retired(self, name: str) -> None:
+        for worker in list(self._workers):  # (no lock: see SharedBuffers.on_retire)
+            if name in worker.mapped:
+                worker.mapped.discard(name)
+                worker.forget_segments.append(name)
+
+    def _spec_gone(self, spec_id: int) -> None:
+        for worker in list(self._workers):
+            if spec_id in worker.specs:
+                worker.specs.discard(spec_id)
+                worker.forget_specs.append(spec_id)
+
+    def close(self, timeout: float) -> None:
+        """Stop every worker (idle ones asked to, busy ones killed: their results would
+        be discarded), waiting at most ``timeout`` seconds in all, then unlink every
+        segment. Decodes asked for afterwards fail."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            while self._starting and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            workers, self._workers = self._workers, []
+            idle, self._idle = self._idle, []
+        for worker in workers:
+            if any(worker is w for w in idle):
+                worker.conn.close()  # it exits at the end of its pipe
+            else:
+                worker.process.kill()  # a thread waits for it: it sees the end
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.process.exitcode is None:
+                worker.process.kill()
+                worker.process.join(max(0.0, min(EXIT_WAIT, deadline - time.monotonic())))
+        self._buffers.close()
+
+
+# -- the worker process -------------------------------------------------------------------
+
+
+class _SlotBuffers(BufferPool):
+    """A worker's buffers: the job's output buffer (the application's, shared) for the
+    decode that asks for its size, private memory for anything else. The output buffer
+    is never kept here (it is not this process's to reuse)."""
+
+    def __init__(self) -> None:
+        super().__init__(16 << 20)
+        self.slot: np.ndarray | None = None
+        self._given: np.ndarray | None = None
+
+    def take(self, nbytes: int) -> np.ndarray:
+        slot = self.slot
+        if slot is not None and slot.nbytes == nbytes:
+            self.slot = None
+            self._given = slot
+            return slot
+        return super().take(nbytes)
+
+    def give(self, buffer: np.ndarray) -> None:
+        if buffer is self._given:
+            return
+        super().give(buffer)
+
+    def hand_out(
+        self, buffer: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], order: str = "C"
+    ) -> np.ndarray:
+        return buffer.view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+
+    def start(self, slot: np.ndarray | None) -> None:
+        self.slot = slot
+        self._given = None
+
+
+def _view(segments: dict[str, mmap.mmap], ref: Ref) -> np.ndarray:
+    """The bytes ``ref`` names, mapping its segment once."""
+    name, size, offset, nbytes = ref
+    mapping = segments.get(name)
+    if mapping is None:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            mapping = segments[name] = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+    return np.frombuffer(mapping, np.uint8, nbytes, offset)
+
+
+def _decode_job(
+    source: ChunkSource,
+    index: tuple[int, ...],
+    inp: Ref,
+    out: Ref | None,
+    segments: dict[str, mmap.mmap],
+    buffers: _SlotBuffers,
+) -> tuple:
+    """Decode one chunk into the output buffer; the reply describing it."""
+    data = _view(segments, inp)
+    data.flags.writeable = False
+    slot = None if out is None else _view(segments, out)
+    buffers.start(slot)
+    try:
+        arr = source.decode(index, RawChunk(data, data.nbytes))
+    finally:
+        buffers.start(None)
+    if arr.dtype.hasobject:
+        raise ChunkDecodeError(f"{source.name}: chunks of objects cannot be shared")
+    order = "C"
+    if slot is None:
+        if arr.nbytes:
+            raise ChunkDecodeError(f"{source.name}: no buffer for {arr.nbytes} bytes")
+    elif arr.nbytes > slot.nbytes:  # (the decode's own checks make this impossible)
+        raise ChunkDecodeError(f"chunk decodes to {arr.nbytes} bytes, expected {slot.nbytes}")
+    elif _address(arr) == _address(slot) and arr.flags.c_contiguous:
+        pass  # decoded in place
+    elif _address(arr) == _address(slot) and arr.flags.f_contiguous:
+        order = "F"
+    else:  # decoded into memory of its own (zlib, a codec chain, a cropped edge chunk)
+        np.copyto(slot[: arr.nbytes].view(arr.dtype).reshape(arr.shape), arr)
+    return ("ok", arr.dtype.str, arr.shape, order)
+
+
+def _serve(conn: Any, sys_path: list[str]) -> None:
+    """A worker process: decode jobs from ``conn`` until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.path.extend(p for p in sys_path if p not in sys.path)
+    buffers = _SlotBuffers()
+    sources: dict[int, ChunkSource] = {}
+    segments: dict[str, mmap.mmap] = {}
+    while True:
+        try:
+            spec_id, spec, index, inp, out, forget_segments, forget_specs = conn.recv()
+        except (EOFError, OSError):
+            return
+        for name in forget_segments:
+            segments.pop(name, None)
+        for forgotten in forget_specs:
+            sources.pop(forgotten, None)
+        exiting = False
+        try:
+            if spec is not None:
+                scale, name = pickle.loads(spec)
+                sources[spec_id] = ChunkSource(scale, buffers, name=name)
+            reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
+        except ChunkDecodeError as err:
+            cause = err.__cause__
+            exiting = isinstance(cause, MemoryError)
+            reply = (
+                ("exit", f"ran out of memory (MemoryError: {cause})")
+                if exiting
+                else ("error", str(err))
+            )
+        except MemoryError as err:
+            exiting = True
+            reply = ("exit", f"ran out of memory (MemoryError: {err})")
+        except Exception as err:
+            reply = ("failed", f"{type(err).__name__}: {' '.join(str(err).split())}")
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
+        if exiting:
+            return

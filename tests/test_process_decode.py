@@ -1,0 +1,368 @@
+"""``ChunkPool(..., decode="processes")``: chunks decoded by worker processes into shared
+memory are those zarr-python reads; a codec that crashes fails its chunk only; nothing is
+left in /dev/shm, nor running, after destroy(); the scheduler's rules still hold.
+
+The codecs in ``support.pycodecs`` are registered in this process only (as an
+application registers its own): the workers get them by unpickling the arrays'
+metadata. Each test's pool starts at most two workers (~25 ms each from the
+forkserver, which starts once per session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+from conftest import make_array, ramp
+from support import pycodecs
+from support.pycodecs import PyXor, PyXorV3
+from support.teststores import AsyncGatedStore, GatedStore
+
+from chunkpool import (
+    ChunkDecodeError,
+    ChunkLoadError,
+    ChunkPool,
+    ChunkState,
+    DecodeWorkerError,
+    procdecode,
+    read_multiscales,
+)
+from chunkpool.procdecode import PROCESS_NAME, SEGMENT_PREFIX, SHM_DIR
+
+WAIT = 30.0  # generous deadline of every wait on a signal here
+
+
+def segments() -> list[str]:
+    """This process's shared-memory segments in /dev/shm."""
+    mine = f"{SEGMENT_PREFIX}{os.getpid()}-"
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(mine))
+
+
+def workers() -> list[Any]:
+    """The decode worker processes running now."""
+    return [p for p in multiprocessing.active_children() if p.name == PROCESS_NAME]
+
+
+@pytest.fixture
+def ppools() -> Iterator[Callable[..., ChunkPool]]:
+    """``ppools(node, **kwargs)``: a pool decoding in (at most 2) processes. After the
+    test all are destroyed, and then no decode worker runs, no chunkpool thread is
+    left, and /dev/shm holds no segment of this process: as before the test."""
+    before = segments()
+    made: list[ChunkPool] = []
+
+    def make(node: Any, **kwargs: Any) -> ChunkPool:
+        (info,) = read_multiscales(node, "test")
+        kwargs.setdefault("decode", "processes")
+        kwargs.setdefault("decode_processes", 2)
+        pool = ChunkPool(info, **kwargs)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.destroy()
+    assert workers() == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("chunkpool-")] == []
+    assert segments() == before
+
+
+def in_shared_memory(data: np.ndarray) -> bool:
+    """Whether ``data`` views a memory map (the pool's shared segments)."""
+    base = data
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, mmap.mmap)
+
+
+def load_all(pool: ChunkPool) -> list[Any]:
+    scale = pool.multiscale_info.levels[0]
+    grid = scale.chunk_grid_shape
+    locs = [pool.get_chunk(0, idx, "t") for idx in np.ndindex(*grid)]
+    with contextlib.suppress(ChunkLoadError):  # each test looks at its failures
+        pool.wait_for_chunks_to_load()
+    return locs
+
+
+def _v3_sharded(path: Path, data: np.ndarray) -> zarr.Array:
+    return make_array(path, data, (32, 32), shards=(64, 64))
+
+
+LAYOUTS: dict[str, Callable[[Path, np.ndarray], zarr.Array]] = {
+    "v2 zstd": lambda p, d: make_array(p, d, (32, 32), zarr_format=2),
+    "v2 F-order blosc": lambda p, d: make_array(
+        p, d, (32, 32), zarr_format=2, order="F", compressors=numcodecs.Blosc()
+    ),
+    "v2 delta + python compressor": lambda p, d: make_array(
+        p, d, (32, 32), zarr_format=2, filters=[numcodecs.Delta(d.dtype)], compressors=PyXor()
+    ),
+    "v3 zstd": lambda p, d: make_array(p, d, (32, 32)),
+    "v3 sharded zstd": _v3_sharded,
+    "v3 big-endian python + gzip": lambda p, d: make_array(
+        p,
+        d,
+        (32, 32),
+        serializer=zarr.codecs.BytesCodec(endian="big"),
+        compressors=[PyXorV3(), zarr.codecs.GzipCodec()],
+    ),
+    "v3 sharded, async store": lambda p, d: zarr.open_array(
+        AsyncGatedStore(_v3_sharded(p, d).store), mode="r"
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_data_equals_zarr_read(ppools, tmp_path, layout):
+    arr = LAYOUTS[layout](tmp_path / "a.zarr", ramp((80, 100)))  # edge chunks on both axes
+    pool = ppools(arr)
+    locs = load_all(pool)
+    for loc in locs:
+        expected = arr[loc.slices]
+        assert loc.error is None, loc.error
+        assert loc.data.dtype == expected.dtype and loc.data.shape == expected.shape
+        np.testing.assert_array_equal(loc.data, expected)
+        assert not loc.data.flags.writeable
+        assert in_shared_memory(loc.data), loc.index  # decoded there, not copied back
+    assert 1 <= len(pool._processes.pids) <= 2
+
+
+def test_held_data_is_never_rewritten(ppools, tmp_path):
+    """A chunk's array stays what it was while anyone holds it, even after the pool let
+    it go and recycled buffers went on to other chunks decoded by other processes."""
+    data = ramp((128, 128))
+    arr = make_array(tmp_path / "a.zarr", data, (32, 32))
+    pool = ppools(arr)
+    kept = pool.get_chunk(0, (0, 0), "t").wait()
+    pool.drop_chunk(0, (0, 0), "t")
+    for _ in range(3):  # every other chunk, its buffers recycled each round
+        locs = [pool.get_chunk(0, idx, "t") for idx in np.ndindex(4, 4) if idx != (0, 0)]
+        pool.wait_for_chunks_to_load()
+        for loc in locs:
+            np.testing.assert_array_equal(loc.data, data[loc.slices])
+        del loc
+        pool.drop_chunks([(0, loc.index) for loc in locs], "t")
+        del locs
+    assert pool._buffers.reused > 0  # buffers did go round
+    np.testing.assert_array_equal(kept, data[:32, :32])
+
+
+def _python_codec_array(path: Path, data: np.ndarray) -> zarr.Array:
+    return make_array(path, data, (32, 32), zarr_format=2, compressors=PyXor())
+
+
+def _overwrite(arr: zarr.Array, idx: tuple[int, ...], content: bytes) -> None:
+    key = arr.async_array.metadata.encode_chunk_key(idx)
+    (Path(arr.store.root) / key).write_bytes(content)
+
+
+def test_a_crashing_codec_fails_only_its_chunk(ppools, tmp_path):
+    data = ramp((128, 128), "uint8")
+    arr = _python_codec_array(tmp_path / "a.zarr", data)
+    crashes = {
+        (1, 1): (pycodecs.SEGV, "killed by SIGSEGV"),
+        (2, 2): (pycodecs.EXIT3, "exit code 3"),
+        (0, 3): (pycodecs.NOMEM, "ran out of memory (MemoryError: test codec out of memory)"),
+    }
+    for idx, (marker, _) in crashes.items():
+        _overwrite(arr, idx, marker)
+    pool = ppools(arr)
+    locs = load_all(pool)
+    for loc in locs:
+        if loc.index in crashes:
+            reason = crashes[loc.index][1]
+            assert isinstance(loc.error, DecodeWorkerError), loc.error
+            assert loc.error.exit_reason == reason
+            message = str(loc.error)
+            assert message.startswith(f"test/{loc.index[0]}.{loc.index[1]}: decode worker (pid ")
+            assert reason in message
+        else:  # the others all loaded, by the workers that replaced the dead ones
+            assert loc.error is None, loc.error
+            np.testing.assert_array_equal(loc.data, data[loc.slices])
+    processes = pool._processes
+    assert processes.lost == 3 and processes.started >= 4
+    assert len(processes.pids) <= 2
+    assert set(segments()) == pool._buffers._live  # the pool's own: workers make none
+    # and the pool goes on: a chunk loaded again comes from a live worker
+    pool.drop_chunk(0, (0, 0), "t")
+    np.testing.assert_array_equal(pool.get_chunk(0, (0, 0), "u").wait(), data[:32, :32])
+
+
+def test_a_wrong_size_decode_fails_as_in_threads(ppools, tmp_path):
+    """A valid frame of the wrong size fails with the same message in both modes."""
+    data = ramp((64, 64))
+    zstd = make_array(tmp_path / "z.zarr", data, (32, 32), zarr_format=2)
+    _overwrite(zstd, (1, 0), numcodecs.Zstd().encode(data[:16, :32].tobytes()))
+    python = _python_codec_array(tmp_path / "p.zarr", data)
+    _overwrite(python, (0, 1), PyXor().encode(b"\1" * 2047))
+    for arr, idx in [(zstd, (1, 0)), (python, (0, 1))]:
+        errors = []
+        for mode in ("threads", "processes"):
+            pool = ppools(arr, decode=mode, decode_processes=None if mode == "threads" else 2)
+            loc = pool.get_chunk(0, idx, "t")
+            with pytest.raises(ChunkLoadError):
+                loc.wait()
+            assert type(loc.error) is ChunkDecodeError
+            errors.append(str(loc.error))
+        assert errors[0] == errors[1]
+        assert "expected" in errors[1]
+
+
+def test_pending_loads_still_start_in_priority_order(ppools, tmp_path):
+    data = ramp((128, 128))
+    grid = make_array(tmp_path / "g.zarr", data, (32, 32))
+    store = GatedStore(grid.store)
+    store.rec.hold()
+    arr = zarr.open_array(store, mode="r")
+    rec = store.rec
+    pool = ppools(arr, io_concurrency=1, cpu_workers=1)
+    first = pool.get_chunk(0, (0, 0), priority=-1)  # occupies the single IO slot
+    rec.wait_started(1)
+    rng = random.Random(1)
+    indices = [(i, j) for i in range(1, 4) for j in range(4)]
+    priorities = rng.sample(range(100), len(indices))
+    for idx, p in zip(indices, priorities, strict=True):
+        pool.get_chunk(0, idx, priority=p)
+    order = [idx for _, idx in sorted(zip(priorities, indices, strict=True))]
+    rec.open_gate()
+    pool.wait_for_chunks_to_load()
+    key = arr.async_array.metadata.encode_chunk_key
+    assert rec.started == [key((0, 0))] + [key(idx) for idx in order]
+    for loc in [first, *(pool.get_chunk(0, idx) for idx in indices)]:
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+
+
+class _Gate:
+    """A FIFO a worker's decode waits at (``pycodecs.GATE``): :meth:`wait_entered`
+    returns once the worker is inside the decode, :meth:`open` lets it go on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        os.mkfifo(path)
+        self._entered = threading.Event()
+        self._fd: int | None = None
+        self._thread = threading.Thread(target=self._open, daemon=True)
+        self._thread.start()
+
+    def marker(self) -> bytes:
+        return pycodecs.GATE + bytes(self.path) + b"\0"
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY)  # returns once the worker opened it
+        self._entered.set()
+
+    def wait_entered(self) -> None:
+        assert self._entered.wait(WAIT), "the decode never reached the gate"
+
+    def open(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        """Unblock the opener thread if no worker ever came (then end it)."""
+        if not self._entered.is_set():
+            os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
+        self._thread.join(WAIT)
+        self.open()
+
+
+@pytest.fixture
+def gate(tmp_path) -> Iterator[_Gate]:
+    g = _Gate(tmp_path / "gate.fifo")
+    yield g
+    g.close()
+
+
+def test_a_chunk_dropped_while_a_worker_decodes_it_is_discarded(ppools, tmp_path, gate):
+    data = ramp((128, 128), "uint8")
+    arr = _python_codec_array(tmp_path / "a.zarr", data)
+    _overwrite(arr, (0, 0), gate.marker() + PyXor().encode(data[:32, :32].tobytes()))
+    pool = ppools(arr, decode_processes=1)
+    events: list[str] = []
+    loc = pool.get_chunk(
+        0,
+        (0, 0),
+        "t",
+        load_handler=lambda loc: events.append("load"),
+        destroy_handler=lambda loc: events.append("destroy"),
+    )
+    gate.wait_entered()  # the worker is decoding it
+    pool.drop_chunk(0, (0, 0), "t")
+    assert loc.state is ChunkState.CANCELLED and events == ["destroy"]
+    gate.open()
+    # the one worker finishes the discarded decode, then serves the next chunk
+    np.testing.assert_array_equal(pool.get_chunk(0, (1, 1), "t").wait(), data[32:64, 32:64])
+    assert events == ["destroy"] and loc.state is ChunkState.CANCELLED
+    assert pool._processes.lost == 0
+
+
+def test_destroy_stops_a_worker_stuck_in_a_decode(ppools, tmp_path, gate):
+    data = ramp((128, 128), "uint8")
+    arr = _python_codec_array(tmp_path / "a.zarr", data)
+    _overwrite(arr, (0, 0), gate.marker())
+    pool = ppools(arr)
+    pool.get_chunk(0, (0, 0), "t")
+    np.testing.assert_array_equal(pool.get_chunk(0, (1, 1), "t").wait(), data[32:64, 32:64])
+    gate.wait_entered()  # a worker waits at the gate, never opened
+    assert len(workers()) == 2 and segments()
+    pool.destroy()
+    assert workers() == [] and segments() == []
+
+
+def test_a_grown_level_decodes_in_processes_too(ppools, tmp_path):
+    data = ramp((64, 64))
+    arr = make_array(tmp_path / "a.zarr", data, (32, 32))
+    pool = ppools(arr)
+    arr.resize((96, 64))
+    arr[64:] = data[:32] + 1
+    assert pool.refresh().grown
+    new = pool.get_chunk(0, (2, 0), "t").wait()
+    np.testing.assert_array_equal(new, data[:32, :32] + 1)
+    assert in_shared_memory(new)
+
+
+def test_decode_mode_is_checked(tmp_path):
+    arr = make_array(tmp_path / "a.zarr", ramp((8, 8)), (4, 4))
+    (info,) = read_multiscales(arr, "test")
+    with pytest.raises(ValueError, match="decode must be"):
+        ChunkPool(info, decode="fibers")
+    with pytest.raises(ValueError, match="decode_processes needs"):
+        ChunkPool(info, decode_processes=2)
+    with pytest.raises(ValueError, match="decode_processes must be"):
+        ChunkPool(info, decode="processes", decode_processes=0)
+
+
+def test_segments_of_a_killed_process_are_swept(monkeypatch):
+    """A process killed outright (SIGKILL: no cleanup) leaves its segments; the next
+    pool of this mode in another process unlinks them, and only those of dead pids."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    stale = Path(SHM_DIR, f"{SEGMENT_PREFIX}{dead_pid}-0-test")
+    alive = Path(SHM_DIR, f"{SEGMENT_PREFIX}{os.getpid()}-999999-test")
+    for path in (stale, alive):
+        path.write_bytes(b"x")
+    try:
+        monkeypatch.setattr(procdecode, "_swept", False)
+        procdecode.SharedBuffers(0).close()
+        assert not stale.exists() and alive.exists()
+    finally:
+        for path in (stale, alive):
+            path.unlink(missing_ok=True)
