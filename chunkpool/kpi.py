@@ -11,10 +11,11 @@ the same log: the viewer writes ``drawn`` (a chunk's data first on screen) and
 ``view`` (the camera moved) lines, from which a report draws where the time of one
 jump went.
 
-Cost: :meth:`KpiLog.add` is a ring append and, with a path, a line formatted and
-buffered; the buffer is written every :data:`FLUSH_EVERY` lines, by whichever thread
-fills it, without the pool's lock. One line, with ``null`` for a step a load never
-reached (a cancelled one has no ``decoded``)::
+Cost: :meth:`KpiLog.add` is two deque appends (the ring and, with a path, the lines
+to write), cheap enough under the pool's lock; the log's writer thread formats and
+writes them every :data:`FLUSH_EVERY` records or :data:`FLUSH_SECONDS`, whichever
+comes first, and stops at :meth:`KpiLog.close` (which writes the rest). One line, with
+``null`` for a step a load never reached (a cancelled one has no ``decoded``)::
 
     {"event": "load", "source": "img.zarr", "level": 0, "index": [0, 3, 4],
      "state": "loaded", "bytes_fetched": 30466, "bytes_decoded": 131072,
@@ -41,10 +42,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["FLUSH_EVERY", "KpiLog", "LoadRecord", "read_kpi_lines"]
+__all__ = ["FLUSH_EVERY", "FLUSH_SECONDS", "KpiLog", "LoadRecord", "read_kpi_lines"]
 
-#: Lines buffered before they are written (also written at :meth:`KpiLog.flush`/close).
+#: Records that wake the writer thread; it also writes every FLUSH_SECONDS.
 FLUSH_EVERY = 256
+FLUSH_SECONDS = 1.0
+#: How long :meth:`KpiLog.close` waits for the writer thread.
+CLOSE_TIMEOUT = 5.0
 #: Records kept in memory by default.
 RING = 8192
 
@@ -77,8 +81,9 @@ class LoadRecord(NamedTuple):
 class KpiLog:
     """The most recent :class:`LoadRecord` s (a ring of ``capacity``) and, with ``path``,
     every record as a JSON line in a file rotated at ``max_bytes`` (``backups`` old
-    files kept: ``PATH.1``, ``PATH.2``...). Thread-safe; one log may serve several
-    pools and the viewer. :meth:`close` writes what is buffered and closes the file.
+    files kept: ``PATH.1``, ``PATH.2``...), written by a thread of the log's own.
+    Thread-safe; one log may serve several pools and the viewer. :meth:`close` writes
+    what is left and stops the thread (the ring stays readable).
     """
 
     def __init__(
@@ -93,37 +98,43 @@ class KpiLog:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
         self.path = None if path is None else os.fspath(path)
         self._ring: deque[LoadRecord] = deque(maxlen=capacity)
-        self._lock = threading.Lock()  # the buffer; the handler has its own
-        self._lines: list[str] = []
+        self._todo: deque[LoadRecord | dict[str, Any]] | None = None  # for the file
         self._sources: dict[str, str] = {}  # source -> its JSON string, made once
         # perf_counter -> epoch: measured once, so that every line shares one clock
-        self._epoch = time.time() - time.perf_counter()
-        self._epoch_us = int(self._epoch * 1e6)
+        self._epoch_us = int((time.time() - time.perf_counter()) * 1e6)
         self._file: logging.handlers.RotatingFileHandler | None = None
+        self._wake = threading.Event()
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        self._write_lock = threading.Lock()  # one writer of the file at a time
         if self.path is not None:
             self._file = logging.handlers.RotatingFileHandler(
                 self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
             )
             self._file.setFormatter(logging.Formatter("%(message)s"))
+            self._todo = deque()
+            self._writer = threading.Thread(target=self._run, name="chunkpool-kpi", daemon=True)
+            self._writer.start()
 
     def __repr__(self) -> str:
         return f"<KpiLog {len(self._ring)} records, {self.path or 'in memory'}>"
 
     def add(self, record: LoadRecord) -> None:
-        """Keep ``record`` (and log it, with a path)."""
+        """Keep ``record`` (and log it, with a path). Cheap: two appends."""
         self._ring.append(record)  # deque.append is atomic
-        if self._file is not None:
-            self._buffer(self._load_line(record))
+        todo = self._todo
+        if todo is not None:
+            todo.append(record)
+            if len(todo) >= FLUSH_EVERY:
+                self._wake.set()
 
     def event(self, event: str, when: float | None = None, **fields: Any) -> None:
         """Log an application event (e.g. ``"drawn"`` with ``source``, ``level`` and
         ``index``; ``"view"`` with the camera), at ``when`` (``perf_counter``
         seconds, default now). Nothing is kept in memory; without a path, a no-op."""
-        if self._file is None:
-            return
-        stamp = time.perf_counter() if when is None else when
-        line = {"event": event, "time": self._epoch_us + int(stamp * 1e6), **fields}
-        self._buffer(json.dumps(line, default=_jsonable))
+        if self._todo is not None:
+            stamp = time.perf_counter() if when is None else when
+            self._todo.append({"event": event, "time": self._epoch_us + int(stamp * 1e6), **fields})
 
     def records(self) -> list[LoadRecord]:
         """The records in the ring, oldest first (a snapshot)."""
@@ -139,29 +150,45 @@ class KpiLog:
         return tuple(float(v) for v in np.percentile(latencies, q))
 
     def flush(self) -> None:
-        """Write the buffered lines now."""
-        with self._lock:
-            lines, self._lines = self._lines, []
-        self._write(lines)
+        """Write what waits now, in this thread."""
+        todo = self._todo
+        if todo is None:
+            return
+        with self._write_lock:
+            more = True
+            while more and self._file is not None:
+                lines = []
+                while len(lines) < FLUSH_EVERY:
+                    try:
+                        item = todo.popleft()
+                    except IndexError:
+                        more = False
+                        break
+                    if isinstance(item, dict):
+                        lines.append(json.dumps(item, default=_jsonable))
+                    else:
+                        lines.append(self._load_line(item))
+                if lines:  # one emit per batch: the rollover check and flush once each
+                    self._file.emit(logging.makeLogRecord({"msg": "\n".join(lines)}))
 
-    def close(self) -> None:
-        """Write what is buffered and close the file (the ring stays readable)."""
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop the writer thread (bounded by ``timeout``), write what is left and close
+        the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._wake.set()
+            self._writer.join(timeout)
         self.flush()
         if self._file is not None:
             self._file.close()
 
-    def _buffer(self, line: str) -> None:
-        with self._lock:
-            self._lines.append(line)
-            if len(self._lines) < FLUSH_EVERY:
-                return
-            lines, self._lines = self._lines, []
-        self._write(lines)
-
-    def _write(self, lines: list[str]) -> None:
-        if lines and self._file is not None:
-            # one emit per batch: the handler's lock, rollover check and flush once
-            self._file.emit(logging.makeLogRecord({"msg": "\n".join(lines)}))
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            self.flush()
 
     def _load_line(self, r: LoadRecord) -> str:
         # formatted by hand, not json.dumps(dict): a third of the cost, per chunk

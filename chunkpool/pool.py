@@ -40,9 +40,11 @@ from .errors import (
     PoolDestroyedError,
 )
 from .info import MultiscaleInfo
+from .kpi import KpiLog, LoadRecord
 from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
 from .procdecode import decode_setup
+from .redaction import describe_error
 from .refresh import Changes, Watcher, refresh_pool
 from .retry import RetryPolicy
 from .scheduler import Completions, LoadJob, LoadScheduler
@@ -141,6 +143,11 @@ class ChunkPool:
     decode_processes:
         With ``decode="processes"``: how many worker processes at most (default: one
         per CPU).
+    kpi_log:
+        Where each finished, failed or cancelled load's record goes (see
+        :mod:`chunkpool.kpi`): a path (JSON lines, rotated; closed by :meth:`destroy`),
+        a :class:`~chunkpool.kpi.KpiLog` shared with other pools (the caller closes
+        it), or None (records kept in memory only, :attr:`kpis`).
     """
 
     def __init__(
@@ -159,6 +166,7 @@ class ChunkPool:
         revalidate: int = 256,
         decode: str = "threads",
         decode_processes: int | None = None,
+        kpi_log: str | os.PathLike[str] | KpiLog | None = None,
     ):
         if revalidate < 0:
             raise ValueError(f"revalidate must be >= 0, not {revalidate}")
@@ -167,6 +175,9 @@ class ChunkPool:
             budget = MemoryBudget(budget)
         self._budget: MemoryBudget | None = budget
         self._info = multiscale_info
+        # a log given is the caller's (shared, closed by them); a path's is ours
+        self._owns_kpis = not isinstance(kpi_log, KpiLog)
+        self._kpis = kpi_log if isinstance(kpi_log, KpiLog) else KpiLog(kpi_log)
         self._retry = retry
         self._buffers, self._processes = decode_setup(decode, decode_processes, recycle_bytes)
         self._index_cache = ShardIndexCache(
@@ -280,12 +291,17 @@ class ChunkPool:
         return self._destroyed
 
     @property
+    def kpis(self) -> KpiLog:
+        """The per-chunk load records (the most recent in memory; see ``kpi_log``)."""
+        return self._kpis
+
+    @property
     def stats(self) -> PoolStats:
         """A snapshot of the pool's counters."""
         waiting, fetching, decoding = self._scheduler.counts()
         with self._lock:
             s = self._stats
-            p50, p90, p99 = s.latency_percentiles()
+            p50, p90, p99 = self._kpis.latency_percentiles()
             pending = self._loading
             return PoolStats(
                 hits=s.hits,
@@ -728,6 +744,7 @@ class ChunkPool:
                 self._reserved -= loc._held_bytes
             loc._job = None
             loc._state = _CANCELLED
+            self._kpis.add(_load_record(job, "cancelled", None, None, None, self._info.source))
             self._pending_bytes -= loc._nbytes
             self._stats.cancellations += 1
             self._loaded_one()
@@ -880,6 +897,7 @@ class ChunkPool:
         wake the handlers' loop once."""
         resolved: list[tuple[concurrent.futures.Future | None, Any, Any, ChunkKey]] = []
         posted = False
+        kpis, source = self._kpis, self._info.source
         with self._lock:
             chunks = self._chunks
             s = self._stats
@@ -893,7 +911,7 @@ class ChunkPool:
                 loc._job = None
                 self._pending_bytes -= loc._nbytes
                 if loc._state is _LOADED:  # a reload: the stored chunk changed
-                    s.latencies.append(now - job.submitted_at)
+                    kpis.add(_load_record(job, "reloaded", data, error, now, source))
                     s.bytes_fetched += job.nbytes_fetched
                     self._loaded_one()
                     if error is not None or data is None:
@@ -916,7 +934,10 @@ class ChunkPool:
                     continue
                 reserved = loc._held_bytes  # under a memory budget (else 0)
                 self._reserved -= reserved
-                s.latencies.append(now - job.submitted_at)
+                failed = error is not None or data is None
+                kpis.add(
+                    _load_record(job, "failed" if failed else "loaded", data, error, now, source)
+                )
                 s.bytes_fetched += job.nbytes_fetched
                 handlers: dict[str, Handler] | None = None
                 for r, e in loc._refs.items():
@@ -930,7 +951,7 @@ class ChunkPool:
                         loc._unfired_loads = handlers
                     else:
                         loc._unfired_loads.update(handlers)
-                if error is not None or data is None:
+                if failed:
                     loc._error = error
                     loc._state = _FAILED
                     loc._held_bytes = 0
@@ -1127,6 +1148,8 @@ class ChunkPool:
         if self._processes is not None:  # decode="processes": stop and unlink first
             self._processes.close(timeout)
         abandoned = self._scheduler.shutdown(timeout)
+        if self._owns_kpis:
+            self._kpis.close(timeout)
         if abandoned.threads:
             shown = ", ".join(f"level {lvl} chunk {idx}" for lvl, idx in abandoned.chunks[:8])
             more = len(abandoned.chunks) - 8
@@ -1144,3 +1167,28 @@ class ChunkPool:
             effects.finish()
         else:
             self._finish(calls)
+
+
+def _load_record(
+    job: LoadJob,
+    state: str,
+    data: np.ndarray | None,
+    error: BaseException | None,
+    delivered: float | None,
+    source: str,
+) -> LoadRecord:
+    """The KPI record of a load that ended (``delivered``: when, or None if cancelled)."""
+    return LoadRecord(
+        source,
+        job.source.scale.level,
+        job.index,
+        state,
+        job.nbytes_fetched,
+        0 if data is None else data.nbytes,
+        job.submitted_at,
+        job.fetch_started_at or None,
+        job.fetched_at or None,
+        job.decoded_at or None,
+        delivered,
+        None if error is None else describe_error(error),
+    )

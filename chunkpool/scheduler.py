@@ -105,6 +105,9 @@ class LoadJob:
         "_io_future",
         "_seq",
         "_version",
+        "decoded_at",
+        "fetch_started_at",
+        "fetched_at",
         "index",
         "nbytes_fetched",
         "on_done",
@@ -128,6 +131,9 @@ class LoadJob:
         self.on_done = on_done
         self.state = _QUEUED
         self.submitted_at = time.perf_counter()
+        # when it started fetching, was fetched, was decoded (perf_counter; 0.0: not
+        # yet): the pool's per-chunk KPI records (chunkpool.kpi)
+        self.fetch_started_at = self.fetched_at = self.decoded_at = 0.0
         self.nbytes_fetched = 0
         self.stamp: tuple[int, int] | None = None  # the stored object's, when read
         self._seq = 0
@@ -213,13 +219,14 @@ class _Batch:
             if job.state is not _FETCHING:  # cancelled since the batch was taken
                 continue
             self.reading = True
-            t0 = perf_counter()
+            job.fetch_started_at = t0 = perf_counter()
             try:
                 raw = job.source.fetch_sync(job.index, files)
             except Exception as err:
+                job.fetched_at = perf_counter()
                 results.append((job, None, err))
                 continue
-            t1 = perf_counter()
+            job.fetched_at = t1 = perf_counter()
             fetch_s += t1 - t0
             job.nbytes_fetched = raw.nbytes_fetched
             job.stamp = raw.stamp
@@ -233,7 +240,8 @@ class _Batch:
                 data = job.source.decode(job.index, raw)
             except Exception as err:
                 error = err
-            decode_s += perf_counter() - t1
+            job.decoded_at = t2 = perf_counter()
+            decode_s += t2 - t1
             results.append((job, data, error))
         self.fetch_s, self.decode_s = fetch_s, decode_s
 
@@ -660,13 +668,14 @@ class LoadScheduler:
         what this thread must decode now (a CPU slot taken for it), if anything."""
         raw: RawChunk | None = None
         error: Exception | None = None
-        t0 = time.perf_counter()
+        job.fetch_started_at = t0 = time.perf_counter()
         if job.state is _FETCHING:  # else cancelled since it started
             try:
                 raw = job.source.fetch_sync(job.index)
             except Exception as err:
                 error = err
-        elapsed = time.perf_counter() - t0
+        job.fetched_at = t1 = time.perf_counter()
+        elapsed = t1 - t0
         with self._lock:
             self._in_fetch -= 1
             if raw is not None:
@@ -686,13 +695,16 @@ class LoadScheduler:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        job.fetch_started_at = time.perf_counter()
         try:
             raw = await job.source.fetch_async(job.index)
+            job.fetched_at = time.perf_counter()
         except asyncio.CancelledError:
             with self._lock:
                 self._fetched(job, None, None)
             raise
         except Exception as err:
+            job.fetched_at = time.perf_counter()
             error = err
         finally:
             self._tasks.discard(task)
@@ -753,7 +765,8 @@ class LoadScheduler:
                 error = err
         else:
             job.source.release(raw)
-        return job, data, error, time.perf_counter() - t0
+        job.decoded_at = t1 = time.perf_counter()
+        return job, data, error, t1 - t0
 
     def _decoded(
         self, finished: _Decoded

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 __all__ = ["PoolStats", "StatsRecorder"]
-
-#: Number of most recent load latencies the percentiles are computed over.
-LATENCY_WINDOW = 2048
 
 
 @dataclass(frozen=True)
@@ -70,10 +64,3 @@ class StatsRecorder:
         self.bytes_fetched = 0
         self.bytes_loaded = 0
         self.budget_releases = 0
-        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-
-    def latency_percentiles(self) -> tuple[float, float, float]:
-        if not self.latencies:
-            return (float("nan"),) * 3
-        p50, p90, p99 = np.percentile(np.fromiter(self.latencies, float), [50, 90, 99])
-        return float(p50), float(p90), float(p99)

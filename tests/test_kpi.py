@@ -8,7 +8,11 @@ import time
 
 import numpy as np
 import pytest
+import zarr
+from conftest import make_array, ramp
+from support.teststores import GatedStore
 
+from chunkpool import ChunkLoadError
 from chunkpool.kpi import FLUSH_EVERY, KpiLog, LoadRecord, read_kpi_lines
 from viewer import report
 
@@ -106,3 +110,42 @@ def test_the_report_says_one_line_for_a_missing_or_empty_log(
     assert report.main([str(tmp_path / "empty.jsonl")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("zarrscope-report: ") for line in err)
+
+
+def test_a_pool_records_every_load_loaded_failed_and_cancelled(pools, tmp_path) -> None:
+    """Each load leaves one record, in memory and in the pool's log file, with its
+    steps in time order; a cancelled one stops where it was; destroy() closes the
+    file and stops the writer thread (the fixture checks no chunkpool thread is left)."""
+    data = ramp((40, 40))
+    make_array(tmp_path / "a.zarr", data, (20, 20))
+    (tmp_path / "a.zarr" / "c" / "1" / "0").write_bytes(b"this is not zstd")
+    arr = zarr.open_array(GatedStore(zarr.storage.LocalStore(tmp_path / "a.zarr")), mode="r")
+    path = tmp_path / "kpi.jsonl"
+    pool = pools(arr, kpi_log=path)
+    for index in [(0, 0), (0, 1), (1, 0)]:
+        pool.get_chunk(0, index)
+    with pytest.raises(ChunkLoadError):
+        pool.wait_for_chunks_to_load(timeout=60)
+    arr.store.rec.hold()
+    pool.get_chunk(0, (1, 1))
+    arr.store.rec.wait_started(4, timeout=60)  # it is being read: cancelled mid-fetch
+    pool.drop_chunk(0, (1, 1))
+    arr.store.rec.open_gate()
+    by_index = {r.index: r for r in pool.kpis.records()}
+    assert {i: r.state for i, r in by_index.items()} == {
+        (0, 0): "loaded",
+        (0, 1): "loaded",
+        (1, 0): "failed",
+        (1, 1): "cancelled",
+    }
+    loaded = by_index[(0, 0)]
+    assert loaded.bytes_decoded == 20 * 20 * 2 and 0 < loaded.bytes_fetched < 800
+    steps = [loaded.requested, loaded.fetch_started, loaded.fetched, loaded.decoded]
+    assert steps == sorted(steps) and loaded.delivered >= loaded.decoded
+    assert "ChunkDecodeError" in by_index[(1, 0)].error or "zstd" in by_index[(1, 0)].error
+    assert by_index[(1, 1)].delivered is None and by_index[(1, 1)].decoded is None
+    assert pool.stats.latency_p50 > 0
+    pool.destroy()
+    lines = [line for line in read_kpi_lines(path) if line["event"] == "load"]
+    assert sorted(tuple(x["index"]) for x in lines) == sorted(by_index)
+    assert all(x["source"] == "test" and x["level"] == 0 for x in lines)
