@@ -19,6 +19,7 @@ from .errors import (
 )
 from .follow import follow
 from .info import Axis, ChannelInfo, MultiscaleInfo, ScaleInfo
+from .kpi import KpiLog, LoadRecord
 from .location import ChunkLocation, ChunkState
 from .manager import ChunkManager
 from .metadata import read_multiscales
@@ -45,6 +46,8 @@ __all__ = [
     "ChunkState",
     "DecodeWorkerError",
     "EventLoopError",
+    "KpiLog",
+    "LoadRecord",
     "MemoryBudget",
     "MemoryBudgetError",
     "MultiscaleInfo",

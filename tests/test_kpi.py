@@ -149,3 +149,43 @@ def test_a_pool_records_every_load_loaded_failed_and_cancelled(pools, tmp_path) 
     lines = [line for line in read_kpi_lines(path) if line["event"] == "load"]
     assert sorted(tuple(x["index"]) for x in lines) == sorted(by_index)
     assert all(x["source"] == "test" and x["level"] == 0 for x in lines)
+
+
+@pytest.mark.render
+def test_the_viewer_logs_views_loads_and_first_draws(tmp_path: pathlib.Path) -> None:
+    """``Viewer(telemetry=PATH)``: its pools' loads, each view it showed and, for
+    each chunk drawn, the frame that first drew it (after the chunk was delivered);
+    the report draws the jump."""
+    from support.images import noise_image, write_pyramid
+    from test_render import settle
+
+    from viewer import Viewer
+
+    picture = noise_image((256, 256), seed=3)
+    pyramid = write_pyramid(tmp_path / "p.ome.zarr", picture, chunks=(64, 64), n_levels=2)
+    path = tmp_path / "kpi.jsonl"
+    viewer = Viewer(
+        str(pyramid.path),
+        None,
+        size=(128, 128),
+        colormap="gray",
+        clim=(0, 255),
+        show_hud=False,
+        telemetry=path,
+    )
+    try:
+        viewer.show_region(64, 64, 192, 192)
+        shot = settle(viewer)
+        assert (shot[..., 0] == picture[64:192, 64:192]).all()
+    finally:
+        viewer.close()
+    lines = read_kpi_lines(path)
+    loads = {(x["level"], tuple(x["index"])): x for x in lines if x["event"] == "load"}
+    drawn = [x for x in lines if x["event"] == "drawn"]
+    assert any(x["event"] == "view" for x in lines)
+    assert {(0, (1, 1)), (0, (2, 2))} <= {(x["level"], tuple(x["index"])) for x in drawn}
+    for x in drawn:
+        load = loads[(x["level"], tuple(x["index"]))]
+        assert load["state"] == "loaded" and x["time"] >= load["delivered"]
+    out = tmp_path / "w.png"
+    assert report.main([str(path), "-o", str(out)]) == 0 and out.stat().st_size > 0

@@ -119,6 +119,14 @@ def _parser() -> argparse.ArgumentParser:
         "(default 2048; visible tiles come first, prefetch gives way)",
     )
     p.add_argument(
+        "--telemetry",
+        metavar="PATH",
+        default=None,
+        help="log every chunk load (requested, fetched, decoded, delivered) and when each "
+        "chunk was first drawn, as JSON lines (rotated at 32 MB); draw one jump of it "
+        "with zarrscope-report PATH",
+    )
+    p.add_argument(
         "--log-level",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         default="WARNING",
@@ -212,6 +220,8 @@ def _make_viewer(
     from .app import Viewer
     from .state import ViewState
 
+    if args.telemetry:
+        options["telemetry"] = args.telemetry
     open_options = {
         "disk_cache": args.disk_cache,
         "disk_cache_bytes": args.disk_cache_mb << 20,

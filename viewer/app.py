@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -43,7 +44,7 @@ import pygfx as gfx
 import zarr
 from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 
-from chunkpool import Changes, ChunkPool, MemoryBudget, MultiscaleInfo
+from chunkpool import Changes, ChunkPool, KpiLog, MemoryBudget, MultiscaleInfo
 from chunkpool.redaction import redact
 from chunkpool.refresh import reread
 
@@ -158,7 +159,9 @@ class Viewer:
     :class:`TextureBudget` to share, by default the process-wide one.
     ``memory_budget`` (bytes, or a :class:`~chunkpool.MemoryBudget` to share) is one
     hard bound on the held and cached chunks of every pool the viewer opens: the
-    visible tiles outrank prefetch, which gives way first. With ``live`` (seconds),
+    visible tiles outrank prefetch, which gives way first. ``telemetry`` (a path, or a
+    :class:`~chunkpool.kpi.KpiLog` to share) logs every load of those pools and when
+    each chunk was first drawn, for ``zarrscope-report``. With ``live`` (seconds),
     the stores the viewer opens are looked at that often (:meth:`ChunkPool.watch`):
     grown images extend their layers (and the z / t ranges), rewritten chunks reload
     (the old tiles stay until the new ones arrive), and a view at the newest time point
@@ -177,9 +180,16 @@ class Viewer:
         texture_budget: int | TextureBudget | None = None,
         memory_budget: int | MemoryBudget | None = None,
         live: float | None = None,
+        telemetry: str | os.PathLike[str] | KpiLog | None = None,
         **image_options: Any,
     ):
         self.opened_at = time.perf_counter()
+        #: The per-chunk KPI log of every pool the viewer opens, with the viewer's own
+        #: ``view`` (the view changed) and ``drawn`` (a chunk first on screen) events
+        #: (None: none; see :mod:`chunkpool.kpi` and ``zarrscope-report``).
+        owned = isinstance(telemetry, str | os.PathLike)
+        self._owned_telemetry = KpiLog(telemetry) if owned else None
+        self.telemetry = self._owned_telemetry if owned else telemetry
         if live is not None and not live > 0:
             raise ValueError(f"live needs a positive interval in seconds, not {live}")
         #: Seconds between looks at the stores for new data (None: not live).
@@ -223,10 +233,10 @@ class Viewer:
         **options: Any,
     ) -> Viewer:
         """A viewer showing exactly ``state`` (its layers opened from their sources;
-        ``show_hud`` overrides its HUD setting; ``texture_budget`` and
-        ``memory_budget`` go to :class:`Viewer`, the other ``options`` to every
-        layer's opening, e.g. ``storage_options``)."""
-        own = ("texture_budget", "memory_budget")
+        ``show_hud`` overrides its HUD setting; ``texture_budget``,
+        ``memory_budget`` and ``telemetry`` go to :class:`Viewer`, the other
+        ``options`` to every layer's opening, e.g. ``storage_options``)."""
+        own = ("texture_budget", "memory_budget", "telemetry")
         viewer = cls(
             None,
             canvas,
@@ -425,9 +435,12 @@ class Viewer:
         return self._attach(layer, pool, owned)
 
     def _with_budget(self, open_options: dict[str, Any]) -> dict[str, Any]:
-        """``open_options`` with the viewer's memory budget (unless they give one)."""
+        """``open_options`` with the viewer's memory budget and telemetry log (unless
+        they give their own)."""
         if self.memory_budget is not None:
             open_options.setdefault("memory_budget", self.memory_budget)
+        if self.telemetry is not None:
+            open_options.setdefault("kpi_log", self.telemetry)
         return open_options
 
     def _open(self, source: Any, open_options: dict[str, Any]) -> tuple[ChunkPool, bool]:
@@ -488,6 +501,7 @@ class Viewer:
                     on_error=lambda problem, pool=pool: self._store_changed(pool, problem),
                 )
         self._links[id(pool)] = _PoolLink.of(pool, self)
+        layer.track_drawn = self.telemetry is not None
         self.layers.append(layer)
         axes = layer.tiles.plane.info.levels[0].axes
         for axis, index in layer.position:
@@ -1091,6 +1105,8 @@ class Viewer:
         shown = (view.x0, view.y0, view.x1, view.y1, view.width, view.height, position)
         if shown != self._shown:  # a new view (the cursor alone does not count)
             self._shown, self._view_changed_at = shown, started
+            if self.telemetry is not None:
+                self.telemetry.event("view", when=started, view=shown[:6], position=position)
         self._publish_state()
         if all(s.settled for s in statuses) and self._view_changed_at is not None:
             self.last_settle_seconds = time.perf_counter() - self._view_changed_at
@@ -1115,7 +1131,20 @@ class Viewer:
         self.renderer.render(self.scene, self._gfx_camera, flush=not overlays)
         for i, overlay in enumerate(overlays):
             self.renderer.render(overlay.scene, overlay.camera, flush=i == len(overlays) - 1)
-        self.frame_times.append(time.perf_counter() - started)
+        done = time.perf_counter()
+        self.frame_times.append(done - started)
+        if self.telemetry is not None:
+            self._log_drawn(done)
+
+    def _log_drawn(self, when: float) -> None:
+        """Tell the telemetry log which chunks this frame drew for the first time."""
+        for layer in self.layers:
+            source = layer.pool.multiscale_info.source
+            for chunk in layer.newly_drawn:
+                self.telemetry.event(  # type: ignore[union-attr]
+                    "drawn", when=when, source=source, level=chunk.level, index=chunk.index
+                )
+            layer.newly_drawn.clear()
 
     def hud_lines(self) -> list[str]:
         """The HUD's text for the current view (as of the last frame or refresh)."""
@@ -1319,6 +1348,8 @@ class Viewer:
         for pool in self._owned_pools:
             pool.destroy()
         self._owned_pools.clear()
+        if self._owned_telemetry is not None:
+            self._owned_telemetry.close()
         if self._owns_canvas or not self.canvas.get_closed():
             self.canvas.close()
 
@@ -1403,6 +1434,7 @@ def discover_labels(info: MultiscaleInfo) -> list[zarr.Group]:
 OPEN_OPTIONS = (
     "cache_bytes",
     "memory_budget",
+    "kpi_log",
     "storage_options",
     "disk_cache",
     "disk_cache_bytes",
@@ -1423,6 +1455,7 @@ def _open(source: Any, options: dict[str, Any], *, only: bool = True) -> tuple[C
         raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
     if isinstance(source, ChunkPool):
         opening.pop("memory_budget", None)  # the pool has its own, if any
+        opening.pop("kpi_log", None)  # and its own log
         if opening:
             raise ValueError(f"{', '.join(opening)}: only for a source opened here, not a pool")
         return source, False

@@ -37,7 +37,7 @@ from .labels import label_texture_data, label_texture_format
 from .materials import LabelMaterial, RGBMaterial, rgb_texture_data
 from .slicing import SlicePosition
 from .textures import Candidate, TextureBudget
-from .tileset import ChannelTile, Tile, TileSet, TileStatus
+from .tileset import ChannelTile, ChunkKey, Tile, TileSet, TileStatus
 from .tiling import View
 
 __all__ = ["BLENDINGS", "ImageLayer", "LabelsLayer", "Layer"]
@@ -124,6 +124,11 @@ class Layer:
         self._hatches: dict[TilePos, gfx.Image] = {}
         self._stacks: list[_Stack] = []
         self._synced = -1
+        #: With ``track_drawn``, the chunks whose data syncs put in the scene since the
+        #: viewer last took them (a new or reloaded tile): after rendering a frame, the
+        #: viewer logs them as drawn (``--telemetry``) and clears the list.
+        self.track_drawn = False
+        self.newly_drawn: list[ChunkKey] = []
         self._placed_position = self.tiles.position
         self._depth_base = 0.0
         self.root.add(self._overlays)
@@ -285,8 +290,12 @@ class Layer:
             ):
                 self._free(stack, pos)  # reloaded: the new data replaces the old
                 image = self._make_image(stack, pos, planes)
+                if self.track_drawn:
+                    self.newly_drawn += [t.chunk for t in members]
             elif image is None and shown:
                 image = self._make_image(stack, pos, planes)
+                if self.track_drawn:
+                    self.newly_drawn += [t.chunk for t in members]
             if image is not None:
                 if image.visible != shown:
                     image.visible = shown
