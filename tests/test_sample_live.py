@@ -96,14 +96,23 @@ def test_a_refreshing_pool_sees_final_or_fill_coarse_levels_first(
 ) -> None:
     """The invariant, checked after each tile with a pool that holds every chunk of every
     level and refreshes: (1) the metadata is valid and unchanged in shape (no reopen),
-    the marker says "writing"; (2) every pixel is final or 0; (3) a chunk of the levels
-    the tiles write (0-1) is all 0 or final; (4) where a level is final, every coarser
-    level is final over it (coarse first); (5) what is final stays final; at the end the
-    pool holds the one-shot sample's data and the files are the one-shot's, byte for
-    byte."""
+    the marker says "writing", the tile's chunks were written coarsest level first;
+    (2) every pixel is final or 0; (3) a chunk of the levels the tiles write (0-1) is
+    all 0 or final; (4) where a level is final, every coarser level is final over it
+    (coarse first), and the coarsest gets each tile as it is done; (5) what is final
+    stays final. At the end the pool holds the one-shot sample's data and the files are
+    the one-shot's, byte for byte."""
     final = levels_of(one_shot)
     assert all((level > 0).all() for level in final)  # 0 only ever means "not yet"
     stepper = Stepper(monkeypatch)
+    written: list[int] = []  # the level of each chunk write, in order
+    real_write = generator._write_chunks
+
+    def recorded(writer: generator._ChunkWriter, *args: object) -> None:
+        written.append(writer.level)
+        real_write(writer, *args)
+
+    monkeypatch.setattr(generator, "_write_chunks", recorded)
     path = tmp_path / "live.ome.zarr"
     job = generator.start_sample(path, size=SIZE, workers=1)
     try:
@@ -118,6 +127,8 @@ def test_a_refreshing_pool_sees_final_or_fill_coarse_levels_first(
         before = [np.zeros(level.shape, bool) for level in final]
         for step in range(1, (SIZE // TILE) ** 2 + 1):
             stepper.next_tile()
+            assert written == [3, 2, 1, 0], f"step {step}: not coarsest first"
+            written.clear()
             assert generator._sample_state(path) == "writing"
             changes = pool.refresh()
             assert not changes.reopened and not changes.grown
@@ -159,19 +170,26 @@ def omero(path: pathlib.Path) -> list[dict]:
     return json.loads((path / "zarr.json").read_text())["attributes"]["ome"]["omero"]["channels"]
 
 
-def test_a_rewrite_within_the_clock_granularity_is_still_seen(tmp_path: pathlib.Path) -> None:
-    """Coarse chunks are rewritten tile after tile, possibly within one tick of the coarse
-    clock Linux stamps files with: each rewrite gets a later mtime all the same, so a
-    reader revalidating by (size, mtime) never keeps an older version."""
+def test_a_rewrite_is_stamped_later_than_the_last_even_if_the_clock_is_not(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Coarse chunks are rewritten tile after tile, and two tiles can finish within one
+    tick of the coarse clock Linux stamps files with (simulated: the last write stamped
+    ahead of the clock). A rewrite still gets a later mtime than the last, so a reader
+    revalidating by (size, mtime) never keeps an older version."""
     generator._create_arrays(tmp_path / "s", 3, 512, {})
     (writer,) = [w for w in generator._chunk_writers(tmp_path / "s") if w.level == 1]
+    chunk = tmp_path / "s" / "1" / "c" / "0" / "0" / "0"
     stamps: dict[pathlib.Path, int] = {}
-    seen = []
-    for value in range(1, 50):
-        image = np.full((2, 256, 256), value, np.uint16)
-        generator._write_chunks(writer, image, 0, 0, stamps)
-        seen.append((tmp_path / "s" / "1" / "c" / "0" / "0" / "0").stat().st_mtime_ns)
-    assert all(a < b for a, b in itertools.pairwise(seen))
+    generator._write_chunks(writer, np.full((2, 256, 256), 1, np.uint16), 0, 0, stamps)
+    assert stamps[chunk] == chunk.stat().st_mtime_ns
+    ahead = stamps[chunk] + 5_000_000_000
+    os.utime(chunk, ns=(ahead, ahead))
+    stamps[chunk] = ahead
+    generator._write_chunks(writer, np.full((2, 256, 256), 2, np.uint16), 0, 0, stamps)
+    assert chunk.stat().st_mtime_ns > ahead
+    assert stamps[chunk] == chunk.stat().st_mtime_ns
+    assert (zarr.open_array(tmp_path / "s" / "1", mode="r")[...] == 2).all()
 
 
 def test_cancelled_generation_is_not_complete_and_the_next_run_completes_it(
