@@ -14,9 +14,9 @@ periodic texture tables, per-cell attributes drawn once), so the image is made t
 tile, in a thread per CPU, without seams, and the same for any number of threads.
 Level ``L >= 1`` is the 2x2 block mean of level ``L - 1``, rounded half up, so tests can
 recompute every level exactly; each level's OME translation puts its pixel centres
-where that averaging puts them. Each tile is rendered once; the coarse levels reach the
-sample's path before the finer ones (see :func:`make_sample`), with a progress bar on a
-terminal.
+where that averaging puts them. Each tile is rendered once, centre first, and written
+at every level as it is done (see :func:`make_sample`), so that a viewer can show the
+sample while it is being made (:func:`start_sample`); with a progress bar on a terminal.
 
 Run ``python -m sample_data.make_sample --help`` for the command line.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -35,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -53,7 +52,14 @@ try:
 except ImportError:  # not POSIX: concurrent writers of one sample are not serialised
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["default_sample_path", "ensure_sample", "main", "make_sample"]
+__all__ = [
+    "SampleJob",
+    "default_sample_path",
+    "ensure_sample",
+    "main",
+    "make_sample",
+    "start_sample",
+]
 
 PIXEL_SIZE_UM = 0.5
 """Level-0 pixel size along y and x, in micrometres."""
@@ -95,9 +101,9 @@ def ensure_sample(path: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """Return the sample's path (default: :func:`default_sample_path`), generating the
     sample there first, with progress on stderr, unless a finished one is there.
 
-    A sample whose generation was killed (it says it is still being written, and no
-    process is writing it) is generated again. Anything else at the path (a sample from
-    a version without the marker, or the user's own data) is returned as it is.
+    A sample whose generation was interrupted (it says it is still being written, and
+    no process is writing it) is generated again. Anything else at the path (a sample
+    from a version without the marker, or the user's own data) is returned as it is.
     """
     target = pathlib.Path(path) if path is not None else default_sample_path()
     if _sample_state(target) in (_COMPLETE, _OTHER):
@@ -125,49 +131,128 @@ def make_sample(
     ``progress``: a stream to report on, a progress bar if it is a terminal, else one
     line at the start and one at the end (default: silent).
 
-    The levels reach ``path`` coarsest first, so that a viewer can open the sample there
-    while its finer levels are still coming: the sample appears at ``path`` with its
-    arrays' metadata and the group attribute ``zarrscope_sample: "writing"``; the tiles'
-    finer levels are written to a sibling ``<name>.staging`` directory; the coarse levels
-    and the OME metadata are then written in place, the staged levels moved in, coarse to
-    fine, and the attribute becomes ``"complete"``. A sample left ``"writing"`` by a
-    killed run (and its staging directory) is replaced without ``overwrite``.
+    The sample can be opened while it is written: it appears at ``path`` at once, with
+    every level's array (no chunks yet: all fill value 0), OME metadata whose contrast
+    windows are estimated from a few samples, and the group attribute
+    ``zarrscope_sample: "writing"``. Level-0 tiles are then rendered centre first, and
+    each one, once done, is written at every level, coarsest first: the chunks of the
+    coarse levels it is part of are rewritten with every tile they cover that is done
+    (the rest of them still 0), then the tile's own chunks, each once. So a reader sees,
+    in every chunk, each pixel either final or 0; a region at a finer level only where
+    the coarser levels above it are final; and only chunks of the coarse levels change
+    after it has seen them. Last, the final OME metadata (the windows from the coarsest
+    level) is written, and the attribute becomes ``"complete"``. An interrupted run
+    (an error, KeyboardInterrupt) removes what it wrote; a sample left ``"writing"`` by
+    a killed one is replaced without ``overwrite``.
     Raises :class:`FileExistsError` if something else is at ``path`` and ``overwrite``
     is false.
     """
-    if zarr_format not in (2, 3):
-        raise ValueError(f"zarr_format must be 2 or 3, not {zarr_format!r}")
-    if not CHUNK <= size <= _MAX_SIZE or size & (size - 1):
-        raise ValueError(f"size must be a power of two from {CHUNK} to {_MAX_SIZE}, not {size!r}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, not {workers!r}")
-    target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target):
-        # Under the lock a "writing" sample is nobody's: its writer held the lock.
-        if _sample_state(target) in (_COMPLETE, _OTHER) and not overwrite:
-            raise FileExistsError(f"{target} already exists")
-        report = _Progress(progress, target)
-        tmp = target.with_name(target.name + ".tmp")
-        staging = target.with_name(target.name + ".staging")
-        _remove(tmp)  # left by a run interrupted while making it
-        _remove(staging)  # left by a killed run
-        placed = False
+    _check_arguments(zarr_format, size, workers)
+    _Generation(pathlib.Path(path), zarr_format, size, workers, progress, overwrite).run()
+    return pathlib.Path(path)
+
+
+def start_sample(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    size: int = 16384,
+    workers: int | None = None,
+    progress: TextIO | None = None,
+) -> SampleJob:
+    """Start making the sample (Zarr v3) at ``path`` (default: :func:`default_sample_path`)
+    in a background thread, as :func:`ensure_sample` would in the foreground, and return
+    its :class:`SampleJob` at once: wait for :meth:`SampleJob.wait_ready` before opening
+    the sample, follow it while it is written (it fills in as :func:`make_sample` says),
+    and :meth:`SampleJob.cancel` it if it is no longer wanted. A finished sample (or
+    anything else unmarked) at ``path`` is left alone: the job is then done at once.
+    """
+    _check_arguments(3, size, workers)
+    target = pathlib.Path(path) if path is not None else default_sample_path()
+    generation = _Generation(target, 3, size, workers, progress, overwrite=False)
+    job = SampleJob(generation)
+    if _sample_state(target) in (_COMPLETE, _OTHER):
+        job._finished.set()
+        generation.ready.set()
+    else:
+        job._thread.start()
+    return job
+
+
+class SampleJob:
+    """The sample being made in a background thread (:func:`start_sample`).
+
+    Its methods may be called from any thread. ``path``: where the sample is made.
+    """
+
+    def __init__(self, generation: _Generation) -> None:
+        self._generation = generation
+        self.path = generation.target
+        #: Why it failed (None while it runs, when it succeeded or was cancelled).
+        self.error: BaseException | None = None
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zarrscope-sample", daemon=True)
+
+    def _run(self) -> None:
         try:
-            _create_arrays(tmp, zarr_format, size)
-            _remove(target)  # the remains of a killed run, or what overwrite replaces
-            tmp.rename(target)  # the sample appears whole, marked as being written
-            placed = True
-            _write_sample(target, staging, zarr_format, size, workers, report)
-        except BaseException:
-            _remove(tmp)
-            _remove(staging)
-            if placed:
-                _remove(target)
-            raise
+            self._generation.run()
+        except (FileExistsError, _Cancelled):  # made by another process meanwhile; cancelled
+            pass
+        except BaseException as exc:  # reported to whoever waits for the job
+            self.error = exc
         finally:
-            report.close()
-    return target
+            self._finished.set()
+            self._generation.ready.set()
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """``(tiles done, tiles in all)``; ``(0, 0)`` before the tiles are counted."""
+        return self._generation.tiles_done, self._generation.tiles_total
+
+    @property
+    def generating(self) -> bool:
+        """Whether this job writes the sample (false if it was there already)."""
+        return self._thread.ident is not None
+
+    @property
+    def first_windows(self) -> list[tuple[float, float]]:
+        """Each channel's contrast window (start, end) in the OME metadata of the sample
+        while it is written (the final ones come from its coarsest level: :meth:`windows`)."""
+        return list(_FIRST_WINDOWS[0])
+
+    def windows(self) -> list[tuple[float, float]] | None:
+        """Each channel's contrast window (start, end) from the coarsest level's pixels
+        written so far: once the sample is complete, those of its OME metadata. None
+        before the first tile is done."""
+        pyramid = self._generation.pyramid
+        return None if pyramid is None else pyramid.windows()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s until the sample can be opened (it is at its path,
+        being written or complete) or the job ended; whether that happened. Raises the
+        job's error if it failed."""
+        ready = self._generation.ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return ready
+
+    def done(self) -> bool:
+        """Whether the job has ended (the sample complete, or the job failed or was
+        cancelled)."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s for the job to end; whether it has."""
+        return self._finished.wait(timeout)
+
+    def cancel(self, timeout: float = 10.0) -> bool:
+        """Stop making the sample: the running tiles stop after their current block and
+        what was written is removed (the next run starts again). Waits at most
+        ``timeout`` s for the thread and its workers to end; whether they have."""
+        self._generation.cancel.set()
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_arguments(zarr_format: int, size: int, workers: int | None) -> None:
+    """Raise ValueError for arguments :func:`make_sample` does not take."""
+    if zarr_format not in (2, 3):
+        raise ValueError(f"zarr_format must be 2 or 3, not {zarr_format!r}")
+    if not CHUNK <= size <= _MAX_SIZE or size & (size - 1):
+        raise ValueError(f"size must be a power of two from {CHUNK} to {_MAX_SIZE}, not {size!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers!r}")
+
+
 # ------------------------------------------------------------------- writing the store
 
 _STATE_KEY = "zarrscope_sample"
@@ -229,6 +324,10 @@ _MISSING, _OTHER = "missing", "other"  # nothing at the path; not a sample we ma
 # zstd level 1, named in the arrays' metadata: 0.48 ms a chunk against 1.17 ms at the
 # default level 3, for chunks 5% larger (measured on this sample's level 0).
 _ZSTD_LEVEL = 1
+# The OME metadata of a sample still being written: windows from the camera offset to
+# the overlay's level (the range the image is drawn in), the dtype's range as extremes.
+_FIRST_WINDOWS = ([(_OFFSET, _OVERLAY_LEVEL)] * len(CHANNELS),)
+_FIRST_EXTREMES = ([0] * len(CHANNELS), [65535] * len(CHANNELS))
 
 
 def _sample_state(path: pathlib.Path) -> str:
@@ -252,10 +351,12 @@ def _remove(path: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(target: pathlib.Path) -> Iterator[None]:
+def _exclusive_lock(target: pathlib.Path, cancel: threading.Event) -> Iterator[None]:
     """Hold an exclusive lock on ``target``'s parent directory, so that two processes
     (e.g. two viewers started at once) never write the same sample together, and a
     sample marked as being written while the lock is free is known to be abandoned.
+    Waits for another holder (a sample being made: a bounded job), until ``cancel`` is
+    set (then raises :class:`_Cancelled`).
 
     Locking the directory itself leaves no lock file behind; the kernel releases the
     lock of a process that dies.
@@ -265,7 +366,13 @@ def _exclusive_lock(target: pathlib.Path) -> Iterator[None]:
         return
     fd = os.open(target.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if cancel.wait(0.1):
+                    raise _Cancelled from None
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -338,13 +445,11 @@ def _level_count(size: int) -> int:
     return (size // CHUNK).bit_length()
 
 
-def _create_arrays(root: pathlib.Path, zarr_format: int, size: int) -> None:
-    """A new group at ``root``, marked as being written, with every level's array
-    (metadata only, no chunks yet)."""
+def _create_arrays(root: pathlib.Path, zarr_format: int, size: int, attributes: dict) -> None:
+    """A new group at ``root`` with ``attributes`` and every level's array (metadata
+    only, no chunks yet)."""
     levels = _level_count(size)
-    group = zarr.open_group(
-        root, mode="w-", zarr_format=zarr_format, attributes={_STATE_KEY: _WRITING}
-    )
+    group = zarr.open_group(root, mode="w-", zarr_format=zarr_format, attributes=attributes)
     if zarr_format == 3:
         extra: dict[str, object] = {
             "dimension_names": ("c", "y", "x"),
@@ -375,8 +480,7 @@ class _ChunkWriter:
     not get faster with more writer threads (measured: 3.7 s for 2048 chunks with one
     thread, 3.5 s with two); this one runs in the tile threads, and zstd and file
     writes release the GIL. Each file appears whole (written aside, then renamed), so
-    a viewer reading the sample meanwhile never sees half a chunk. ``directory`` is the
-    level's array at the sample's path, or its staging directory.
+    a viewer reading the sample meanwhile never sees half a chunk.
     """
 
     level: int
@@ -395,8 +499,19 @@ def _chunk_writers(root: pathlib.Path) -> list[_ChunkWriter]:
     ]
 
 
-def _write_chunks(writer: _ChunkWriter, image: np.ndarray, y0: int, x0: int) -> None:
-    """Write ``image`` (channels, y, x; whole chunks) at pixel ``y0, x0`` of the level."""
+def _write_chunks(
+    writer: _ChunkWriter,
+    image: np.ndarray,
+    y0: int,
+    x0: int,
+    stamps: dict[pathlib.Path, int] | None = None,
+) -> None:
+    """Write ``image`` (channels, y, x; whole chunks) at pixel ``y0, x0`` of the level.
+
+    ``stamps`` (for chunks written more than once): each file's last ``mtime_ns``, kept
+    increasing, so that a reader that revalidates by size and mtime sees every rewrite
+    even within the filesystem's timestamp granularity.
+    """
     made: set[pathlib.Path] = set()
     for channel, plane in enumerate(image):
         for y in range(0, plane.shape[0], CHUNK):
@@ -409,80 +524,202 @@ def _write_chunks(writer: _ChunkWriter, image: np.ndarray, y0: int, x0: int) -> 
                 chunk = np.ascontiguousarray(plane[y : y + CHUNK, x : x + CHUNK], "<u2")
                 aside = path.with_name(path.name + ".partial")
                 aside.write_bytes(writer.codec.encode(chunk))
+                if stamps is not None:
+                    mtime = aside.stat().st_mtime_ns
+                    if path in stamps and mtime <= stamps[path]:
+                        mtime = stamps[path] + 1
+                        os.utime(aside, ns=(mtime, mtime))
+                    stamps[path] = mtime
                 os.replace(aside, path)
 
 
-def _write_sample(
-    root: pathlib.Path,
-    staging: pathlib.Path,
-    zarr_format: int,
-    size: int,
-    workers: int | None,
-    report: _Progress,
-) -> None:
-    """Fill the arrays at ``root``, coarsest level first, then mark the sample complete.
+class _Cancelled(Exception):
+    """The generation was cancelled (:meth:`SampleJob.cancel`)."""
 
-    The coarse levels are means of all of level 0, so they can only be made once every
-    tile is rendered. Each tile is rendered once: its job writes the finer levels to
-    ``staging`` (a sibling of ``root``, so on the same filesystem) and returns its
-    coarsest job level and level 0's extremes, from which the coarser levels are made
-    and written at ``root`` with the OME metadata; then each staged level is moved in,
-    coarse to fine, with one rename per top directory of its chunks (a v3 level appears
-    at once; a v2 one a channel at a time). Measured on the default sample (2 cores,
-    load 2-3): 24-32 s of CPU time and 20-28 s in all, the coarse levels in at the end,
-    where rendering each tile twice (once for the coarse levels, once for the fine ones)
-    took 38-41 s of CPU time and 29-40 s in all, the coarse levels in after 16 s.
-    """
-    levels = _level_count(size)
-    writers = _chunk_writers(root)
-    # Tile jobs make the levels at which their tile is still a whole number of chunks
-    # and stage all but their coarsest, from which the coarser levels are made.
-    tile = min(_TILE, size)
-    job_levels = _level_count(tile)
-    staged = [
-        dataclasses.replace(writer, directory=staging / str(writer.level))
-        for writer in writers[: job_levels - 1]
-    ]
-    jobs = [(y, x) for y in range(0, size, tile) for x in range(0, size, tile)]
-    scene = _build_scene(size)
-    report.begin(len(jobs))
-    # Threads suffice (numpy, zstd and file writes release the GIL for the heavy work)
-    # and, unlike worker processes, work from any caller: no importable __main__, no fork.
-    pool = ThreadPoolExecutor(workers or min(len(jobs), _cpu_count()))
-    try:
+
+class _Generation:
+    """One making of the sample (:func:`make_sample`, :func:`start_sample`): its
+    parameters, its progress and the events that tell its state to other threads."""
+
+    def __init__(
+        self,
+        target: pathlib.Path,
+        zarr_format: int,
+        size: int,
+        workers: int | None,
+        progress: TextIO | None,
+        overwrite: bool,
+    ) -> None:
+        self.target = target
+        self.zarr_format = zarr_format
+        self.size = size
+        self.workers = workers
+        self.progress = progress
+        self.overwrite = overwrite
+        self.cancel = threading.Event()  # stop: raise _Cancelled at the next check
+        self.ready = threading.Event()  # the sample is at its path (or this ended)
+        self.tiles_done = 0
+        self.tiles_total = 0
+        self.pyramid: _Pyramid | None = None  # once the sample is at its path
+
+    def run(self) -> None:
+        """Make the sample (see :func:`make_sample`) in the calling thread."""
+        target = self.target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(target, self.cancel):
+            # Under the lock a "writing" sample is nobody's: its writer held the lock.
+            if _sample_state(target) in (_COMPLETE, _OTHER) and not self.overwrite:
+                raise FileExistsError(f"{target} already exists")
+            report = _Progress(self.progress, target)
+            tmp = target.with_name(target.name + ".tmp")
+            _remove(tmp)  # left by a run interrupted while making it
+            _remove(target.with_name(target.name + ".staging"))  # an older version's
+            placed = False
+            try:
+                scene = _build_scene(self.size)
+                self._check()
+                levels = _level_count(self.size)
+                first = _ome_attributes(
+                    self.zarr_format, self.size, levels, *_FIRST_WINDOWS, *_FIRST_EXTREMES
+                )
+                attributes = {_STATE_KEY: _WRITING, **first}
+                _create_arrays(tmp, self.zarr_format, self.size, attributes)
+                _remove(target)  # the remains of a killed run, or what overwrite replaces
+                tmp.rename(target)  # the sample appears whole, marked as being written
+                placed = True
+                self.ready.set()
+                self._write(scene, report)
+            except BaseException:
+                self.cancel.set()  # a worker still running stops at its next block
+                _remove(tmp)
+                if placed:
+                    _remove(target)
+                raise
+            finally:
+                report.close()
+
+    def _check(self) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled
+
+    def _write(self, scene: _Scene, report: _Progress) -> None:
+        """Render the tiles and write them at every level, then the final OME metadata
+        and the marker (see :func:`make_sample`).
+
+        Tile jobs make the levels at which their tile is still a whole number of chunks
+        (its own chunks, written once) and give their coarsest to a :class:`_Pyramid`,
+        which keeps the coarser levels in memory and rewrites the chunks there that the
+        tile is part of. Measured on the default sample (2 cores, load 2-3): see the
+        README's first-run figures.
+        """
+        size, root = self.size, self.target
+        levels = _level_count(size)
+        writers = _chunk_writers(root)
+        tile = min(_TILE, size)
+        job_levels = _level_count(tile)
+        pyramid = self.pyramid = _Pyramid(writers[job_levels:], size, levels)
+        origins = _tile_order(size, tile)
+        self.tiles_total = len(origins)
+        report.begin(len(origins))
         report.stage((levels - 1, 0))
-        results = []
-        for result in pool.map(functools.partial(_make_tile, scene, staged), jobs):
-            results.append(result)
-            report.advance()
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error: stop after the running tiles
-    shift = job_levels - 1
-    coarse = np.empty((len(CHANNELS), size >> shift, size >> shift), np.uint16)
-    for (y, x), (block, _, _) in zip(jobs, results, strict=True):
-        side = block.shape[-1]
-        coarse[:, y >> shift : (y >> shift) + side, x >> shift : (x >> shift) + side] = block
-    pyramid = [coarse]
-    for _ in range(job_levels, levels):
-        pyramid.append(_halve(pyramid[-1]))
-    for level in reversed(range(shift, levels)):
-        _write_chunks(writers[level], pyramid[level - shift], 0, 0)
-    lows = np.min([low for _, low, _ in results], axis=0).tolist()
-    highs = np.max([high for _, _, high in results], axis=0).tolist()
-    group = zarr.open_group(root, mode="r+")
-    group.attrs.update(_ome_attributes(zarr_format, size, levels, pyramid[-1], lows, highs))
-    for writer in reversed(staged):
-        _place_level(writer.directory, root / str(writer.level))
-    _remove(staging)
-    group.attrs[_STATE_KEY] = _COMPLETE
-    report.finish()
+        make = functools.partial(_make_tile, scene, writers[:job_levels], pyramid, self.cancel)
+        # Threads suffice (numpy, zstd and file writes release the GIL for the heavy work)
+        # and, unlike worker processes, work from any caller: no importable __main__, no fork.
+        pool = ThreadPoolExecutor(self.workers or min(len(origins), _cpu_count()))
+        lows, highs = [], []
+        try:
+            for future in as_completed([pool.submit(make, origin) for origin in origins]):
+                low, high = future.result()
+                lows.append(low)
+                highs.append(high)
+                self.tiles_done += 1
+                report.advance()
+        except BaseException:
+            self.cancel.set()  # the running tiles stop after their current block
+            raise
+        finally:
+            pool.shutdown(cancel_futures=True)
+        windows = pyramid.windows()
+        assert windows is not None, "no tile"
+        low = np.min(lows, axis=0).tolist()
+        high = np.max(highs, axis=0).tolist()
+        final = _ome_attributes(self.zarr_format, size, levels, windows, low, high)
+        # one atomic write of the group's metadata (zarr writes aside, then renames)
+        zarr.open_group(root, mode="r+").attrs.update({**final, _STATE_KEY: _COMPLETE})
+        report.finish()
 
 
-def _place_level(staged: pathlib.Path, level: pathlib.Path) -> None:
-    """Move a staged level's chunks into its array at the sample's path: a rename per
-    entry (the chunk-key tree's top directories), none of which the array has yet."""
-    for entry in sorted(staged.iterdir()):
-        os.replace(entry, level / entry.name)
+class _Pyramid:
+    """The levels coarser than the tile jobs' (``writers``: from level ``first`` on),
+    in memory, written as tiles come in: each tile's part of them is the 2x2 block mean
+    of its coarsest job level, and each chunk it falls in is rewritten at once, coarsest
+    level first, with every tile done so far (0, the fill value, elsewhere). Keeps the
+    coarsest level (level ``levels - 1``) and which of its pixels are done, whichever
+    writes it, for the contrast windows.
+
+    A chunk is rewritten once per tile it covers, at most: per tile, one chunk per level
+    and channel (well under 1% of the tile's work), and a reader that refreshes every
+    so often sees at most one change per chunk per refresh.
+    """
+
+    def __init__(self, writers: list[_ChunkWriter], size: int, levels: int) -> None:
+        self._writers = writers
+        self._levels = {
+            level: np.zeros((len(CHANNELS), size >> level, size >> level), np.uint16)
+            for level in {*(w.level for w in writers), levels - 1}
+        }
+        self._coarsest = levels - 1
+        self._done = np.zeros((size >> self._coarsest,) * 2, bool)
+        self._lock = threading.Lock()
+        self._stamps: dict[pathlib.Path, int] = {}
+
+    def add(self, origin: tuple[int, int], level: int, block: np.ndarray) -> None:
+        """Take the tile at level-0 ``origin`` at its coarsest job ``level`` and write
+        what it changes."""
+        y0, x0 = origin
+        parts = [(level, block)]
+        for writer in self._writers:
+            block = _halve(block)
+            parts.append((writer.level, block))
+        with self._lock:
+            for at, part in parts:
+                if at in self._levels:
+                    y, x, side = y0 >> at, x0 >> at, part.shape[-1]
+                    self._levels[at][:, y : y + side, x : x + side] = part
+                    if at == self._coarsest:
+                        self._done[y : y + side, x : x + side] = True
+            for writer in reversed(self._writers):
+                y = (y0 >> writer.level) // CHUNK * CHUNK
+                x = (x0 >> writer.level) // CHUNK * CHUNK
+                chunk = self._levels[writer.level][:, y : y + CHUNK, x : x + CHUNK]
+                _write_chunks(writer, chunk, y, x, self._stamps)
+
+    def windows(self) -> list[tuple[float, float]] | None:
+        """The contrast windows (:func:`_windows`) of the coarsest level's pixels done so
+        far: the final ones once every tile is added; None before any is."""
+        with self._lock:
+            if not self._done.any():
+                return None
+            return _windows(self._levels[self._coarsest][:, self._done])
+
+
+def _tile_order(size: int, tile: int) -> list[tuple[int, int]]:
+    """Level-0 origins of the tiles, nearest the image's centre first (where the tissue
+    is, and where a view of the whole image is looked at first)."""
+    centre = (size - tile) / 2
+    origins = [(y, x) for y in range(0, size, tile) for x in range(0, size, tile)]
+    return sorted(origins, key=lambda o: ((o[0] - centre) ** 2 + (o[1] - centre) ** 2, o))
+
+
+def _windows(pixels: np.ndarray) -> list[tuple[float, float]]:
+    """Each channel's contrast window: the 0.5-99.5 percentiles of ``pixels`` (channels
+    first), rounded, made at least 1 wide."""
+    windows = []
+    for channel in pixels:
+        start, end = np.percentile(channel, [0.5, 99.5])
+        start, end = float(round(start)), float(round(end))
+        windows.append((start, max(end, start + 1)))
+    return windows
 
 
 def _cpu_count() -> int:
@@ -504,14 +741,15 @@ def _ome_attributes(
     zarr_format: int,
     size: int,
     levels: int,
-    coarsest: np.ndarray,
+    windows: list[tuple[float, float]],
     lows: list[int],
     highs: list[int],
 ) -> dict[str, object]:
     """OME-Zarr group attributes: 0.5 under ``ome`` for Zarr v3, 0.4 at top level for v2.
 
-    Contrast windows span the 0.5-99.5 percentiles of the coarsest level; min/max are
-    level 0's true extremes.
+    ``windows``: each channel's contrast window (start, end), in the complete sample
+    the 0.5-99.5 percentiles of the coarsest level (:func:`_windows`); ``lows`` and
+    ``highs`` (min/max) are level 0's extremes.
     """
     datasets = []
     for level in range(levels):
@@ -545,7 +783,7 @@ def _ome_attributes(
     }
     channels = []
     for index, (label, color) in enumerate(CHANNELS):
-        start, end = np.percentile(coarsest[index], [0.5, 99.5])
+        start, end = windows[index]
         channels.append(
             {
                 "label": label,
@@ -555,8 +793,8 @@ def _ome_attributes(
                 "family": "linear",
                 "inverted": False,
                 "window": {
-                    "start": float(round(start)),
-                    "end": float(round(end)),
+                    "start": start,
+                    "end": end,
                     "min": float(lows[index]),
                     "max": float(highs[index]),
                 },
@@ -575,32 +813,44 @@ def _ome_attributes(
 # ------------------------------------------------------------------------- tile jobs
 
 
-def _render_tile(scene: _Scene, origin: tuple[int, int]) -> np.ndarray:
-    """The level-0 tile at ``origin`` (y, x), both channels, rendered block by block."""
+def _render_tile(
+    scene: _Scene, origin: tuple[int, int], cancel: threading.Event | None = None
+) -> np.ndarray:
+    """The level-0 tile at ``origin`` (y, x), both channels, rendered block by block;
+    raises :class:`_Cancelled` between two blocks once ``cancel`` is set."""
     y0, x0 = origin
     side = min(_TILE, scene.size)
     block = min(_BLOCK, side)
     tile = np.empty((len(CHANNELS), side, side), np.uint16)
     for y in range(0, side, block):
         for x in range(0, side, block):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
             tile[:, y : y + block, x : x + block] = _render_block(scene, y0 + y, x0 + x, block)
     return tile
 
 
 def _make_tile(
-    scene: _Scene, staged: list[_ChunkWriter], origin: tuple[int, int]
-) -> tuple[np.ndarray, list[int], list[int]]:
-    """Render the tile at ``origin``, write it and its halvings to ``staged`` (levels
-    0, 1, ...), and return its next halving (the tile's coarsest level) plus each
-    channel's level-0 min and max."""
+    scene: _Scene,
+    writers: list[_ChunkWriter],
+    pyramid: _Pyramid,
+    cancel: threading.Event,
+    origin: tuple[int, int],
+) -> tuple[list[int], list[int]]:
+    """Render the tile at ``origin``; give its coarsest level (``writers``: levels 0,
+    1, ...) to ``pyramid``, which writes the coarser levels, then write its own levels,
+    coarsest first; return each channel's level-0 min and max."""
     y0, x0 = origin
-    image = _render_tile(scene, origin)
+    image = _render_tile(scene, origin, cancel)
     low = image.min(axis=(1, 2)).tolist()
     high = image.max(axis=(1, 2)).tolist()
-    for writer in staged:
-        _write_chunks(writer, image, y0 >> writer.level, x0 >> writer.level)
-        image = _halve(image)
-    return image, low, high
+    images = [image]
+    for _ in writers[1:]:
+        images.append(_halve(images[-1]))
+    pyramid.add(origin, writers[-1].level, images[-1])
+    for writer, part in zip(reversed(writers), reversed(images), strict=True):
+        _write_chunks(writer, part, y0 >> writer.level, x0 >> writer.level)
+    return low, high
 
 
 # ------------------------------------------------------------------------------ scene

@@ -251,11 +251,11 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path: pathlib.Path) ->
 def test_interrupted_run_leaves_no_sample(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 ) -> None:
-    def failing_write(root: pathlib.Path, *args: object) -> None:
-        (root / "0" / "c").mkdir()  # the arrays are in place, writing has begun
+    def failing_write(generation: object, *args: object) -> None:
+        (tmp_path / "s.ome.zarr" / "0" / "c").mkdir()  # the arrays are in place, writing began
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generator, "_write_sample", failing_write)
+    monkeypatch.setattr(generator._Generation, "_write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         make_sample(tmp_path / "s.ome.zarr", size=256)
     assert list(tmp_path.iterdir()) == []
@@ -291,15 +291,15 @@ def test_command_line(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "default" / "sample.ome.zarr" / "zarr.json").is_file()
 
 
-# ------------------------------------------------ progress, parallel, coarsest first
+# ------------------------------------------------ progress, parallel, opened at once
 
-SMALL_SIZE = 2048  # with 1024 px tile jobs: 4 jobs, levels 3-2 made from them, 1-0 by them
+SMALL_SIZE = 2048  # with 1024 px tile jobs: 4 jobs, levels 2-0 made by them, 3 from them
 
 
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tile jobs of 1024 px, so that a 2048 px sample has several jobs, levels they stage
-    and levels made from their results."""
+    """Tile jobs of 1024 px, so that a 2048 px sample has several jobs, levels they write
+    and a level made from their results."""
     monkeypatch.setattr(generator, "_TILE", 1024)
 
 
@@ -352,29 +352,24 @@ def test_parallel_output_is_byte_identical_to_sequential(
     assert parallel == sequential
 
 
-def test_coarse_levels_come_first_and_open_while_finer_ones_are_placed(
+def test_the_sample_opens_at_once_and_each_tile_is_rendered_once(
     small_tiles: None, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 ) -> None:
-    """Each tile is rendered once. Hold the placing of the first staged level: the
-    sample is at its path and opens, with its exact coarse levels and OME metadata, and
-    none of its finer chunks, while it still says it is being written."""
+    """Hold the first tile's rendering: the sample is already at its path and opens, with
+    every level and OME metadata (its first windows), no chunk yet, and says it is being
+    written. Then each tile is rendered once. (What a reader sees meanwhile, tile after
+    tile: tests/test_sample_live.py.)"""
     reached, release = threading.Event(), threading.Event()
     rendered: list[tuple[int, int]] = []
-    placed: list[str] = []
-    real_render, real_place = generator._render_tile, generator._place_level
+    real_render = generator._render_tile
 
-    def counted_render(scene: object, origin: tuple[int, int]) -> np.ndarray:
+    def held_render(scene: object, origin: tuple[int, int], cancel: object) -> np.ndarray:
         rendered.append(origin)
-        return real_render(scene, origin)
-
-    def held_place(staged: pathlib.Path, level: pathlib.Path) -> None:
         reached.set()
         assert release.wait(60)
-        placed.append(level.name)
-        real_place(staged, level)
+        return real_render(scene, origin, cancel)
 
-    monkeypatch.setattr(generator, "_render_tile", counted_render)
-    monkeypatch.setattr(generator, "_place_level", held_place)
+    monkeypatch.setattr(generator, "_render_tile", held_render)
     path = tmp_path / "s.ome.zarr"
     errors: list[BaseException] = []
 
@@ -392,40 +387,37 @@ def test_coarse_levels_come_first_and_open_while_finer_ones_are_placed(
         assert not path.with_name(path.name + ".tmp").exists()  # in place, not aside
         (info,) = read_multiscales(zarr.open_group(path, mode="r"), "sample")
         assert len(info.levels) == 4
-        group = zarr.open_group(path, mode="r")
-        early = [group[str(level)][...] for level in (2, 3)]
-        assert chunk_files(path, 0) == [] and chunk_files(path, 1) == []
-        assert len(chunk_files(path, 2)) == 2 * 2 * 2 and len(chunk_files(path, 3)) == 2
+        assert [c.window for c in info.channels] == [(100.0, 4500.0)] * 2
+        assert all(chunk_files(path, level) == [] for level in range(4))
     finally:
         release.set()
         maker.join(60)
     assert not maker.is_alive() and errors == []
     assert generator._sample_state(path) == "complete"
     assert sorted(rendered) == [(0, 0), (0, 1024), (1024, 0), (1024, 1024)]  # once each
-    assert placed == ["1", "0"]  # the staged levels move in coarse to fine
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.zarr"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.zarr"]
     levels = levels_of(path)
-    for level, seen in zip((2, 3), early, strict=True):
-        np.testing.assert_array_equal(levels[level], seen)  # were final when first seen
-    np.testing.assert_array_equal(levels[2], halve(halve(levels[0])))
+    for finer, coarser in itertools.pairwise(levels):
+        np.testing.assert_array_equal(coarser, halve(finer))
 
 
 def test_killed_generation_is_regenerated_not_shown_half_empty(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "sample.ome.zarr"
-    # A generation killed outright (as SIGKILL or a power cut would) once level 1 is
-    # in place and level 0 is still staged: nothing of it gets to clean up.
+    # A generation killed outright (as SIGKILL or a power cut would) after its second
+    # tile: nothing of it gets to clean up.
     script = (
         "import importlib, os, sys\n"
         "g = importlib.import_module('sample_data.make_sample')\n"
         "g._TILE = 1024\n"
-        "real = g._place_level\n"
-        "def dying(staged, level):\n"
-        "    if level.name == '0':\n"
+        "real, made = g._make_tile, []\n"
+        "def dying(*args):\n"
+        "    made.append(real(*args))\n"
+        "    if len(made) == 2:\n"
         "        os._exit(3)\n"
-        "    real(staged, level)\n"
-        "g._place_level = dying\n"
+        "    return made[-1]\n"
+        "g._make_tile = dying\n"
         f"g.make_sample(sys.argv[1], size={SMALL_SIZE}, workers=1)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
@@ -433,8 +425,7 @@ def test_killed_generation_is_regenerated_not_shown_half_empty(
         [sys.executable, "-c", script, str(path)], env=env, timeout=120, check=False
     )
     assert killed.returncode == 3
-    assert len(chunk_files(path, 1)) == 2 * 4 * 4  # at its final path, but level 0 ...
-    assert chunk_files(path, 0) == []  # ... is only in the staging directory
+    assert len(chunk_files(path, 0)) == 2 * 2 * 4 * 4  # two tiles of level 0 at its path
     assert generator._sample_state(path) == "writing"
 
     # The viewer's next start does not take it for a sample: it makes it again ...

@@ -411,26 +411,38 @@ class _Watchdog:
 
 
 def _interactive(args: argparse.Namespace) -> int:
-    """Open a window: Qt (with sliders for z, t, ...) if a binding is installed, else glfw."""
+    """Open a window: Qt (with sliders for z, t, ...) if a binding is installed, else glfw.
+
+    Without SOURCE, a missing sample is made while the window shows it (see
+    :func:`_start_sample`); the making stops when the window closes."""
     if sys.platform.startswith("linux") and not (
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     ):
         raise OSError("no display to open a window on (use --screenshot, or run under X)")
-    if not args.state:
-        args.source = _sources(args)  # the sample is made before a window opens
+    job = None
+    if not args.state and not args.source:
+        job = _start_sample(args)
+    try:
+        return _window(args, job)
+    finally:
+        if job is not None:
+            job.cancel(SAMPLE_STOP_SECONDS)
+
+
+def _window(args: argparse.Namespace, job: Any) -> int:
     size = tuple(args.size) if args.size else (1280, 800)
     title = f"zarrscope — {_named(args)}"
     try:
         from .qtwindow import ViewerWindow, loop
     except ImportError:
-        return _glfw_window(size, title, args)
+        return _glfw_window(size, title, args, job)
     window = ViewerWindow(lambda canvas: _make_viewer(args, canvas, size), size, title)
     window.show()
-    _run(loop, window.viewer, window.close, args.print_ready)
+    _run(loop, window.viewer, window.close, args.print_ready, job)
     return 0
 
 
-def _glfw_window(size: tuple[int, int], title: str, args: argparse.Namespace) -> int:
+def _glfw_window(size: tuple[int, int], title: str, args: argparse.Namespace, job: Any) -> int:
     from rendercanvas.glfw import RenderCanvas, loop
 
     canvas = RenderCanvas(size=size, title=title, update_mode="ondemand")
@@ -439,16 +451,102 @@ def _glfw_window(size: tuple[int, int], title: str, args: argparse.Namespace) ->
     except BaseException:
         canvas.close()
         raise
-    _run(loop, viewer, viewer.close, args.print_ready)
+    _run(loop, viewer, viewer.close, args.print_ready, job)
     return 0
 
 
-def _run(loop: Any, viewer: Any, close_window: Callable[[], None], print_ready: bool) -> None:
-    """Run the GUI loop until the window is closed; SIGINT and SIGTERM close it."""
+#: Seconds between the viewer's looks at the sample while it is being made.
+SAMPLE_LIVE_SECONDS = 0.5
+#: Seconds the command waits for the sample to be openable (another process may be
+#: making it: then until that one is done).
+SAMPLE_READY_SECONDS = 600.0
+#: Seconds the command waits, when it ends, for the making of the sample to stop.
+SAMPLE_STOP_SECONDS = 10.0
+
+
+def _start_sample(args: argparse.Namespace) -> Any:
+    """The built-in sample as the source; if it is missing, start making it in the
+    background (:func:`sample_data.make_sample.start_sample`, progress on stderr) and
+    follow it: ``--live`` (default ``SAMPLE_LIVE_SECONDS``), so the window fills in
+    as the tiles are written. The :class:`~sample_data.make_sample.SampleJob`, or None
+    if the sample was there."""
+    from sample_data.make_sample import start_sample
+
+    job = start_sample(progress=sys.stderr)
+    try:
+        if job.generating:
+            from . import app  # noqa: F401  (the viewer loads while the sample starts)
+
+            if not job.wait_ready(SAMPLE_READY_SECONDS):
+                raise OSError(f"the sample at {job.path} was not ready in time")
+            if args.live is None:
+                args.live = SAMPLE_LIVE_SECONDS
+    except BaseException:
+        job.cancel(SAMPLE_STOP_SECONDS)
+        raise
+    args.source = [str(job.path)]
+    return job if job.generating else None
+
+
+class SampleFollower:
+    """While the sample is being made in the background: the HUD says so, with the
+    tiles done, and the first layer's contrast windows follow those of the coarsest
+    level written so far (ending on the sample's own), except for channels whose window
+    was set otherwise (``--clim``, keys). :meth:`tick` on the GUI thread; with a
+    ``loop``, it runs again every ``SAMPLE_LIVE_SECONDS`` until the job ends."""
+
+    def __init__(self, viewer: Any, job: Any, loop: Any = None):
+        self._viewer = viewer
+        self._job = job
+        self._loop = loop
+        first = job.first_windows
+        self._mine = {
+            d.index: d.clim for d in viewer.layers[0].displays if d.clim == first[d.index]
+        }
+
+    def tick(self) -> bool:
+        """Show the progress and follow the windows; whether the job is still running."""
+        viewer, job = self._viewer, self._job
+        if viewer.canvas.get_closed():
+            return False
+        done = job.done()  # before the windows: the final ones once done
+        layer, windows = viewer.layers[0], job.windows()
+        for display in layer.displays if windows else ():
+            lo_hi = windows[display.index]
+            if self._mine.get(display.index) == display.clim != lo_hi:
+                followed = display.with_clim(*lo_hi)
+                layer.set_display(followed)
+                self._mine[display.index] = followed.clim
+        if not done:
+            tiles, total = job.progress
+            share = f"{tiles}/{total} tiles" if total else "starting"
+            viewer.hud_notes[:] = [f"generating the sample: {share}"]
+        elif job.error is not None:
+            viewer.hud_notes[:] = [f"the sample could not be made: {job.error}"]
+            print(f"zarrscope: error: the sample could not be made: {job.error}", file=sys.stderr)
+        else:
+            viewer.hud_notes.clear()
+        viewer.canvas.request_draw()
+        if not done and self._loop is not None:
+            self._loop.call_later(SAMPLE_LIVE_SECONDS, self.tick)
+        return not done
+
+
+def _run(
+    loop: Any,
+    viewer: Any,
+    close_window: Callable[[], None],
+    print_ready: bool,
+    job: Any = None,
+) -> None:
+    """Run the GUI loop until the window is closed; SIGINT and SIGTERM close it. With
+    the ``job`` making the sample, a :class:`SampleFollower` shows its progress."""
     signals = _StopSignals(loop, close_window)
 
     def install() -> None:  # in the loop: after loop.run() installed rendercanvas's handler
         signals.install()
+        if job is not None:
+            SampleFollower(viewer, job, loop).tick()
         if print_ready:
             if viewer.frame_times:
                 ready()

@@ -319,6 +319,9 @@ class Viewer:
         self.position: dict[str, int] = {}
         #: Called (no arguments, on the GUI thread) after each frame is drawn.
         self.frame_listeners: list[Callable[[], None]] = []
+        #: Lines the HUD shows after its own (e.g. "generating the sample: ..."); set
+        #: on the GUI thread, shown at the next frame.
+        self.hud_notes: list[str] = []
         self.frame_times: deque[float] = deque(maxlen=240)
         self.first_pixel_at: float | None = None
         self._shown: tuple | None = None  # the view last drawn
@@ -1148,7 +1151,8 @@ class Viewer:
 
     def hud_lines(self) -> list[str]:
         """The HUD's text for the current view (as of the last frame or refresh)."""
-        return hud_lines(self._hud_info(self.view())) if self.layers else []
+        lines = hud_lines(self._hud_info(self.view())) if self.layers else []
+        return lines + self.hud_notes
 
     def _hud_info(self, view: View) -> HudInfo:
         summaries = tuple(
