@@ -55,10 +55,15 @@ class Stepper:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.done = threading.Semaphore(0)
         self.go = threading.Semaphore(0)
+        #: The first tile waits for this (set by default: only a test that must look at
+        #: the store before any tile is written clears it, then sets it).
+        self.start = threading.Event()
+        self.start.set()
         self.origins: list[tuple[int, int]] = []
         real = generator._make_tile
 
         def held(*args: object) -> object:
+            assert self.start.wait(GENEROUS), "the test never let the first tile start"
             result = real(*args)
             self.origins.append(args[-1])  # type: ignore[arg-type]
             self.done.release()
@@ -105,6 +110,7 @@ def test_a_refreshing_pool_sees_final_or_fill_coarse_levels_first(
     final = levels_of(one_shot)
     assert all((level > 0).all() for level in final)  # 0 only ever means "not yet"
     stepper = Stepper(monkeypatch)
+    stepper.start.clear()  # nothing written before the pool has seen the empty sample
     written: list[int] = []  # the level of each chunk write, in order
     real_write = generator._write_chunks
 
@@ -124,6 +130,7 @@ def test_a_refreshing_pool_sees_final_or_fill_coarse_levels_first(
         locs = pool.get_chunks(keys, "all")
         pool.wait_for_chunks_to_load(GENEROUS)
         assert all((level == 0).all() for level in seen_levels(pool, locs))
+        stepper.start.set()
         before = [np.zeros(level.shape, bool) for level in final]
         for step in range(1, (SIZE // TILE) ** 2 + 1):
             stepper.next_tile()
@@ -160,6 +167,7 @@ def test_a_refreshing_pool_sees_final_or_fill_coarse_levels_first(
         for got, want in zip(seen_levels(pool, locs), final, strict=True):
             np.testing.assert_array_equal(got, want)
     finally:
+        stepper.start.set()
         stepper.release()
         job.cancel(GENEROUS)
     assert files(path) == files(one_shot)
