@@ -22,14 +22,14 @@ from .scheduler import JobState, LoadJob
 if TYPE_CHECKING:
     from .pool import ChunkPool
 
-__all__ = ["ChunkKey", "ChunkLocation", "ChunkState", "Handler"]
+__all__ = ["TRANSITIONS", "ChunkKey", "ChunkLocation", "ChunkState", "Handler"]
 
 ChunkKey = tuple[int, tuple[int, ...]]
 Handler = Callable[["ChunkLocation"], Any]
 
 
 class ChunkState(enum.Enum):
-    """Where a chunk is in its life."""
+    """Where a chunk is in its life (see "Chunk state: one owner" in the README)."""
 
     PENDING = "pending"  # waiting in the pool's queue
     LOADING = "loading"  # being fetched or decoded
@@ -37,6 +37,19 @@ class ChunkState(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"  # lost its last ref before it loaded
     DESTROYED = "destroyed"  # released by the pool after it loaded or failed
+
+
+#: The moves a chunk's stored state may make; the pool makes them, and only the pool
+#: (``ChunkPool._move``), under its lock. LOADING is not stored: a PENDING chunk is
+#: LOADING while its load job is past the scheduler's queue (the job's own progress,
+#: which only the scheduler writes). A reload (refresh) keeps a chunk LOADED.
+TRANSITIONS: dict[ChunkState, frozenset[ChunkState]] = {
+    ChunkState.PENDING: frozenset({ChunkState.LOADED, ChunkState.FAILED, ChunkState.CANCELLED}),
+    ChunkState.LOADED: frozenset({ChunkState.DESTROYED}),
+    ChunkState.FAILED: frozenset({ChunkState.DESTROYED}),
+    ChunkState.CANCELLED: frozenset(),
+    ChunkState.DESTROYED: frozenset(),
+}
 
 
 class _RefEntry:

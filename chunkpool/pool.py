@@ -41,7 +41,7 @@ from .errors import (
 )
 from .info import MultiscaleInfo
 from .kpi import KpiLog, LoadRecord
-from .location import ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
+from .location import TRANSITIONS, ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
 from .metadata import read_multiscales
 from .procdecode import decode_setup
 from .redaction import describe_error
@@ -743,7 +743,7 @@ class ChunkPool:
                 cancelled.append(job)
                 self._reserved -= loc._held_bytes
             loc._job = None
-            loc._state = _CANCELLED
+            _move(loc, _CANCELLED)
             self._kpis.add(_load_record(job, "cancelled", None, None, None, self._info.source))
             self._pending_bytes -= loc._nbytes
             self._stats.cancellations += 1
@@ -757,7 +757,7 @@ class ChunkPool:
         Holds ``_lock``."""
         state = loc._state
         if state is _LOADED or state is _FAILED:
-            loc._state = _DESTROYED
+            _move(loc, _DESTROYED)
         if loc._held_bytes:
             self._memory -= loc._held_bytes
             loc._held_bytes = 0
@@ -810,7 +810,7 @@ class ChunkPool:
             f"of {limit} bytes"
         )
         loc._error = error
-        loc._state = _FAILED
+        _move(loc, _FAILED)
         self._stats.failures += 1
         handlers = {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
         if handlers:
@@ -953,13 +953,13 @@ class ChunkPool:
                         loc._unfired_loads.update(handlers)
                 if failed:
                     loc._error = error
-                    loc._state = _FAILED
+                    _move(loc, _FAILED)
                     loc._held_bytes = 0
                     self._memory -= reserved
                     s.failures += 1
                 else:
                     loc._data = data
-                    loc._state = _LOADED
+                    _move(loc, _LOADED)
                     loc._stamp = job.stamp
                     loc._checked = next(self._check_clock)
                     loc._held_bytes = held = _held_bytes(data) + ENTRY_OVERHEAD
@@ -1192,3 +1192,10 @@ def _load_record(
         delivered,
         None if error is None else describe_error(error),
     )
+
+
+def _move(loc: ChunkLocation, state: ChunkState) -> None:
+    """Set ``loc``'s state: the one place it changes after creation (the pool's lock
+    held). The move is checked against :data:`~chunkpool.location.TRANSITIONS`."""
+    assert state in TRANSITIONS[loc._state], f"{loc.key}: {loc._state.name} -> {state.name}"
+    loc._state = state
