@@ -197,19 +197,18 @@ class KpiLog:
         if source is None:
             source = self._sources[r.source] = json.dumps(r.source)
         e = self._epoch_us
+        f, g, d, v = r.fetch_started, r.fetched, r.decoded, r.delivered
         return (
             f'{{"event": "load", "source": {source}, "level": {r.level}, '
-            f'"index": {list(r.index)}, "state": "{r.state}", '
+            f'"index": [{", ".join(map(str, r.index))}], "state": "{r.state}", '
             f'"bytes_fetched": {r.bytes_fetched}, "bytes_decoded": {r.bytes_decoded}, '
             f'"requested": {e + int(r.requested * 1e6)}, '
-            f'"fetch_started": {_us(r.fetch_started, e)}, "fetched": {_us(r.fetched, e)}, '
-            f'"decoded": {_us(r.decoded, e)}, "delivered": {_us(r.delivered, e)}, '
+            f'"fetch_started": {"null" if f is None else e + int(f * 1e6)}, '
+            f'"fetched": {"null" if g is None else e + int(g * 1e6)}, '
+            f'"decoded": {"null" if d is None else e + int(d * 1e6)}, '
+            f'"delivered": {"null" if v is None else e + int(v * 1e6)}, '
             f'"error": {"null" if r.error is None else json.dumps(r.error)}}}'
         )
-
-
-def _us(when: float | None, epoch_us: int) -> str:
-    return "null" if when is None else str(epoch_us + int(when * 1e6))
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,6 +26,11 @@ numbers.
 (see :func:`decode_modes`):
 
     python tests/benchmarks/bench_pool.py --decode-modes [--rounds 9]
+
+``--kpi`` measures the cost of the per-chunk KPI log: the same pool with and without
+``kpi_log=PATH``, paired (goal: the log costs <= 2% of throughput).
+
+    python tests/benchmarks/bench_pool.py --kpi [--rounds 15] [--chunks 128,256]
         [--codecs zstd,blosc,python-xor]
 """
 
@@ -42,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -100,11 +106,11 @@ class Case:
 
 
 def pool_method(
-    case: Case, bulk: bool = False, cpu_workers: int | None = None
+    case: Case, bulk: bool = False, cpu_workers: int | None = None, **options: Any
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The pool's run, and a function that destroys the pool."""
+    """The pool's run, and a function that destroys the pool (``options``: the pool's)."""
     # no cache: every run loads
-    (pool,) = ChunkPool.from_zarr_node(str(case.path), cpu_workers=cpu_workers)
+    (pool,) = ChunkPool.from_zarr_node(str(case.path), cpu_workers=cpu_workers, **options)
     keys = case.keys
     drops = [(0, idx) for idx in keys]
 
@@ -428,8 +434,46 @@ def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
     return results
 
 
+# -- the cost of the per-chunk KPI log ---------------------------------------------------
+
+
+def kpi_overhead(argv: list[str] | None = None) -> list[tuple[str, float]]:
+    """``--kpi``: the pool's throughput with ``kpi_log=PATH`` (every load's record
+    written as a JSON line) over the same pool without a file (records in memory
+    only), in paired rounds of the same run (goal: >= 0.98)."""
+    parser = argparse.ArgumentParser(description=kpi_overhead.__doc__)
+    parser.add_argument("--kpi", action="store_true")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--chunks", default="128,256", help="chunk sizes, comma-separated")
+    parser.add_argument("--size", type=int, default=8192, help="the array is size x size")
+    args = parser.parse_args(argv)
+    data = make_data(args.size)
+    results = []
+    print(f"pool with a KPI log file / without, {args.rounds} paired rounds, {args.size}² uint16")
+    with tempfile.TemporaryDirectory(prefix="zarrscope-bench-kpi-") as tmp:
+        for case in cases(Path(tmp), data, [int(c) for c in args.chunks.split(",")], ["unsharded"]):
+            plain, plain_destroy = pool_method(case)
+            logged, logged_destroy = pool_method(case, kpi_log=Path(tmp) / f"{case.chunk}.jsonl")
+            try:
+                times, cpu = paired_rounds({"plain": plain, "logged": logged}, args.rounds)
+            finally:
+                plain_destroy()
+                logged_destroy()
+            q1, q2, q3 = ratio(times["logged"], times["plain"])
+            per_chunk = {k: statistics.median(v) * 1e6 / len(case.keys) for k, v in cpu.items()}
+            print(
+                f"{case.label:28s} throughput ratio {q2:.3f} [{q1:.3f}..{q3:.3f}]   CPU µs/chunk "
+                f"{per_chunk['plain']:.0f} without, {per_chunk['logged']:.0f} with",
+                flush=True,
+            )
+            results.append((case.label, q2))
+    return results
+
+
 if __name__ == "__main__":
     if "--decode-modes" in sys.argv[1:]:
         decode_modes(sys.argv[1:])
+    elif "--kpi" in sys.argv[1:]:
+        kpi_overhead(sys.argv[1:])
     else:
         main()
