@@ -64,6 +64,7 @@ def wgpu_type_strings() -> list[str]:
     """The C type strings wgpu-py's native backend uses (from its source): every one
     whose names the cffi declarations know."""
     import wgpu.backends.wgpu_native as backend
+    from cffi.commontypes import COMMON_TYPES
 
     ffi = _wgpu_ffi()
     declared = ffi._parser._declarations
@@ -71,14 +72,15 @@ def wgpu_type_strings() -> list[str]:
     for path in Path(backend.__file__).parent.glob("*.py"):
         for match in _C_TYPE_LITERAL.finditer(path.read_text(encoding="utf-8")):
             text = match.group(1)
-            if _IDENTIFIER.fullmatch(text):  # a bare name: only a known typedef
-                if f"typedef {text}" in declared:
-                    found.update((text, text + " *"))
-            else:
+            if not _IDENTIFIER.fullmatch(text):
+                found.add(text)
+            elif f"typedef {text}" in declared:  # new_struct("WGPUColor") or a cast
+                found.update((text, text + " *"))
+            elif text in COMMON_TYPES:  # ffi.cast("intptr_t", ...)
                 found.add(text)
 
     def known(name: str) -> bool:
-        return name in _C_WORDS or f"typedef {name}" in declared
+        return name in _C_WORDS or name in COMMON_TYPES or f"typedef {name}" in declared
 
     return sorted(t for t in found if all(known(n) for n in _IDENTIFIER.findall(t)))
 
