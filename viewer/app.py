@@ -704,7 +704,7 @@ class Viewer:
         image = self._image()
         if image is not None and 0 <= index < len(image.displays):
             d = image.displays[index]
-            image.set_display(replace(d, visible=not d.visible))
+            image.set_display(replace(d, visible=not d.visible), keep_estimate=True)
             self.active_channel = index
             self._publish_state()
 

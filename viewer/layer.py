@@ -454,7 +454,8 @@ class ImageLayer(Layer):
     loaded set it before they are drawn, and the visible tiles of the coarsest level,
     once all are in, refine it once (unless that barely moves it); until then
     :meth:`status` counts those tiles as pending, so a settled view has its final
-    windows. A window set with :meth:`set_display` stops that for its channel."""
+    windows. :meth:`set_display` stops that for its channel (its window is the
+    caller's), unless told to keep it."""
 
     kind: ClassVar[str] = "image"
 
@@ -491,11 +492,13 @@ class ImageLayer(Layer):
     def displays(self) -> list[ChannelDisplay]:
         return list(self._displays)
 
-    def set_display(self, display: ChannelDisplay) -> None:
+    def set_display(self, display: ChannelDisplay, *, keep_estimate: bool = False) -> None:
         """Change a channel's colormap, window or visibility (``display.index`` says
-        which channel)."""
+        which channel). Its window is the one given from now on, no longer estimated
+        from the data, unless ``keep_estimate`` (for a change of colour or visibility
+        alone: the estimate, if still running, then goes on)."""
         i = next(i for i, d in enumerate(self._displays) if d.index == display.index)
-        if display.clim != self._displays[i].clim:
+        if not keep_estimate:
             self._auto.pop(i, None)  # the caller's window wins over the estimate
         self._set_display(i, display)
 
