@@ -262,3 +262,54 @@ def test_wgpu_types_are_parsed_in_one_pass_before_the_device() -> None:
     assert result["warmed"] >= 60 and result["warmed"] <= result["known"]
     assert all(result["same"])
     assert result["parsed_later"] == []
+
+
+_PIPELINES = r"""
+import json, pathlib, sys, tempfile
+import numpy as np
+sys.path.insert(0, "tests")
+from support.images import noise_image, write_pyramid
+from wgpu.backends.wgpu_native import GPUDevice
+from viewer import Viewer
+made = []
+create = GPUDevice.create_render_pipeline
+def counting(self, *args, **kwargs):
+    made.append(1)
+    return create(self, *args, **kwargs)
+GPUDevice.create_render_pipeline = counting
+tmp = pathlib.Path(tempfile.mkdtemp())
+def pyramid(name, data, **options):
+    chunks = (64,) * data.ndim
+    return str(write_pyramid(tmp / name, data, chunks=chunks, n_levels=2, **options).path)
+gray = pyramid("g.ome.zarr", noise_image((256, 256)))
+labels = pyramid("l.ome.zarr", noise_image((256, 256)).astype(np.uint32))
+rgb = pyramid("c.ome.zarr", noise_image((3, 256, 256)), axes=("c", "y", "x"))
+viewer = Viewer(gray, None, size=(128, 128), colormap="gray", show_hud=False)
+viewer.add_image(rgb)
+viewer.add_labels(labels)
+assert viewer.layers[1].rgb
+before = len(made)
+assert viewer.wait_settled()
+shot = viewer.screenshot()
+assert shot.any()
+print(json.dumps({"before": before, "first_frame": len(made) - before}))
+viewer.close()
+"""
+
+
+@pytest.mark.render
+def test_the_frame_that_shows_data_compiles_no_pipeline() -> None:
+    """In a fresh process (pygfx caches pipelines per process): a gray image, an RGB
+    image and labels; every render pipeline (tiles of each material, background, the
+    copy to the canvas) exists before the first frame, none is made by it."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PIPELINES],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["first_frame"] == 0 and result["before"] >= 5, result

@@ -15,8 +15,9 @@ time.) So:
   thread, so the viewer meanwhile opens the image and asks for its first chunks (the
   native calls release the GIL).
 * :func:`warm_pipelines` renders placeholder tiles with every material the layers
-  will use (not presented), so their render pipelines exist before the first data
-  arrives: the frame that shows data does not compile them.
+  will use, and flushes that into a texture of the canvas's format and size (nothing
+  is presented), so the render pipelines exist before the first data arrives: the frame
+  that shows data compiles none.
 
 Each is an optimisation only: if cffi or wgpu-py change their internals, the warm-up
 parses nothing (logged at debug level) and start-up is as slow as before, not broken.
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pygfx as gfx
+import wgpu
 
 __all__ = ["DEVICE_TIMEOUT", "GpuStart", "warm_pipelines", "warm_wgpu_types"]
 
@@ -170,4 +172,23 @@ def warm_pipelines(
         warm.add(wobject)
     camera = gfx.OrthographicCamera(4, 4)
     renderer.render(warm, camera, flush=False)
+    _warm_flush(renderer)
     renderer.clear(all=True)
+
+
+def _warm_flush(renderer: gfx.WgpuRenderer) -> None:
+    """Compile the pass that copies a frame to the canvas, by flushing once into a
+    texture of the canvas's format and size (nothing is presented)."""
+    try:
+        context = getattr(renderer, "_canvas_context", None)  # none: into a texture
+        if context is None:
+            return
+        fmt = context.get_preferred_format(renderer._shared.adapter)  # as pygfx picks it
+        # the size too: the copy's shader differs when it scales
+        width, height = renderer.target.get_physical_size()
+        size = (max(1, int(width)), max(1, int(height)), 1)
+        target = gfx.Texture(dim=2, size=size, format=fmt, colorspace="physical")
+        target._wgpu_usage |= wgpu.TextureUsage.RENDER_ATTACHMENT  # as pygfx does for one
+        renderer.flush(target)
+    except Exception as err:  # an optimisation only
+        logger.debug("flush warm-up skipped: %s: %s", type(err).__name__, err)

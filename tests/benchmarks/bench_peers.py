@@ -14,10 +14,13 @@ alternated; locally and over HTTP with 50 ms latency per request (``ZarrHTTPServ
 plus CORS headers, which a browser needs). Time to first image is from opening (the
 viewer created, imports done) to the first screenshot with any non-black pixel:
 
-- zarrscope: ``Viewer(source)`` offscreen on lavapipe (``bench_viewer``'s child);
+- zarrscope: ``Viewer(source)`` offscreen on lavapipe (``bench_viewer``'s child), and
+  a second viewer in the same process (device and pipelines made: the analogue of
+  neuroglancer's figure, taken after its page and WebGL have loaded);
 - napari: ``napari.Viewer()`` in a window under Xvfb (Mesa GL; with ``show=False`` or
   Qt's offscreen platform it never draws data here), ``add_image`` of the levels as a
-  multiscale image with the OME windows, ``screenshot(canvas_only=True)``;
+  multiscale image with the OME windows, ``screenshot(canvas_only=True)``; and when
+  its window was made (``napari.Viewer()`` alone);
 - neuroglancer: headless Chromium (selenium; ``docker=True``: no sandbox, as root),
   software WebGL, on a ``neuroglancer.Viewer``; after its page has loaded, the layer
   ``zarr://URL`` is set, zoomed to show the whole image, and screenshots polled until a
@@ -195,6 +198,10 @@ def main() -> None:
                         f"first image, {where}, {name}: median {statistics.median(times):.3f} s "
                         f"of {len(times)} ({', '.join(f'{t:.2f}' for t in times)})"
                     )
+                for key, what in (("again", "a second viewer"), ("viewer_created", "window")):
+                    extra = [r[key] for r in results if key in r]
+                    if extra:
+                        print(f"  {name}: {what} {statistics.median(extra):.3f} s (median)")
                 if errors:
                     print(f"first image, {where}, {name}: {len(errors)} failed: {errors[0]}")
 
