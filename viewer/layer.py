@@ -38,7 +38,7 @@ from .materials import LabelMaterial, RGBMaterial, rgb_texture_data
 from .slicing import SlicePosition
 from .textures import Candidate, TextureBudget
 from .tileset import ChannelTile, Tile, TileSet, TileStatus
-from .tiling import RESIDENT_TILES, VISIBLE, View
+from .tiling import View
 
 __all__ = ["BLENDINGS", "ImageLayer", "LabelsLayer", "Layer"]
 
@@ -237,6 +237,8 @@ class Layer:
         channel shown): what any first view draws first, whatever view the caller then
         picks. For start-up, while the GPU gets ready; held until the tile set's first
         :meth:`update` has taken its own hold of what it wants."""
+        from .tiling import RESIDENT_TILES, VISIBLE  # (kept apart from the imports above)
+
         tiles, level = self.tiles, len(self.tiles.levels) - 1
         gy, gx = tiles.levels[level].grid
         if gy * gx > RESIDENT_TILES:
