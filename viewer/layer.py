@@ -237,7 +237,7 @@ class Layer:
         channel shown): what any first view draws first, whatever view the caller then
         picks. For start-up, while the GPU gets ready; held until the tile set's first
         :meth:`update` has taken its own hold of what it wants."""
-        from .tiling import RESIDENT_TILES, VISIBLE  # (kept apart from the imports above)
+        from .tiling import RESIDENT_TILES, VISIBLE
 
         tiles, level = self.tiles, len(self.tiles.levels) - 1
         gy, gx = tiles.levels[level].grid
