@@ -166,7 +166,10 @@ def test_cli_timeout_bounds_a_local_read_that_never_returns(tmp_path):
     result = run_cli(
         str(tmp_path / "img.zarr"), "--screenshot", str(out), "--timeout", f"{CLI_TIMEOUT:g}"
     )
-    assert_one_timeout_line(result, watchdog=True)
+    # opening waits for no chunk (no contrast sample): the view is not settled at the
+    # deadline, which is the one line; closing then waits for the read that never
+    # returns, and the watchdog ends the process (status 1, nothing more printed)
+    assert_one_timeout_line(result, watchdog=False)
     assert not out.exists()
 
 

@@ -51,8 +51,8 @@ from chunkpool.refresh import reread
 from .camera import Camera
 from .display import (
     ChannelDisplay,
-    contrast_samples,
     default_channels,
+    has_window,
     parse_colormap,
     percentile_window,
 )
@@ -61,6 +61,7 @@ from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
 from .playback import Playback, prefetch_depth
 from .slicing import Plane
+from .startup import GpuStart, warm_pipelines
 from .state import LayerState, ViewState
 from .textures import TextureBudget
 from .tiling import View, follow_origin
@@ -203,9 +204,11 @@ class Viewer:
         for name in [colormap] if isinstance(colormap, str) else colormap or ():
             parse_colormap(name)  # fail early, before any I/O
         pool = owned = None
-        if source is not None:
-            pool, owned = _open(source, image_options, only=False)
+        gpu = GpuStart()  # the GPU device, made while the image opens and starts loading
         try:
+            if source is not None:
+                pool, owned = _open(source, image_options, only=False)
+            opened = time.perf_counter()
             self._setup(canvas, size, show_hud, texture_budget)
             if pool is not None:
                 self._set_initial_position(Plane.of(pool.multiscale_info), z, t)
@@ -214,7 +217,18 @@ class Viewer:
             elif z is not None or t is not None:
                 raise ValueError("z and t need an image")
             self.fit()
+            for layer in self.layers:
+                layer.request_coarsest()  # loading, before the GPU is ready
+            #: Seconds each start-up step took: ``open`` (metadata), ``layers`` (to the
+            #: first chunks asked for), ``device`` (waiting for the GPU device),
+            #: ``pipelines`` (compiling the layers' pipelines), and the device thread's
+            #: ``types`` and ``device`` as ``gpu_types``, ``gpu_device``.
+            self.startup_seconds = {"open": opened - self.opened_at}
+            self.startup_seconds["layers"] = time.perf_counter() - opened
+            self._start_renderer(gpu)
         except BaseException:
+            with contextlib.suppress(BaseException):
+                gpu.wait()  # no thread outlives a failed constructor
             if owned:
                 pool.destroy()
             if getattr(self, "canvas", None) is not None and self._owns_canvas:
@@ -269,9 +283,6 @@ class Viewer:
         elif not isinstance(budget, TextureBudget):
             budget = TextureBudget(budget)
         self.textures: TextureBudget = budget
-        self.renderer = gfx.WgpuRenderer(self.canvas, pixel_filter="nearest", ppaa="none")
-        # one internal pixel per physical pixel: data pixels stay crisp, no SSAA cost
-        self.renderer.pixel_scale = 1
         self.scene = gfx.Scene()
         # pygfx clears the frame only in a render pass: a background is always drawn,
         # so that a view with nothing in it (layers hidden, panned off the image) is
@@ -331,12 +342,27 @@ class Viewer:
         self._zoom_in_until = 0.0
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
         self._drag: tuple[float, float, float, float] | None = None  # start x, y; last x, y
+
+    def _start_renderer(self, gpu: GpuStart) -> None:
+        """Make the renderer once the GPU device (started in the background) is ready,
+        and compile the layers' render pipelines while their first chunks load."""
+        started = time.perf_counter()
+        gpu.wait()
+        self.renderer = gfx.WgpuRenderer(self.canvas, pixel_filter="nearest", ppaa="none")
+        # one internal pixel per physical pixel: data pixels stay crisp, no SSAA cost
+        self.renderer.pixel_scale = 1
         self.renderer.add_event_handler(
             self._on_pointer, "pointer_down", "pointer_move", "pointer_up", "pointer_leave"
         )
         self.renderer.add_event_handler(self._on_wheel, "wheel")
         self.renderer.add_event_handler(self._on_key, "key_down")
         self.renderer.add_event_handler(self._on_resize, "resize")
+        ready = time.perf_counter()
+        placeholders = [image for layer in self.layers for image in layer.placeholder_images()]
+        warm_pipelines(self.renderer, placeholders, self.scene)
+        self.startup_seconds["device"] = ready - started
+        self.startup_seconds["pipelines"] = time.perf_counter() - ready
+        self.startup_seconds.update({f"gpu_{k}": v for k, v in gpu.seconds.items()})
 
     # -- layers ---------------------------------------------------------------------
 
@@ -383,17 +409,19 @@ class Viewer:
                     f"has {plane.n_channels} of {info.dtype}"
                 )
             position = plane.clamp(self._axis_position(plane))
+            auto: list[int] = []
             if rgb:
                 displays = [
                     ChannelDisplay(c, "RGBA"[c], "gray", (0.0, 1.0))
                     for c in range(plane.n_channels)
                 ]
             else:
-                displays = _initial_displays(pool, plane, channels, colormap, clim, position)
+                displays, auto = _initial_displays(pool, plane, channels, colormap, clim)
             layer = ImageLayer(
                 pool,
                 displays,
                 rgb=rgb,
+                auto_windows=auto,
                 **self._layer_options(pool, name, opacity, blending, visible, position, bias),
             )
             return self._attach(layer, pool, owned)
@@ -510,6 +538,8 @@ class Viewer:
         for axis, index in layer.position:
             self.position.setdefault(axes[axis].name, index)
         self._world.add(layer.root)
+        if hasattr(self, "renderer"):  # a layer added later: its pipelines, before its data
+            warm_pipelines(self.renderer, layer.placeholder_images())
         self._place_layers()
         self._publish_state()
         self._request_draw()
@@ -707,7 +737,7 @@ class Viewer:
         image = self._image()
         if image is not None and 0 <= index < len(image.displays):
             d = image.displays[index]
-            image.set_display(replace(d, visible=not d.visible))
+            image.set_display(replace(d, visible=not d.visible), keep_estimate=True)
             self.active_channel = index
             self._publish_state()
 
@@ -1483,27 +1513,16 @@ def _initial_displays(
     channels: Sequence[int] | None,
     colormap: str | Sequence[str] | None,
     clim: Any,
-    position: Any,
-) -> list[ChannelDisplay]:
-    """Every channel's display: from OME metadata and the data, then the options."""
+) -> tuple[list[ChannelDisplay], list[int]]:
+    """Every channel's display: from OME metadata, then the options; and the channels
+    whose windows are to come from their data as it arrives (neither gives one)."""
     n = plane.n_channels
     if channels is not None:
         bad = [c for c in channels if not 0 <= c < n]
         if bad:
             raise ValueError(f"no channel {bad[0]}: the image has {n} channel(s)")
-    one_clim = clim is not None and _is_pair(clim)
-    windows = {
-        ch.index
-        for ch in pool.multiscale_info.channels
-        if ch.window is not None and ch.window[1] > ch.window[0]
-    }
-    # windows from the data only where neither the options nor the metadata give one:
-    # reading samples delays the first frame (a black window meanwhile)
-    if one_clim or windows >= set(range(n)):
-        samples = [np.empty(0)] * n
-    else:
-        samples = contrast_samples(pool, plane, position)
-    displays = default_channels(n, pool.multiscale_info.channels, samples)
+    windows = {ch.index for ch in pool.multiscale_info.channels if has_window(ch)}
+    displays = default_channels(n, pool.multiscale_info.channels, pool.multiscale_info.dtype)
     result = [
         replace(d, visible=d.visible if channels is None else d.index in channels) for d in displays
     ]
@@ -1524,7 +1543,8 @@ def _initial_displays(
                 raise ValueError(f"clim needs HI > LO, not {lo} {hi}")
             d = d.with_clim(lo, hi)
         result[index] = d
-    return result
+    auto = [i for i in range(n) if i not in windows and i not in clims]
+    return result, auto
 
 
 def _is_pair(value: Any) -> bool:

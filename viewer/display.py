@@ -1,43 +1,38 @@
 """How each channel is displayed: colormap, contrast window, visibility.
 
 Defaults come from OME ``omero`` metadata when present (colour, window, label, active),
-else from the data: the 0.5 / 99.5 percentiles of the coarsest level. Colormaps are
+else from the data as it arrives, never waiting for it (:class:`AutoWindow`): the
+0.5 / 99.5 percentiles of the first planes loaded, refined once from the visible tiles
+of the coarsest level unless that barely moves the window. Colormaps are
 ``cmap`` colormaps: any name it knows ("gray", "viridis", "magma", ...) or a single
 colour, meaning a ramp from black to that colour (how fluorescence channels are shown).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from cmap import Color, Colormap
 
-from chunkpool import ChannelInfo, ChunkPool, ChunkPoolError
-
-if TYPE_CHECKING:
-    from .slicing import Plane, SlicePosition
+from chunkpool import ChannelInfo
 
 __all__ = [
+    "WINDOW_JUMP_TOLERANCE",
+    "AutoWindow",
     "ChannelDisplay",
-    "contrast_samples",
     "default_channels",
+    "has_window",
     "parse_colormap",
     "percentile_window",
+    "provisional_window",
     "texture_dtype",
+    "window_change",
 ]
 
 #: Colours given to channels without metadata, in order (napari's choice for 2+).
 DEFAULT_COLORS = ("magenta", "lime", "cyan", "yellow", "red", "blue", "orange", "white")
-
-#: Chunks of the coarsest level read at start-up to pick default contrast windows.
-CONTRAST_SAMPLE_CHUNKS = 16
-#: How long start-up waits for those chunks at most (the ones still loading are skipped).
-CONTRAST_SAMPLE_SECONDS = 10.0
 
 #: Texture formats the GPU samples directly; other dtypes are converted on upload.
 _TEXTURE_DTYPES = {
@@ -115,12 +110,11 @@ def percentile_window(
 
 
 def default_channels(
-    n_channels: int,
-    omero: Sequence[ChannelInfo],
-    samples: Sequence[np.ndarray],
+    n_channels: int, omero: Sequence[ChannelInfo], dtype: np.dtype
 ) -> list[ChannelDisplay]:
     """Display settings for every channel: from ``omero`` where it says, else a default
-    colour (gray for a single channel) and the percentile window of ``samples[c]``."""
+    colour (gray for a single channel) and the :func:`provisional_window` of ``dtype``
+    (to be replaced from the data as it arrives: :class:`AutoWindow`)."""
     by_index = {ch.index: ch for ch in omero}
     channels = []
     for c in range(n_channels):
@@ -131,14 +125,86 @@ def default_channels(
             colormap = "gray"
         else:
             colormap = DEFAULT_COLORS[c % len(DEFAULT_COLORS)]
-        if meta is not None and meta.window is not None and meta.window[1] > meta.window[0]:
+        if has_window(meta):
             clim = (float(meta.window[0]), float(meta.window[1]))
         else:
-            clim = percentile_window(samples[c])
+            clim = provisional_window(dtype)
         label = meta.label if meta is not None else f"Channel {c}"
         visible = meta.active if meta is not None else True
         channels.append(ChannelDisplay(c, label, colormap, clim, visible))
     return channels
+
+
+def has_window(meta: ChannelInfo | None) -> bool:
+    """Whether OME channel metadata gives a usable contrast window."""
+    return meta is not None and meta.window is not None and meta.window[1] > meta.window[0]
+
+
+def provisional_window(dtype: np.dtype) -> tuple[float, float]:
+    """The window a channel starts with before any of its data has arrived: the whole
+    range of an integer dtype, (0, 1) for floats and booleans. Nothing is drawn with
+    it: the first data replaces it before its texture is shown (:class:`AutoWindow`)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return (float(info.min), float(info.max))
+    return (0.0, 1.0)
+
+
+def window_change(old: tuple[float, float], new: tuple[float, float]) -> float:
+    """The largest change, over every stored value, of where the value falls in the
+    window (0 at the low end, 1 at the high end, clipped): how far any pixel's shade
+    (its colormap position) moves when ``old`` becomes ``new``. Both mappings are
+    piecewise linear with corners at the windows' ends, so so is their difference, and
+    its largest size is at one of those four values."""
+
+    def position(window: tuple[float, float], value: float) -> float:
+        lo, hi = window
+        return min(max((value - lo) / (hi - lo), 0.0), 1.0)
+
+    return max(abs(position(old, v) - position(new, v)) for v in (*old, *new))
+
+
+#: A new contrast estimate that moves no pixel's shade by more than this (two steps of
+#: an 8-bit display) "barely moves": the window is kept, so the picture does not jump.
+WINDOW_JUMP_TOLERANCE = 2 / 255
+
+
+@dataclass
+class AutoWindow:
+    """The contrast window of a channel that neither the metadata nor the user gave
+    one: estimated from its data as it arrives, without blocking the first frame.
+
+    ``stage`` goes ``"provisional"`` (the :func:`provisional_window`: no data yet) ->
+    ``"first"`` (the percentile window of the first planes loaded, applied before they
+    are drawn) -> ``"final"``, once the sample is complete (every visible tile of the
+    coarsest level done: the same data a blocking sample used to read): that estimate
+    refines the window once, unless it barely moves from it
+    (:data:`WINDOW_JUMP_TOLERANCE`, :func:`window_change`), when the window is kept. A
+    sample complete at its first planes goes straight to final (one change, before
+    anything of the channel is drawn)."""
+
+    stage: str = "provisional"
+
+    @property
+    def final(self) -> bool:
+        return self.stage == "final"
+
+    def update(
+        self, clim: tuple[float, float], planes: Sequence[np.ndarray], complete: bool
+    ) -> tuple[float, float] | None:
+        """The new window given the ``planes`` of the sample loaded so far (and whether
+        it is ``complete``) and the current window ``clim``; None to keep ``clim``."""
+        if self.final or not planes:
+            return None
+        if self.stage == "first" and not complete:
+            return None
+        estimate = percentile_window(np.concatenate([np.ravel(p) for p in planes]))
+        if self.stage == "provisional":
+            self.stage = "final" if complete else "first"
+            return estimate
+        self.stage = "final"
+        return None if window_change(clim, estimate) <= WINDOW_JUMP_TOLERANCE else estimate
 
 
 def texture_dtype(dtype: np.dtype) -> np.dtype:
@@ -150,38 +216,3 @@ def texture_dtype(dtype: np.dtype) -> np.dtype:
     if dtype == np.bool_:
         return np.dtype(np.uint8)
     return np.dtype(np.float32)
-
-
-def contrast_samples(pool: ChunkPool, plane: Plane, position: SlicePosition) -> list[np.ndarray]:
-    """Per channel, data of the coarsest level (a few chunks around its centre).
-
-    A sample chunk that fails to load (its tile shows hatched) or has not arrived
-    within ``CONTRAST_SAMPLE_SECONDS`` is left out: sampling never stops the viewer
-    from opening (a channel without samples gets a default window)."""
-    info = pool.multiscale_info
-    level = len(info.levels) - 1
-    scale = info.levels[level]
-    gy, gx = scale.chunk_grid_shape[plane.y_axis], scale.chunk_grid_shape[plane.x_axis]
-    side = max(1, int(math.sqrt(CONTRAST_SAMPLE_CHUNKS)))
-    ys = range(max(0, gy // 2 - side // 2), min(gy, gy // 2 - side // 2 + side))
-    xs = range(max(0, gx // 2 - side // 2), min(gx, gx // 2 - side // 2 + side))
-    ref = "contrast-samples"
-    samples = [
-        (c, pool.get_chunk(level, index, ref), select)
-        for c in range(plane.n_channels)
-        for iy in ys
-        for ix in xs
-        for index, select in [plane.chunk_and_selection(level, iy, ix, c, position)]
-    ]
-    planes: list[list[np.ndarray]] = [[] for _ in range(plane.n_channels)]
-    deadline = time.monotonic() + CONTRAST_SAMPLE_SECONDS
-    try:
-        for c, loc, select in samples:
-            try:
-                data = loc.wait(max(0.0, deadline - time.monotonic()))
-            except (ChunkPoolError, TimeoutError):
-                continue
-            planes[c].append(plane.plane_of(data, select).ravel())
-    finally:
-        pool.drop_chunks([loc.key for _, loc, _ in samples], ref)
-    return [np.concatenate(p) if p else np.empty(0, scale.dtype) for p in planes]

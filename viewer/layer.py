@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -32,7 +32,7 @@ import pygfx as gfx
 
 from chunkpool import ChunkPool
 
-from .display import ChannelDisplay, texture_dtype
+from .display import AutoWindow, ChannelDisplay, texture_dtype
 from .labels import label_texture_data, label_texture_format
 from .materials import LabelMaterial, RGBMaterial, rgb_texture_data
 from .slicing import SlicePosition
@@ -131,6 +131,8 @@ class Layer:
         self.newly_drawn: list[ChunkKey] = []
         self._placed_position = self.tiles.position
         self._depth_base = 0.0
+        self._early: list[tuple[int, tuple[int, ...]]] = []  # see request_coarsest
+        self._early_ref = f"first-chunks-{id(self):x}"
         self.root.add(self._overlays)
         textures.register(self)
 
@@ -235,9 +237,32 @@ class Layer:
 
     # -- per frame ------------------------------------------------------------------
 
+    def request_coarsest(self) -> None:
+        """Ask the pool now for the whole coarsest level at the layer's slice (every
+        channel shown): what any first view draws first, whatever view the caller then
+        picks. For start-up, while the GPU gets ready; held until the tile set's first
+        :meth:`update` has taken its own hold of what it wants."""
+        from .tiling import RESIDENT_TILES, VISIBLE
+
+        tiles, level = self.tiles, len(self.tiles.levels) - 1
+        gy, gx = tiles.levels[level].grid
+        if gy * gx > RESIDENT_TILES:
+            return  # too many to be the first thing shown
+        self._early = [
+            (level, tiles.plane.chunk_and_selection(level, iy, ix, ch.index, tiles.position)[0])
+            for ch in tiles.channels
+            if ch.visible
+            for iy in range(gy)
+            for ix in range(gx)
+        ]
+        self.pool.get_chunks(self._early, self._early_ref, priority=VISIBLE)
+
     def update(self, view: View, *, zoom_in: bool = False) -> None:
         """Bring the held tiles in line with ``view`` (see :class:`TileSet`)."""
         self.tiles.update(view, zoom_in=zoom_in)
+        if self._early:
+            self.pool.drop_chunks(self._early, self._early_ref)
+            self._early = []
 
     def status(self) -> TileStatus:
         return self.tiles.status()
@@ -397,6 +422,18 @@ class Layer:
         self._overlays.add(image)
         return image
 
+    def placeholder_images(self) -> list[gfx.Image]:
+        """One 1 x 1 image per stack, with the stack's material and a texture of the
+        format its tiles will have (never added to the scene): for compiling the
+        render pipelines before the first tile arrives (:mod:`viewer.startup`)."""
+        dtype = self.pool.multiscale_info.dtype
+        images = []
+        for stack in self._stacks:
+            planes = [np.zeros((1, 1), dtype) for _ in stack.channels]
+            data = self._texture_data(stack, planes)
+            images.append(gfx.Image(gfx.Geometry(grid=self._texture(data)), stack.material))
+        return images
+
     # -- values ---------------------------------------------------------------------
 
     def values_at(self, x: float, y: float) -> list[tuple[str, Any]]:
@@ -406,6 +443,9 @@ class Layer:
 
     def close(self) -> None:
         """Drop every chunk and take the layer out of its scene."""
+        if self._early:
+            self.pool.drop_chunks(self._early, self._early_ref)
+            self._early = []
         self.tiles.close()
         for stack in self._stacks:
             for pos in list(stack.images):
@@ -418,7 +458,15 @@ class Layer:
 class ImageLayer(Layer):
     """An image: a stack per shown channel (its colormap over its contrast window,
     channels added up), or with ``rgb`` its three or four uint8 / uint16 channels as
-    one true-colour texture (the stored colour, no window; a fourth channel is alpha)."""
+    one true-colour texture (the stored colour, no window; a fourth channel is alpha).
+
+    The channels listed in ``auto_windows`` (list indices) take their windows from
+    their data as it arrives (:class:`~viewer.display.AutoWindow`): the first planes
+    loaded set it before they are drawn, and the visible tiles of the coarsest level,
+    once all are in, refine it once (unless that barely moves it); until then
+    :meth:`status` counts those tiles as pending, so a settled view has its final
+    windows. :meth:`set_display` stops that for its channel (its window is the
+    caller's), unless told to keep it."""
 
     kind: ClassVar[str] = "image"
 
@@ -428,10 +476,12 @@ class ImageLayer(Layer):
         displays: list[ChannelDisplay],
         *,
         rgb: bool = False,
+        auto_windows: Iterable[int] = (),
         **options: Any,
     ):
         self._displays = list(displays)
         self.rgb = rgb
+        self._auto: dict[int, AutoWindow] = {} if rgb else {i: AutoWindow() for i in auto_windows}
         channels = [(d.index, d.visible or rgb) for d in displays]
         super().__init__(pool, channels, **options)
         if rgb:
@@ -453,10 +503,17 @@ class ImageLayer(Layer):
     def displays(self) -> list[ChannelDisplay]:
         return list(self._displays)
 
-    def set_display(self, display: ChannelDisplay) -> None:
+    def set_display(self, display: ChannelDisplay, *, keep_estimate: bool = False) -> None:
         """Change a channel's colormap, window or visibility (``display.index`` says
-        which channel)."""
+        which channel). Its window is the one given from now on, no longer estimated
+        from the data, unless ``keep_estimate`` (for a change of colour or visibility
+        alone: the estimate, if still running, then goes on)."""
         i = next(i for i, d in enumerate(self._displays) if d.index == display.index)
+        if not keep_estimate:
+            self._auto.pop(i, None)  # the caller's window wins over the estimate
+        self._set_display(i, display)
+
+    def _set_display(self, i: int, display: ChannelDisplay) -> None:
         old, self._displays[i] = self._displays[i], display
         if not self.rgb:
             stack = self._stacks[i]
@@ -466,6 +523,47 @@ class ImageLayer(Layer):
             stack.group.visible = display.visible
             self.tiles.set_channel_visible(i, display.visible)
         self._request_draw()
+
+    # -- windows from the data ------------------------------------------------------
+
+    def sync(self) -> None:
+        if self._auto and self.tiles.version != self._synced:
+            self._estimate_windows()  # before the new tiles are drawn
+        super().sync()
+
+    def status(self) -> TileStatus:
+        status = self.tiles.status()
+        waiting = sum(self._window_sample(i)[2] for i in self._auto)
+        if waiting and not status.overflow:
+            status = replace(status, pending=status.pending + waiting)
+        return status
+
+    def _window_sample(self, i: int) -> tuple[list[np.ndarray], bool, int]:
+        """Channel ``i``'s sample for its window: the loaded planes of its visible
+        tiles at the coarsest level it holds in view (else of any level), whether all
+        those coarsest tiles are done, and how many are not."""
+        ch = self.tiles.channels[i]
+        here = [
+            (k, t) for k, t in ch.tiles.items() if t.in_view and k.position == self.tiles.position
+        ]
+        if not ch.visible or not here:
+            return [], False, 0
+        coarsest = max(k.level for k, _ in here)
+        sample = [t for k, t in here if k.level == coarsest]
+        planes = [t.plane for t in sample if t.plane is not None]
+        if not planes:
+            planes = [t.plane for _, t in here if t.plane is not None]
+        waiting = sum(not t.done for t in sample)
+        return planes, waiting == 0, waiting
+
+    def _estimate_windows(self) -> None:
+        for i, auto in list(self._auto.items()):
+            planes, complete, _ = self._window_sample(i)
+            clim = auto.update(self._displays[i].clim, planes, complete)
+            if clim is not None:
+                self._set_display(i, self._displays[i].with_clim(*clim))
+            if auto.final:
+                del self._auto[i]
 
     def _texture_data(self, stack: _Stack, planes: list[np.ndarray]) -> np.ndarray:
         if not self.rgb:

@@ -1,21 +1,35 @@
-"""Viewer benchmarks: per-frame bookkeeping, time to first pixel, time to settled.
+"""Viewer benchmarks: time to first image, per-frame bookkeeping, time to settled.
 
 Runs offscreen on the built-in sample (16384² x 2 channels, 256² chunks; generated on
 first use). Reports:
 
+- time to first image: from opening (``Viewer(...)``, imports done) to the first
+  screenshot with any non-black pixel, each run in a fresh process (nothing parsed,
+  compiled or cached in it; the page cache and Mesa's shader cache are warm), locally
+  and over HTTP with 50 ms latency per request (``ZarrHTTPServer``), medians over
+  ``--repeats``; beside the pool's own time to open the image and load its coarsest
+  level in a fresh process (the floor), and, with ``--main DIR`` (default /work/main
+  if there), the same runs of that checkout's viewer (``PYTHONPATH=DIR``), alternated
+  with ours in the same run; with our start-up steps (``Viewer.startup_seconds``);
 - CPU time of the per-frame tile bookkeeping (``TileSet.update``) at 1920 x 1080
   while panning (a new view every frame) and when nothing changes;
 - time to first pixel after opening, and time to settled after a jump, each beside
   the pool's raw time to load the same chunks (a fresh pool, same process, page cache
   warm), which is the floor the viewer can reach.
 
-    python tests/benchmarks/bench_viewer.py [--frames 200]
+    python tests/benchmarks/bench_viewer.py [--frames 200] [--repeats 5] [--main DIR]
+    python tests/benchmarks/bench_viewer.py --first-image-only   # that part alone
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -47,11 +61,123 @@ def held_keys(viewer: Viewer) -> list[tuple[int, tuple[int, ...]]]:
     return [loc.key for loc in viewer.pool.iter_held(viewer.layer.tiles.ref)]
 
 
+# -- time to first image, each run in a fresh process -----------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def open_and_show(source: str) -> tuple[float, float, int, dict]:
+    """Open a viewer and screenshot until data shows: seconds to the first image and
+    to the viewer constructed, frames drawn, the viewer's start-up steps."""
+    opened = time.perf_counter()
+    viewer = Viewer(source, None, size=(W, H), show_hud=False)
+    constructed = time.perf_counter()
+    frames = 0
+    while True:
+        frames += 1
+        if viewer.screenshot().any():
+            break
+    shown = time.perf_counter()
+    steps = getattr(viewer, "startup_seconds", {})
+    viewer.close()
+    return shown - opened, constructed - opened, frames, steps
+
+
+def child_first_image(source: str) -> dict:
+    """(In a fresh process.) Seconds from opening to the first non-black screenshot;
+    and ``again``: a second viewer in the same process (GPU device and pipelines made,
+    as neuroglancer's figure is after its page and WebGL have loaded)."""
+    first, constructed, frames, steps = open_and_show(source)
+    again = open_and_show(source)[0]
+    return {
+        "first_image": first,
+        "constructed": constructed,
+        "frames": frames,
+        "steps": steps,
+        "again": again,
+    }
+
+
+def child_floor(source: str) -> dict:
+    """(In a fresh process.) The pool alone: open the image, load its coarsest level."""
+    opened = time.perf_counter()
+    (pool,) = ChunkPool.from_zarr_node(source)
+    level = len(pool.multiscale_info.levels) - 1
+    grid = pool.multiscale_info.levels[level].chunk_grid_shape
+    for index in np.ndindex(*grid):
+        pool.get_chunk(level, tuple(int(i) for i in index))
+    pool.wait_for_chunks_to_load()
+    seconds = time.perf_counter() - opened
+    pool.destroy()
+    return {"first_image": seconds}
+
+
+def run_child(kind: str, source: str, code: pathlib.Path) -> dict:
+    """Run ``kind`` ("image" or "floor") in a fresh process on ``code``'s packages."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    out = subprocess.run(
+        [sys.executable, __file__, f"--child-{kind}", source],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def first_image(source: str, repeats: int, main_code: pathlib.Path | None) -> None:
+    """Time to first image, ours (and main's) beside the floor, local and over HTTP."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.httpserver import ZarrHTTPServer
+
+    path = pathlib.Path(source)
+    codes = {"ours": ROOT} | ({"main": main_code} if main_code else {})
+    with ZarrHTTPServer(path.parent, latency=0.05) as server:
+        sources = {"local": source, "http 50 ms": f"{server.url}/{path.name}"}
+        for where, src in sources.items():
+            runs: dict[str, list[dict]] = {name: [] for name in [*codes, "floor"]}
+            for _ in range(repeats):  # alternated: load on the machine hits all alike
+                for name, code in codes.items():
+                    runs[name].append(run_child("image", src, code))
+                runs["floor"].append(run_child("floor", src, ROOT))
+            med = {k: statistics.median(r["first_image"] for r in v) for k, v in runs.items()}
+            line = ", ".join(f"{k} {v:.3f} s" for k, v in med.items())
+            print(f"first image, {where}, median of {repeats}: {line}")
+            steps = [r["steps"] for r in runs["ours"] if r["steps"]]
+            if steps:
+                names = steps[0].keys()
+                print(
+                    "  our steps (median s): "
+                    + ", ".join(f"{n} {statistics.median(s[n] for s in steps):.3f}" for n in names)
+                )
+            for name in codes:
+                frames = [r["frames"] for r in runs[name]]
+                again = statistics.median(r["again"] for r in runs[name])
+                print(
+                    f"  {name}: frames drawn up to the first image {frames}; "
+                    f"a second viewer in the same process {again:.3f} s"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--main", type=pathlib.Path, default=pathlib.Path("/work/main"))
+    parser.add_argument("--first-image-only", action="store_true")
+    parser.add_argument("--child-image")
+    parser.add_argument("--child-floor")
     args = parser.parse_args()
+    if args.child_image or args.child_floor:
+        child = child_first_image if args.child_image else child_floor
+        print(json.dumps(child(args.child_image or args.child_floor)))
+        return
     source = str(ensure_sample())
+    main_code = args.main if (args.main / "viewer").is_dir() else None
+    first_image(source, args.repeats, main_code)
+    if args.first_image_only:
+        return
 
     # -- time to first pixel ---------------------------------------------------------
     opened = time.perf_counter()

@@ -1,0 +1,194 @@
+"""Getting the GPU side ready while the first chunks load.
+
+Where a viewer's start-up went (profiled on lavapipe and 2 cores): not shader
+compilation, as it looked, but Python. wgpu-py talks to wgpu-native through cffi in
+ABI mode, and cffi parses each C type string (``"WGPUTextureDescriptor *"``) the first
+time it is used, with every typedef of wgpu's header (~450) prepended to it: some 70
+type strings, about 45 ms each, for creating the device and drawing a first frame
+with one image: about 3 s, holding the GIL. (wgpu-py's issue #789 is about start-up
+time.) So:
+
+* :func:`warm_wgpu_types` parses all the type strings wgpu-py's backend names in ONE
+  pass (the same parse and the same cffi calls as cffi's own ``typeof``, so the types
+  are the ones cffi would make): ~0.1 s instead of ~3 s.
+* :class:`GpuStart` does that and creates pygfx's shared device (adapter + device) in a
+  thread, so the viewer meanwhile opens the image and asks for its first chunks (the
+  native calls release the GIL).
+* :func:`warm_pipelines` renders placeholder tiles with every material the layers
+  will use, and flushes that into a texture of the canvas's format and size (nothing
+  is presented), so the render pipelines exist before the first data arrives: the frame
+  that shows data compiles none.
+
+Each is an optimisation only: if cffi or wgpu-py change their internals, the warm-up
+parses nothing (logged at debug level) and start-up is as slow as before, not broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pygfx as gfx
+import wgpu
+
+__all__ = ["DEVICE_TIMEOUT", "GpuStart", "warm_pipelines", "warm_wgpu_types"]
+
+logger = logging.getLogger("zarrscope")
+
+#: How long the viewer waits at most for the GPU device started in the background.
+DEVICE_TIMEOUT = 120.0
+
+#: String literals in wgpu-py's backend that are C types: pointers and arrays
+#: (``"WGPUColor *"``, ``"char []"``), callback signatures (``"void(...)"``), and bare
+#: names (``new_struct("WGPUColor", ...)`` makes a ``"WGPUColor *"``; ``ffi.cast``).
+_C_TYPE_LITERAL = re.compile(
+    r'"([A-Za-z_][\w ]*(?:\*|\[\d*\])[ *\[\]\d]*|void ?\([\w ,*]*\)|[A-Za-z_]\w*)"'
+)
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_C_WORDS = frozenset(
+    {"void", "char", "short", "int", "long", "float", "double", "signed", "unsigned"}
+    | {"const", "volatile", "bool"}
+)
+
+
+def _wgpu_ffi() -> Any:
+    from wgpu.backends.wgpu_native._ffi import ffi
+
+    return ffi
+
+
+def wgpu_type_strings() -> list[str]:
+    """The C type strings wgpu-py's native backend uses (from its source): every one
+    whose names the cffi declarations know."""
+    import wgpu.backends.wgpu_native as backend
+    from cffi.commontypes import COMMON_TYPES
+
+    ffi = _wgpu_ffi()
+    declared = ffi._parser._declarations
+    found: set[str] = set()
+    for path in Path(backend.__file__).parent.glob("*.py"):
+        for match in _C_TYPE_LITERAL.finditer(path.read_text(encoding="utf-8")):
+            text = match.group(1)
+            if not _IDENTIFIER.fullmatch(text):
+                found.add(text)
+            elif f"typedef {text}" in declared:  # new_struct("WGPUColor") or a cast
+                found.update((text, text + " *"))
+            elif text in COMMON_TYPES:  # ffi.cast("intptr_t", ...)
+                found.add(text)
+
+    def known(name: str) -> bool:
+        return name in _C_WORDS or name in COMMON_TYPES or f"typedef {name}" in declared
+
+    return sorted(t for t in found if all(known(n) for n in _IDENTIFIER.findall(t)))
+
+
+def warm_wgpu_types() -> int:
+    """Parse, in one pass, every C type string wgpu-py uses that cffi has not parsed
+    yet, and put them in cffi's cache of parsed types; how many. Thread-safe (cffi's
+    lock); 0 (and a debug line) if cffi's or wgpu-py's internals are not as expected."""
+    try:
+        ffi = _wgpu_ffi()
+        parser = ffi._parser
+        todo = [t for t in wgpu_type_strings() if t not in ffi._parsed_types]
+        if not todo:
+            return 0
+        # what cffi's parse_type does for one type, for all of them as the
+        # parameters of one declaration
+        params_text = ",\n".join(todo)
+        ast = parser._parse(f"void __dummy(\n{params_text}\n);")[0]
+        params = ast.ext[-1].type.args.params
+        if len(params) != len(todo):
+            raise ValueError(f"{len(params)} parameters parsed for {len(todo)} types")
+        with ffi._lock:
+            for text, node in zip(todo, params, strict=True):
+                if text in ffi._parsed_types:
+                    continue
+                ctype = parser._get_type_and_quals(node.type)[0]
+                is_function = ctype.is_raw_function
+                if is_function:
+                    ctype = ctype.as_function_pointer()
+                ffi._parsed_types[text] = (ffi._get_cached_btype(ctype), is_function)
+        return len(todo)
+    except Exception as err:  # an optimisation only: never fail start-up for it
+        logger.debug("wgpu type warm-up skipped: %s: %s", type(err).__name__, err)
+        return 0
+
+
+class GpuStart:
+    """pygfx's shared GPU device, created in a thread started here (after
+    :func:`warm_wgpu_types`), so that the caller opens its data meanwhile.
+
+    :meth:`wait` returns once the device exists (re-raising what creating it raised).
+    :attr:`seconds` records how long each step took (``types``, ``device``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="zarrscope-gpu-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from pygfx.renderers.wgpu import get_shared
+
+        try:
+            started = time.perf_counter()
+            warm_wgpu_types()
+            ready = time.perf_counter()
+            self.seconds["types"] = ready - started
+            get_shared().device  # noqa: B018 (adapter + device, on first use)
+            self.seconds["device"] = time.perf_counter() - ready
+        except BaseException as err:  # re-raised by wait(), in the caller's thread
+            self._error = err
+
+    def wait(self, timeout: float = DEVICE_TIMEOUT) -> None:
+        """Block until the device exists (at most ``timeout`` s: then TimeoutError)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the GPU device was not ready after {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+
+
+def warm_pipelines(
+    renderer: gfx.WgpuRenderer, wobjects: Iterable[gfx.WorldObject], scene: gfx.Scene | None = None
+) -> None:
+    """Compile the render pipelines of ``wobjects`` (placeholder objects with the
+    materials and texture formats the frames will use) and of ``scene``'s background,
+    by rendering them into the renderer's internal target, not presented: pygfx caches
+    pipelines by what they are made of, so the real objects reuse them. That target is
+    then marked to be cleared (colour, depth, weights) by the next frame's first pass,
+    so nothing of the placeholders shows."""
+    warm = gfx.Scene()
+    if scene is not None:
+        for child in scene.children:
+            if isinstance(child, gfx.Background):
+                warm.add(gfx.Background(None, child.material))
+    for wobject in wobjects:
+        warm.add(wobject)
+    camera = gfx.OrthographicCamera(4, 4)
+    renderer.render(warm, camera, flush=False)
+    _warm_flush(renderer)
+    renderer.clear(all=True)
+
+
+def _warm_flush(renderer: gfx.WgpuRenderer) -> None:
+    """Compile the pass that copies a frame to the canvas, by flushing once into a
+    texture of the canvas's format and size (nothing is presented)."""
+    try:
+        context = getattr(renderer, "_canvas_context", None)  # none: into a texture
+        if context is None:
+            return
+        fmt = context.get_preferred_format(renderer._shared.adapter)  # as pygfx picks it
+        # the size too: the copy's shader differs when it scales
+        width, height = renderer.target.get_physical_size()
+        size = (max(1, int(width)), max(1, int(height)), 1)
+        target = gfx.Texture(dim=2, size=size, format=fmt, colorspace="physical")
+        target._wgpu_usage |= wgpu.TextureUsage.RENDER_ATTACHMENT  # as pygfx does for one
+        renderer.flush(target)
+    except Exception as err:  # an optimisation only
+        logger.debug("flush warm-up skipped: %s: %s", type(err).__name__, err)
