@@ -153,7 +153,7 @@ def test_a_pool_records_every_load_loaded_failed_and_cancelled(pools, tmp_path) 
 
 @pytest.mark.render
 def test_the_viewer_logs_views_loads_and_first_draws(tmp_path: pathlib.Path) -> None:
-    """``Viewer(telemetry=PATH)``: its pools' loads, each view it showed and, for
+    """``Viewer(kpi_log=PATH)``: its pools' loads, each view it showed and, for
     each chunk drawn, the frame that first drew it (after the chunk was delivered);
     the report draws the jump."""
     from support.images import noise_image, write_pyramid
@@ -171,7 +171,7 @@ def test_the_viewer_logs_views_loads_and_first_draws(tmp_path: pathlib.Path) -> 
         colormap="gray",
         clim=(0, 255),
         show_hud=False,
-        telemetry=path,
+        kpi_log=path,
     )
     try:
         viewer.show_region(64, 64, 192, 192)

@@ -221,7 +221,7 @@ def _make_viewer(
     from .state import ViewState
 
     if args.telemetry:
-        options["telemetry"] = args.telemetry
+        options["kpi_log"] = args.telemetry
     open_options = {
         "disk_cache": args.disk_cache,
         "disk_cache_bytes": args.disk_cache_mb << 20,

@@ -160,7 +160,7 @@ class Viewer:
     :class:`TextureBudget` to share, by default the process-wide one.
     ``memory_budget`` (bytes, or a :class:`~chunkpool.MemoryBudget` to share) is one
     hard bound on the held and cached chunks of every pool the viewer opens: the
-    visible tiles outrank prefetch, which gives way first. ``telemetry`` (a path, or a
+    visible tiles outrank prefetch, which gives way first. ``kpi_log`` (a path, or a
     :class:`~chunkpool.kpi.KpiLog` to share) logs every load of those pools and when
     each chunk was first drawn, for ``zarrscope-report``. With ``live`` (seconds),
     the stores the viewer opens are looked at that often (:meth:`ChunkPool.watch`):
@@ -181,16 +181,16 @@ class Viewer:
         texture_budget: int | TextureBudget | None = None,
         memory_budget: int | MemoryBudget | None = None,
         live: float | None = None,
-        telemetry: str | os.PathLike[str] | KpiLog | None = None,
+        kpi_log: str | os.PathLike[str] | KpiLog | None = None,
         **image_options: Any,
     ):
         self.opened_at = time.perf_counter()
         #: The per-chunk KPI log of every pool the viewer opens, with the viewer's own
         #: ``view`` (the view changed) and ``drawn`` (a chunk first on screen) events
         #: (None: none; see :mod:`chunkpool.kpi` and ``zarrscope-report``).
-        owned = isinstance(telemetry, str | os.PathLike)
-        self._owned_telemetry = KpiLog(telemetry) if owned else None
-        self.telemetry = self._owned_telemetry if owned else telemetry
+        owned = isinstance(kpi_log, str | os.PathLike)
+        self._owned_kpi_log = KpiLog(kpi_log) if owned else None
+        self.kpi_log = self._owned_kpi_log if owned else kpi_log
         if live is not None and not live > 0:
             raise ValueError(f"live needs a positive interval in seconds, not {live}")
         #: Seconds between looks at the stores for new data (None: not live).
@@ -248,9 +248,9 @@ class Viewer:
     ) -> Viewer:
         """A viewer showing exactly ``state`` (its layers opened from their sources;
         ``show_hud`` overrides its HUD setting; ``texture_budget``,
-        ``memory_budget`` and ``telemetry`` go to :class:`Viewer`, the other
+        ``memory_budget`` and ``kpi_log`` go to :class:`Viewer`, the other
         ``options`` to every layer's opening, e.g. ``storage_options``)."""
-        own = ("texture_budget", "memory_budget", "telemetry")
+        own = ("texture_budget", "memory_budget", "kpi_log")
         viewer = cls(
             None,
             canvas,
@@ -466,12 +466,12 @@ class Viewer:
         return self._attach(layer, pool, owned)
 
     def _with_budget(self, open_options: dict[str, Any]) -> dict[str, Any]:
-        """``open_options`` with the viewer's memory budget and telemetry log (unless
+        """``open_options`` with the viewer's memory budget and KPI log (unless
         they give their own)."""
         if self.memory_budget is not None:
             open_options.setdefault("memory_budget", self.memory_budget)
-        if self.telemetry is not None:
-            open_options.setdefault("kpi_log", self.telemetry)
+        if self.kpi_log is not None:
+            open_options.setdefault("kpi_log", self.kpi_log)
         return open_options
 
     def _open(self, source: Any, open_options: dict[str, Any]) -> tuple[ChunkPool, bool]:
@@ -532,7 +532,7 @@ class Viewer:
                     on_error=lambda problem, pool=pool: self._store_changed(pool, problem),
                 )
         self._links[id(pool)] = _PoolLink.of(pool, self)
-        layer.track_drawn = self.telemetry is not None
+        layer.track_drawn = self.kpi_log is not None
         self.layers.append(layer)
         axes = layer.tiles.plane.info.levels[0].axes
         for axis, index in layer.position:
@@ -1138,8 +1138,8 @@ class Viewer:
         shown = (view.x0, view.y0, view.x1, view.y1, view.width, view.height, position)
         if shown != self._shown:  # a new view (the cursor alone does not count)
             self._shown, self._view_changed_at = shown, started
-            if self.telemetry is not None:
-                self.telemetry.event("view", when=started, view=shown[:6], position=position)
+            if self.kpi_log is not None:
+                self.kpi_log.event("view", when=started, view=shown[:6], position=position)
         self._publish_state()
         if all(s.settled for s in statuses) and self._view_changed_at is not None:
             self.last_settle_seconds = time.perf_counter() - self._view_changed_at
@@ -1166,15 +1166,15 @@ class Viewer:
             self.renderer.render(overlay.scene, overlay.camera, flush=i == len(overlays) - 1)
         done = time.perf_counter()
         self.frame_times.append(done - started)
-        if self.telemetry is not None:
+        if self.kpi_log is not None:
             self._log_drawn(done)
 
     def _log_drawn(self, when: float) -> None:
-        """Tell the telemetry log which chunks this frame drew for the first time."""
+        """Tell the KPI log which chunks this frame drew for the first time."""
         for layer in self.layers:
             source = layer.pool.multiscale_info.source
             for chunk in layer.newly_drawn:
-                self.telemetry.event(  # type: ignore[union-attr]
+                self.kpi_log.event(  # type: ignore[union-attr]
                     "drawn", when=when, source=source, level=chunk.level, index=chunk.index
                 )
             layer.newly_drawn.clear()
@@ -1382,8 +1382,8 @@ class Viewer:
         for pool in self._owned_pools:
             pool.destroy()
         self._owned_pools.clear()
-        if self._owned_telemetry is not None:
-            self._owned_telemetry.close()
+        if self._owned_kpi_log is not None:
+            self._owned_kpi_log.close()
         if self._owns_canvas or not self.canvas.get_closed():
             self.canvas.close()
 
