@@ -24,7 +24,7 @@ from .metadata import read_multiscales
 from .pool import ChunkPool
 from .refresh import Changes
 from .retry import RetryPolicy
-from .stats import PoolStats
+from .stats import LinkEstimate, PoolStats
 from .stores import open_node
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "ChunkReadError",
     "ChunkState",
     "EventLoopError",
+    "LinkEstimate",
     "MemoryBudget",
     "MemoryBudgetError",
     "MultiscaleInfo",
