@@ -3,6 +3,8 @@ the estimate of the link to the store (:class:`LinkEstimate`) made from the load
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -12,32 +14,33 @@ __all__ = ["LinkEstimate", "LinkEstimator", "PoolStats", "StatsRecorder"]
 
 #: Number of most recent load latencies the percentiles are computed over.
 LATENCY_WINDOW = 2048
-#: Each busy period of the link weighs this much less at every newer one (the estimate
-#: follows a change of the network within about ten periods).
-LINK_DECAY = 0.9
-#: Busy periods seen before the link has an estimate.
-LINK_MIN_PERIODS = 2
+#: The link is estimated over this many most recent loads.
+LINK_WINDOW = 256
+#: Loads seen before the link has an estimate.
+LINK_MIN_LOADS = 8
+#: Seconds between two fits of the link (when loads came meanwhile).
+LINK_REFIT = 0.05
 
 
 @dataclass(frozen=True)
 class LinkEstimate:
     """What the link to a pool's store achieves, measured on the pool's own loads.
 
-    A *busy period* is a stretch of time during which at least one load was in
-    progress (from its request to its data): the loads of a viewer's jump, requested
-    together, make one. Over the recent periods, their duration is fitted as
-    ``latency + bytes / throughput`` (least squares, newer periods weighing more), so
-    ``throughput`` (bytes fetched per second, encoded, as they crossed the link) is what
-    a batch of concurrent loads achieves together, and ``latency`` (seconds) what any
-    batch costs on top, however small. ``fetched_per_loaded`` is the bytes fetched per
-    byte of decoded data (the compression, absent chunks counting as decoded bytes
-    never fetched), to turn a chunk's decoded size into what it costs to fetch.
+    Loads in flight together share the link, so a load's time from request to data is
+    its latency plus the time the link takes to carry everything delivered meanwhile:
+    its own bytes and those of the loads in flight with it. Over the recent loads,
+    that gives ``throughput`` (bytes fetched per second, encoded, as they crossed the
+    link: what a batch of concurrent loads achieves together, however many are in
+    flight) and ``latency`` (seconds: what any request costs on top, however small).
+    ``fetched_per_loaded`` is the bytes fetched per byte of decoded data (the
+    compression; absent chunks count as decoded bytes never fetched), to turn a
+    chunk's decoded size into what it costs to fetch. ``samples``: the loads fitted.
     """
 
     throughput: float
     latency: float
     fetched_per_loaded: float
-    periods: int
+    samples: int
 
     def seconds(self, nbytes: float) -> float:
         """How long fetching ``nbytes`` (encoded) together should take; 0 for nothing."""
@@ -47,77 +50,73 @@ class LinkEstimate:
 
 
 class LinkEstimator:
-    """Busy periods of the loads (:meth:`record`, O(1) each) and the fit of their
-    durations (:meth:`estimate`). Loads are recorded as they finish, so in order of
-    their end; a load requested before the current period began merges it with the
-    one before (loads requested together and finished apart stay one period)."""
+    """The recent loads (:meth:`record`, O(1) each) and their fit (:meth:`estimate`).
 
-    __slots__ = ("_last", "_open", "_periods", "_sums")
+    A load ``j`` is taken to deliver its bytes evenly over its time from request to
+    data, so a load ``i`` waited for its own bytes and, of every load whose time
+    overlaps its own, the overlapping part: loads requested together that share the
+    link all count for each other, loads one after another do not. The fit costs
+    O(LINK_WINDOW²) (vectorised) and is made again at most every ``LINK_REFIT``
+    seconds, when loads came meanwhile."""
+
+    __slots__ = ("_dirty", "_fit", "_fitted_at", "_loads")
 
     def __init__(self) -> None:
-        # decayed sums over closed periods: weight, bytes, seconds, bytes², bytes x seconds
-        self._sums = [0.0, 0.0, 0.0, 0.0, 0.0]
-        self._periods = 0
-        self._open: list[float] | None = None  # [start, end, bytes] of the current period
-        self._last: list[float] | None = None  # the period before it, not yet added
+        # (request, end, bytes) of the most recent loads
+        self._loads: deque[tuple[float, float, int]] = deque(maxlen=LINK_WINDOW)
+        self._fit: tuple[float, float] | None = None  # (throughput, latency)
+        self._fitted_at = -math.inf  # perf_counter() of the fit
+        self._dirty = False  # loads came since
 
     def record(self, start: float, end: float, nbytes: int) -> None:
         """A load requested at ``start`` finished at ``end`` with ``nbytes`` fetched."""
-        current = self._open
-        if current is not None and start <= current[1]:
-            current[1] = max(current[1], end)
-            current[2] += nbytes
-            if start < current[0]:
-                last = self._last
-                if last is not None and start <= last[1]:  # one period after all
-                    current[0] = min(start, last[0])
-                    current[2] += last[2]
-                    self._last = None
-                else:
-                    current[0] = start
-            return
-        if self._last is not None:
-            self._add(self._last)
-        self._last = current
-        self._open = [start, end, float(nbytes)]
-
-    def _add(self, period: list[float]) -> None:
-        start, end, nbytes = period
-        sums = self._sums
-        for i in range(5):
-            sums[i] *= LINK_DECAY
-        seconds = end - start
-        sums[0] += 1.0
-        sums[1] += nbytes
-        sums[2] += seconds
-        sums[3] += nbytes * nbytes
-        sums[4] += nbytes * seconds
-        self._periods += 1
+        self._loads.append((start, end, nbytes))
+        self._dirty = True
 
     def estimate(self, fetched_per_loaded: float) -> LinkEstimate | None:
-        """The fit over the closed periods and the current one; None before
-        ``LINK_MIN_PERIODS`` periods or before any byte was fetched."""
-        w, x, y, xx, xy = self._sums
-        periods = self._periods
-        for period in (self._last, self._open):
-            if period is not None:
-                seconds = period[1] - period[0]
-                w, x, y = w + 1.0, x + period[2], y + seconds
-                xx, xy = xx + period[2] ** 2, xy + period[2] * seconds
-                periods += 1
-        if periods < LINK_MIN_PERIODS or x <= 0 or y <= 0:
+        """The fit over the recent loads; None before ``LINK_MIN_LOADS`` loads, and
+        while they tell no bandwidth (no bytes, or every load delivering about as much
+        in about as long: then latency and transfer cannot be told apart)."""
+        loads = self._loads
+        n = len(loads)
+        if n < LINK_MIN_LOADS:
             return None
-        mean_x, mean_y = x / w, y / w
-        var = xx / w - mean_x * mean_x
-        cov = xy / w - mean_x * mean_y
-        if var > (0.05 * mean_x) ** 2 and cov > 0:
-            slope = cov / var  # seconds per byte
-            latency = mean_y - slope * mean_x
-            if latency < 0:  # through the origin instead
-                slope, latency = xy / xx, 0.0
-        else:  # periods of one size (or noise): what they took, per byte
-            slope, latency = y / x, 0.0
-        return LinkEstimate(1.0 / slope, latency, fetched_per_loaded, periods)
+        now = time.perf_counter()
+        if self._dirty and now - self._fitted_at >= LINK_REFIT:
+            self._fit = _fit_link(np.array(loads, dtype=float))
+            self._fitted_at, self._dirty = now, False
+        if self._fit is None:
+            return None
+        return LinkEstimate(self._fit[0], self._fit[1], fetched_per_loaded, n)
+
+
+def _fit_link(loads: np.ndarray) -> tuple[float, float] | None:
+    """(throughput, latency) of loads given as rows (request, end, bytes); None if
+    they tell no bandwidth.
+
+    Throughput: the slope of ``seconds`` over ``delivered`` (least squares), where a
+    load delivers its bytes evenly over its time and a load waited for every byte
+    delivered while it was in flight. Latency: each load's time less the time the
+    link took to carry the bytes of the loads that *ended* while it was in flight
+    (itself included), at that throughput; the least of these. Those bytes are at
+    most what the link carried meanwhile, so no load gives less than the latency, and
+    the last load to end of any batch requested together gives it (everything it
+    waited for has ended by then)."""
+    start, end, nbytes = loads[:, 0], loads[:, 1], loads[:, 2]
+    seconds = end - start
+    during = np.minimum(end[:, None], end[None, :]) - np.maximum(start[:, None], start[None, :])
+    share = np.clip(during, 0.0, None) / np.maximum(seconds, 1e-9)[None, :]
+    delivered = (share * nbytes[None, :]).sum(axis=1)
+    mean_b, mean_d = delivered.mean(), seconds.mean()
+    var = ((delivered - mean_b) ** 2).mean()
+    cov = ((delivered - mean_b) * (seconds - mean_d)).mean()
+    if mean_b <= 0 or var <= (0.01 * mean_b) ** 2 or cov <= 0:
+        return None
+    throughput = float(var / cov)
+    ended = (start[None, :] >= start[:, None]) & (end[None, :] <= end[:, None])
+    waited = (ended * nbytes[None, :]).sum(axis=1)
+    latency = max(0.0, float((seconds - waited / throughput).min()))
+    return throughput, latency
 
 
 @dataclass(frozen=True)
