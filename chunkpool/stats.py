@@ -75,15 +75,17 @@ class LinkEstimator:
 
     def estimate(self, fetched_per_loaded: float) -> LinkEstimate | None:
         """The fit over the recent loads; None before ``LINK_MIN_LOADS`` loads, and
-        while they tell no bandwidth (no bytes, or every load delivering about as much
-        in about as long: then latency and transfer cannot be told apart)."""
+        until they tell a bandwidth (not when there were no bytes, or every load
+        delivered about as much in about as long: then latency and transfer cannot be
+        told apart, and the last fit that could stands)."""
         loads = self._loads
         n = len(loads)
         if n < LINK_MIN_LOADS:
             return None
         now = time.perf_counter()
         if self._dirty and now - self._fitted_at >= LINK_REFIT:
-            self._fit = _fit_link(np.array(loads, dtype=float))
+            # loads that tell nothing new (all alike) leave the last fit standing
+            self._fit = _fit_link(np.array(loads, dtype=float)) or self._fit
             self._fitted_at, self._dirty = now, False
         if self._fit is None:
             return None
