@@ -26,7 +26,7 @@ from .metadata import read_multiscales
 from .pool import ChunkPool
 from .refresh import Changes
 from .retry import RetryPolicy
-from .stats import PoolStats
+from .stats import LinkEstimate, PoolStats
 from .stores import open_node
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "DecodeWorkerError",
     "EventLoopError",
     "KpiLog",
+    "LinkEstimate",
     "LoadRecord",
     "MemoryBudget",
     "MemoryBudgetError",

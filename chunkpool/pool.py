@@ -49,7 +49,7 @@ from .refresh import Changes, Watcher, refresh_pool
 from .retry import RetryPolicy
 from .scheduler import Completions, LoadJob, LoadScheduler
 from .source import SHARD_INDEX_CACHE_BYTES, ChunkSource, ShardIndexCache
-from .stats import PoolStats, StatsRecorder
+from .stats import LinkEstimate, PoolStats, StatsRecorder
 from .stores import open_node
 
 __all__ = ["ChunkPool"]
@@ -329,7 +329,27 @@ class ChunkPool:
                 over_budget=self._over_budget,
                 budget_releases=s.budget_releases,
                 memory_budget=None if self._budget is None else self._budget.limit,
+                link=s.link_estimate(),
             )
+
+    @property
+    def link_estimate(self) -> LinkEstimate | None:
+        """What the link to the store achieves (``stats.link``), without the rest of
+        the snapshot: cheap enough to read every frame."""
+        with self._lock:
+            return self._stats.link_estimate()
+
+    def loaded_among(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
+        """Those of ``keys`` whose data the pool holds now (held or cached): what a
+        request would get without a fetch. One hold of the lock."""
+        with self._lock:
+            chunks, cached = self._chunks, self._cache._entries
+            out = set()
+            for key in keys:
+                loc = chunks.get(key)
+                if (loc is not None and loc._state is _LOADED) or key in cached:
+                    out.add(key)
+            return out
 
     # -- handlers -------------------------------------------------------------------
 
@@ -912,7 +932,7 @@ class ChunkPool:
                 self._pending_bytes -= loc._nbytes
                 if loc._state is _LOADED:  # a reload: the stored chunk changed
                     kpis.add(_load_record(job, "reloaded", data, error, now, source))
-                    s.bytes_fetched += job.nbytes_fetched
+                    s.fetched(job.submitted_at, now, job.nbytes_fetched, error is None)
                     self._loaded_one()
                     if error is not None or data is None:
                         # the old data stays; its stamp too, so the next refresh retries
@@ -938,7 +958,7 @@ class ChunkPool:
                 kpis.add(
                     _load_record(job, "failed" if failed else "loaded", data, error, now, source)
                 )
-                s.bytes_fetched += job.nbytes_fetched
+                s.fetched(job.submitted_at, now, job.nbytes_fetched, error is None)
                 handlers: dict[str, Handler] | None = None
                 for r, e in loc._refs.items():
                     if e.load_handler is not None:

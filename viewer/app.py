@@ -64,7 +64,7 @@ from .slicing import Plane
 from .startup import GpuStart, warm_pipelines
 from .state import LayerState, ViewState
 from .textures import TextureBudget
-from .tiling import View, follow_origin
+from .tiling import LINK_BUDGET, View, follow_origin
 
 __all__ = ["Viewer", "is_rgb"]
 
@@ -166,7 +166,10 @@ class Viewer:
     the stores the viewer opens are looked at that often (:meth:`ChunkPool.watch`):
     grown images extend their layers (and the z / t ranges), rewritten chunks reload
     (the old tiles stay until the new ones arrive), and a view at the newest time point
-    follows new ones.
+    follows new ones. ``link_budget`` (seconds): after a move, each layer shows first the
+    level whose missing visible tiles arrive within it over its pool's measured link,
+    then refines to the level of the zoom (and ``bias``), which is what it settles on;
+    None shows that level first whatever the link (see :mod:`viewer.tiling`).
     """
 
     def __init__(
@@ -181,10 +184,14 @@ class Viewer:
         texture_budget: int | TextureBudget | None = None,
         memory_budget: int | MemoryBudget | None = None,
         live: float | None = None,
+        link_budget: float | None = LINK_BUDGET,
         kpi_log: str | os.PathLike[str] | KpiLog | None = None,
         **image_options: Any,
     ):
         self.opened_at = time.perf_counter()
+        #: Seconds within which the first level shown after a move should arrive over
+        #: each layer's link (None: the target level first, whatever the link).
+        self.link_budget = link_budget
         #: The per-chunk KPI log of every pool the viewer opens, with the viewer's own
         #: ``view`` (the view changed) and ``drawn`` (a chunk first on screen) events
         #: (None: none; see :mod:`chunkpool.kpi` and ``zarrscope-report``).
@@ -517,6 +524,7 @@ class Viewer:
             "blending": blending,
             "visible": visible,
             "bias": bias,
+            "link_budget": self.link_budget,
         }
 
     def _attach(self, layer: Layer, pool: ChunkPool, owned: bool) -> Layer:

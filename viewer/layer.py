@@ -38,7 +38,7 @@ from .materials import LabelMaterial, RGBMaterial, rgb_texture_data
 from .slicing import SlicePosition
 from .textures import Candidate, TextureBudget
 from .tileset import ChannelTile, ChunkKey, Tile, TileSet, TileStatus
-from .tiling import View
+from .tiling import LINK_BUDGET, View
 
 __all__ = ["BLENDINGS", "ImageLayer", "LabelsLayer", "Layer"]
 
@@ -94,6 +94,7 @@ class Layer:
         bias: float = 1.0,
         prefetch_ring: int = 1,
         call_later: Callable[[float, Callable[[], None]], object] | None = None,
+        link_budget: float | None = LINK_BUDGET,
         opacity: float = 1.0,
         blending: Blending = "additive",
         visible: bool = True,
@@ -110,6 +111,7 @@ class Layer:
             prefetch_ring=prefetch_ring,
             request_draw=request_draw,
             call_later=call_later,
+            link_budget=link_budget,
         )
         self.textures = textures
         self._request_draw = request_draw

@@ -25,6 +25,7 @@ tiles in view than its budget loads nothing and reports how many
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -35,14 +36,20 @@ from chunkpool import ChunkLocation, ChunkManager, ChunkPool, ChunkState
 
 from .slicing import Plane, SlicePosition
 from .tiling import (
+    LINK_BUDGET,
     PlaneLevel,
     RetrySchedule,
     TileKey,
     View,
+    add_refinement,
+    admit,
+    first_level,
     is_visible_priority,
     plan_tiles,
     plane_levels,
+    refinement,
     slice_prefetch_priority,
+    tile_budget,
     tile_count,
     tiles_to_keep,
     view_complete,
@@ -143,6 +150,7 @@ class TileSet(ChunkManager):
         prefetch_ring: int = 1,
         request_draw: Callable[[], None] = lambda: None,
         call_later: Callable[[float, Callable[[], None]], object] | None = None,
+        link_budget: float | None = LINK_BUDGET,
     ):
         super().__init__(pool)
         self.plane = Plane.of(pool.multiscale_info)
@@ -156,6 +164,10 @@ class TileSet(ChunkManager):
         self.ahead: tuple[SlicePosition, ...] = ()
         self.bias = bias
         self.prefetch_ring = prefetch_ring
+        #: Seconds within which the first level shown for a view should arrive over the
+        #: pool's link (see :func:`~viewer.tiling.first_level`); None: the target level
+        #: first and every tile requested at once, whatever the link.
+        self.link_budget = link_budget
         self.channels = [ChannelTiles(index, visible) for index, visible in channels]
         self._by_index = {ch.index: ch for ch in self.channels}
         self._request_draw = request_draw
@@ -165,6 +177,10 @@ class TileSet(ChunkManager):
         self._drops: list[ChunkKey] = []  # chunks to release at the end of this update
         self._last_state: tuple | None = None
         self.target_level = len(self.levels) - 1
+        #: The level shown first for the current view (the target on a fast link).
+        self.first_level = self.target_level
+        self._link_busy_until = 0.0  # the link's projected end of what was asked
+        self._link_wake: float | None = None  # when to ask for the tiles waiting
         #: Tiles in view at the coarsest level when there are too many to load, else 0.
         self.overflow = 0
         self.view: View | None = None
@@ -212,6 +228,8 @@ class TileSet(ChunkManager):
         due = self.retry.due()
         if due:
             self._retry_chunks(due)
+        if self._link_wake is not None and time.monotonic() >= self._link_wake:
+            self._last_state = None  # the link has room for the next tiles
         if self.pool.memory_budget is not None:  # O(held): only under a budget
             for chunk in self._released_silently():
                 self._ask_again(chunk)
@@ -232,9 +250,83 @@ class TileSet(ChunkManager):
         plan = plan_tiles(
             self.levels, view, target, prefetch_ring=self.prefetch_ring, zoom_in=zoom_in
         )
+        self.first_level = target
+        if self.link_budget is not None and not self.overflow:
+            plan = self._plan_for_link(plan, view, target, self.link_budget)
         for ch in self.channels:
             self._update_channel(ch, plan, view, target)
         self._flush_drops()
+
+    def _plan_for_link(
+        self, plan: dict[TileKey, float], view: View, target: int, budget: float
+    ) -> dict[TileKey, float]:
+        """``plan`` fitted to the pool's link (see :mod:`viewer.tiling`): the visible
+        tiles of the first level and of the refinement added, and of the new tiles only
+        those the link has room for now. Unchanged before any estimate, or when the
+        link carries the whole plan within ``budget``."""
+        self._link_wake = None
+        link = self.pool.link_estimate
+        channels = [ch.index for ch in self.channels if ch.visible]
+        if link is None or not channels:
+            return plan
+        position, levels, plane = self.position, self.levels, self.plane
+        chunks_of: dict[TileKey, set[ChunkKey]] = {}
+
+        def chunks(tile: TileKey) -> set[ChunkKey]:
+            got = chunks_of.get(tile)
+            if got is None:
+                got = chunks_of[tile] = {
+                    ChunkKey(tile[0], plane.chunk_and_selection(*tile, c, position)[0])
+                    for c in channels
+                }
+            return got
+
+        scales = self.pool.multiscale_info.levels
+        chunk_bytes = [
+            math.prod(s.chunk_shape) * s.dtype.itemsize * link.fetched_per_loaded for s in scales
+        ]
+        tile_bytes = [len(chunks((i, 0, 0))) * b for i, b in enumerate(chunk_bytes)]
+        fast = (
+            link.seconds(
+                tile_count(levels[target].tile_range(view.y0, view.y1, view.x0, view.x1))
+                * tile_bytes[target]
+            )
+            <= budget
+        )
+        if fast and link.seconds(len(plan) * max(tile_bytes)) <= budget:
+            return plan  # the link carries it all at once
+        candidates = set(plan)
+        for i in range(target, len(levels)):
+            iy0, iy1, ix0, ix1 = levels[i].tile_range(view.y0, view.y1, view.x0, view.x1)
+            if tile_count((iy0, iy1, ix0, ix1)) <= tile_budget(levels[i], view):
+                candidates.update((i, iy, ix) for iy in range(iy0, iy1) for ix in range(ix0, ix1))
+        loaded = self.pool.loaded_among({c for t in candidates for c in chunks(t)})
+        self.first_level = first_level(
+            levels, view, target, link, tile_bytes, lambda t: chunks(t) <= loaded, budget
+        )
+        add_refinement(plan, levels, view, refinement(self.first_level, target))
+        held_chunks = self._locations
+        now = time.monotonic()
+        if all(loc.loaded or loc.error is not None for loc in held_chunks.values()):
+            self._link_busy_until = now  # nothing in flight
+
+        def held(tile: TileKey) -> bool:
+            return any(ChannelTile(c, position, *tile) in self._by_index[c].tiles for c in channels)
+
+        def cost(tile: TileKey) -> float:
+            return sum(
+                chunk_bytes[c.level]
+                for c in chunks(tile)
+                if c not in loaded and c not in held_chunks
+            )
+
+        plan, self._link_busy_until, wake = admit(
+            plan, held, cost, link, now, self._link_busy_until
+        )
+        self._link_wake = wake
+        if wake is not None and self._call_later is not None:
+            self._call_later(max(0.0, wake - now), self._request_draw)
+        return plan
 
     def status(self) -> TileStatus:
         """How far the visible tiles of the current level have got. Counts the held

@@ -16,6 +16,19 @@ plan for a view holds, with a priority each (lower loads sooner):
 While a view's target tiles load, the tiles shown before stay (:func:`tiles_to_keep`),
 so that nothing goes blank or flashes when the level changes.
 
+**A level chosen for the link.** The target level (the *ideal* one, from the zoom and
+the bias) is what a view settles on, always. With an estimate of the link to the store
+(:class:`chunkpool.LinkEstimate`: throughput and latency, measured by the pool), what is
+shown *first* is the finest level whose missing visible bytes arrive within a time
+budget (:func:`first_level`, ``LINK_BUDGET``: what is loaded or cached is free), then
+the level just above the ideal one (at most 2x blurred, a third of the ideal's bytes or
+less), then the ideal level (:func:`refinement`). Their visible tiles come before the
+ideal's (:func:`add_refinement`), and the link carries them in that order: new tiles
+are requested in priority order, paced to keep the link just busy (:func:`admit`),
+since loads in flight together share the link and would all arrive late. On a fast
+link (or before any estimate) the ideal level is shown first and everything is
+requested at once: as without it.
+
 **Cost and the tile budget.** Planning costs O(tiles on screen), whatever the size of the
 image: tile ranges are computed arithmetically (:meth:`PlaneLevel.tile_range`,
 :func:`tile_count`) and only ranges that fit a level's *tile budget* are ever enumerated.
@@ -60,9 +73,10 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from chunkpool import MultiscaleInfo
+from chunkpool import LinkEstimate, MultiscaleInfo
 
 __all__ = [
+    "LINK_BUDGET",
     "MAX_DENSITY",
     "MAX_TILES",
     "ORIGIN_SLACK",
@@ -74,12 +88,16 @@ __all__ = [
     "TileKey",
     "TooManyTilesError",
     "View",
+    "add_refinement",
+    "admit",
     "choose_level",
     "eviction_order",
+    "first_level",
     "follow_origin",
     "is_visible_priority",
     "plan_tiles",
     "plane_levels",
+    "refinement",
     "slice_prefetch_priority",
     "tile_budget",
     "tile_count",
@@ -107,6 +125,14 @@ RESIDENT_TILES = 64
 
 #: The render origin moves once the view's centre is this many view sizes away.
 ORIGIN_SLACK = 16.0
+
+#: Seconds within which the first level shown for a view should arrive (the default).
+LINK_BUDGET = 0.25
+#: New tiles are asked for while the link is projected busy for less than this many
+#: latencies (to keep it busy while a new request waits out its latency) plus
+#: ``LINK_WINDOW_SLACK`` seconds (the frame or so before the viewer asks again).
+LINK_WINDOW_LATENCIES = 1.5
+LINK_WINDOW_SLACK = 0.05
 
 TileRange = tuple[int, int, int, int]  # [iy0, iy1) x [ix0, ix1)
 
@@ -226,6 +252,114 @@ def choose_level(levels: Sequence[PlaneLevel], view: View, bias: float = 1.0) ->
         if level.pixel_size <= limit:
             best = i
     return best
+
+
+def first_level(
+    levels: Sequence[PlaneLevel],
+    view: View,
+    ideal: int,
+    link: LinkEstimate | None,
+    tile_bytes: Sequence[float],
+    present: Callable[[TileKey], bool],
+    budget: float = LINK_BUDGET,
+) -> int:
+    """The level to show first for ``view``: the finest from ``ideal`` up whose missing
+    visible tiles arrive within ``budget`` seconds over ``link``, else the coarsest.
+
+    ``tile_bytes[level]`` is what fetching one tile of a level costs (encoded bytes,
+    every channel shown), ``present(key)`` whether a tile needs no fetch (loaded or
+    cached: free). Without an estimate, the ideal level (as if the link were fast). A
+    level with more tiles in view than its budget is skipped (never loaded). Costs
+    O(1) per level whose tiles all fit the budget even if none is present, else
+    O(its tiles in view), coarser levels having ever fewer.
+    """
+    if link is None:
+        return ideal
+    rect = (view.y0, view.y1, view.x0, view.x1)
+    for i in range(ideal, len(levels)):
+        level = levels[i]
+        tiles = level.tile_range(*rect)
+        if not _fits(level, view, tiles):
+            continue
+        if link.seconds(tile_count(tiles) * tile_bytes[i]) <= budget:
+            return i  # even with nothing present
+        iy0, iy1, ix0, ix1 = tiles
+        missing = sum(
+            1 for iy in range(iy0, iy1) for ix in range(ix0, ix1) if not present((i, iy, ix))
+        )
+        if link.seconds(missing * tile_bytes[i]) <= budget:
+            return i
+    return len(levels) - 1
+
+
+def refinement(first: int, ideal: int) -> tuple[int, ...]:
+    """The levels coarser than ``ideal`` shown on the way to it, coarsest first: the
+    ``first`` level (:func:`first_level`), then the one just above the ideal, which
+    shows the view at most 2x blurred for about a third of the ideal's bytes (the
+    levels between would cost more than they show). Empty when ``first`` is ideal."""
+    if first <= ideal:
+        return ()
+    return (first,) if first == ideal + 1 else (first, ideal + 1)
+
+
+def add_refinement(
+    plan: dict[TileKey, float], levels: Sequence[PlaneLevel], view: View, stages: Iterable[int]
+) -> None:
+    """Add to ``plan`` the visible tiles of each level of ``stages`` (:func:`refinement`)
+    as visible tiles: coarser levels first, before the target's, nearer the focus
+    first. A level whose tiles in view exceed its budget is left out."""
+    coarsest = len(levels) - 1
+    rect = (view.y0, view.y1, view.x0, view.x1)
+    for i in stages:
+        level = levels[i]
+        tiles = level.tile_range(*rect)
+        if _fits(level, view, tiles):
+            _add_tiles(plan, level, tiles, VISIBLE, coarsest - i, view.focus, view.pixel_size)
+
+
+def admit(
+    plan: Mapping[TileKey, float],
+    held: Callable[[TileKey], bool],
+    cost: Callable[[TileKey], float],
+    link: LinkEstimate,
+    now: float,
+    busy_until: float,
+) -> tuple[dict[TileKey, float], float, float | None]:
+    """The part of ``plan`` to hold now on ``link``, paced: ``(plan part, busy_until,
+    when to call again)``.
+
+    ``busy_until`` is when the link is projected to have carried everything asked of
+    it so far (``now`` or earlier if nothing is in flight). The tiles already ``held``
+    stay; the new ones are taken in priority order while the projection is less than
+    ``LINK_WINDOW_LATENCIES`` latencies plus ``LINK_WINDOW_SLACK`` seconds ahead of
+    ``now`` (what keeps the link busy while a new request waits out its latency), each
+    moving it by its ``cost`` (bytes) over the throughput, starting a latency from now
+    at the earliest. A new tile that costs nothing (loaded, cached) is always taken.
+    The rest waits: the third value is when to call again (None if nothing waits).
+    Loads in flight together share the link and end together, so asking for
+    everything at once would delay the most urgent to the end; asking in time, in
+    order, keeps the link busy and the order. Costs O(plan log plan).
+    """
+    out: dict[TileKey, float] = {}
+    new: list[tuple[float, TileKey]] = []
+    for key, priority in plan.items():
+        if held(key):
+            out[key] = priority
+        else:
+            new.append((priority, key))
+    new.sort()
+    ahead = LINK_WINDOW_LATENCIES * link.latency + LINK_WINDOW_SLACK
+    wake: float | None = None
+    for priority, key in new:
+        c = cost(key)
+        if c <= 0:
+            out[key] = priority
+        elif wake is None and busy_until - now < ahead:
+            out[key] = priority
+            busy_until = max(busy_until, now + link.latency) + c / link.throughput
+        elif wake is None:
+            wake = busy_until - ahead  # nothing less urgent overtakes it
+    return out, busy_until, wake
 
 
 def follow_origin(origin: tuple[float, float], view: View) -> tuple[float, float]:

@@ -3,7 +3,8 @@
 :class:`ZarrHTTPServer` serves one directory read-only on 127.0.0.1 and an ephemeral port. It
 behaves like a plain object-store front end (keep-alive, single byte ranges, 404 for anything
 that is not a file) and lets a test make it slow (:attr:`~ZarrHTTPServer.latency`), thin
-(:attr:`~ZarrHTTPServer.bandwidth`) or broken (:meth:`~ZarrHTTPServer.add_fault`) at runtime,
+(:attr:`~ZarrHTTPServer.bandwidth`: one link shared by all responses) or broken
+(:meth:`~ZarrHTTPServer.add_fault`) at runtime,
 while it records every request so a test can count what a client actually asked for, how many
 bytes crossed the wire and whether responses were still being written after the client gave up.
 
@@ -49,6 +50,11 @@ FaultKind = Literal["403", "500", "503", "reset", "stall", "truncated"]
 _FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
 _STOP_JOIN_TIMEOUT = 1.0  # seconds stop() waits for each group of threads
 _POLL_INTERVAL = 0.05  # seconds between checks of the stop flag in serve_forever and stalls
+# A paced body crosses the link in pieces of about 1/_PIECES_PER_SECOND s of its bandwidth
+# (so concurrent responses interleave finely), within these sizes (bytes).
+_PIECES_PER_SECOND = 200
+_MIN_PIECE = 256
+_MAX_PIECE = 64 * 1024
 
 
 @dataclass(eq=False)
@@ -279,25 +285,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _write_body(self, body: bytes, bandwidth: float | None, out: _Outcome) -> None:
+        """Write the body; with a bandwidth, in pieces paced by the server's one link."""
         view = memoryview(body)
         if bandwidth is None:
             self.wfile.write(view)
             self.server._count_bytes(len(view), out)
             return
-        piece = max(1, min(64 * 1024, int(bandwidth / 20)))
-        t0 = time.monotonic()
+        piece = max(_MIN_PIECE, min(_MAX_PIECE, int(bandwidth / _PIECES_PER_SECOND)))
         for offset in range(0, len(view), piece):
             if offset and self._client_gone():
                 out.client_disconnected = True
                 self.close_connection = True
                 return
             chunk = view[offset : offset + piece]
-            self.wfile.write(chunk)
-            self.server._count_bytes(len(chunk), out)
-            delay = t0 + (offset + len(chunk)) / bandwidth - time.monotonic()
+            # the piece is on the client's side once the link has carried it
+            delay = self.server._link_reserve(len(chunk), bandwidth) - time.monotonic()
             if delay > 0 and self.server._stopping.wait(delay):
                 self.close_connection = True
                 return
+            self.wfile.write(chunk)
+            self.server._count_bytes(len(chunk), out)
 
     def _client_gone(self) -> bool:
         """True if the peer has closed or reset its end (EOF or error pending on the socket)."""
@@ -386,6 +393,7 @@ class ZarrHTTPServer(ThreadingHTTPServer):
         self._stopping = threading.Event()
         self._latency = 0.0
         self._bandwidth: float | None = None
+        self._link_free_at = 0.0  # when the link has carried every piece handed to it
         self.latency = latency  # validate before binding, so a bad argument leaks no socket
         self.bandwidth = bandwidth
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -470,7 +478,9 @@ class ZarrHTTPServer(ThreadingHTTPServer):
 
     @property
     def bandwidth(self) -> float | None:
-        """Per-response body rate limit in bytes/s (``None`` for unlimited)."""
+        """The link's rate in body bytes/s (``None`` for unlimited), shared by every
+        response in flight, as one network link is: N concurrent responses get about
+        1/N of it each (their pieces take turns), and together never more than it."""
         with self._lock:
             return self._bandwidth
 
@@ -625,6 +635,19 @@ class ZarrHTTPServer(ThreadingHTTPServer):
             if self.stall_release.wait(_POLL_INTERVAL):
                 return True
         return False
+
+    def _link_reserve(self, nbytes: int, bandwidth: float) -> float:
+        """Queue ``nbytes`` on the shared link; the monotonic time they have crossed it.
+
+        Pieces cross one after another in the order they are queued (a response queues
+        its next piece only once its last one has crossed, so concurrent responses take
+        turns); an idle link starts at once (no burst is saved up while idle). The wait
+        this implies is at most one piece per response in flight.
+        """
+        with self._lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + nbytes / bandwidth
+            return self._link_free_at
 
     def _count_bytes(self, n: int, out: _Outcome) -> None:
         out.bytes_sent += n

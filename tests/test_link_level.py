@@ -1,0 +1,330 @@
+"""A level chosen for the link: the pool's link estimate, the shaped test server, and
+the viewer's choice of the first level to show (pure logic) and its settled picture.
+
+The shaped server (``ZarrHTTPServer(bandwidth=..., latency=...)``) is one link shared by
+every response in flight, as a network is; the pool measures what its loads achieve over
+it (``pool.stats.link``); the tile set shows first the level whose missing visible bytes
+arrive within a time budget, then refines, and settles on exactly the ideal level.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from conftest import make_array
+from support.httpserver import ZarrHTTPServer
+from support.images import expected_view, noise_image, region_world, write_pyramid
+
+from chunkpool import ChunkPool, LinkEstimate
+from chunkpool.stats import LinkEstimator
+from viewer.tiling import (
+    PlaneLevel,
+    TileKey,
+    View,
+    add_refinement,
+    admit,
+    choose_level,
+    first_level,
+    is_visible_priority,
+    plan_tiles,
+    refinement,
+    tiles_in_view,
+)
+
+# -- the shaped server: one link for all ----------------------------------------------------
+
+
+def test_bandwidth_is_one_link_shared_by_concurrent_responses(tmp_path: Path) -> None:
+    """Four concurrent 100 kB responses through a 400 kB/s link take 1 s together (a
+    per-connection limit would let each take 0.25 s), and share it: none is done
+    before most of the total has crossed."""
+    (tmp_path / "blob.bin").write_bytes(bytes(100_000))
+    ends: list[float] = []
+    with ZarrHTTPServer(tmp_path, bandwidth=400_000) as server:
+
+        def get() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+            conn.request("GET", "/blob.bin")
+            assert len(conn.getresponse().read()) == 100_000
+            ends.append(time.monotonic())
+            conn.close()
+
+        threads = [threading.Thread(target=get) for _ in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert server.wait_idle(10)
+        assert server.bytes_sent == 400_000
+    assert len(ends) == 4
+    assert max(ends) - started >= 0.95  # 400 kB at 400 kB/s, never less
+    assert min(ends) - started >= 0.7  # taking turns, not one after the other
+
+
+def test_stop_cuts_paced_responses_short(tmp_path: Path) -> None:
+    """A link busy for a minute (many slow responses queued on it) stops at once."""
+    (tmp_path / "blob.bin").write_bytes(bytes(200_000))
+    server = ZarrHTTPServer(tmp_path, bandwidth=20_000)
+    server.start()
+    conns = []
+    for _ in range(6):
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("GET", "/blob.bin")
+        conns.append(conn)
+    deadline = time.monotonic() + 10
+    while server.in_flight < 6 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert server.in_flight == 6
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5  # not the minute the bodies would take
+    assert server.in_flight == 0
+    for conn in conns:
+        conn.close()
+
+
+# -- the link estimate ------------------------------------------------------------------------
+
+
+def fair_share(est: LinkEstimator, t: float, n: int, nbytes: int, rate: float, lat: float) -> float:
+    """Record ``n`` loads of ``nbytes`` requested together at ``t`` on a link of
+    ``rate`` shared evenly (each gets rate / n: they all end together); their end."""
+    end = t + lat + n * nbytes / rate
+    for _ in range(n):
+        est.record(t, end, nbytes)
+    return end
+
+
+def test_estimator_finds_latency_and_throughput() -> None:
+    """Batches of 1 to 16 loads requested together on a 1 MB/s, 50 ms link shared by
+    the loads in flight: both numbers come back, though no load took only the
+    latency and each took longer the more shared the link."""
+    est = LinkEstimator()
+    t = 0.0
+    for n in (1, 8, 3, 16, 2, 4):
+        t = fair_share(est, t, n, 100_000, 1e6, 0.05) + 1.0  # idle between batches
+    link = est.estimate(0.5)
+    assert link is not None
+    assert link.samples == 34
+    assert link.throughput == pytest.approx(1e6, rel=0.01)
+    assert link.latency == pytest.approx(0.05, rel=0.01)
+    assert link.fetched_per_loaded == 0.5
+    assert link.seconds(200_000) == pytest.approx(0.25, rel=0.01)
+    assert link.seconds(0) == 0.0
+
+
+def test_estimator_counts_loads_in_flight_together_not_one_after_another() -> None:
+    """A pipeline of single loads, each requested as the one before ends, on a
+    2 MB/s, 100 ms link: the link is not shared, and the fit says so."""
+    est = LinkEstimator()
+    t = 0.0
+    for i in range(40):
+        nbytes = 50_000 * (1 + i % 4)
+        t = fair_share(est, t, 1, nbytes, 2e6, 0.1)
+    link = est.estimate(1.0)
+    assert link is not None
+    assert link.throughput == pytest.approx(2e6, rel=0.01)
+    assert link.latency == pytest.approx(0.1, rel=0.01)
+
+
+def test_no_estimate_before_loads_tell_the_bandwidth() -> None:
+    est = LinkEstimator()
+    assert est.estimate(1.0) is None
+    for i in range(20):
+        est.record(i, i + 0.1, 100)  # all alike: latency or transfer, no telling
+    assert est.estimate(1.0) is None
+
+
+@pytest.fixture
+def noise_array(tmp_path: Path) -> Path:
+    """64 incompressible chunks of 32 kB (uint8 noise, no compression)."""
+    data = np.random.default_rng(0).integers(0, 256, (8 * 128, 8 * 256), dtype=np.uint8)
+    make_array(tmp_path / "noise.zarr", data, (128, 256), compressors=None)
+    return tmp_path
+
+
+def test_pool_measures_the_shaped_link(noise_array: Path) -> None:
+    """Over a 2 MB/s, 100 ms link, batches of 1 to 16 concurrent loads: the pool's
+    estimate is the link's, within a factor."""
+    with ZarrHTTPServer(noise_array) as server:
+        (pool,) = ChunkPool.from_zarr_node(f"{server.url}/noise.zarr")
+        try:
+            assert pool.stats.link is None  # nothing loaded yet
+            server.latency, server.bandwidth = 0.1, 2e6
+            indices = list(pool.multiscale_info.levels[0].iter_chunk_indices())
+            for n in (1, 16, 4, 12, 2):
+                batch, indices = indices[:n], indices[n:]
+                for index in batch:
+                    pool.get_chunk(0, index)
+                pool.wait_for_chunks_to_load(timeout=60)
+            link = pool.stats.link
+            assert isinstance(link, LinkEstimate)
+            assert link == pool.link_estimate
+            assert 2e6 / 1.5 <= link.throughput <= 2e6 * 1.5
+            assert 0.05 <= link.latency <= 0.4
+            assert link.fetched_per_loaded == pytest.approx(1.0)  # no compression
+        finally:
+            pool.destroy()
+
+
+def test_loaded_among_counts_held_and_cached(noise_array: Path) -> None:
+    node = zarr.open_array(noise_array / "noise.zarr", mode="r")
+    (pool,) = ChunkPool.from_zarr_node(node, cache_size=8)
+    try:
+        pool.get_chunk(0, (0, 0), ref="a")
+        pool.get_chunk(0, (0, 1), ref="a")
+        pool.wait_for_chunks_to_load()
+        pool.drop_chunk(0, (0, 1), ref="a")  # cached now
+        keys = [(0, (0, 0)), (0, (0, 1)), (0, (0, 2))]
+        assert pool.loaded_among(keys) == {(0, (0, 0)), (0, (0, 1))}
+    finally:
+        pool.destroy()
+
+
+# -- the level shown first (pure logic) -------------------------------------------------------
+
+TILE = 100_000  # bytes of one tile on the wire
+
+
+def pyramid(size: int = 8192, chunk: int = 256, n: int = 6) -> list[PlaneLevel]:
+    """Block-mean pyramid: level L pixel j centre at 2**L * j + (2**L - 1) / 2."""
+    return [
+        PlaneLevel(
+            level=lv,
+            shape=(size >> lv, size >> lv),
+            chunk=(chunk, chunk),
+            scale=(2.0**lv, 2.0**lv),
+            offset=((2**lv - 1) / 2, (2**lv - 1) / 2),
+        )
+        for lv in range(n)
+    ]
+
+
+#: A 1920 x 1080 view at 1:1 (ideal level 0: 8 x 5 tiles of 256²).
+LEVELS = pyramid()
+VIEW = View(1023.5, 1023.5, 1023.5 + 1920, 1023.5 + 1080, 1920, 1080)
+IDEAL = choose_level(LEVELS, VIEW)
+BYTES = [TILE] * len(LEVELS)
+
+
+def nothing(key: TileKey) -> bool:
+    return False
+
+
+def test_fast_link_shows_the_ideal_level_at_once() -> None:
+    fast = LinkEstimate(1e9, 0.001, 1.0, 100)  # 40 tiles: 4 ms
+    assert IDEAL == 0
+    assert first_level(LEVELS, VIEW, IDEAL, fast, BYTES, nothing) == IDEAL
+    assert refinement(IDEAL, IDEAL) == ()
+
+
+def test_no_estimate_behaves_as_before() -> None:
+    assert first_level(LEVELS, VIEW, IDEAL, None, BYTES, nothing) == IDEAL
+
+
+def test_slow_link_shows_a_coarser_level_first_within_the_budget() -> None:
+    """At 2 MB/s with 100 ms latency, 250 ms carry 3 tiles: level 4 is the finest whose
+    tiles in view arrive in time (level 3 has 2 x 2 here); then level 1, then 0."""
+    slow = LinkEstimate(2e6, 0.1, 1.0, 100)
+    first = first_level(LEVELS, VIEW, IDEAL, slow, BYTES, nothing)
+    for level in range(IDEAL, first):  # every finer level would be late
+        assert slow.seconds(tiles_in_view(LEVELS[level], VIEW) * TILE) > 0.25
+    assert slow.seconds(tiles_in_view(LEVELS[first], VIEW) * TILE) <= 0.25
+    assert tiles_in_view(LEVELS[3], VIEW) == 4
+    assert first == 4
+    assert refinement(first, IDEAL) == (4, 1)
+    # a budget of 1 s buys level 1 at once: no step between it and the ideal
+    assert first_level(LEVELS, VIEW, IDEAL, slow, BYTES, nothing, budget=1.0) == 1
+    assert refinement(1, IDEAL) == (1,)
+
+
+def test_cached_tiles_are_free() -> None:
+    """With the ideal level's tiles in view all loaded or cached, even a slow link
+    shows it at once; with all but two, those two decide."""
+    slow = LinkEstimate(2e6, 0.1, 1.0, 100)
+    iy0, iy1, ix0, ix1 = LEVELS[0].tile_range(VIEW.y0, VIEW.y1, VIEW.x0, VIEW.x1)
+    ideal_tiles = [(0, iy, ix) for iy in range(iy0, iy1) for ix in range(ix0, ix1)]
+    assert first_level(LEVELS, VIEW, IDEAL, slow, BYTES, set(ideal_tiles).__contains__) == 0
+    almost = set(ideal_tiles[2:])
+    assert first_level(LEVELS, VIEW, IDEAL, slow, BYTES, almost.__contains__) == 0  # 200 ms
+    fewer = set(ideal_tiles[4:])
+    assert first_level(LEVELS, VIEW, IDEAL, slow, BYTES, fewer.__contains__) > 0  # 300 ms
+
+
+def test_refinement_tiles_come_before_the_ideal_ones() -> None:
+    plan = plan_tiles(LEVELS, VIEW, IDEAL)
+    add_refinement(plan, LEVELS, VIEW, (3, 1))
+    by_priority = sorted(plan, key=plan.get)
+    levels_in_order = [key[0] for key in by_priority if is_visible_priority(plan[key])]
+    # coarsest (the fallback), then 3, then 1, then the ideal level 0
+    assert levels_in_order == sorted(levels_in_order, reverse=True)
+    assert {3, 1, 0} <= set(levels_in_order)
+
+
+def test_admit_paces_new_tiles_in_priority_order() -> None:
+    """The link is kept busy a little ahead (1.5 latencies + 50 ms), in priority order:
+    no less urgent tile overtakes one that waits; held tiles stay, free ones go."""
+    link = LinkEstimate(1e6, 0.1, 1.0, 100)
+    plan = {(0, 0, i): float(i) for i in range(10)}
+    held = {(0, 0, 9)}
+    free = {(0, 0, 8)}
+
+    def cost(key: TileKey) -> float:
+        return 0.0 if key in free else 50_000.0  # 50 ms each
+
+    part, busy, wake = admit(plan, held.__contains__, cost, link, now=10.0, busy_until=10.0)
+    # tile 0 ends at 10.15 (a latency, then 50 ms), tile 1 at 10.2: 0.2 s ahead, full
+    assert sorted(part) == [(0, 0, 0), (0, 0, 1), (0, 0, 8), (0, 0, 9)]
+    assert busy == pytest.approx(10.2)
+    assert wake == pytest.approx(10.0)  # as soon as the link has carried anything
+    # later, as the link drains, the next ones in order
+    part, busy, wake = admit(plan, set(part).__contains__, cost, link, now=10.1, busy_until=busy)
+    assert (0, 0, 2) in part and (0, 0, 3) in part and (0, 0, 4) not in part
+    assert busy == pytest.approx(10.3)
+    # a fast link takes everything at once
+    fast = LinkEstimate(1e12, 0.0, 1.0, 100)
+    assert admit(plan, held.__contains__, cost, fast, 0.0, 0.0)[0] == plan
+
+
+# -- the settled picture ----------------------------------------------------------------------
+
+SIZE = (240, 160)
+
+
+def test_settled_picture_is_the_ideal_level_exactly(
+    tmp_path: Path, make_viewer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a link estimated slow, a jump shows a coarser level first; once settled the
+    picture is exactly the ideal level's (numpy ground truth), the same as with the
+    level chosen without the link."""
+    pyramid_ = write_pyramid(
+        tmp_path / "noise.ome.zarr", noise_image((2048, 2048)), chunks=(64, 64), n_levels=5
+    )
+    slow = LinkEstimate(400_000, 0.05, 1.0, 100)  # 4 kB tiles: 250 ms carry 50 of them
+    monkeypatch.setattr(ChunkPool, "link_estimate", property(lambda self: slow))
+    region = (1000, 600, 1000 + SIZE[0], 600 + SIZE[1])  # 1:1: level 0, 5 x 4 tiles
+    shots = {}
+    for budget in (0.0005, None):
+        viewer = make_viewer(str(pyramid_.path), colormap="gray", clim=(0, 255), link_budget=budget)
+        assert viewer.wait_settled(30)
+        viewer.show_region(*region)
+        viewer.refresh()
+        tiles = viewer.layer.tiles
+        if budget is not None:  # 0.5 ms buys no fetch: a level already loaded first
+            assert tiles.first_level > tiles.target_level == 0
+        else:
+            assert tiles.first_level == tiles.target_level == 0
+        assert viewer.wait_settled(30)
+        shots[budget] = viewer.screenshot()[..., 0].astype(np.int64)
+        assert viewer.layer.tiles.first_level == 0
+    expected = expected_view(pyramid_, 0, region_world(pyramid_, region), SIZE)
+    assert (np.abs(expected - shots[None][None]) == 0).any(axis=0).all()
+    np.testing.assert_array_equal(shots[0.0005], shots[None])
