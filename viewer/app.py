@@ -58,6 +58,7 @@ from .hud import Hud, HudInfo, LayerSummary, hud_lines, scale_bar
 from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
 from .playback import Playback, prefetch_depth
+from .prediction import MAX_STOP_GAP, MotionPredictor
 from .slicing import Plane
 from .state import LayerState, ViewState
 from .textures import TextureBudget
@@ -67,8 +68,6 @@ __all__ = ["Viewer", "is_rgb"]
 
 logger = logging.getLogger("zarrscope")
 
-#: How long after a zoom-in step the next finer level keeps being prefetched.
-ZOOM_PREFETCH_SECONDS = 0.6
 #: Wheel zoom: the view shrinks by 2 for this many units of wheel delta.
 WHEEL_UNITS_PER_DOUBLING = 500.0
 #: A press and release this close (logical px) is a click, not a drag.
@@ -302,8 +301,9 @@ class Viewer:
         self._shown: tuple | None = None  # the view last drawn
         self._view_changed_at: float | None = None  # when it was first drawn, until settled
         self.last_settle_seconds: float | None = None
-        self._last_width: float | None = None
-        self._zoom_in_until = 0.0
+        #: Extrapolates the camera's motion for prefetch (None: no predicted prefetch).
+        self.motion: MotionPredictor | None = MotionPredictor()
+        self._motion_check = False  # a frame is asked for to see the prediction end
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
         self._drag: tuple[float, float, float, float] | None = None  # start x, y; last x, y
         self.renderer.add_event_handler(
@@ -974,18 +974,12 @@ class Viewer:
         self._run_handlers()
         self._step_playback()
         view = self.view()
-        width = view.x1 - view.x0
-        if self._last_width is not None and width < self._last_width * 0.999:
-            self._zoom_in_until = started + ZOOM_PREFETCH_SECONDS
-        elif self._last_width is not None and width > self._last_width * 1.001:
-            self._zoom_in_until = 0.0  # zooming out: the finer level is not wanted
-        self._last_width = width
-        zoom_in = started < self._zoom_in_until
+        path = self._predicted_path(view, started)
         for layer in self.layers:
-            layer.update(view, zoom_in=zoom_in)
+            layer.update(view, path=path)
         if self._run_handlers():  # chunks the update found in the pool's cache: show them
             for layer in self.layers:  # now, and let what they replace go
-                layer.update(view, zoom_in=zoom_in)
+                layer.update(view, path=path)
         self._origin = follow_origin(self._origin, view)
         ox, oy = self._origin
         self._world.local.position = (-ox, -oy, 0)
@@ -995,6 +989,26 @@ class Viewer:
         self.textures.frame += 1
         self.textures.enforce()
         return view
+
+    def _predicted_path(self, view: View, now: float) -> tuple[tuple[float, View], ...]:
+        """Feed the camera to the motion predictor; the views it expects (see
+        :mod:`viewer.prediction`). While there are some, a frame is asked for once the
+        motion may have stopped, so that a wrong prediction is dropped even if nothing
+        else draws."""
+        if self.motion is None:
+            return ()
+        cam = self.camera
+        self.motion.observe(now, cam.x, cam.y, cam.width)
+        motion = self.motion.predict(now)
+        path = () if motion is None else motion.path(view, now)
+        if path and not self._motion_check and self._loop is not None:
+            self._motion_check = True
+            self._loop.call_later(MAX_STOP_GAP, self._check_motion)
+        return path
+
+    def _check_motion(self) -> None:
+        self._motion_check = False
+        self._request_draw()
 
     def _draw(self) -> None:
         if self._closed:

@@ -230,9 +230,10 @@ class Layer:
 
     # -- per frame ------------------------------------------------------------------
 
-    def update(self, view: View, *, zoom_in: bool = False) -> None:
-        """Bring the held tiles in line with ``view`` (see :class:`TileSet`)."""
-        self.tiles.update(view, zoom_in=zoom_in)
+    def update(self, view: View, *, path: tuple[tuple[float, View], ...] = ()) -> None:
+        """Bring the held tiles in line with ``view`` and the predicted ``path`` (see
+        :class:`TileSet`)."""
+        self.tiles.update(view, path=path)
 
     def status(self) -> TileStatus:
         return self.tiles.status()
