@@ -67,9 +67,12 @@ def last(frames: Iterator[Any]) -> Any:
 
 def test_constant_velocity_is_followed_up_to_the_longest_horizon() -> None:
     """A steady pan (half a view per second), sampled at 60 Hz with 3 ms of jitter:
-    the prediction carries on at that speed, as far ahead as it looks at all."""
+    the prediction carries on at that speed, as far ahead as the pan has lasted, up
+    to the longest horizon."""
+    young = last(drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.5, jitter=0.003, seed=1))[2]
+    assert young is not None and young.horizon == pytest.approx(0.5, abs=0.05)
     t, (x, _, _), motion = last(
-        drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.5, jitter=0.003, seed=1)
+        drive(lambda t: (500.0 * t, 20.0, WIDTH), 1.2, jitter=0.003, seed=1)
     )
     assert motion is not None
     assert motion.vx == pytest.approx(500.0, rel=0.1) and abs(motion.vy) < 25
@@ -87,13 +90,13 @@ def test_a_fast_pan_is_followed_at_most_a_bounded_distance() -> None:
     t, (x, _, _), motion = last(drive(lambda t: (10 * WIDTH * t, 0.0, WIDTH), 0.4))
     assert motion is not None and motion.horizon < MIN_HORIZON
     end, _, _ = motion.at(t + 10.0)
-    assert 1.5 * WIDTH < end - x <= MAX_LEAD * WIDTH + 1e-6
+    assert 0.75 * MAX_LEAD * WIDTH < end - x <= MAX_LEAD * WIDTH + 1e-6
 
 
 def test_a_flick_that_stops_collapses_the_prediction() -> None:
     """A fast pan that stops dead: within a few frames of the stop nothing is predicted
-    any more; a flick that runs out (ease-out) is predicted to stop about where it does,
-    not a constant-velocity horizon further."""
+    any more; a flick that runs out (ease-out) is never predicted to go much further
+    than where it stops, and once it brakes, about there."""
     stop = 0.3
     frames = list(drive(lambda t: (3000.0 * min(t, stop), 0.0, WIDTH), 0.6))
     moving = [m for t, _, m in frames if 0.1 < t < stop]
@@ -107,11 +110,12 @@ def test_a_flick_that_stops_collapses_the_prediction() -> None:
         s = min(t, 0.5)
         return 3000.0 * (s - s * s), 0.0, WIDTH  # v = 3000 (1 - 2t): stops at 0.5, x = 750
 
-    ends = []
+    ends = {}
     for t, _, m in drive(ease_out, 0.45):
-        if m is not None and t > 0.1:
-            ends.append(m.at(t + 10.0)[0])
-    assert ends and all(abs(e - 750.0) < 0.15 * WIDTH for e in ends), ends
+        if m is not None:
+            ends[t] = m.at(t + 10.0)[0]
+    assert ends and all(e < 750.0 + 0.1 * WIDTH for e in ends.values()), ends
+    assert all(abs(e - 750.0) < 0.1 * WIDTH for t, e in ends.items() if t > 0.25), ends
 
 
 def test_a_zig_zag_turn_drops_the_old_direction_at_once() -> None:
@@ -139,11 +143,11 @@ def test_a_zig_zag_turn_drops_the_old_direction_at_once() -> None:
 def test_zoom_in_and_out_extrapolate_log_width() -> None:
     """Zooming in at one doubling a second predicts a narrower view at that rate;
     zooming out, a wider one; the centre moves with the cursor-anchored drift."""
-    t, (x, _, w), zoom_in = last(drive(lambda t: (100.0 * t, 0.0, WIDTH * 2 ** (-t)), 0.4))
+    t, (x, _, w), zoom_in = last(drive(lambda t: (100.0 * t, 0.0, WIDTH * 2 ** (-t)), 0.8))
     assert zoom_in is not None and zoom_in.rate == pytest.approx(-math.log(2), rel=0.05)
     ex, _, ew = zoom_in.at(t + 0.5)
     assert ew == pytest.approx(w * 2**-0.5, rel=0.05) and ex == pytest.approx(x + 50, abs=10)
-    t, (_, _, w), zoom_out = last(drive(lambda t: (0.0, 0.0, WIDTH * 2**t), 0.4))
+    t, (_, _, w), zoom_out = last(drive(lambda t: (0.0, 0.0, WIDTH * 2**t), 0.8))
     assert zoom_out is not None and zoom_out.at(t + 0.5)[2] == pytest.approx(w * 2**0.5, rel=0.05)
 
 

@@ -974,12 +974,12 @@ class Viewer:
         self._run_handlers()
         self._step_playback()
         view = self.view()
-        path = self._predicted_path(view, started)
+        path, still = self._predicted_path(view, started)
         for layer in self.layers:
-            layer.update(view, path=path)
+            layer.update(view, path=path, still=still)
         if self._run_handlers():  # chunks the update found in the pool's cache: show them
             for layer in self.layers:  # now, and let what they replace go
-                layer.update(view, path=path)
+                layer.update(view, path=path, still=still)
         self._origin = follow_origin(self._origin, view)
         ox, oy = self._origin
         self._world.local.position = (-ox, -oy, 0)
@@ -990,21 +990,24 @@ class Viewer:
         self.textures.enforce()
         return view
 
-    def _predicted_path(self, view: View, now: float) -> tuple[tuple[float, View], ...]:
+    def _predicted_path(
+        self, view: View, now: float
+    ) -> tuple[tuple[tuple[float, View], ...], bool]:
         """Feed the camera to the motion predictor; the views it expects (see
-        :mod:`viewer.prediction`). While there are some, a frame is asked for once the
-        motion may have stopped, so that a wrong prediction is dropped even if nothing
-        else draws."""
+        :mod:`viewer.prediction`), and whether the camera is still (the ring is
+        prefetched). While it is not, a frame is asked for once it may be, so that a
+        wrong prediction is dropped (and the ring asked for) even if nothing else draws."""
         if self.motion is None:
-            return ()
+            return (), True
         cam = self.camera
         self.motion.observe(now, cam.x, cam.y, cam.width)
         motion = self.motion.predict(now)
         path = () if motion is None else motion.path(view, now)
-        if path and not self._motion_check and self._loop is not None:
+        still = self.motion.still(now)
+        if not still and not self._motion_check and self._loop is not None:
             self._motion_check = True
             self._loop.call_later(MAX_STOP_GAP, self._check_motion)
-        return path
+        return path, still
 
     def _check_motion(self) -> None:
         self._motion_check = False

@@ -230,10 +230,12 @@ class Layer:
 
     # -- per frame ------------------------------------------------------------------
 
-    def update(self, view: View, *, path: tuple[tuple[float, View], ...] = ()) -> None:
+    def update(
+        self, view: View, *, path: tuple[tuple[float, View], ...] = (), still: bool = True
+    ) -> None:
         """Bring the held tiles in line with ``view`` and the predicted ``path`` (see
         :class:`TileSet`)."""
-        self.tiles.update(view, path=path)
+        self.tiles.update(view, path=path, still=still)
 
     def status(self) -> TileStatus:
         return self.tiles.status()

@@ -65,20 +65,20 @@ __all__ = [
     "plan_path",
 ]
 
-#: Seconds of camera history the estimate uses.
-WINDOW = 0.3
+#: Seconds of camera history the estimate uses, and of it the newest part (the velocity).
+WINDOW, RECENT = 0.3, 0.06
 #: The shortest and longest horizon of a prediction (seconds ahead).
 MIN_HORIZON, MAX_HORIZON = 0.3, 1.0
 #: The farthest a prediction reaches: view sizes of pan, and log width of zoom (2 levels).
-MAX_LEAD = 2.0
+MAX_LEAD = 1.0
 MAX_ZOOM_LEAD = math.log(4.0)
 #: Slower than this (view units per second) is still.
 MIN_SPEED = 0.05
 #: The older and newer halves of the window must agree this well in direction (cosine).
 MIN_COS = 0.7
 #: No move for this many usual intervals between moves (bounded below and above) = stopped.
-STOP_INTERVALS = 2.5
-MIN_STOP_GAP, MAX_STOP_GAP = 0.06, 0.3
+STOP_INTERVALS = 2.0
+MIN_STOP_GAP, MAX_STOP_GAP = 0.05, 0.3
 #: Seconds between the views of a predicted path, and the most views in one.
 PATH_STEP = 0.1
 MAX_PATH_VIEWS = 10
@@ -164,6 +164,8 @@ class MotionPredictor:
     def __init__(self) -> None:
         self._moves: list[_Sample] = []
         self._seen = -math.inf  # when the camera was last seen where the newest move left it
+        self._run_start = -math.inf  # when the current run of moves one way began
+        self._step = (0.0, 0.0, 0.0)  # the newest move, in view units
 
     def observe(self, t: float, x: float, y: float, width: float) -> None:
         """The camera showed centre (x, y), ``width`` wide, at time ``t`` (seconds)."""
@@ -175,9 +177,19 @@ class MotionPredictor:
         if moves and moves[-1][1:] == sample[1:]:
             self._seen = t
             return
-        if moves and t - moves[-1].t > MAX_STOP_GAP:
+        if not moves:
+            self._run_start = t
+        elif t - moves[-1].t > _stop_gap(moves):
             # it had stopped: this motion starts from where it rested, when last seen there
             moves[:] = [moves[-1]._replace(t=max(moves[-1].t, self._seen))]
+            self._run_start = moves[0].t
+            self._step = (0.0, 0.0, 0.0)
+        if moves:
+            last = moves[-1]
+            step = ((x - last.x) / width, (y - last.y) / width, sample.log_width - last.log_width)
+            if sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
+                self._run_start = last.t  # it turned: a new run
+            self._step = step
         moves.append(sample)
         self._seen = t
         first = 0
@@ -188,7 +200,12 @@ class MotionPredictor:
     def reset(self) -> None:
         """Forget the history (the view jumped: a new image, a restored state)."""
         self._moves.clear()
-        self._seen = -math.inf
+        self._seen = self._run_start = -math.inf
+        self._step = (0.0, 0.0, 0.0)
+
+    def still(self, now: float) -> bool:
+        """Whether the camera has not moved for ``MAX_STOP_GAP`` seconds (or ever)."""
+        return not self._moves or now - self._moves[-1].t >= MAX_STOP_GAP
 
     def predict(self, now: float) -> Motion | None:
         """The motion expected from ``now`` on, or None: too few moves, stopped, turned,
@@ -196,40 +213,33 @@ class MotionPredictor:
         moves = self._moves
         if len(moves) < 3:
             return None
-        gaps = sorted(b.t - a.t for a, b in itertools.pairwise(moves))
-        usual = gaps[len(gaps) // 2]
-        if now - moves[-1].t > min(MAX_STOP_GAP, max(MIN_STOP_GAP, STOP_INTERVALS * usual)):
+        if now - moves[-1].t > _stop_gap(moves):
             return None
         newest = moves[-1]
         scale = math.exp(newest.log_width)
-        half = len(moves) // 2
-        old = _slope(moves[: half + 1], scale)
-        new = _slope(moves[half:], scale)
-        speed_old = math.sqrt(old[0] ** 2 + old[1] ** 2 + old[2] ** 2)
+        split = min(len(moves) - 3, _first_at(moves, newest.t - RECENT))
+        new = _slope(moves[split:], scale)
         speed_new = math.sqrt(new[0] ** 2 + new[1] ** 2 + new[2] ** 2)
         if speed_new < MIN_SPEED:
             return None
-        before = moves[-2]
-        step = (
-            (newest.x - before.x) / scale * new[0]
-            + (newest.y - before.y) / scale * new[1]
-            + (newest.log_width - before.log_width) * new[2]
-        )
-        if step < 0:  # the newest move went back: a turn has begun
-            return None
-        if speed_old < MIN_SPEED:  # starting from rest: no history to agree with
-            agreement, braking = 0.0, 0.0
-        else:
-            cos = (old[0] * new[0] + old[1] * new[1] + old[2] * new[2]) / (speed_old * speed_new)
+        if sum(a * b for a, b in zip(self._step, new[:3], strict=True)) < 0:
+            return None  # the newest move went back: a turn has begun
+        old = _slope(moves[: split + 1], scale) if split >= 1 else (0.0, 0.0, 0.0, newest.t)
+        speed_old = math.sqrt(old[0] ** 2 + old[1] ** 2 + old[2] ** 2)
+        agreement = braking = 0.0
+        if speed_old >= MIN_SPEED:  # (else starting from rest: no history to agree with)
+            cos = sum(a * b for a, b in zip(old[:3], new[:3], strict=True)) / (
+                speed_old * speed_new
+            )
             if cos < MIN_COS:
                 return None
             steady = min(speed_old, speed_new) / max(speed_old, speed_new)
             agreement = (cos - MIN_COS) / (1.0 - MIN_COS) * steady
-            braking = 0.0
             if speed_new < speed_old and new[3] > old[3]:
                 deceleration = (speed_old - speed_new) / (new[3] - old[3])
                 braking = deceleration / speed_new
         horizon = MIN_HORIZON + (MAX_HORIZON - MIN_HORIZON) * agreement
+        horizon = min(horizon, newest.t - self._run_start)  # no further than it has lasted
         if braking > 0:
             horizon = min(horizon, 1.0 / braking)
         pan = math.hypot(new[0], new[1])
@@ -250,13 +260,30 @@ class MotionPredictor:
         )
 
 
+def _stop_gap(moves: Sequence[_Sample]) -> float:
+    """How long without a move means stopped: ``STOP_INTERVALS`` usual (median)
+    intervals between ``moves``, within [MIN_STOP_GAP, MAX_STOP_GAP]."""
+    if len(moves) < 2:
+        return MAX_STOP_GAP
+    gaps = sorted(b.t - a.t for a, b in itertools.pairwise(moves))
+    return min(MAX_STOP_GAP, max(MIN_STOP_GAP, STOP_INTERVALS * gaps[len(gaps) // 2]))
+
+
+def _first_at(moves: Sequence[_Sample], t: float) -> int:
+    """The index of the first move at or after ``t`` (len(moves) if none)."""
+    for i, move in enumerate(moves):
+        if move.t >= t:
+            return i
+    return len(moves)
+
+
 def _time_to_travel(seconds: float, braking: float) -> float:
     """How long a motion braking at ``braking`` takes to cover what it would cover in
     ``seconds`` at its initial speed (inf if it stops first)."""
     if braking <= 0:
         return seconds
     disc = 1.0 - 2.0 * braking * seconds
-    return math.inf if disc < 0 else (1.0 - math.sqrt(disc)) / braking
+    return math.inf if disc < 0 else 2.0 * seconds / (1.0 + math.sqrt(disc))
 
 
 def plan_path(
@@ -295,8 +322,8 @@ def _add_block(
     """Add ``level``'s tiles in ``view`` (grown by ``margin`` tiles) at ``priority``,
     unless a tile has a better one already or the block exceeds the level's budget."""
     tiles = level.tile_range(view.y0, view.y1, view.x0, view.x1, margin=margin)
-    if tile_count(tiles) > tile_budget(level, view):
-        return
+    if not 0 < tile_count(tiles) <= tile_budget(level, view):
+        return  # (empty: rows without a column are not gone through)
     iy0, iy1, ix0, ix1 = tiles
     for iy in range(iy0, iy1):
         for ix in range(ix0, ix1):

@@ -14,8 +14,8 @@ for target tiles that are still loading (:func:`~viewer.tiling.tiles_to_keep`), 
 tiles of the previous slice until the new slice's target tiles are all done. Finer
 tiles fetched ahead (a predicted zoom-in) wait until their level is the target.
 
-Prefetch: while the camera is still, a ring around the view; while it moves, the tiles
-of the views it is expected to show instead (``path``, from
+Prefetch: while the camera is still, a ring around the view; while it moves, no ring,
+but the tiles of the views it is expected to show (``path``, from
 :class:`~viewer.prediction.MotionPredictor`: :func:`~viewer.prediction.plan_path`),
 sooner first. A prediction that is not made again (the motion stopped or turned) is
 dropped like any tile that left the plan: its loads are cancelled.
@@ -213,10 +213,13 @@ class TileSet(ChunkManager):
         self._last_state = None
         self.version += 1
 
-    def update(self, view: View, *, path: tuple[tuple[float, View], ...] = ()) -> None:
+    def update(
+        self, view: View, *, path: tuple[tuple[float, View], ...] = (), still: bool = True
+    ) -> None:
         """Bring the held tiles in line with ``view`` and the views the camera is expected
-        to show (``path``: (seconds ahead, view), soonest first; none while still), and
-        try again the failed chunks whose time has come. Cheap when nothing changed."""
+        to show (``path``: (seconds ahead, view), soonest first), and try again the failed
+        chunks whose time has come. The ring is prefetched only while the camera is
+        ``still`` and nothing is predicted. Cheap when nothing changed."""
         due = self.retry.due()
         if due:
             self._retry_chunks(due)
@@ -226,6 +229,7 @@ class TileSet(ChunkManager):
         state = (
             view,
             path,
+            still,
             self.position,
             self.ahead,
             tuple(ch.visible for ch in self.channels),
@@ -238,9 +242,8 @@ class TileSet(ChunkManager):
         target, self.overflow = view_level(self.levels, view, self.bias)
         self.target_level = target
         # moving: the predicted views replace the ring (the way ahead, not every way)
-        plan = plan_tiles(
-            self.levels, view, target, prefetch_ring=0 if path else self.prefetch_ring
-        )
+        ring = self.prefetch_ring if still and not path else 0
+        plan = plan_tiles(self.levels, view, target, prefetch_ring=ring)
         for key, priority in plan_path(self.levels, view, target, path, self.bias).items():
             if priority < plan.get(key, math.inf):
                 plan[key] = priority

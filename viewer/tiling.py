@@ -298,6 +298,8 @@ def _add_tiles(
     fx, fy = focus
     (cy, cx), (sy, sx), (oy, ox) = level.chunk, level.scale, level.offset
     iy0, iy1, ix0, ix1 = tiles
+    if ix0 >= ix1:
+        return  # no column: not a single row to go through (there may be 2^30 of them)
     base = tier * _TIER + rank * _LEVEL
     # a view narrower than float64 can tell apart far out (zoomed in ~2^52 times at
     # 2^40) has pixel size 0: every tile is then as near as any other
