@@ -289,7 +289,9 @@ def test_the_tile_set_prefetches_the_ring_when_still_and_the_path_when_moving(
     assert {ix for _, ix in ahead} == {10, 11, 12, 13}  # the view a second ahead ends at 13
     assert all(iy in range(6, 10) for iy, _ in ahead)  # no ring above, below, behind
     assert ahead[(6, 10)] < ahead[(6, 12)] < ahead[(6, 13)]  # sooner first
-    tiles.update(VIEW)  # stopped: the ring again
+    tiles.update(VIEW, still=False)  # moving, nothing predicted (it just turned): no ring
+    assert set(level0(tiles)) == visible
+    tiles.update(VIEW)  # still: the ring again
     assert set(level0(tiles)) == set(still)
 
 

@@ -10,23 +10,25 @@ tiles to prefetch, each at a priority that grows with its expected arrival time.
 
 **The estimate.** Positions are in *view units* (centre in widths of the newest view,
 width as its natural log), so pan and zoom are measured alike. The velocity is a
-least-squares slope, over the older and over the newer half of the window's moves
-separately (a slope, not a difference of two samples: frame times jitter):
+least-squares slope, over the newest ``RECENT`` seconds of moves (at least three) and
+over the rest of the window separately (a slope, not a difference of two samples:
+frame times jitter):
 
 - the camera has not moved for ``STOP_INTERVALS`` times its usual interval between
   moves (at least ``MIN_STOP_GAP``, at most ``MAX_STOP_GAP``: a wheel turned notch by
   notch still counts as moving) - it stopped: **no prediction**;
-- the newest move goes against the estimated velocity, or the two halves point more
+- the newest move goes against the estimated velocity, or the two slopes point more
   than ``acos(MIN_COS)`` apart - it turned (a zig-zag): **no prediction**, from the
   first sample past the turn until the window holds one direction again;
-- the newer half is slower - it is braking (a flick running out): the motion is
+- the newest slope is slower - it is braking (a flick running out): the motion is
   extrapolated with that deceleration and **ends where it would stop**, so an abrupt
-  stop leaves almost nothing ahead, and the prediction is gone once the newer half is
-  still;
-- otherwise the newer half's velocity is extrapolated as it is.
+  stop leaves almost nothing ahead;
+- otherwise the newest velocity is extrapolated as it is.
 
 **The horizon** is between ``MIN_HORIZON`` and ``MAX_HORIZON`` seconds, longer the more
-the halves agree (direction and speed), and cut so that the view travels at most
+the two slopes agree (direction and speed), never longer than the current run of moves
+one way has lasted (a motion just begun, or just turned, is not followed far: short
+rapid pans stop about as soon as they are seen), and cut so that the view travels at most
 ``MAX_LEAD`` view sizes and zooms at most ``MAX_ZOOM_LEAD`` (in log width) ahead: a fast
 flick is followed about as far as a slow drag, so what a wrong guess costs stays
 bounded. The centre moves with the velocity, the width changes geometrically with the
