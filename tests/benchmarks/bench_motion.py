@@ -16,8 +16,9 @@ not the point here). Scripts:
 
 Reported per script, prediction on and off (``viewer.motion = None``): the fraction of
 frames with every visible tile at the target level (``viewer.settled()`` after the
-frame), and the over-fetch: chunk reads finished that no frame showed afterwards, over
-all chunk reads finished during the script (the ring around a still view included).
+frame), the chunk reads finished (and how many distinct chunks), and the over-fetch:
+reads finished whose chunk no frame showed afterwards, over all reads finished during
+the script (the ring around a still view included).
 
     python tests/benchmarks/bench_motion.py [--latency 0.05] [--fps 30]
 """
@@ -58,6 +59,7 @@ class Result:
     frames: int
     complete: int
     reads: int
+    distinct: int
     unseen: int
 
     @property
@@ -172,7 +174,7 @@ def run(
         with rec.lock:
             reads = rec.finished[start:]
         unseen = sum(1 for i, key in enumerate(reads) if shown_after.get(key, -1) <= start + i)
-        return Result(frames, complete, len(reads), unseen)
+        return Result(frames, complete, len(reads), len(set(reads)), unseen)
     finally:
         viewer.close()
         pool.destroy()
@@ -201,7 +203,8 @@ def main() -> None:
                 print(
                     f"{name:8} prediction {'on ' if predict else 'off'}: {r.frames:4} frames, "
                     f"{r.complete_fraction * 100:5.1f}% complete at the target level; "
-                    f"{r.reads:5} reads, over-fetch {r.over_fetch * 100:5.1f}%"
+                    f"{r.reads:5} reads ({r.distinct} chunks), "
+                    f"over-fetch {r.over_fetch * 100:5.1f}%"
                 )
 
 
