@@ -159,9 +159,13 @@ def test_idle_and_single_jumps_predict_nothing() -> None:
         m is None for _, _, m in drive(lambda t: (0.0 if t < 0.5 else 3000.0, 0.0, WIDTH), 1.0)
     )
     predictor = MotionPredictor()
-    for i in range(20):
+    predictor.observe(0.0, 0.0, 0.0, WIDTH)
+    predictor.observe(FRAME, 3000.0, 0.0, WIDTH)
+    assert predictor.still(FRAME)  # a jump is no motion: the ring comes at once
+    for i in range(2, 20):
         predictor.observe(i * FRAME, 100.0 * i, 0.0, WIDTH)
-    assert predictor.predict(19 * FRAME) is not None
+    assert predictor.predict(19 * FRAME) is not None and not predictor.still(19 * FRAME)
+    assert predictor.still(19 * FRAME + MAX_STOP_GAP)
     assert predictor.predict(19 * FRAME + MAX_STOP_GAP + 0.01) is None  # no frame since
     predictor.reset()
     assert predictor.predict(19 * FRAME) is None

@@ -206,8 +206,11 @@ class MotionPredictor:
         self._step = (0.0, 0.0, 0.0)
 
     def still(self, now: float) -> bool:
-        """Whether the camera has not moved for ``MAX_STOP_GAP`` seconds (or ever)."""
-        return not self._moves or now - self._moves[-1].t >= MAX_STOP_GAP
+        """Whether the camera is not in motion: it has not moved for ``MAX_STOP_GAP``
+        seconds, or its last moves were a single jump (``show_region``, a key press), not
+        a motion."""
+        moves = self._moves
+        return len(moves) < 3 or now - moves[-1].t >= MAX_STOP_GAP
 
     def predict(self, now: float) -> Motion | None:
         """The motion expected from ``now`` on, or None: too few moves, stopped, turned,
