@@ -162,6 +162,9 @@ def test_idle_and_single_jumps_predict_nothing() -> None:
     predictor.observe(0.0, 0.0, 0.0, WIDTH)
     predictor.observe(FRAME, 3000.0, 0.0, WIDTH)
     assert predictor.still(FRAME)  # a jump is no motion: the ring comes at once
+    predictor.observe(2 * FRAME, 6000.0, 0.0, WIDTH)
+    predictor.observe(3 * FRAME, 6000.0, 0.0, WIDTH / 2)  # jumps in a row: no motion either
+    assert predictor.still(3 * FRAME) and predictor.predict(3 * FRAME) is None
     for i in range(2, 20):
         predictor.observe(i * FRAME, 100.0 * i, 0.0, WIDTH)
     assert predictor.predict(19 * FRAME) is not None and not predictor.still(19 * FRAME)

@@ -25,6 +25,9 @@ frame times jitter):
   stop leaves almost nothing ahead;
 - otherwise the newest velocity is extrapolated as it is.
 
+A move of more than ``JUMP`` view units from one frame to the next (``show_region``,
+a key's step, a zoom by 2) is a jump, not motion: the history starts again there.
+
 **The horizon** is between ``MIN_HORIZON`` and ``MAX_HORIZON`` seconds, longer the more
 the two slopes agree (direction and speed), never longer than the current run of moves
 one way has lasted (a motion just begun, or just turned, is not followed far: short
@@ -81,6 +84,8 @@ MIN_COS = 0.7
 #: No move for this many usual intervals between moves (bounded below and above) = stopped.
 STOP_INTERVALS = 2.0
 MIN_STOP_GAP, MAX_STOP_GAP = 0.05, 0.3
+#: A move between two frames larger than this (view units) is a jump, not motion.
+JUMP = 0.5
 #: Seconds between the views of a predicted path, and the most views in one.
 PATH_STEP = 0.1
 MAX_PATH_VIEWS = 10
@@ -189,7 +194,12 @@ class MotionPredictor:
         if moves:
             last = moves[-1]
             step = ((x - last.x) / width, (y - last.y) / width, sample.log_width - last.log_width)
-            if sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
+            if math.sqrt(sum(a * a for a in step)) > JUMP:
+                # a jump (show_region, fit, a key), not motion: the history starts here
+                moves.clear()
+                self._run_start = t
+                step = (0.0, 0.0, 0.0)
+            elif sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
                 self._run_start = last.t  # it turned: a new run
             self._step = step
         moves.append(sample)
