@@ -58,7 +58,7 @@ from .hud import Hud, HudInfo, LayerSummary, hud_lines, scale_bar
 from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
 from .playback import Playback, prefetch_depth
-from .prediction import MAX_STOP_GAP, MotionPredictor
+from .prediction import MotionPredictor
 from .slicing import Plane
 from .state import LayerState, ViewState
 from .textures import TextureBudget
@@ -303,7 +303,6 @@ class Viewer:
         self.last_settle_seconds: float | None = None
         #: Extrapolates the camera's motion for prefetch (None: no predicted prefetch).
         self.motion: MotionPredictor | None = MotionPredictor()
-        self._motion_check = False  # a frame is asked for to see the prediction end
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
         self._drag: tuple[float, float, float, float] | None = None  # start x, y; last x, y
         self.renderer.add_event_handler(
@@ -995,8 +994,9 @@ class Viewer:
     ) -> tuple[tuple[tuple[float, View], ...], bool]:
         """Feed the camera to the motion predictor; the views it expects (see
         :mod:`viewer.prediction`), and whether the camera is still (the ring is
-        prefetched). While it is not, a frame is asked for once it may be, so that a
-        wrong prediction is dropped (and the ring asked for) even if nothing else draws."""
+        prefetched). A prediction that stopped being made is dropped at the next frame:
+        the loads of the predicted tiles ask for one as they finish (none pending: they
+        all loaded, nothing to cancel)."""
         if self.motion is None:
             return (), True
         cam = self.camera
@@ -1004,14 +1004,7 @@ class Viewer:
         motion = self.motion.predict(now)
         path = () if motion is None else motion.path(view, now)
         still = self.motion.still(now)
-        if not still and not self._motion_check and self._loop is not None:
-            self._motion_check = True
-            self._loop.call_later(MAX_STOP_GAP, self._check_motion)
         return path, still
-
-    def _check_motion(self) -> None:
-        self._motion_check = False
-        self._request_draw()
 
     def _draw(self) -> None:
         if self._closed:
