@@ -863,27 +863,3 @@ def test_telemetry_reports_first_pixel_frames_and_settling(
     assert 0 < t["frame_time_median"] <= t["frame_time_p90"]
     assert t["last_settle"] is not None and t["last_settle"] >= 0
     assert t["stats"].loads > 0
-
-
-def test_zooming_out_ends_the_zoom_in_prefetch(
-    pyramid_1k: Pyramid, make_viewer: Callable[..., Viewer]
-) -> None:
-    """A zoom-in step prefetches the next finer level for a while; a zoom out right
-    after ends that at once (the finer level is not where the user is going)."""
-    viewer = make_viewer(pyramid_1k.path, **GRAY)
-    seen: list[bool] = []
-    update = viewer.layer.update
-
-    def spy(view: Any, *, zoom_in: bool = False) -> None:
-        seen.append(zoom_in)
-        update(view, zoom_in=zoom_in)
-
-    viewer.layer.update = spy  # type: ignore[method-assign]
-    viewer.fit()
-    viewer.screenshot()
-    viewer.show_region(256, 256, 768, 768)
-    viewer.screenshot()
-    assert seen[-1] is True
-    viewer.fit()
-    viewer.screenshot()
-    assert seen[-1] is False

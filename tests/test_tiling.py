@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from viewer import tiling
+from viewer.prediction import MAX_HORIZON, Motion, plan_path
 from viewer.tiling import (
     MAX_DENSITY,
     MAX_TILES,
@@ -123,20 +124,6 @@ def test_plan_orders_visible_coarse_first_then_by_distance_then_prefetch():
     assert min(visible, key=centred.get) in {(0, 4, 5), (0, 4, 6), (0, 5, 5), (0, 5, 6)}
 
 
-def test_zoom_in_prefetches_the_finer_level_under_the_cursor():
-    levels = pyramid()
-    view = view_of(0, 0, 4096, 4096, 1024, 1024, cursor=(3000.0, 1000.0))
-    target = choose_level(levels, view)
-    assert target == 2
-    plan = plan_tiles(levels, view, target, zoom_in=True)
-    finer = [k for k in plan if k[0] == 1]
-    assert finer and all(plan[k] // 1e9 == PREFETCH for k in finer)
-    for _, iy, ix in finer:  # all around the cursor
-        y0, y1, x0, x1 = levels[1].tile_bounds(iy, ix)
-        assert abs((x0 + x1) / 2 - 3000) < 2048 and abs((y0 + y1) / 2 - 1000) < 2048
-    assert not [k for k in plan_tiles(levels, view, target) if k[0] == 1]
-
-
 def test_big_coarsest_level_is_not_all_resident():
     levels = [PlaneLevel(0, (100_000, 100_000), (256, 256), (1.0, 1.0), (0.0, 0.0))]
     plan = plan_tiles(levels, view_of(0, 0, 1920, 1080, 1920, 1080), 0)
@@ -214,7 +201,7 @@ class CountingTiles:
 
 def plan_bound(levels: list[PlaneLevel], view: View) -> int:
     """What a plan may cost: the resident coarsest level, and per planned block
-    (coarsest visible, target visible, its ring, the finer level) one budget, the ring's
+    (coarsest visible, target visible, its ring) one budget, the ring's
     edges included."""
     budget = max(tile_budget(level, view) for level in levels)
     return RESIDENT_TILES + 5 * budget + 8 * int(budget**0.5) + 16
@@ -246,7 +233,7 @@ def test_planning_a_huge_image_seen_whole_iterates_a_bounded_number_of_tiles(
     grid = (coarsest + 255) // 256
     assert overflow == tiles_in_view(levels[-1], view) >= grid * grid * 3 // 4
     counter = CountingTiles(monkeypatch)
-    plan = plan_tiles(levels, view, level, zoom_in=True)
+    plan = plan_tiles(levels, view, level)
     assert plan == {} and counter.iterated == 0
     assert tiles_to_keep([(0, 0, 0), (level, 5, 5)], levels, view, level, done=set()) == set()
 
@@ -262,10 +249,11 @@ def test_planning_a_huge_image_seen_whole_iterates_a_bounded_number_of_tiles(
     height=st.integers(1, 1200),
     chunk=st.sampled_from([64, 256, 1024]),
     bias=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
-    zoom_in=st.booleans(),
+    pan=st.floats(-1e12, 1e12),
+    rate=st.floats(-20, 20),
 )
 def test_planning_costs_the_tiles_on_screen_whatever_the_image(
-    coarsest_log2, n, zoom_log2, cx, cy, width, height, chunk, bias, zoom_in
+    coarsest_log2, n, zoom_log2, cx, cy, width, height, chunk, bias, pan, rate
 ):
     """Any image (a coarsest level up to 2^40 wide, up to 11 levels), any view:
     the tiles iterated, and so planned, stay within a few tile budgets, which depend on
@@ -292,8 +280,16 @@ def test_planning_costs_the_tiles_on_screen_whatever_the_image(
         assert level >= choose_level(levels, view, bias)
     with pytest.MonkeyPatch.context() as mp:
         counter = CountingTiles(mp)
-        plan = plan_tiles(levels, view, level, zoom_in=zoom_in)
+        plan = plan_tiles(levels, view, level)
     assert len(plan) <= counter.iterated <= plan_bound(levels, view)
+    # and so does a predicted motion's prefetch, whatever its pan speed and zoom rate
+    motion = Motion(0.0, x, y, view.x1 - view.x0, pan, -pan, rate, 0.0, MAX_HORIZON)
+    path = motion.path(view, 0.0)
+    ahead = plan_path(levels, view, level, path, bias)
+    assert len(ahead) <= (len(path) + 1) * max(tile_budget(lv, view) for lv in levels)
+    for lv, iy, ix in ahead:
+        gy, gx = levels[lv].grid
+        assert 0 <= iy < gy and 0 <= ix < gx
     for lv, iy, ix in plan:
         gy, gx = levels[lv].grid
         assert 0 <= iy < gy and 0 <= ix < gx

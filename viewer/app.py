@@ -60,6 +60,7 @@ from .hud import Hud, HudInfo, LayerSummary, hud_lines, scale_bar
 from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
 from .playback import Playback, prefetch_depth
+from .prediction import MotionPredictor
 from .slicing import Plane
 from .startup import GpuStart, warm_pipelines
 from .state import LayerState, ViewState
@@ -70,8 +71,6 @@ __all__ = ["Viewer", "is_rgb"]
 
 logger = logging.getLogger("zarrscope")
 
-#: How long after a zoom-in step the next finer level keeps being prefetched.
-ZOOM_PREFETCH_SECONDS = 0.6
 #: Wheel zoom: the view shrinks by 2 for this many units of wheel delta.
 WHEEL_UNITS_PER_DOUBLING = 500.0
 #: A press and release this close (logical px) is a click, not a drag.
@@ -345,8 +344,8 @@ class Viewer:
         self._shown: tuple | None = None  # the view last drawn
         self._view_changed_at: float | None = None  # when it was first drawn, until settled
         self.last_settle_seconds: float | None = None
-        self._last_width: float | None = None
-        self._zoom_in_until = 0.0
+        #: Extrapolates the camera's motion for prefetch (None: no predicted prefetch).
+        self.motion: MotionPredictor | None = MotionPredictor()
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
         self._drag: tuple[float, float, float, float] | None = None  # start x, y; last x, y
 
@@ -1103,18 +1102,12 @@ class Viewer:
         self._run_handlers()
         self._step_playback()
         view = self.view()
-        width = view.x1 - view.x0
-        if self._last_width is not None and width < self._last_width * 0.999:
-            self._zoom_in_until = started + ZOOM_PREFETCH_SECONDS
-        elif self._last_width is not None and width > self._last_width * 1.001:
-            self._zoom_in_until = 0.0  # zooming out: the finer level is not wanted
-        self._last_width = width
-        zoom_in = started < self._zoom_in_until
+        path, still = self._predicted_path(view, started)
         for layer in self.layers:
-            layer.update(view, zoom_in=zoom_in)
+            layer.update(view, path=path, still=still)
         if self._run_handlers():  # chunks the update found in the pool's cache: show them
             for layer in self.layers:  # now, and let what they replace go
-                layer.update(view, zoom_in=zoom_in)
+                layer.update(view, path=path, still=still)
         self._origin = follow_origin(self._origin, view)
         ox, oy = self._origin
         self._world.local.position = (-ox, -oy, 0)
@@ -1124,6 +1117,23 @@ class Viewer:
         self.textures.frame += 1
         self.textures.enforce()
         return view
+
+    def _predicted_path(
+        self, view: View, now: float
+    ) -> tuple[tuple[tuple[float, View], ...], bool]:
+        """Feed the camera to the motion predictor; the views it expects (see
+        :mod:`viewer.prediction`), and whether the camera is still (the ring is
+        prefetched). A prediction that stopped being made is dropped at the next frame:
+        the loads of the predicted tiles ask for one as they finish (none pending: they
+        all loaded, nothing to cancel)."""
+        if self.motion is None:
+            return (), True
+        cam = self.camera
+        self.motion.observe(now, cam.x, cam.y, cam.width)
+        motion = self.motion.predict(now)
+        path = () if motion is None else motion.path(view, now)
+        still = self.motion.still(now)
+        return path, still
 
     def _draw(self) -> None:
         if self._closed:

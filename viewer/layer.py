@@ -259,9 +259,12 @@ class Layer:
         ]
         self.pool.get_chunks(self._early, self._early_ref, priority=VISIBLE)
 
-    def update(self, view: View, *, zoom_in: bool = False) -> None:
-        """Bring the held tiles in line with ``view`` (see :class:`TileSet`)."""
-        self.tiles.update(view, zoom_in=zoom_in)
+    def update(
+        self, view: View, *, path: tuple[tuple[float, View], ...] = (), still: bool = True
+    ) -> None:
+        """Bring the held tiles in line with ``view`` and the predicted ``path`` (see
+        :class:`TileSet`)."""
+        self.tiles.update(view, path=path, still=still)
         if self._early:
             self.pool.drop_chunks(self._early, self._early_ref)
             self._early = []

@@ -12,7 +12,13 @@ makes the scene match, whenever :attr:`TileSet.version` has changed.
 What is drawn: a loaded tile in view, of the target level or coarser, or standing in
 for target tiles that are still loading (:func:`~viewer.tiling.tiles_to_keep`), and
 tiles of the previous slice until the new slice's target tiles are all done. Finer
-tiles fetched ahead (while zooming in) wait until their level is the target.
+tiles fetched ahead (a predicted zoom-in) wait until their level is the target.
+
+Prefetch: while the camera is still, a ring around the view; while it moves, no ring,
+but the tiles of the views it is expected to show (``path``, from
+:class:`~viewer.prediction.MotionPredictor`: :func:`~viewer.prediction.plan_path`),
+sooner first. A prediction that is not made again (the motion stopped or turned) is
+dropped like any tile that left the plan: its loads are cancelled.
 
 A chunk that failed is marked (:attr:`Tile.failed`: the layer hatches it) and tried
 again while any tile still holds it: it is dropped and requested anew when
@@ -34,6 +40,7 @@ import numpy as np
 
 from chunkpool import ChunkLocation, ChunkManager, ChunkPool, ChunkState
 
+from .prediction import plan_path
 from .slicing import Plane, SlicePosition
 from .tiling import (
     LINK_BUDGET,
@@ -222,9 +229,13 @@ class TileSet(ChunkManager):
         self._last_state = None
         self.version += 1
 
-    def update(self, view: View, *, zoom_in: bool = False) -> None:
-        """Bring the held tiles in line with ``view``, and try again the failed chunks
-        whose time has come. Cheap when nothing changed."""
+    def update(
+        self, view: View, *, path: tuple[tuple[float, View], ...] = (), still: bool = True
+    ) -> None:
+        """Bring the held tiles in line with ``view`` and the views the camera is expected
+        to show (``path``: (seconds ahead, view), soonest first), and try again the failed
+        chunks whose time has come. The ring is prefetched only while the camera is
+        ``still`` and nothing is predicted. Cheap when nothing changed."""
         due = self.retry.due()
         if due:
             self._retry_chunks(due)
@@ -235,7 +246,8 @@ class TileSet(ChunkManager):
                 self._ask_again(chunk)
         state = (
             view,
-            zoom_in,
+            path,
+            still,
             self.position,
             self.ahead,
             tuple(ch.visible for ch in self.channels),
@@ -247,9 +259,12 @@ class TileSet(ChunkManager):
         self.view = view
         target, self.overflow = view_level(self.levels, view, self.bias)
         self.target_level = target
-        plan = plan_tiles(
-            self.levels, view, target, prefetch_ring=self.prefetch_ring, zoom_in=zoom_in
-        )
+        # moving: the predicted views replace the ring (the way ahead, not every way)
+        ring = self.prefetch_ring if still and not path else 0
+        plan = plan_tiles(self.levels, view, target, prefetch_ring=ring)
+        for key, priority in plan_path(self.levels, view, target, path, self.bias).items():
+            if priority < plan.get(key, math.inf):
+                plan[key] = priority
         self.first_level = target
         if self.link_budget is not None and not self.overflow:
             plan = self._plan_for_link(plan, view, target, self.link_budget)

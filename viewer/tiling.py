@@ -10,8 +10,9 @@ plan for a view holds, with a priority each (lower loads sooner):
 - **visible** tiles of the target level (the coarsest level whose pixels are no larger
   than a screen pixel, times a bias), and of the coarsest level (the fallback beneath
   them), coarser first, then nearer the cursor (else the view centre) first;
-- **prefetch** tiles: a ring around the view at the target level, and, while zooming
-  in, the next finer level's tiles around the cursor.
+- **prefetch** tiles: a ring around the view at the target level while the camera is
+  still; while it moves, the tiles of the views it is expected to show instead
+  (:mod:`viewer.prediction`, :func:`predicted_priority`).
 
 While a view's target tiles load, the tiles shown before stay (:func:`tiles_to_keep`),
 so that nothing goes blank or flashes when the level changes.
@@ -97,6 +98,7 @@ __all__ = [
     "is_visible_priority",
     "plan_tiles",
     "plane_levels",
+    "predicted_priority",
     "refinement",
     "slice_prefetch_priority",
     "tile_budget",
@@ -430,6 +432,8 @@ def _add_tiles(
     fx, fy = focus
     (cy, cx), (sy, sx), (oy, ox) = level.chunk, level.scale, level.offset
     iy0, iy1, ix0, ix1 = tiles
+    if ix0 >= ix1:
+        return  # no column: not a single row to go through (there may be 2^30 of them)
     base = tier * _TIER + rank * _LEVEL
     # a view narrower than float64 can tell apart far out (zoomed in ~2^52 times at
     # 2^40) has pixel size 0: every tile is then as near as any other
@@ -452,6 +456,13 @@ def slice_prefetch_priority(priority: float, ahead: int) -> float:
     return PREFETCH * _TIER + ahead * _LEVEL + priority % _LEVEL
 
 
+def predicted_priority(seconds: float) -> float:
+    """The priority of a tile the camera is expected to show in ``seconds``: a
+    prefetch, sooner first (10 us apart), before the slices ahead and the ring (but
+    the coarsest level's, which is ranked by distance alone)."""
+    return PREFETCH * _TIER + min(max(seconds, 0.0) * 1e5, _MAX_DISTANCE)
+
+
 def is_visible_priority(priority: float) -> bool:
     """Whether a planned priority is of the visible tier."""
     return priority < PREFETCH * _TIER
@@ -463,15 +474,13 @@ def plan_tiles(
     target: int,
     *,
     prefetch_ring: int = 1,
-    zoom_in: bool = False,
     resident_tiles: int = RESIDENT_TILES,
 ) -> dict[TileKey, float]:
     """The tiles to hold for ``view`` at ``target`` level, with their priorities.
 
     Visible tiles of the coarsest and target levels come first (coarser first, nearer
-    the focus first), then the prefetch ring around the view and, when ``zoom_in``,
-    the next finer level around the focus. The whole coarsest level is held when it
-    has at most ``resident_tiles`` tiles, so it can always stand in.
+    the focus first), then the prefetch ring around the view. The whole coarsest level
+    is held when it has at most ``resident_tiles`` tiles, so it can always stand in.
 
     A block of tiles is planned only if it fits its level's :func:`tile_budget` (the
     ring goes with the visible tiles it surrounds), so the plan holds at most
@@ -499,13 +508,6 @@ def plan_tiles(
     if prefetch_ring:
         ring = level.tile_range(*rect, margin=prefetch_ring)
         _add_tiles(plan, level, ring, PREFETCH, rank, focus, px)
-    if zoom_in and target > 0:
-        finer = levels[target - 1]
-        fx, fy = focus
-        half_w, half_h = (view.x1 - view.x0) / 4, (view.y1 - view.y0) / 4
-        around = finer.tile_range(fy - half_h, fy + half_h, fx - half_w, fx + half_w)
-        if _fits(finer, view, around):
-            _add_tiles(plan, finer, around, PREFETCH, rank + 1, focus, px)
     return plan
 
 

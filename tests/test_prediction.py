@@ -1,0 +1,384 @@
+"""Predicted motion: the predictor on scripted camera samples (no clock, no GPU), the
+tiles a tile set prefetches for a prediction, and what a wrong one leaves behind
+(counting, gated store); one viewer check that the frames feed the predictor."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import random
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zarr
+from support.images import noise_image, write_pyramid
+from support.teststores import GatedStore
+from zarr.storage import LocalStore
+
+from chunkpool import ChunkPool, ChunkState
+from viewer.prediction import (
+    MAX_HORIZON,
+    MAX_LEAD,
+    MAX_STOP_GAP,
+    MIN_HORIZON,
+    Motion,
+    MotionPredictor,
+    plan_path,
+)
+from viewer.tileset import TileSet
+from viewer.tiling import PREFETCH, PlaneLevel, View, is_visible_priority, view_level
+
+FRAME = 1 / 60
+WIDTH = 1000.0  # world width of the view in the predictor's scripts
+SIZE = (256, 256)
+
+
+def drive(
+    position: Callable[[float], tuple[float, float, float]],
+    until: float,
+    *,
+    step: float = FRAME,
+    jitter: float = 0.0,
+    seed: int = 0,
+) -> Iterator[tuple[float, tuple[float, float, float], Motion | None]]:
+    """Feed a predictor the camera ``position(t)`` = (x, y, width) once a frame (times
+    jittered by up to ``jitter`` s), yielding (t, position, prediction) each frame."""
+    rng = random.Random(seed)
+    predictor = MotionPredictor()
+    for i in range(round(until / step) + 1):
+        t = i * step + rng.uniform(-jitter, jitter)
+        pos = position(t)
+        predictor.observe(t, *pos)
+        yield t, pos, predictor.predict(t)
+
+
+def last(frames: Iterator[Any]) -> Any:
+    out = None
+    for out in frames:  # noqa: B007
+        pass
+    return out
+
+
+# -- the predictor ----------------------------------------------------------------------
+
+
+def test_constant_velocity_is_followed_up_to_the_longest_horizon() -> None:
+    """A steady pan (half a view per second), sampled at 60 Hz with 3 ms of jitter:
+    the prediction carries on at that speed, as far ahead as the pan has lasted, up
+    to the longest horizon."""
+    young = last(drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.5, jitter=0.003, seed=1))[2]
+    assert young is not None and young.horizon == pytest.approx(0.5, abs=0.05)
+    t, (x, _, _), motion = last(
+        drive(lambda t: (500.0 * t, 20.0, WIDTH), 1.2, jitter=0.003, seed=1)
+    )
+    assert motion is not None
+    assert motion.vx == pytest.approx(500.0, rel=0.1) and abs(motion.vy) < 25
+    assert motion.horizon == pytest.approx(MAX_HORIZON, abs=0.15)
+    ex, ey, ew = motion.at(t + 0.5)
+    assert ex == pytest.approx(x + 250.0, abs=30) and ey == pytest.approx(20.0, abs=15)
+    assert ew == pytest.approx(WIDTH)
+    # a pointer at 30 Hz drawn at 60 Hz (every other frame shows no move): the same
+    _, _, stepped = last(drive(lambda t: (500.0 * (t // (2 * FRAME)) * 2 * FRAME, 0, WIDTH), 0.5))
+    assert stepped is not None and stepped.vx == pytest.approx(500.0, rel=0.15)
+
+
+def test_a_fast_pan_is_followed_at_most_a_bounded_distance() -> None:
+    """Ten views a second: the horizon shrinks so the lead stays within MAX_LEAD views."""
+    t, (x, _, _), motion = last(drive(lambda t: (10 * WIDTH * t, 0.0, WIDTH), 0.4))
+    assert motion is not None and motion.horizon < MIN_HORIZON
+    end, _, _ = motion.at(t + 10.0)
+    assert 0.75 * MAX_LEAD * WIDTH < end - x <= MAX_LEAD * WIDTH + 1e-6
+
+
+def test_a_flick_that_stops_collapses_the_prediction() -> None:
+    """A fast pan that stops dead: within a few frames of the stop nothing is predicted
+    any more; a flick that runs out (ease-out) is never predicted to go much further
+    than where it stops, and once it brakes, about there."""
+    stop = 0.3
+    frames = list(drive(lambda t: (3000.0 * min(t, stop), 0.0, WIDTH), 0.6))
+    moving = [m for t, _, m in frames if 0.1 < t < stop]
+    assert moving and all(m is not None for m in moving)
+    after = [(t, m) for t, _, m in frames if t > stop]
+    gone = next(t for t, m in after if m is None)
+    assert gone - stop <= 0.1
+    assert all(m is None for t, m in after if t >= gone)
+
+    def ease_out(t: float) -> tuple[float, float, float]:
+        s = min(t, 0.5)
+        return 3000.0 * (s - s * s), 0.0, WIDTH  # v = 3000 (1 - 2t): stops at 0.5, x = 750
+
+    ends = {}
+    for t, _, m in drive(ease_out, 0.45):
+        if m is not None:
+            ends[t] = m.at(t + 10.0)[0]
+    assert ends and all(e < 750.0 + 0.1 * WIDTH for e in ends.values()), ends
+    assert all(abs(e - 750.0) < 0.1 * WIDTH for t, e in ends.items() if t > 0.25), ends
+
+
+def test_a_zig_zag_turn_drops_the_old_direction_at_once() -> None:
+    """Back and forth (a triangle, one view a second, turning every 0.5 s): after each
+    turn the prediction never reaches more than a tenth of a view past the turning
+    point (the first sample past it ends it), and it stays gone until the new
+    direction is steady; then it points the new way."""
+    period = 1.0
+
+    def zig_zag(t: float) -> tuple[float, float, float]:
+        phase = t % period
+        return WIDTH * (phase if phase < period / 2 else period - phase), 0.0, WIDTH
+
+    turns = [0.5, 1.5]
+    for t, _, m in drive(zig_zag, 2.0):
+        for turn in turns:
+            if turn + FRAME / 2 < t < turn + 0.15:  # a sample past it
+                assert m is None
+            if turn + 0.15 <= t < turn + 0.5:
+                assert m is None or m.vx < 0
+        if 1.05 <= t <= 1.1:  # the turn at 1.0 is at x = 0, going right again
+            assert m is None or m.at(t + 10.0)[0] > -0.1 * WIDTH
+
+
+def test_zoom_in_and_out_extrapolate_log_width() -> None:
+    """Zooming in at one doubling a second predicts a narrower view at that rate;
+    zooming out, a wider one; the centre moves with the cursor-anchored drift."""
+    t, (x, _, w), zoom_in = last(drive(lambda t: (100.0 * t, 0.0, WIDTH * 2 ** (-t)), 0.8))
+    assert zoom_in is not None and zoom_in.rate == pytest.approx(-math.log(2), rel=0.05)
+    ex, _, ew = zoom_in.at(t + 0.5)
+    assert ew == pytest.approx(w * 2**-0.5, rel=0.05) and ex == pytest.approx(x + 50, abs=10)
+    t, (_, _, w), zoom_out = last(drive(lambda t: (0.0, 0.0, WIDTH * 2**t), 0.8))
+    assert zoom_out is not None and zoom_out.at(t + 0.5)[2] == pytest.approx(w * 2**0.5, rel=0.05)
+
+
+def test_idle_and_single_jumps_predict_nothing() -> None:
+    """A still camera, a single jump (show_region), and a motion long over predict
+    nothing."""
+    assert all(m is None for _, _, m in drive(lambda t: (5.0, 5.0, WIDTH), 1.0))
+    assert all(
+        m is None for _, _, m in drive(lambda t: (0.0 if t < 0.5 else 3000.0, 0.0, WIDTH), 1.0)
+    )
+    predictor = MotionPredictor()
+    predictor.observe(0.0, 0.0, 0.0, WIDTH)
+    predictor.observe(FRAME, 3000.0, 0.0, WIDTH)
+    assert predictor.still(FRAME)  # a jump is no motion: the ring comes at once
+    predictor.observe(2 * FRAME, 6000.0, 0.0, WIDTH)
+    predictor.observe(3 * FRAME, 6000.0, 0.0, WIDTH / 2)  # jumps in a row: no motion either
+    assert predictor.still(3 * FRAME) and predictor.predict(3 * FRAME) is None
+    for i in range(2, 20):
+        predictor.observe(i * FRAME, 100.0 * i, 0.0, WIDTH)
+    assert predictor.predict(19 * FRAME) is not None and not predictor.still(19 * FRAME)
+    assert predictor.still(19 * FRAME + MAX_STOP_GAP)
+    assert predictor.predict(19 * FRAME + MAX_STOP_GAP + 0.01) is None  # no frame since
+    predictor.reset()
+    assert predictor.predict(19 * FRAME) is None
+
+
+# -- the tiles of a prediction -----------------------------------------------------------
+
+
+def pyramid(size: int = 4096, chunk: int = 256, n: int = 5) -> list[PlaneLevel]:
+    return [
+        PlaneLevel(
+            level=lv,
+            shape=(size >> lv, size >> lv),
+            chunk=(chunk, chunk),
+            scale=(2.0**lv, 2.0**lv),
+            offset=((2**lv - 1) / 2, (2**lv - 1) / 2),
+        )
+        for lv in range(n)
+    ]
+
+
+def steady(
+    vx: float, rate: float = 0.0, *, x: float = 2048.0, y: float = 2048.0, width: float = 1024.0
+) -> Motion:
+    """A steady motion from (x, y), ``width`` wide, seen at time 0."""
+    return Motion(0.0, x, y, width, vx, 0.0, rate, 0.0, MAX_HORIZON)
+
+
+def view_around(x: float, y: float, width: float, pixels: int = 512) -> View:
+    return View(x - width / 2, y - width / 2, x + width / 2, y + width / 2, pixels, pixels)
+
+
+def test_a_pan_prefetches_the_way_ahead_sooner_first() -> None:
+    """Panning right: the tiles of the views ahead, at prefetch priority, those reached
+    sooner first; none behind."""
+    levels = pyramid()
+    view = view_around(2048, 2048, 1024)
+    target = view_level(levels, view)[0]
+    path = steady(512.0).path(view, 0.0)
+    assert path and path[-1][0] == pytest.approx(MAX_HORIZON)
+    plan = plan_path(levels, view, target, path)
+    assert plan and all(lv == target and p // 1e9 == PREFETCH for (lv, _, _), p in plan.items())
+    for (_, iy, ix), p in plan.items():
+        right = (target, iy, ix + 1)
+        if right in plan:
+            assert plan[right] >= p  # further right: reached later
+    bounds = [levels[target].tile_bounds(iy, ix) for _, iy, ix in plan]
+    assert min(b[3] for b in bounds) > path[0][1].x0  # nothing behind the views ahead
+    assert max(b[3] for b in bounds) >= view.x1 + 512  # as far as the horizon
+    assert min(b[0] for b in bounds) <= view.y0 and max(b[1] for b in bounds) >= view.y1
+
+
+def test_zooming_in_prefetches_finer_and_zooming_out_coarser() -> None:
+    """A zoom in asks for the finer levels of the narrower views ahead (drawn only once
+    they are the target); a zoom out for the coarser ones, and the next coarser level's
+    ring around the view, before the path gets there."""
+    levels = pyramid()
+    view = view_around(2048, 2048, 1024)  # 2 world units a screen pixel: level 1
+    target = view_level(levels, view)[0]
+    assert target == 1
+    zoom_in = plan_path(levels, view, target, steady(0.0, -math.log(2)).path(view, 0.0))
+    assert {lv for lv, _, _ in zoom_in} == {0}  # (level 1's are the visible ones)
+    zoom_out = plan_path(levels, view, target, steady(0.0, math.log(2)).path(view, 0.0))
+    assert {lv for lv, _, _ in zoom_out} == {1, 2}
+    ring = levels[2].tile_range(view.y0, view.y1, view.x0, view.x1, margin=1)
+    iy0, iy1, ix0, ix1 = ring
+    assert all((2, iy, ix) in zoom_out for iy in range(iy0, iy1) for ix in range(ix0, ix1))
+    # slow zoom out: the horizon does not reach level 2, its ring is asked for anyway
+    slow = plan_path(levels, view, target, steady(0.0, 0.1).path(view, 0.0))
+    assert (2, iy0, ix0) in slow and (2, iy1 - 1, ix1 - 1) in slow
+
+
+def test_a_path_costs_a_bounded_number_of_tiles() -> None:
+    """However fast the motion, a path holds at most its views' budgets' worth."""
+    levels = pyramid(1 << 20, 256, 12)
+    view = view_around(1 << 19, 1 << 19, 1024)
+    for motion in (steady(1e9), steady(0.0, -50.0), steady(0.0, 50.0), steady(1e6, 3.0)):
+        path = motion.path(view, 0.0)
+        plan = plan_path(levels, view, view_level(levels, view)[0], path)
+        assert len(path) <= 10 and len(plan) <= (len(path) + 1) * 64
+
+
+# -- a tile set following a prediction --------------------------------------------------
+
+
+@pytest.fixture()
+def gated(tmp_path: pathlib.Path) -> Iterator[tuple[TileSet, GatedStore, ChunkPool]]:
+    """A 1024² image of 64² chunks (two levels) behind a counting, gated store, one IO
+    thread, and a tile set on it."""
+    p = write_pyramid(
+        tmp_path / "p.ome.zarr", noise_image((1024, 1024), seed=4), chunks=(64, 64), n_levels=2
+    )
+    store = GatedStore(LocalStore(p.path))
+    pool = ChunkPool.from_zarr_node(zarr.open_group(store, mode="r"), io_concurrency=1)[0]
+    pool.enable_polled_load_handlers(lambda: None)
+    tiles = TileSet(pool, [(0, True)])
+    try:
+        yield tiles, store, pool
+    finally:
+        store.rec.open_gate()
+        tiles.close()
+        pool.destroy()
+
+
+VIEW = View(383.5, 383.5, 639.5, 639.5, 256, 256)  # level 0, tiles 6..9 in view
+
+
+def level0(tiles: TileSet) -> dict[tuple[int, int], float]:
+    return {(k.iy, k.ix): t.priority for k, t in tiles.channels[0].tiles.items() if k.level == 0}
+
+
+def test_the_tile_set_prefetches_the_ring_when_still_and_the_path_when_moving(
+    gated: tuple[TileSet, GatedStore, ChunkPool],
+) -> None:
+    tiles, _, _ = gated
+    tiles.update(VIEW)
+    still = level0(tiles)
+    assert set(still) == {(iy, ix) for iy in range(5, 11) for ix in range(5, 11)}  # + ring
+    path = steady(256.0, x=511.5, y=511.5, width=256.0).path(VIEW, 0.0)  # a view a second, right
+    tiles.update(VIEW, path=path)
+    moving = level0(tiles)
+    visible = {k for k, p in moving.items() if is_visible_priority(p)}
+    assert visible == {(iy, ix) for iy in range(6, 10) for ix in range(6, 10)}
+    ahead = {k: p for k, p in moving.items() if k not in visible}
+    assert {ix for _, ix in ahead} == {10, 11, 12, 13}  # the view a second ahead ends at 13
+    assert all(iy in range(6, 10) for iy, _ in ahead)  # no ring above, below, behind
+    assert ahead[(6, 10)] < ahead[(6, 12)] < ahead[(6, 13)]  # sooner first
+    tiles.update(VIEW, still=False)  # moving, nothing predicted (it just turned): no ring
+    assert set(level0(tiles)) == visible
+    tiles.update(VIEW)  # still: the ring again
+    assert set(level0(tiles)) == set(still)
+
+
+def test_a_wrong_prediction_releases_its_chunks_and_they_are_never_read(
+    gated: tuple[TileSet, GatedStore, ChunkPool],
+) -> None:
+    """The path goes right, the camera turns left: the tiles to the right leave the tile
+    set, their chunks are let go by the pool (cancelled, not loaded later), and the
+    store never reads them; the way left is read instead."""
+    tiles, store, pool = gated
+    store.rec.hold()
+    right = steady(256.0, x=511.5, y=511.5, width=256.0).path(VIEW, 0.0)
+    tiles.update(VIEW, path=right)
+    store.rec.wait_started(1)  # the best visible tile, held at the gate
+    wrong = {c for c in tiles._locations if c.level == 0 and c.index[1] >= 10}
+    assert len(wrong) == 16
+    locations = {c: tiles._locations[c] for c in wrong}
+    left = steady(-256.0, x=511.5, y=511.5, width=256.0).path(VIEW, 0.0)
+    tiles.update(VIEW, path=left)
+    held = {tuple(loc.key) for loc in pool.iter_held(tiles.ref)}
+    assert not held & {(c.level, c.index) for c in wrong}
+    assert all(loc.state == ChunkState.CANCELLED for loc in locations.values())
+    store.rec.open_gate()
+    pool.wait_for_chunks_to_load(timeout=60)
+    read = set(store.rec.finished)
+    assert not read & {f"0/c/{iy}/{ix}" for _, (iy, ix) in wrong}
+    assert {f"0/c/{iy}/{ix}" for iy in range(6, 10) for ix in (2, 3, 4, 5)} <= read
+
+
+def test_a_right_prediction_is_on_screen_without_a_new_read(
+    gated: tuple[TileSet, GatedStore, ChunkPool],
+) -> None:
+    """The path's tiles load ahead; when the view gets there its target tiles are done
+    at once (no read, nothing pending)."""
+    tiles, store, pool = gated
+    right = steady(256.0, x=511.5, y=511.5, width=256.0).path(VIEW, 0.0)
+    tiles.update(VIEW, path=right)
+    pool.wait_for_chunks_to_load(timeout=60)
+    pool.run_pending_handlers()
+    reads = len(store.rec.finished)
+    there = View(VIEW.x0 + 256, VIEW.y0, VIEW.x1 + 256, VIEW.y1, 256, 256)
+    tiles.update(there, path=steady(256.0, x=767.5, y=511.5, width=256.0).path(there, 0.0))
+    status = tiles.status()
+    assert status.pending == 0 and status.loaded == 16
+    pool.wait_for_chunks_to_load(timeout=60)
+    assert not {f"0/c/{iy}/{ix}" for iy in range(6, 10) for ix in range(10, 14)} & set(
+        store.rec.finished[reads:]
+    )
+
+
+# -- the viewer feeds it ----------------------------------------------------------------
+
+
+@pytest.mark.render
+def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
+    tmp_path: pathlib.Path, make_viewer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames that pan the camera right (on a stepped clock) make the layer hold tiles
+    beyond the view on the right (more than the ring); a frame after the motion stopped
+    holds the ring only."""
+    import viewer.app
+
+    now = [1000.0]
+    monkeypatch.setattr(
+        viewer.app,
+        "time",
+        types.SimpleNamespace(perf_counter=lambda: now[0], monotonic=time.monotonic),
+    )
+    p = write_pyramid(
+        tmp_path / "p.ome.zarr", noise_image((1024, 1024), seed=5), chunks=(32, 32), n_levels=1
+    )
+    v = make_viewer(str(p.path), colormap="gray", clim=(0, 255))
+    v.show_region(256, 256, 512, 512)
+    for _ in range(20):
+        v.pan(0.02, 0.0)
+        v.refresh()
+        now[0] += FRAME
+    view = v.view()
+    beyond = [t for t in v.layer.tiles.tiles() if t.bounds[2] >= view.x1 + 32]
+    assert beyond, "nothing prefetched ahead of the pan"
+    now[0] += MAX_STOP_GAP + 0.01
+    v.refresh()
+    assert not [t for t in v.layer.tiles.tiles() if t.bounds[2] >= view.x1 + 32]

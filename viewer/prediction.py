@@ -1,0 +1,347 @@
+"""Predicted motion: where the camera will be in a moment, from where it has been.
+
+Pure arithmetic on camera samples, no GPU, no clock of its own (times are passed in).
+The viewer feeds a :class:`MotionPredictor` the camera at every frame
+(:meth:`~MotionPredictor.observe`: time, centre, width); :meth:`~MotionPredictor.predict`
+extrapolates the last ``WINDOW`` seconds of *moves* (frames where the camera changed)
+into a :class:`Motion`, or None when nothing can be said; :meth:`Motion.path` turns it
+into the views expected over the next ``horizon`` seconds, and :func:`plan_path` into
+tiles to prefetch, each at a priority that grows with its expected arrival time.
+
+**The estimate.** Positions are in *view units* (centre in widths of the newest view,
+width as its natural log), so pan and zoom are measured alike. The velocity is a
+least-squares slope, over the newest ``RECENT`` seconds of moves (at least three) and
+over the rest of the window separately (a slope, not a difference of two samples:
+frame times jitter):
+
+- the camera has not moved for ``STOP_INTERVALS`` times its usual interval between
+  moves (at least ``MIN_STOP_GAP``, at most ``MAX_STOP_GAP``: a wheel turned notch by
+  notch still counts as moving) - it stopped: **no prediction**;
+- the newest move goes against the estimated velocity, or the two slopes point more
+  than ``acos(MIN_COS)`` apart - it turned (a zig-zag): **no prediction**, from the
+  first sample past the turn until the window holds one direction again;
+- the newest slope is slower - it is braking (a flick running out): the motion is
+  extrapolated with that deceleration and **ends where it would stop**, so an abrupt
+  stop leaves almost nothing ahead;
+- otherwise the newest velocity is extrapolated as it is.
+
+A move of more than ``JUMP`` view units from one frame to the next (``show_region``,
+a key's step, a zoom by 2) is a jump, not motion: the history starts again there.
+
+**The horizon** is between ``MIN_HORIZON`` and ``MAX_HORIZON`` seconds, longer the more
+the two slopes agree (direction and speed), never longer than the current run of moves
+one way has lasted (a motion just begun, or just turned, is not followed far: short
+rapid pans stop about as soon as they are seen), and cut so that the view travels at most
+``MAX_LEAD`` view sizes and zooms at most ``MAX_ZOOM_LEAD`` (in log width) ahead: a fast
+flick is followed about as far as a slow drag, so what a wrong guess costs stays
+bounded. The centre moves with the velocity, the width changes geometrically with the
+zoom rate (a steady wheel or pinch is a constant rate of log width).
+
+A prediction that turns out wrong is simply not made again at the next frame: the tile
+set drops the tiles it asked for (their loads are cancelled by the pool).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .tiling import (
+    PlaneLevel,
+    TileKey,
+    View,
+    predicted_priority,
+    tile_budget,
+    tile_count,
+    view_level,
+)
+
+__all__ = [
+    "MAX_HORIZON",
+    "MAX_LEAD",
+    "MAX_ZOOM_LEAD",
+    "MIN_HORIZON",
+    "WINDOW",
+    "Motion",
+    "MotionPredictor",
+    "plan_path",
+]
+
+#: Seconds of camera history the estimate uses, and of it the newest part (the velocity).
+WINDOW, RECENT = 0.3, 0.06
+#: The shortest and longest horizon of a prediction (seconds ahead).
+MIN_HORIZON, MAX_HORIZON = 0.3, 1.0
+#: The farthest a prediction reaches: view sizes of pan, and log width of zoom (2 levels).
+MAX_LEAD = 1.0
+MAX_ZOOM_LEAD = math.log(4.0)
+#: Slower than this (view units per second) is still.
+MIN_SPEED = 0.05
+#: The older and newer halves of the window must agree this well in direction (cosine).
+MIN_COS = 0.7
+#: No move for this many usual intervals between moves (bounded below and above) = stopped.
+STOP_INTERVALS = 2.0
+MIN_STOP_GAP, MAX_STOP_GAP = 0.05, 0.3
+#: A move between two frames larger than this (view units) is a jump, not motion.
+JUMP = 0.5
+#: Seconds between the views of a predicted path, and the most views in one.
+PATH_STEP = 0.1
+MAX_PATH_VIEWS = 10
+
+
+class _Sample(NamedTuple):
+    t: float
+    x: float
+    y: float
+    log_width: float
+
+
+@dataclass(frozen=True)
+class Motion:
+    """The camera's expected motion from time ``t`` (its newest move), where it was at
+    ``(x, y)`` with ``width``: a velocity (world units per second), a zoom ``rate``
+    (d ln(width) / dt), a ``braking`` (1/s: the motion slows so as to stop after
+    ``1 / braking`` seconds; 0: steady), followed for ``horizon`` seconds."""
+
+    t: float
+    x: float
+    y: float
+    width: float
+    vx: float
+    vy: float
+    rate: float
+    braking: float
+    horizon: float
+
+    def _progress(self, dt: float) -> float:
+        """Seconds of initial velocity travelled ``dt`` seconds after ``t``."""
+        dt = min(max(dt, 0.0), self.horizon)
+        return dt - 0.5 * self.braking * dt * dt
+
+    def at(self, when: float) -> tuple[float, float, float]:
+        """The camera's expected centre and width, (x, y, width), at time ``when``."""
+        s = self._progress(when - self.t)
+        return self.x + self.vx * s, self.y + self.vy * s, self.width * math.exp(self.rate * s)
+
+    def path(self, view: View, now: float) -> tuple[tuple[float, View], ...]:
+        """The views expected from ``now`` to the horizon, as (seconds from now, view),
+        soonest first; ``view`` is the current one (its canvas and aspect are kept)."""
+        end = self.t + self.horizon - now
+        if end <= 0 or not view.x1 > view.x0:
+            return ()
+        x, y, width = self.at(now + end)
+        lead = math.hypot(x - self.x, y - self.y) / self.width
+        zoom = abs(math.log(width / self.width))
+        n = math.ceil(max(end / PATH_STEP, 2 * lead, 2 * zoom / math.log(2)))
+        n = max(1, min(MAX_PATH_VIEWS, n))
+        aspect = (view.y1 - view.y0) / (view.x1 - view.x0)
+        out = []
+        for k in range(1, n + 1):
+            ahead = end * k / n
+            cx, cy, w = self.at(now + ahead)
+            h = w * aspect
+            future = View(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, view.width, view.height)
+            out.append((ahead, future))
+        return tuple(out)
+
+
+def _slope(points: Sequence[_Sample], scale: float) -> tuple[float, float, float, float]:
+    """Least-squares velocity of ``points`` in view units (x and y over ``scale``, log
+    width), and their mean time: (vx, vy, vlog, mean t)."""
+    n = len(points)
+    mt = sum(p.t for p in points) / n
+    mx = sum(p.x for p in points) / n
+    my = sum(p.y for p in points) / n
+    mw = sum(p.log_width for p in points) / n
+    var = sum((p.t - mt) ** 2 for p in points)
+    if var <= 0:
+        return 0.0, 0.0, 0.0, mt
+    sx = sum((p.t - mt) * (p.x - mx) for p in points) / var / scale
+    sy = sum((p.t - mt) * (p.y - my) for p in points) / var / scale
+    sw = sum((p.t - mt) * (p.log_width - mw) for p in points) / var
+    return sx, sy, sw, mt
+
+
+class MotionPredictor:
+    """Camera samples in, expected motion out (see the module's docstring). Memory: the
+    moves of the last ``WINDOW`` seconds."""
+
+    def __init__(self) -> None:
+        self._moves: list[_Sample] = []
+        self._seen = -math.inf  # when the camera was last seen where the newest move left it
+        self._run_start = -math.inf  # when the current run of moves one way began
+        self._step = (0.0, 0.0, 0.0)  # the newest move, in view units
+
+    def observe(self, t: float, x: float, y: float, width: float) -> None:
+        """The camera showed centre (x, y), ``width`` wide, at time ``t`` (seconds)."""
+        if not (width > 0 and math.isfinite(width) and math.isfinite(x) and math.isfinite(y)):
+            self.reset()  # no view to follow
+            return
+        sample = _Sample(t, x, y, math.log(width))
+        moves = self._moves
+        if moves and moves[-1][1:] == sample[1:]:
+            self._seen = t
+            return
+        if not moves:
+            self._run_start = t
+        elif t - moves[-1].t > _stop_gap(moves):
+            # it had stopped: this motion starts from where it rested, when last seen there
+            moves[:] = [moves[-1]._replace(t=max(moves[-1].t, self._seen))]
+            self._run_start = moves[0].t
+            self._step = (0.0, 0.0, 0.0)
+        if moves:
+            last = moves[-1]
+            step = ((x - last.x) / width, (y - last.y) / width, sample.log_width - last.log_width)
+            if math.sqrt(sum(a * a for a in step)) > JUMP:
+                # a jump (show_region, fit, a key), not motion: the history starts here
+                moves.clear()
+                self._run_start = t
+                step = (0.0, 0.0, 0.0)
+            elif sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
+                self._run_start = last.t  # it turned: a new run
+            self._step = step
+        moves.append(sample)
+        self._seen = t
+        first = 0
+        while first + 1 < len(moves) and moves[first + 1].t < t - WINDOW:
+            first += 1  # keep one move before the window: where the window's motion began
+        del moves[:first]
+
+    def reset(self) -> None:
+        """Forget the history (the view jumped: a new image, a restored state)."""
+        self._moves.clear()
+        self._seen = self._run_start = -math.inf
+        self._step = (0.0, 0.0, 0.0)
+
+    def still(self, now: float) -> bool:
+        """Whether the camera is not in motion: it has not moved for ``MAX_STOP_GAP``
+        seconds, or its last moves were a single jump (``show_region``, a key press), not
+        a motion."""
+        moves = self._moves
+        return len(moves) < 3 or now - moves[-1].t >= MAX_STOP_GAP
+
+    def predict(self, now: float) -> Motion | None:
+        """The motion expected from ``now`` on, or None: too few moves, stopped, turned,
+        or too slow to matter."""
+        moves = self._moves
+        if len(moves) < 3:
+            return None
+        if now - moves[-1].t > _stop_gap(moves):
+            return None
+        newest = moves[-1]
+        scale = math.exp(newest.log_width)
+        split = min(len(moves) - 3, _first_at(moves, newest.t - RECENT))
+        new = _slope(moves[split:], scale)
+        speed_new = math.sqrt(new[0] ** 2 + new[1] ** 2 + new[2] ** 2)
+        if speed_new < MIN_SPEED:
+            return None
+        if sum(a * b for a, b in zip(self._step, new[:3], strict=True)) < 0:
+            return None  # the newest move went back: a turn has begun
+        old = _slope(moves[: split + 1], scale) if split >= 1 else (0.0, 0.0, 0.0, newest.t)
+        speed_old = math.sqrt(old[0] ** 2 + old[1] ** 2 + old[2] ** 2)
+        agreement = braking = 0.0
+        if speed_old >= MIN_SPEED:  # (else starting from rest: no history to agree with)
+            cos = sum(a * b for a, b in zip(old[:3], new[:3], strict=True)) / (
+                speed_old * speed_new
+            )
+            if cos < MIN_COS:
+                return None
+            steady = min(speed_old, speed_new) / max(speed_old, speed_new)
+            agreement = (cos - MIN_COS) / (1.0 - MIN_COS) * steady
+            if speed_new < speed_old and new[3] > old[3]:
+                deceleration = (speed_old - speed_new) / (new[3] - old[3])
+                braking = deceleration / speed_new
+        horizon = MIN_HORIZON + (MAX_HORIZON - MIN_HORIZON) * agreement
+        horizon = min(horizon, newest.t - self._run_start)  # no further than it has lasted
+        if braking > 0:
+            horizon = min(horizon, 1.0 / braking)
+        pan = math.hypot(new[0], new[1])
+        if pan > 0:
+            horizon = min(horizon, _time_to_travel(MAX_LEAD / pan, braking))
+        if new[2] != 0:
+            horizon = min(horizon, _time_to_travel(MAX_ZOOM_LEAD / abs(new[2]), braking))
+        return Motion(
+            t=newest.t,
+            x=newest.x,
+            y=newest.y,
+            width=scale,
+            vx=new[0] * scale,
+            vy=new[1] * scale,
+            rate=new[2],
+            braking=braking,
+            horizon=horizon,
+        )
+
+
+def _stop_gap(moves: Sequence[_Sample]) -> float:
+    """How long without a move means stopped: ``STOP_INTERVALS`` usual (median)
+    intervals between ``moves``, within [MIN_STOP_GAP, MAX_STOP_GAP]."""
+    if len(moves) < 2:
+        return MAX_STOP_GAP
+    gaps = sorted(b.t - a.t for a, b in itertools.pairwise(moves))
+    return min(MAX_STOP_GAP, max(MIN_STOP_GAP, STOP_INTERVALS * gaps[len(gaps) // 2]))
+
+
+def _first_at(moves: Sequence[_Sample], t: float) -> int:
+    """The index of the first move at or after ``t`` (len(moves) if none)."""
+    for i, move in enumerate(moves):
+        if move.t >= t:
+            return i
+    return len(moves)
+
+
+def _time_to_travel(seconds: float, braking: float) -> float:
+    """How long a motion braking at ``braking`` takes to cover what it would cover in
+    ``seconds`` at its initial speed (inf if it stops first)."""
+    if braking <= 0:
+        return seconds
+    disc = 1.0 - 2.0 * braking * seconds
+    return math.inf if disc < 0 else 2.0 * seconds / (1.0 + math.sqrt(disc))
+
+
+def plan_path(
+    levels: Sequence[PlaneLevel],
+    view: View,
+    target: int,
+    path: Sequence[tuple[float, View]],
+    bias: float = 1.0,
+) -> dict[TileKey, float]:
+    """The tiles to prefetch for a predicted ``path`` (from :meth:`Motion.path`) of the
+    current ``view`` shown at ``target``: every view's tiles at its own level, each tile
+    at the priority of the soonest view it is in (:func:`~viewer.tiling.predicted_priority`);
+    while the path zooms out, also the next coarser level's ring around the current view,
+    due when the path reaches that level (else at its end). A view whose level has more
+    tiles in view than its budget adds nothing, so this costs at most ``len(path) + 1``
+    budgets, whatever the image."""
+    plan: dict[TileKey, float] = {}
+    coarser_due: float | None = None
+    for ahead, future in path:
+        level, overflow = view_level(levels, future, bias)
+        if overflow:
+            continue
+        if level > target and coarser_due is None:
+            coarser_due = ahead
+        _add_block(plan, levels[level], future, 0, predicted_priority(ahead))
+    zooming_out = path and path[-1][1].x1 - path[-1][1].x0 > view.x1 - view.x0
+    if zooming_out and target + 1 < len(levels):
+        due = coarser_due if coarser_due is not None else path[-1][0]
+        _add_block(plan, levels[target + 1], view, 1, predicted_priority(due))
+    return plan
+
+
+def _add_block(
+    plan: dict[TileKey, float], level: PlaneLevel, view: View, margin: int, priority: float
+) -> None:
+    """Add ``level``'s tiles in ``view`` (grown by ``margin`` tiles) at ``priority``,
+    unless a tile has a better one already or the block exceeds the level's budget."""
+    tiles = level.tile_range(view.y0, view.y1, view.x0, view.x1, margin=margin)
+    if not 0 < tile_count(tiles) <= tile_budget(level, view):
+        return  # (empty: rows without a column are not gone through)
+    iy0, iy1, ix0, ix1 = tiles
+    for iy in range(iy0, iy1):
+        for ix in range(ix0, ix1):
+            key = (level.level, iy, ix)
+            if plan.get(key, math.inf) > priority:
+                plan[key] = priority
