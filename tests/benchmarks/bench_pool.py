@@ -318,7 +318,10 @@ def _decode_array(path: Path, codec: str | None, data: np.ndarray, chunk: int) -
     if codec == "blosc":
         kwargs["compressors"] = zarr.codecs.BloscCodec(cname="lz4", shuffle="shuffle")
     elif codec == "python":
-        from tests.support.pycodecs import PyXorV3
+        tests = str(Path(__file__).resolve().parents[1])
+        if tests not in sys.path:
+            sys.path.insert(0, tests)  # (the workers get this path too)
+        from support.pycodecs import PyXorV3
 
         kwargs["compressors"] = PyXorV3()
     arr = zarr.create_array(
