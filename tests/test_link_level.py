@@ -21,11 +21,11 @@ import zarr
 from conftest import make_array
 from support.httpserver import ZarrHTTPServer
 from support.images import expected_view, noise_image, region_world, write_pyramid
+from test_tiling import pyramid
 
 from chunkpool import ChunkPool, LinkEstimate
 from chunkpool.stats import LinkEstimator
 from viewer.tiling import (
-    PlaneLevel,
     TileKey,
     View,
     add_refinement,
@@ -194,22 +194,8 @@ def test_loaded_among_counts_held_and_cached(noise_array: Path) -> None:
 TILE = 100_000  # bytes of one tile on the wire
 
 
-def pyramid(size: int = 8192, chunk: int = 256, n: int = 6) -> list[PlaneLevel]:
-    """Block-mean pyramid: level L pixel j centre at 2**L * j + (2**L - 1) / 2."""
-    return [
-        PlaneLevel(
-            level=lv,
-            shape=(size >> lv, size >> lv),
-            chunk=(chunk, chunk),
-            scale=(2.0**lv, 2.0**lv),
-            offset=((2**lv - 1) / 2, (2**lv - 1) / 2),
-        )
-        for lv in range(n)
-    ]
-
-
 #: A 1920 x 1080 view at 1:1 (ideal level 0: 8 x 5 tiles of 256²).
-LEVELS = pyramid()
+LEVELS = pyramid(8192, 256, 6)
 VIEW = View(1023.5, 1023.5, 1023.5 + 1920, 1023.5 + 1080, 1920, 1080)
 IDEAL = choose_level(LEVELS, VIEW)
 BYTES = [TILE] * len(LEVELS)

@@ -16,6 +16,7 @@ import pytest
 import zarr
 from support.images import noise_image, write_pyramid
 from support.teststores import GatedStore
+from test_tiling import pyramid
 from zarr.storage import LocalStore
 
 from chunkpool import ChunkPool, ChunkState
@@ -29,7 +30,7 @@ from viewer.prediction import (
     plan_path,
 )
 from viewer.tileset import TileSet
-from viewer.tiling import PREFETCH, PlaneLevel, View, is_visible_priority, view_level
+from viewer.tiling import PREFETCH, View, is_visible_priority, view_level
 
 FRAME = 1 / 60
 WIDTH = 1000.0  # world width of the view in the predictor's scripts
@@ -175,19 +176,6 @@ def test_idle_and_single_jumps_predict_nothing() -> None:
 
 
 # -- the tiles of a prediction -----------------------------------------------------------
-
-
-def pyramid(size: int = 4096, chunk: int = 256, n: int = 5) -> list[PlaneLevel]:
-    return [
-        PlaneLevel(
-            level=lv,
-            shape=(size >> lv, size >> lv),
-            chunk=(chunk, chunk),
-            scale=(2.0**lv, 2.0**lv),
-            offset=((2**lv - 1) / 2, (2**lv - 1) / 2),
-        )
-        for lv in range(n)
-    ]
 
 
 def steady(

@@ -23,6 +23,7 @@ from conftest import make_array, ramp
 from support.httpserver import ZarrHTTPServer
 from support.images import write_pyramid
 from support.s3server import S3Server
+from test_refresh import hold_all
 
 from chunkpool import Changes, ChunkPool, ChunkState, RetryPolicy
 
@@ -109,17 +110,6 @@ def chunk_file(root: Path, level: int, index: tuple[int, ...]) -> Path:
 def open_pool(remote: Remote, **kwargs: Any) -> ChunkPool:
     (pool,) = ChunkPool.from_zarr_node(remote.url(), storage_options=remote.options(), **kwargs)
     return pool
-
-
-def hold_all(pool: ChunkPool, ref: str = "view", **kwargs: Any) -> list:
-    keys = [
-        (scale.level, index)
-        for scale in pool.multiscale_info
-        for index in scale.iter_chunk_indices()
-    ]
-    locs = pool.get_chunks(keys, ref, **kwargs)
-    pool.wait_for_chunks_to_load(GENEROUS)
-    return locs
 
 
 def append_time_point(root: Path, frame: np.ndarray) -> None:
