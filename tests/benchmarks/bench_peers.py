@@ -2,8 +2,8 @@
 
 Not run by CI. The peers live in their own virtual environment (never the project's):
 
-    python3 -m venv /work/peers-venv
-    /work/peers-venv/bin/pip install "napari[pyqt5]" neuroglancer selenium zarr aiohttp
+    python3 -m venv .peers-venv        # in the clone, beside .venv
+    .peers-venv/bin/pip install "napari[pyqt5]" neuroglancer selenium zarr aiohttp
     apt-get install chromium chromium-driver        # neuroglancer, headless
 
     python tests/benchmarks/bench_peers.py [--repeats 3] [--peers-python PYTHON]
@@ -153,7 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--peers-python", type=pathlib.Path, default=pathlib.Path("/work/peers-venv/bin/python")
+        "--peers-python",
+        type=pathlib.Path,
+        default=pathlib.Path(__file__).resolve().parents[2] / ".peers-venv" / "bin" / "python",
     )
     args = parser.parse_args()
     from sample_data import ensure_sample

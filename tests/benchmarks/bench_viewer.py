@@ -8,8 +8,8 @@ first use). Reports:
   compiled or cached in it; the page cache and Mesa's shader cache are warm), locally
   and over HTTP with 50 ms latency per request (``ZarrHTTPServer``), medians over
   ``--repeats``; beside the pool's own time to open the image and load its coarsest
-  level in a fresh process (the floor), and, with ``--main DIR`` (default /work/main
-  if there), the same runs of that checkout's viewer (``PYTHONPATH=DIR``), alternated
+  level in a fresh process (the floor), and, with ``--main DIR`` (another checkout, e.g.
+  of an older commit), the same runs of that checkout's viewer (``PYTHONPATH=DIR``), alternated
   with ours in the same run; with our start-up steps (``Viewer.startup_seconds``);
 - CPU time of the per-frame tile bookkeeping (``TileSet.update``) at 1920 x 1080
   while panning (a new view every frame) and when nothing changes;
@@ -164,7 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--main", type=pathlib.Path, default=pathlib.Path("/work/main"))
+    parser.add_argument(
+        "--main", type=pathlib.Path, default=None, help="another checkout to compare with"
+    )
     parser.add_argument("--first-image-only", action="store_true")
     parser.add_argument("--child-image")
     parser.add_argument("--child-floor")
@@ -174,7 +176,7 @@ def main() -> None:
         print(json.dumps(child(args.child_image or args.child_floor)))
         return
     source = str(ensure_sample())
-    main_code = args.main if (args.main / "viewer").is_dir() else None
+    main_code = args.main if args.main is not None and (args.main / "viewer").is_dir() else None
     first_image(source, args.repeats, main_code)
     if args.first_image_only:
         return
