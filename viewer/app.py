@@ -205,7 +205,7 @@ class Viewer:
         self.memory_budget = (
             MemoryBudget(memory_budget) if isinstance(memory_budget, int) else memory_budget
         )
-        self._with_budget(image_options)
+        self._with_viewer_options(image_options)
         colormap = image_options.get("colormap")
         for name in [colormap] if isinstance(colormap, str) else colormap or ():
             parse_colormap(name)  # fail early, before any I/O
@@ -471,7 +471,7 @@ class Viewer:
             raise
         return self._attach(layer, pool, owned)
 
-    def _with_budget(self, open_options: dict[str, Any]) -> dict[str, Any]:
+    def _with_viewer_options(self, open_options: dict[str, Any]) -> dict[str, Any]:
         """``open_options`` with the viewer's memory budget and KPI log (unless
         they give their own)."""
         if self.memory_budget is not None:
@@ -486,7 +486,7 @@ class Viewer:
         if source is self._adopt:
             self._adopt = None
             return source, True
-        return _open(source, self._with_budget(open_options))
+        return _open(source, self._with_viewer_options(open_options))
 
     @property
     def label_names(self) -> list[str]:
