@@ -47,13 +47,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from numcodecs import Zstd
 
 from chunkpool import ChunkPool
+
+if TYPE_CHECKING:
+    from tests.benchmarks.figures import Figure
 
 SHARD = 2048
 
@@ -100,6 +103,16 @@ class Case:
         return f"{self.chunk}² chunks, {layout}"
 
     @property
+    def source(self) -> str:
+        """What the pool opens (a subclass serves it over HTTP)."""
+        return str(self.path)
+
+    @property
+    def kvstore(self) -> dict[str, str]:
+        """Where tensorstore reads it."""
+        return {"driver": "file", "path": str(self.path)}
+
+    @property
     def keys(self) -> list[tuple[int, int]]:
         g = self.data.shape[0] // self.chunk
         return [(i, j) for i in range(g) for j in range(g)]
@@ -110,7 +123,7 @@ def pool_method(
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The pool's run, and a function that destroys the pool (``options``: the pool's)."""
     # no cache: every run loads
-    (pool,) = ChunkPool.from_zarr_node(str(case.path), cpu_workers=cpu_workers, **options)
+    (pool,) = ChunkPool.from_zarr_node(case.source, cpu_workers=cpu_workers, **options)
     keys = case.keys
     drops = [(0, idx) for idx in keys]
 
@@ -134,7 +147,7 @@ def pool_method(
 def tensorstore_method(case: Case) -> Callable[[], None]:
     import tensorstore as ts
 
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(case.path)}}
+    spec = {"driver": "zarr3", "kvstore": case.kvstore}
     array = ts.open(spec).result()
     c = case.chunk
     boxes = [(slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)) for i, j in case.keys]
@@ -229,14 +242,19 @@ def ratio(pool: list[float], other: list[float]) -> tuple[float, float, float]:
 
 
 def run_case(
-    case: Case, rounds: int, threads: int, bulk: bool = False, cpu_workers: int | None = None
+    case: Case,
+    rounds: int,
+    threads: int,
+    bulk: bool = False,
+    cpu_workers: int | None = None,
+    raw: Callable[[Case, int], Callable[[], None]] = raw_method,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     pool_run, destroy = pool_method(case, bulk, cpu_workers)
     try:
         methods = {
             "chunkpool": pool_run,
             "tensorstore": tensorstore_method(case),
-            "raw": raw_method(case, threads),
+            "raw": raw(case, threads),
         }
         return paired_rounds(methods, rounds)
     finally:
@@ -384,7 +402,7 @@ def _paired_modes(
     return wall, cpu
 
 
-def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
+def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float, tuple[float, float]]]:
     """``--decode-modes``: the pool's throughput with ``decode="processes"`` over
     ``decode="threads"``, in paired rounds of the same run (medians and quartiles of
     the per-round ratios), for zstd and blosc (their decoders release the GIL: goal
@@ -433,14 +451,14 @@ def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float]]:
                     f"            {per_chunk['threads']:7.0f} {per_chunk['processes']:5.0f}",
                     flush=True,
                 )
-                results.append((label, q2))
+                results.append((label, q2, (q1, q3)))
     return results
 
 
 # -- the cost of the per-chunk KPI log ---------------------------------------------------
 
 
-def kpi_overhead(argv: list[str] | None = None) -> list[tuple[str, float]]:
+def kpi_overhead(argv: list[str] | None = None) -> list[tuple[str, float, tuple[float, float]]]:
     """``--kpi``: the pool's throughput with ``kpi_log=PATH`` (every load's record
     written as a JSON line) over the same pool without a file (records in memory
     only), in paired rounds of the same run (goal: >= 0.98)."""
@@ -469,7 +487,7 @@ def kpi_overhead(argv: list[str] | None = None) -> list[tuple[str, float]]:
                 f"{per_chunk['plain']:.0f} without, {per_chunk['logged']:.0f} with",
                 flush=True,
             )
-            results.append((case.label, q2))
+            results.append((case.label, q2, (q1, q3)))
     return results
 
 
@@ -480,3 +498,128 @@ if __name__ == "__main__":
         kpi_overhead(sys.argv[1:])
     else:
         main()
+
+
+# -- the one-command run (python -m tests.benchmarks) ------------------------------------
+
+#: Chunk sizes whose throughput should reach tensorstore's (issue 7 §5); none at 512².
+TENSORSTORE_GOAL = {128: 1.0, 256: 1.0}
+
+
+def throughput_figures(
+    section: str,
+    case: Case,
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    note: str = "",
+    goals: dict[int, float] = TENSORSTORE_GOAL,
+) -> list[Figure]:
+    """The figures of one case of :func:`run_case`: the pool's throughput (decoded MB/s)
+    beside tensorstore's (``goals``: the ratio asked for, per chunk size) and raw
+    read+decode's (ratio: pool over reference, per paired round), and the pool's CPU
+    time per chunk beside tensorstore's."""
+    from tests.benchmarks.figures import Figure, quartiles
+
+    rounds = len(times["chunkpool"])
+    mb = case.data.nbytes / 1e6
+    n = len(case.keys)
+    figures = []
+    for ref, name in (("tensorstore", "tensorstore concurrent read"), ("raw", "raw threads")):
+        q1, q2, q3 = ratio(times["chunkpool"], times[ref])
+        figures.append(
+            Figure(
+                section,
+                f"pool throughput, {case.label}",
+                mb / statistics.median(times["chunkpool"]),
+                "MB/s",
+                name,
+                mb / statistics.median(times[ref]),
+                q2,
+                (q1, q3),
+                goals.get(case.chunk) if ref == "tensorstore" else None,
+                True,
+                rounds,
+                note,
+            )
+        )
+    per_round = np.array(cpu["chunkpool"]) / np.array(cpu["tensorstore"])
+    figures.append(
+        Figure(
+            section,
+            f"CPU per chunk, {case.label}",
+            statistics.median(cpu["chunkpool"]) * 1e6 / n,
+            "µs",
+            "tensorstore",
+            statistics.median(cpu["tensorstore"]) * 1e6 / n,
+            float(np.median(per_round)),
+            quartiles(list(per_round)),
+            None,
+            False,
+            rounds,
+            f"all threads of the process; raw threads {statistics.median(cpu['raw']) * 1e6 / n:.0f}"
+            " µs",
+        )
+    )
+    return figures
+
+
+def collect(quick: bool = False) -> list[Figure]:
+    """Pool throughput (local, unsharded and sharded, 128² to 512²) against tensorstore
+    and raw threads, the KPI log's overhead and the decode modes, as figures."""
+    from tests.benchmarks.figures import Figure
+
+    size, rounds = (2048, 3) if quick else (8192, 9)
+    threads = os.cpu_count() or 2
+    figures: list[Figure] = []
+    data = make_data(size)
+    with tempfile.TemporaryDirectory(prefix="zarrscope-bench-") as tmp:
+        for case in cases(Path(tmp), data, [128, 256, 512], ["unsharded", "sharded"]):
+            times, cpu = run_case(case, rounds, threads)
+            figures += throughput_figures(
+                "pool throughput, local",
+                case,
+                times,
+                cpu,
+                f"{size}² uint16 zstd, page cache warm; raw: {threads} threads",
+            )
+            print(f"  {case.label}: {figures[-3].ratio:.2f} of tensorstore", flush=True)
+    kpi_args = ["--rounds", str(rounds + 2), "--size", str(size)]
+    for label, q2, spread in kpi_overhead(kpi_args):
+        figures.append(
+            Figure(
+                "pool overheads",
+                f"KPI log file on / off, {label}",
+                q2,
+                "×",
+                None,
+                None,
+                q2,
+                spread,
+                0.98,
+                True,
+                rounds + 2,
+                "throughput with kpi_log=PATH over without (issue 11 §1)",
+            )
+        )
+    goals = {"zstd": 0.85, "blosc": 0.85, "python-xor": 1.6}
+    codecs = "zstd,python-xor" if quick else ",".join(DECODE_CASES)
+    decode_rounds = 1 if quick else 7
+    for label, q2, spread in decode_modes(["--rounds", str(decode_rounds), "--codecs", codecs]):
+        codec = label.split(",")[0]
+        figures.append(
+            Figure(
+                "pool overheads",
+                f"decode processes / threads, {label}",
+                q2,
+                "×",
+                None,
+                None,
+                q2,
+                spread,
+                goals.get(codec),
+                True,
+                decode_rounds,
+                "throughput with decode='processes' over decode='threads' (issue 9 §3)",
+            )
+        )
+    return figures
