@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from support.httpserver import ZarrHTTPServer  # noqa: E402
 from chunkpool import ChunkPool  # noqa: E402
 from sample_data.acquire import Acquisition, time_point  # noqa: E402
 from viewer import Viewer  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.benchmarks.figures import Figure
 
 SIDE, CHUNK, CLIM = 512, 256, (0.0, 4000.0)
 LATENCY = 0.05
@@ -131,7 +134,10 @@ def chunk_load(source: str) -> float:
     return statistics.median(times)
 
 
-def report(name: str, latencies: list[float], interval: float, rtt: float, load: float) -> None:
+def report(
+    name: str, latencies: list[float], interval: float, rtt: float, load: float
+) -> tuple[float, float, float]:
+    """Print the latencies beside their goal; (median, p90, goal) in seconds."""
     ordered = sorted(latencies)
     median = statistics.median(ordered)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -143,14 +149,14 @@ def report(name: str, latencies: list[float], interval: float, rtt: float, load:
         f"{p90 / goal:.2f}   (n={len(ordered)}, min {ordered[0] * 1000:.0f}, max "
         f"{ordered[-1] * 1000:.0f} ms)"
     )
+    return median, p90, goal
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--appends", type=int, default=20)
-    parser.add_argument("--interval", type=float, default=0.25)
-    args = parser.parse_args()
+def run(appends: int, interval: float) -> dict[str, tuple[list[float], float, float]]:
+    """Per mode ("local", "http"): the latencies of ``appends`` appends, the round
+    trip and the chunk load, measured in the same run."""
     context = multiprocessing.get_context("spawn")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("local", "http"):
             path = str(pathlib.Path(tmp, f"{name}.ome.zarr"))
@@ -171,7 +177,7 @@ def main() -> None:
                 return ours.recv()
 
             try:
-                latencies = measure(source, write, args.appends, args.interval)
+                latencies = measure(source, write, appends, interval)
                 rtt, load = round_trip(source), chunk_load(source)
             finally:
                 ours.send(False)
@@ -179,8 +185,53 @@ def main() -> None:
                 if server is not None:
                     serve_end.send(None)
                     server.join(30)
-            report(name, latencies, args.interval, rtt, load)
+            results[name] = latencies, rtt, load
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--appends", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=0.25)
+    args = parser.parse_args()
+    for name, (latencies, rtt, load) in run(args.appends, args.interval).items():
+        report(name, latencies, args.interval, rtt, load)
 
 
 if __name__ == "__main__":
     main()
+
+
+def collect(quick: bool = False) -> list[Figure]:
+    """Write-to-screen latency (median and p90), local and over HTTP, beside its goal
+    (interval + 2 round trips + one chunk load, measured in the same run)."""
+    from tests.benchmarks.figures import Figure, quartiles
+
+    appends, interval = (3 if quick else 20), 0.25
+    figures = []
+    for name, (latencies, rtt, load) in run(appends, interval).items():
+        median, p90, goal = report(name, latencies, interval, rtt, load)
+        note = (
+            f"goal = interval {interval * 1000:.0f} + 2 x RTT {rtt * 1000:.1f} + chunk load"
+            f" {load * 1000:.1f} ms"
+            + (f"; HTTP {LATENCY * 1000:.0f} ms latency" if name == "http" else "")
+        )
+        spread = quartiles([x / goal for x in latencies])
+        for what, value in (("median", median), ("p90", p90)):
+            figures.append(
+                Figure(
+                    "live stores",
+                    f"write-to-screen latency {what}, {name}",
+                    value * 1000,
+                    "ms",
+                    "goal: interval + 2 RTT + chunk load",
+                    goal * 1000,
+                    value / goal,
+                    spread if what == "median" else None,
+                    1.0,
+                    False,
+                    len(latencies),
+                    note,
+                )
+            )
+    return figures

@@ -40,11 +40,15 @@ import pathlib
 import statistics
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.httpserver import ZarrHTTPServer, _Handler  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.benchmarks.figures import Figure
 
 W, H = 1920, 1080
 XVFB = ["xvfb-run", "-a", "-s", f"-screen 0 {W}x{H}x24"]
@@ -149,19 +153,18 @@ def run(command: list[str], env: dict[str, str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--peers-python",
-        type=pathlib.Path,
-        default=pathlib.Path(__file__).resolve().parents[2] / ".peers-venv" / "bin" / "python",
-    )
-    args = parser.parse_args()
+#: The peers' interpreter unless told otherwise (``--peers-python``, or the
+#: environment's ``ZARRSCOPE_PEERS_PYTHON`` for the one-command run).
+PEERS_PYTHON = ROOT / ".peers-venv" / "bin" / "python"
+
+
+def measure(python: pathlib.Path, repeats: int) -> dict[str, dict[str, list[dict]]]:
+    """Per place ("local", "http 50 ms") and viewer: each run's result (its
+    ``first_image`` seconds, or its ``error`` line), runs alternated; a peer that is
+    not installed is left out, with a line saying why."""
     from sample_data import ensure_sample
 
     path = ensure_sample()
-    python = args.peers_python
     peers = {"napari": NAPARI, "neuroglancer": NEUROGLANCER}
     missing = {name: peer_missing(python, name) for name in peers}
     for name, why in missing.items():
@@ -172,6 +175,7 @@ def main() -> None:
     base |= {"SE_OFFLINE": "true", "SE_CHROMEDRIVER": "/usr/bin/chromedriver"}
     ours_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bench_viewer = str(ROOT / "tests" / "benchmarks" / "bench_viewer.py")
+    measured = {}
     with ZarrHTTPServer(path.parent) as server:
         server.RequestHandlerClass = _CorsHandler
         url = f"{server.url}/{path.name}"
@@ -179,7 +183,7 @@ def main() -> None:
             server.latency = latency
             runs: dict[str, list[dict]] = {"zarrscope": []}
             runs |= {name: [] for name in peers if not missing[name]}
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 local = str(path) if latency == 0 else url
                 runs["zarrscope"].append(
                     run([sys.executable, bench_viewer, "--child-image", local], ours_env)
@@ -192,21 +196,81 @@ def main() -> None:
                     if name == "napari":
                         command = [*XVFB, *command]
                     runs[name].append(run(command, base))
-            for name, results in runs.items():
-                times = [r["first_image"] for r in results if "error" not in r]
-                errors = [r["error"] for r in results if "error" in r]
-                if times:
-                    print(
-                        f"first image, {where}, {name}: median {statistics.median(times):.3f} s "
-                        f"of {len(times)} ({', '.join(f'{t:.2f}' for t in times)})"
-                    )
-                for key, what in (("again", "a second viewer"), ("viewer_created", "window")):
-                    extra = [r[key] for r in results if key in r]
-                    if extra:
-                        print(f"  {name}: {what} {statistics.median(extra):.3f} s (median)")
-                if errors:
-                    print(f"first image, {where}, {name}: {len(errors)} failed: {errors[0]}")
+            measured[where] = runs
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers-python", type=pathlib.Path, default=PEERS_PYTHON)
+    args = parser.parse_args()
+    for where, runs in measure(args.peers_python, args.repeats).items():
+        for name, results in runs.items():
+            times = [r["first_image"] for r in results if "error" not in r]
+            errors = [r["error"] for r in results if "error" in r]
+            if times:
+                print(
+                    f"first image, {where}, {name}: median {statistics.median(times):.3f} s "
+                    f"of {len(times)} ({', '.join(f'{t:.2f}' for t in times)})"
+                )
+            for key, what in (("again", "a second viewer"), ("viewer_created", "window")):
+                extra = [r[key] for r in results if key in r]
+                if extra:
+                    print(f"  {name}: {what} {statistics.median(extra):.3f} s (median)")
+            if errors:
+                print(f"first image, {where}, {name}: {len(errors)} failed: {errors[0]}")
 
 
 if __name__ == "__main__":
     main()
+
+
+def collect(quick: bool = False) -> list[Figure]:
+    """Our time to first image beside napari's and neuroglancer's, locally and over
+    HTTP with 50 ms latency (ratio ours / peer's, per alternated run; goal <= 1.0).
+    Nothing, with a line saying so, when the peers' interpreter is not there
+    (``ZARRSCOPE_PEERS_PYTHON``, default ``.peers-venv/bin/python``)."""
+    from tests.benchmarks.figures import Figure, quartiles
+
+    python = pathlib.Path(os.environ.get("ZARRSCOPE_PEERS_PYTHON") or PEERS_PYTHON)
+    if not python.exists():
+        print(f"bench_peers: no peers' python at {python}: nothing measured")
+        return []
+    repeats = 1 if quick else 3
+    figures = []
+    for where, runs in measure(python, repeats).items():
+        ours = [r.get("first_image") for r in runs["zarrscope"]]
+        for name, results in runs.items():
+            if name == "zarrscope":
+                continue
+            theirs = [r.get("first_image") for r in results]
+            pairs = [(a, b) for a, b in zip(ours, theirs, strict=True) if a and b]
+            errors = [r["error"] for r in results if "error" in r]
+            if not pairs:
+                print(f"bench_peers: {name}, {where}: no run succeeded: {errors[:1]}")
+                continue
+            mine = statistics.median(a for a, _ in pairs)
+            peer = statistics.median(b for _, b in pairs)
+            note = "fresh process per run, 1920 x 1080, the built-in sample"
+            if name == "neuroglancer":
+                note += "; its page load not counted; it reads the local case over HTTP"
+            if errors:
+                note += f"; {len(errors)} of its runs failed: {errors[0]}"
+            figures.append(
+                Figure(
+                    "first image against the peers",
+                    f"time to first image, {where}",
+                    mine,
+                    "s",
+                    name,
+                    peer,
+                    mine / peer,
+                    quartiles([a / b for a, b in pairs]),
+                    1.0,
+                    False,
+                    len(pairs),
+                    note,
+                )
+            )
+    return figures

@@ -31,12 +31,16 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chunkpool import ChunkPool
 from sample_data import ensure_sample
 from viewer import Viewer
+
+if TYPE_CHECKING:
+    from tests.benchmarks.figures import Figure
 
 W, H = 1920, 1080
 
@@ -160,6 +164,27 @@ def first_image(source: str, repeats: int, main_code: pathlib.Path | None) -> No
                 )
 
 
+def bookkeeping(viewer: Viewer, frames: int) -> tuple[list[float], list[float]]:
+    """Seconds of the tile bookkeeping (``TileSet.update``) per frame, panning 37 x 11
+    screen pixels a frame from a settled 1:1 view, and unchanged (the same view again)."""
+    viewer.show_region(4000, 4000, 4000 + W, 4000 + H)
+    viewer.wait_settled()
+    pan, idle = [], []
+    for frame in range(frames):
+        viewer.pan(37 / W, 11 / H)  # 37 x 11 screen pixels per frame
+        viewer._run_handlers()  # texture data: not bookkeeping, measured apart below
+        view = viewer.view()
+        t0 = time.perf_counter()
+        viewer.layer.update(view)
+        pan.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        viewer.layer.update(view)
+        idle.append(time.perf_counter() - t0)
+        if frame % 20 == 0:
+            viewer.wait_settled()
+    return pan, idle
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200)
@@ -217,21 +242,7 @@ def main() -> None:
         )
 
     # -- per-frame bookkeeping -------------------------------------------------------
-    viewer.show_region(4000, 4000, 4000 + W, 4000 + H)
-    viewer.wait_settled()
-    pan, idle = [], []
-    for frame in range(args.frames):
-        viewer.pan(37 / W, 11 / H)  # 37 x 11 screen pixels per frame
-        viewer._run_handlers()  # texture data: not bookkeeping, measured apart below
-        view = viewer.view()
-        t0 = time.perf_counter()
-        viewer.layer.update(view)
-        pan.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        viewer.layer.update(view)
-        idle.append(time.perf_counter() - t0)
-        if frame % 20 == 0:
-            viewer.wait_settled()
+    pan, idle = bookkeeping(viewer, args.frames)
     held = len(held_keys(viewer))
     print(f"per-frame bookkeeping at {W}x{H}, 256² chunks, 2 channels, ~{held} chunks held:")
     print(
@@ -251,3 +262,74 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- the one-command run (python -m tests.benchmarks) ------------------------------------
+
+#: The reference of the per-frame bookkeeping: one frame's time at 60 frames a second.
+FRAME_BUDGET = 1 / 60
+
+
+def collect(quick: bool = False) -> list[Figure]:
+    """Time to first image (a fresh process per run) locally and over HTTP with 50 ms
+    latency, beside the floor (a fresh pool loading the coarsest level), alternated;
+    the per-frame tile bookkeeping panning and unchanged, beside a 60 fps frame."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from support.httpserver import ZarrHTTPServer
+
+    from tests.benchmarks.figures import Figure, quartiles
+
+    repeats, frames = (1, 20) if quick else (5, 200)
+    source = str(ensure_sample())
+    path = pathlib.Path(source)
+    figures = []
+    with ZarrHTTPServer(path.parent, latency=0.05) as server:
+        for where, src in (("local", source), ("HTTP 50 ms", f"{server.url}/{path.name}")):
+            ours, floor = [], []
+            for _ in range(repeats):  # alternated: load on the machine hits both alike
+                ours.append(run_child("image", src, ROOT)["first_image"])
+                floor.append(run_child("floor", src, ROOT)["first_image"])
+            print(f"  first image, {where}: ours {ours}, floor {floor}", flush=True)
+            per_run = [a / b for a, b in zip(ours, floor, strict=True)]
+            figures.append(
+                Figure(
+                    "first image",
+                    f"time to first image, {where}",
+                    statistics.median(ours),
+                    "s",
+                    "floor: a fresh pool loads the coarsest level",
+                    statistics.median(floor),
+                    statistics.median(ours) / statistics.median(floor),
+                    quartiles(per_run),
+                    None,
+                    False,
+                    repeats,
+                    f"fresh process per run, offscreen {W} x {H} on the built-in sample; "
+                    "the goal is against the peers (bench_peers)",
+                )
+            )
+    viewer = Viewer(source, None, size=(W, H), show_hud=False)
+    try:
+        pan, idle = bookkeeping(viewer, frames)
+    finally:
+        viewer.close()
+    for what, times in (("panning", pan), ("unchanged view", idle)):
+        figures.append(
+            Figure(
+                "per-frame bookkeeping",
+                f"tile bookkeeping per frame, {what}",
+                statistics.median(times) * 1000,
+                "ms",
+                "one frame at 60 fps",
+                FRAME_BUDGET * 1000,
+                statistics.median(times) / FRAME_BUDGET,
+                quartiles([t / FRAME_BUDGET for t in times]),
+                None,
+                False,
+                len(times),
+                f"TileSet.update on the main thread, {W} x {H}, 256² chunks, 2 channels; "
+                f"p90 {float(np.percentile(times, 90)) * 1000:.2f} ms",
+            )
+        )
+    return figures
