@@ -301,7 +301,9 @@ def commit() -> str:
 
 
 def ratio_name(figure: Figure) -> str:
-    ref = f" / {figure.reference}" if figure.reference else ""
+    """The figure's bar in the ratio chart: its section, name and the reference's
+    name (up to the reference's first colon)."""
+    ref = f" / {figure.reference.split(':')[0]}" if figure.reference else ""
     return f"{figure.section}: {figure.name}{ref}"
 
 
