@@ -281,8 +281,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str:
-    """The checkout's commit, with ``dirty`` when its tree has uncommitted changes."""
+def commit(out: Path | None = None) -> str:
+    """The checkout's commit, with ``dirty`` when its tree has uncommitted changes
+    (other than in ``out``, where the run publishes)."""
+    exclude = []
+    if out is not None and out.resolve().is_relative_to(ROOT):
+        exclude = ["--", ".", f":!{out.resolve().relative_to(ROOT)}"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -293,7 +297,11 @@ def commit() -> str:
             check=True,
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30
+            ["git", "status", "--porcelain", *exclude],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
@@ -459,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load_start = time.perf_counter(), load()
     run: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit(),
+        "commit": commit(args.out),
         "machine": machine(),
         "command": shlex.join(["python", "-m", "tests.benchmarks", *argv]),
         "load_start": load_start,
