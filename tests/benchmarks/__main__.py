@@ -453,11 +453,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-waterfall", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # as a desktop session has one: else Mesa's Vulkan loader says on stderr, in
+        # every process that renders, that it is invalid (lines that look like errors)
+        with tempfile.TemporaryDirectory(prefix="zarrscope-runtime-") as runtime:
+            os.chmod(runtime, 0o700)
+            os.environ["XDG_RUNTIME_DIR"] = runtime
+            try:
+                return execute(args, parser, argv)
+            finally:
+                del os.environ["XDG_RUNTIME_DIR"]
+    return execute(args, parser, argv)
+
+
+def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """The run itself (or a child's part of it), as :func:`main` parsed it."""
     if args.child is not None:
         return child(args.child, args.quick, args.figures)
     if args.child_waterfall is not None:
-        log, png = args.child_waterfall, args.child_waterfall.with_suffix(".png")
-        print(json.dumps(record_jump(log, png)))
+        out = args.child_waterfall
+        print(json.dumps(record_jump(out / "kpi.jsonl", out / "waterfall.png")))
         return 0
 
     modules = list(MODULES) if args.only is None else args.only.split(",")
@@ -465,14 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module {unknown[0]!r}; the modules are {', '.join(MODULES)}")
     started, load_start = time.perf_counter(), load()
-    run: dict[str, Any] = {
+    context: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
         "commit": commit(args.out),
         "machine": machine(),
         "command": shlex.join(["python", "-m", "tests.benchmarks", *argv]),
         "load_start": load_start,
     }
-    print(f"zarrscope benchmarks at {run['commit']}, load {load_start}", flush=True)
+    print(f"zarrscope benchmarks at {context['commit']}, load {load_start}", flush=True)
     env = child_env(args.peers_python)
     results = []
     for k, module in enumerate(modules, 1):
@@ -487,11 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for stale in ("kpi.jsonl", "waterfall.png"):
             (args.out / stale).unlink(missing_ok=True)
-        rc, last = run_child(
-            ["--child-waterfall", str(args.out / "kpi.jsonl")], WATERFALL_TIMEOUT, "jump", env
-        )
-        if rc == 0 and (args.out / "kpi.png").exists():
-            (args.out / "kpi.png").replace(args.out / "waterfall.png")
+        rc, last = run_child(["--child-waterfall", str(args.out)], WATERFALL_TIMEOUT, "jump", env)
+        if rc == 0 and (args.out / "waterfall.png").exists():
             jump = json.loads(last)
             waterfall = (
                 True,
@@ -507,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             waterfall = False, f"The waterfall's jump failed: exit status {rc}: {last}"
             print(waterfall[1], flush=True)
-    run["load_end"] = load()
-    run["seconds"] = round(time.perf_counter() - started, 1)
-    path = publish(run, results, args.out, waterfall)
+    context["load_end"] = load()
+    context["seconds"] = round(time.perf_counter() - started, 1)
+    path = publish(context, results, args.out, waterfall)
     failed = [r.module for r in results if r.error]
     print(f"wrote {path} ({len(failed)} failed: {', '.join(failed) or 'none'})", flush=True)
     return 1 if failed else 0
