@@ -206,9 +206,12 @@ def ratio_chart(results: dict[str, Any], out: str | Path) -> Path:
             ax.plot([goal, goal], [row - 0.4, row + 0.4], color="black", lw=1)
         ax.text(value, row, f" {value:.2f}", va="center", fontsize="small")
     ax.axvline(1.0, color="grey", lw=0.5, ls="--")
+    values = [ratios[n]["ratio"] for n in names if ratios[n]["ratio"] > 0]
+    if values and max(values) > 20 * min(values):  # on a linear scale most bars vanish
+        ax.set_xscale("log")
     ax.set_yticks(range(len(names)), names, fontsize="small")
     ax.set_ylim(len(names) - 0.5, -0.5)
-    ax.set_xlabel("ratio against the same-run reference (black line: the goal)")
+    ax.set_xlabel("ratio against the same-run reference\n(black line: the goal)")
     fig.tight_layout()
     path = Path(out)
     fig.savefig(path)
