@@ -282,7 +282,7 @@ def collect(quick: bool = False) -> list[Figure]:
     """Pool throughput over HTTP against tensorstore's and raw threads', as figures."""
     from bench_pool import throughput_figures
 
-    size, rounds = (2048, 2) if quick else (4096, 7)
+    size, rounds = (2048, 2) if quick else (4096, 5)
     figures: list[Figure] = []
 
     def report(case: Case, times: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
