@@ -232,7 +232,13 @@ class Served:
             self._process.kill()
 
 
-def measure(size: int, rounds: int, chunks: list[int], layouts: list[str], report: Callable):
+def measure(
+    size: int,
+    rounds: int,
+    chunks: list[int],
+    layouts: list[str],
+    report: Callable[[Case, dict[str, list[float]], dict[str, list[float]]], None],
+) -> None:
     """Every case over HTTP; ``report(case, times, cpu)`` for each."""
     data = make_data(size)
     with tempfile.TemporaryDirectory(prefix="zarrscope-bench-http-") as tmp:
