@@ -362,8 +362,8 @@ def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
     # machine), which would hold prefetch back behind the visible tiles
     v = make_viewer(str(p.path), colormap="gray", clim=(0, 255), link_budget=None)
     v.show_region(256, 256, 512, 512)
-    for _ in range(20):
-        v.pan(0.02, 0.0)
+    for _ in range(20):  # 3 views a second: beyond the ring within MIN_REACH (local loads)
+        v.pan(0.05, 0.0)
         v.refresh()
         now[0] += FRAME
     view = v.view()
