@@ -20,14 +20,18 @@ from test_tiling import pyramid
 from zarr.storage import LocalStore
 
 from chunkpool import ChunkPool, ChunkState
+from chunkpool.kpi import LoadRecord
 from viewer.prediction import (
     MAX_HORIZON,
     MAX_LEAD,
     MAX_STOP_GAP,
     MIN_HORIZON,
+    MIN_REACH,
+    REACH_SAMPLES,
     Motion,
     MotionPredictor,
     plan_path,
+    reach,
 )
 from viewer.tileset import TileSet
 from viewer.tiling import PREFETCH, View, is_visible_priority, view_level
@@ -175,6 +179,38 @@ def test_idle_and_single_jumps_predict_nothing() -> None:
     assert predictor.predict(19 * FRAME) is None
 
 
+def test_a_pan_is_not_still_from_its_first_move_nor_at_a_late_frame() -> None:
+    """A pan from rest is not still from its first move on (too few moves to predict,
+    but a ring then is mostly on the sides it does not go to), nor when one of its
+    frames comes late (a move long enough to read as a jump); a jump from rest is."""
+    predictor = MotionPredictor()
+    predictor.observe(0.0, 0.0, 0.0, WIDTH)
+    assert predictor.still(0.0)
+    predictor.observe(1.0, 0.0, 0.0, WIDTH)  # a second still, then a pan begins
+    predictor.observe(1.0 + FRAME, 20.0, 0.0, WIDTH)
+    assert not predictor.still(1.0 + FRAME)
+    predictor.observe(1.0 + 2 * FRAME, 40.0, 0.0, WIDTH)
+    assert not predictor.still(1.0 + 2 * FRAME)
+    for i in range(3, 10):
+        predictor.observe(1.0 + i * FRAME, 20.0 * i, 0.0, WIDTH)
+    late = 1.0 + 20 * FRAME  # ten frames late: 220 world units at once, a "jump"
+    predictor.observe(late, 400.0, 0.0, WIDTH)
+    assert not predictor.still(late)
+    assert predictor.still(late + MAX_STOP_GAP)
+    predictor.observe(late + 2.0, 5000.0, 0.0, WIDTH)  # a jump from rest
+    assert predictor.still(late + 2.0)
+
+
+def test_a_frame_without_a_move_keeps_the_path_where_it_was() -> None:
+    """The camera seen where it was at the newest move (pointer events slower than
+    frames, or it is stopping): the path stays where that move's was, rather than
+    running ahead of the camera."""
+    view = view_around(2048, 2048, 1024)
+    motion = steady(512.0)
+    assert motion.path(view, 0.05) == motion.path(view, 0.0)
+    assert motion.path(view, MAX_HORIZON) == ()
+
+
 # -- the tiles of a prediction -----------------------------------------------------------
 
 
@@ -227,6 +263,41 @@ def test_zooming_in_prefetches_finer_and_zooming_out_coarser() -> None:
     # slow zoom out: the horizon does not reach level 2, its ring is asked for anyway
     slow = plan_path(levels, view, target, steady(0.0, 0.1).path(view, 0.0))
     assert (2, iy0, ix0) in slow and (2, iy1 - 1, ix1 - 1) in slow
+
+
+def test_a_pan_whose_widths_differ_by_rounding_asks_for_no_coarser_tiles() -> None:
+    """A pan's view widths differ from frame to frame by rounding alone: that is no
+    zoom out, no coarser ring (asked for and dropped every other frame)."""
+    levels = pyramid()
+    view = view_around(2048, 2048, 1024)
+    target = view_level(levels, view)[0]
+    for rate in (1e-12, -1e-12):
+        plan = plan_path(levels, view, target, steady(512.0, rate).path(view, 0.0))
+        assert plan and {lv for lv, _, _ in plan} == {target}
+
+
+def load(fetch_started: float, seconds: float, error: str | None = None) -> LoadRecord:
+    """A delivered load record whose fetch took ``seconds`` (no clock)."""
+    return LoadRecord(
+        "img", 0, (0, 0), "loaded", 1, 1, fetch_started - 0.5, fetch_started,
+        fetch_started + seconds, fetch_started + seconds, fetch_started + seconds, error,
+    )  # fmt: skip
+
+
+def test_the_reach_is_two_load_times_of_the_newest_loads() -> None:
+    """Predicted tiles are asked for two (median) load times ahead, over the newest
+    loads delivered (not the failed, nor the cancelled), within [MIN_REACH,
+    MAX_HORIZON]; the whole path before any load."""
+    assert reach([]) == MAX_HORIZON
+    slow_then_fast = [load(i, 0.4) for i in range(50)] + [
+        load(50 + i, 0.06) for i in range(REACH_SAMPLES)
+    ]
+    assert reach(slow_then_fast) == pytest.approx(0.12)
+    failed = [load(100 + i, 0.001, error="boom") for i in range(10)]
+    cancelled = [load(200, 0.001)._replace(state="cancelled", delivered=None)]
+    assert reach(slow_then_fast + failed + cancelled) == pytest.approx(0.12)
+    assert reach([load(0, 0.001)] * 5) == MIN_REACH
+    assert reach([load(0, 3.0)] * 5) == MAX_HORIZON
 
 
 def test_a_path_costs_a_bounded_number_of_tiles() -> None:
@@ -288,6 +359,27 @@ def test_the_tile_set_prefetches_the_ring_when_still_and_the_path_when_moving(
     assert set(level0(tiles)) == visible
     tiles.update(VIEW)  # still: the ring again
     assert set(level0(tiles)) == set(still)
+
+
+def test_the_tile_set_asks_for_the_path_only_as_far_as_its_loads_take(
+    gated: tuple[TileSet, GatedStore, ChunkPool],
+) -> None:
+    """Loads measured at 0.125 s: of a path a second long (a view a second), only the
+    part due within two load times is asked for (the column just ahead); the rest
+    comes at later frames. Loads measured at half a second: the whole path."""
+    tiles, _, pool = gated
+    path = steady(256.0, x=511.5, y=511.5, width=256.0).path(VIEW, 0.0)
+    for i in range(8):
+        pool.kpis.add(load(i, 0.125))
+    tiles.update(VIEW, path=path)
+    ahead = {ix for (_, ix), p in level0(tiles).items() if not is_visible_priority(p)}
+    assert ahead == {10}  # the view 0.25 s ahead ends at x = 703.5
+    for i in range(REACH_SAMPLES):
+        pool.kpis.add(load(10 + i, 0.5))
+    tiles.update(VIEW, path=path[:-1])  # (a new path: the plan is made again)
+    tiles.update(VIEW, path=path)
+    ahead = {ix for (_, ix), p in level0(tiles).items() if not is_visible_priority(p)}
+    assert ahead == {10, 11, 12, 13}
 
 
 def test_a_wrong_prediction_releases_its_chunks_and_they_are_never_read(
@@ -362,8 +454,8 @@ def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
     # machine), which would hold prefetch back behind the visible tiles
     v = make_viewer(str(p.path), colormap="gray", clim=(0, 255), link_budget=None)
     v.show_region(256, 256, 512, 512)
-    for _ in range(20):
-        v.pan(0.02, 0.0)
+    for _ in range(20):  # 3 views a second: beyond the ring within MIN_REACH (local loads)
+        v.pan(0.05, 0.0)
         v.refresh()
         now[0] += FRAME
     view = v.view()

@@ -49,6 +49,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from chunkpool.kpi import LoadRecord
+
 from .tiling import (
     PlaneLevel,
     TileKey,
@@ -64,10 +66,12 @@ __all__ = [
     "MAX_LEAD",
     "MAX_ZOOM_LEAD",
     "MIN_HORIZON",
+    "MIN_REACH",
     "WINDOW",
     "Motion",
     "MotionPredictor",
     "plan_path",
+    "reach",
 ]
 
 #: Seconds of camera history the estimate uses, and of it the newest part (the velocity).
@@ -89,6 +93,11 @@ JUMP = 0.5
 #: Seconds between the views of a predicted path, and the most views in one.
 PATH_STEP = 0.1
 MAX_PATH_VIEWS = 10
+#: Predicted tiles are asked for this many load times before they are due (at least
+#: MIN_REACH seconds before), the load time measured over the newest REACH_SAMPLES loads.
+REACH_LOADS = 2.0
+MIN_REACH = 0.1
+REACH_SAMPLES = 32
 
 
 class _Sample(NamedTuple):
@@ -126,12 +135,19 @@ class Motion:
         return self.x + self.vx * s, self.y + self.vy * s, self.width * math.exp(self.rate * s)
 
     def path(self, view: View, now: float) -> tuple[tuple[float, View], ...]:
-        """The views expected from ``now`` to the horizon, as (seconds from now, view),
-        soonest first; ``view`` is the current one (its canvas and aspect are kept)."""
-        end = self.t + self.horizon - now
-        if end <= 0 or not view.x1 > view.x0:
+        """The views expected over the horizon, as (seconds ahead, view), soonest first;
+        ``view`` is the current one (its canvas and aspect are kept); empty once ``now``
+        is past the horizon.
+
+        Seconds ahead count from the newest move ``t``, not from ``now``: a frame that
+        shows no move (pointer events come slower than frames, or the camera is
+        stopping) has the camera where that move left it, so the path stays where it
+        was, rather than running ahead of the camera frame after frame until the
+        predictor calls it stopped."""
+        end = self.horizon
+        if now - self.t >= end or not view.x1 > view.x0:
             return ()
-        x, y, width = self.at(now + end)
+        x, y, width = self.at(self.t + end)
         lead = math.hypot(x - self.x, y - self.y) / self.width
         zoom = abs(math.log(width / self.width))
         n = math.ceil(max(end / PATH_STEP, 2 * lead, 2 * zoom / math.log(2)))
@@ -140,7 +156,7 @@ class Motion:
         out = []
         for k in range(1, n + 1):
             ahead = end * k / n
-            cx, cy, w = self.at(now + ahead)
+            cx, cy, w = self.at(self.t + ahead)
             h = w * aspect
             future = View(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, view.width, view.height)
             out.append((ahead, future))
@@ -173,6 +189,7 @@ class MotionPredictor:
         self._seen = -math.inf  # when the camera was last seen where the newest move left it
         self._run_start = -math.inf  # when the current run of moves one way began
         self._step = (0.0, 0.0, 0.0)  # the newest move, in view units
+        self._moved = -math.inf  # when the camera last moved, a jump not counted
 
     def observe(self, t: float, x: float, y: float, width: float) -> None:
         """The camera showed centre (x, y), ``width`` wide, at time ``t`` (seconds)."""
@@ -199,8 +216,10 @@ class MotionPredictor:
                 moves.clear()
                 self._run_start = t
                 step = (0.0, 0.0, 0.0)
-            elif sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
-                self._run_start = last.t  # it turned: a new run
+            else:
+                self._moved = t
+                if sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
+                    self._run_start = last.t  # it turned: a new run
             self._step = step
         moves.append(sample)
         self._seen = t
@@ -212,15 +231,18 @@ class MotionPredictor:
     def reset(self) -> None:
         """Forget the history (the view jumped: a new image, a restored state)."""
         self._moves.clear()
-        self._seen = self._run_start = -math.inf
+        self._seen = self._run_start = self._moved = -math.inf
         self._step = (0.0, 0.0, 0.0)
 
     def still(self, now: float) -> bool:
         """Whether the camera is not in motion: it has not moved for ``MAX_STOP_GAP``
-        seconds, or its last moves were a single jump (``show_region``, a key press), not
-        a motion."""
-        moves = self._moves
-        return len(moves) < 3 or now - moves[-1].t >= MAX_STOP_GAP
+        seconds, a jump (``show_region``, a key press) not counted as a move. So a
+        jump from rest is still at once (the ring comes with it), but a motion just
+        begun (a move or two since a rest, too few to predict) is not, nor is a
+        motion whose frame came late (a move too long to be one: a jump): a ring then
+        would be asked for at every start of a pan, mostly on the sides it does not go
+        to."""
+        return now - self._moved >= MAX_STOP_GAP
 
     def predict(self, now: float) -> Motion | None:
         """The motion expected from ``now`` on, or None: too few moves, stopped, turned,
@@ -242,6 +264,7 @@ class MotionPredictor:
         old = _slope(moves[: split + 1], scale) if split >= 1 else (0.0, 0.0, 0.0, newest.t)
         speed_old = math.sqrt(old[0] ** 2 + old[1] ** 2 + old[2] ** 2)
         agreement = braking = 0.0
+        velocity = new[:3]
         if speed_old >= MIN_SPEED:  # (else starting from rest: no history to agree with)
             cos = sum(a * b for a, b in zip(old[:3], new[:3], strict=True)) / (
                 speed_old * speed_new
@@ -252,24 +275,32 @@ class MotionPredictor:
             agreement = (cos - MIN_COS) / (1.0 - MIN_COS) * steady
             if speed_new < speed_old and new[3] > old[3]:
                 deceleration = (speed_old - speed_new) / (new[3] - old[3])
-                braking = deceleration / speed_new
+                # the newest slope is the speed at its mean time, before the newest
+                # move: braking, the camera is slower by now (it stops sooner, nearer)
+                speed_now = speed_new - deceleration * (newest.t - new[3])
+                if speed_now < MIN_SPEED:
+                    return None  # stopping
+                f = speed_now / speed_new
+                velocity = (velocity[0] * f, velocity[1] * f, velocity[2] * f)
+                braking = deceleration / speed_now
         horizon = MIN_HORIZON + (MAX_HORIZON - MIN_HORIZON) * agreement
         horizon = min(horizon, newest.t - self._run_start)  # no further than it has lasted
         if braking > 0:
             horizon = min(horizon, 1.0 / braking)
-        pan = math.hypot(new[0], new[1])
+        vx, vy, rate = velocity
+        pan = math.hypot(vx, vy)
         if pan > 0:
             horizon = min(horizon, _time_to_travel(MAX_LEAD / pan, braking))
-        if new[2] != 0:
-            horizon = min(horizon, _time_to_travel(MAX_ZOOM_LEAD / abs(new[2]), braking))
+        if rate != 0:
+            horizon = min(horizon, _time_to_travel(MAX_ZOOM_LEAD / abs(rate), braking))
         return Motion(
             t=newest.t,
             x=newest.x,
             y=newest.y,
             width=scale,
-            vx=new[0] * scale,
-            vy=new[1] * scale,
-            rate=new[2],
+            vx=vx * scale,
+            vy=vy * scale,
+            rate=rate,
             braking=braking,
             horizon=horizon,
         )
@@ -301,20 +332,49 @@ def _time_to_travel(seconds: float, braking: float) -> float:
     return math.inf if disc < 0 else 2.0 * seconds / (1.0 + math.sqrt(disc))
 
 
+def reach(records: Sequence[LoadRecord]) -> float:
+    """How far ahead (seconds) the tiles of a predicted path are asked for now:
+    ``REACH_LOADS`` times the median time a load of the newest ``REACH_SAMPLES``
+    delivered ones took from the start of its fetch to its delivery (``records``: a
+    pool's :attr:`~chunkpool.ChunkPool.kpis`, oldest first), at least ``MIN_REACH``;
+    ``MAX_HORIZON`` (the whole path) before any load was delivered.
+
+    Why: a tile due later than that can still be asked for at a later frame and arrive
+    in time, and by then the motion is known better - a pan that stopped or turned
+    meanwhile has cost nothing, where a tile asked for early would have been read for
+    nothing (a load that has started is not undone by cancelling it). The time waited
+    in the queue is left out: predicted tiles wait behind the visible ones whatever
+    their reach, and counting the wait would make a busy link reach further, asking
+    for yet more."""
+    times: list[float] = []
+    for r in reversed(records):
+        if r.delivered is not None and r.fetch_started is not None and r.error is None:
+            times.append(r.delivered - r.fetch_started)
+            if len(times) == REACH_SAMPLES:
+                break
+    if not times:
+        return MAX_HORIZON
+    times.sort()
+    return min(MAX_HORIZON, max(MIN_REACH, REACH_LOADS * times[len(times) // 2]))
+
+
 def plan_path(
     levels: Sequence[PlaneLevel],
     view: View,
     target: int,
     path: Sequence[tuple[float, View]],
     bias: float = 1.0,
+    within: float = math.inf,
 ) -> dict[TileKey, float]:
     """The tiles to prefetch for a predicted ``path`` (from :meth:`Motion.path`) of the
-    current ``view`` shown at ``target``: every view's tiles at its own level, each tile
-    at the priority of the soonest view it is in (:func:`~viewer.tiling.predicted_priority`);
-    while the path zooms out, also the next coarser level's ring around the current view,
-    due when the path reaches that level (else at its end). A view whose level has more
-    tiles in view than its budget adds nothing, so this costs at most ``len(path) + 1``
-    budgets, whatever the image."""
+    current ``view`` shown at ``target``, as far as the path goes ``within`` seconds
+    (:func:`reach`; the path's view at that time interpolated): every view's tiles at
+    its own level, each tile at the priority of the soonest view it is in
+    (:func:`~viewer.tiling.predicted_priority`); while the path zooms out, also the
+    next coarser level's ring around the current view, due when the path reaches that
+    level (else at its end). A view whose level has more tiles in view than its budget
+    adds nothing, so this costs at most ``len(path) + 2`` budgets, whatever the image."""
+    path = _path_within(view, path, within)
     plan: dict[TileKey, float] = {}
     coarser_due: float | None = None
     for ahead, future in path:
@@ -324,11 +384,48 @@ def plan_path(
         if level > target and coarser_due is None:
             coarser_due = ahead
         _add_block(plan, levels[level], future, 0, predicted_priority(ahead))
-    zooming_out = path and path[-1][1].x1 - path[-1][1].x0 > view.x1 - view.x0
-    if zooming_out and target + 1 < len(levels):
+    if _zooms_out(view, path) and target + 1 < len(levels):
         due = coarser_due if coarser_due is not None else path[-1][0]
         _add_block(plan, levels[target + 1], view, 1, predicted_priority(due))
     return plan
+
+
+def _zooms_out(view: View, path: Sequence[tuple[float, View]]) -> bool:
+    """Whether ``path`` zooms out from ``view``, at least as fast as the slowest motion
+    predicted (``MIN_SPEED``): a pan's widths differ from frame to frame by rounding
+    alone, which must not ask for a coarser ring every other frame."""
+    if not path or not view.x1 > view.x0:
+        return False
+    ahead, end = path[-1]
+    return end.x1 - end.x0 > (view.x1 - view.x0) * math.exp(MIN_SPEED * ahead)
+
+
+def _path_within(
+    view: View, path: Sequence[tuple[float, View]], seconds: float
+) -> Sequence[tuple[float, View]]:
+    """The views of ``path`` due within ``seconds``, and the view due at ``seconds``
+    (linear between its neighbours, ``view`` being the one due now) if the path goes
+    further."""
+    kept = [(ahead, v) for ahead, v in path if ahead <= seconds]
+    if len(kept) == len(path) or seconds <= 0:
+        return kept
+    a0, v0 = kept[-1] if kept else (0.0, view)
+    a1, v1 = path[len(kept)]
+    f = (seconds - a0) / (a1 - a0)
+    kept.append(
+        (
+            seconds,
+            View(
+                v0.x0 + (v1.x0 - v0.x0) * f,
+                v0.y0 + (v1.y0 - v0.y0) * f,
+                v0.x1 + (v1.x1 - v0.x1) * f,
+                v0.y1 + (v1.y1 - v0.y1) * f,
+                view.width,
+                view.height,
+            ),
+        )
+    )
+    return kept
 
 
 def _add_block(

@@ -40,7 +40,7 @@ import numpy as np
 
 from chunkpool import ChunkLocation, ChunkManager, ChunkPool, ChunkState
 
-from .prediction import plan_path
+from .prediction import plan_path, reach
 from .slicing import Plane, SlicePosition
 from .tiling import (
     LINK_BUDGET,
@@ -262,7 +262,10 @@ class TileSet(ChunkManager):
         # moving: the predicted views replace the ring (the way ahead, not every way)
         ring = self.prefetch_ring if still and not path else 0
         plan = plan_tiles(self.levels, view, target, prefetch_ring=ring)
-        for key, priority in plan_path(self.levels, view, target, path, self.bias).items():
+        # the path as far as this layer's loads need to arrive in time (no further: the
+        # rest is asked for at later frames, once the motion is known better)
+        within = reach(self.pool.kpis.records()) if path else math.inf
+        for key, priority in plan_path(self.levels, view, target, path, self.bias, within).items():
             if priority < plan.get(key, math.inf):
                 plan[key] = priority
         self.first_level = target

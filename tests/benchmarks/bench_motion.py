@@ -37,10 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+for _dir in (TESTS, TESTS / "benchmarks"):
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
+
+import statistics  # noqa: E402
 
 import zarr  # noqa: E402
+from figures import Figure, quartiles  # noqa: E402
 from support.images import noise_image, write_pyramid  # noqa: E402
 from support.teststores import GatedStore  # noqa: E402
 from zarr.storage import LocalStore  # noqa: E402
@@ -180,6 +184,75 @@ def run(
         pool.destroy()
 
 
+def _image(tmp: str) -> pathlib.Path:
+    return write_pyramid(
+        pathlib.Path(tmp) / "m.ome.zarr",
+        noise_image((SIDE, SIDE), seed=11),
+        chunks=(CHUNK, CHUNK),
+        n_levels=LEVELS,
+    ).path
+
+
+def collect(quick: bool = False) -> list[Figure]:
+    """Every script, prediction on and off alternated (3 repeats, 1 when ``quick``,
+    with 10 rapid pans instead of 50), 50 ms a read at 30 fps: per script the
+    fraction of frames complete at the target level, on over off (goal >= 1), and
+    the over-fetch with prediction on beside prediction off's (goal <= 10% for the
+    rapid pans, the issue's; the others are published for information)."""
+    repeats = 1 if quick else 3
+    scripts = dict(SCRIPTS, rapid=lambda: rapid(10 if quick else 50))
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _image(tmp)
+        for name, make in scripts.items():
+            script, seconds = make()
+            on: list[Result] = []
+            off: list[Result] = []
+            for i in range(repeats):
+                for predict in (True, False) if i % 2 == 0 else (False, True):
+                    result = run(path, script, seconds, 30.0, 0.05, predict)
+                    (on if predict else off).append(result)
+            ratios = [
+                a.complete_fraction / b.complete_fraction if b.complete_fraction else math.inf
+                for a, b in zip(on, off, strict=True)
+            ]
+            figures.append(
+                Figure(
+                    section="Predicted motion",
+                    name=f"{name}: frames complete at the target level",
+                    value=statistics.median(r.complete_fraction for r in on),
+                    unit="fraction",
+                    reference="prediction off",
+                    reference_value=statistics.median(r.complete_fraction for r in off),
+                    ratio=statistics.median(ratios),
+                    spread=quartiles(ratios),
+                    goal=1.0,
+                    repeats=repeats,
+                    note="ratio: median over paired repeats of on / off",
+                )
+            )
+            fetch_on = [r.over_fetch for r in on]
+            figures.append(
+                Figure(
+                    section="Predicted motion",
+                    name=f"{name}: over-fetch, prediction on",
+                    value=statistics.median(fetch_on),
+                    unit="fraction",
+                    reference="prediction off",
+                    reference_value=statistics.median(r.over_fetch for r in off),
+                    ratio=statistics.median(fetch_on),
+                    spread=quartiles(fetch_on),
+                    goal=0.10 if name == "rapid" else None,
+                    higher_is_better=False,
+                    repeats=repeats,
+                    note="ratio is the fraction itself (reads finished for chunks no later "
+                    "frame showed, over all reads finished), not over the reference; "
+                    "lower is better",
+                )
+            )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.05, help="seconds per chunk read")
@@ -187,12 +260,7 @@ def main() -> None:
     parser.add_argument("--scripts", default=",".join(SCRIPTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_pyramid(
-            pathlib.Path(tmp) / "m.ome.zarr",
-            noise_image((SIDE, SIDE), seed=11),
-            chunks=(CHUNK, CHUNK),
-            n_levels=LEVELS,
-        ).path
+        path = _image(tmp)
         print(
             f"latency {args.latency * 1e3:.0f} ms a read, {args.fps:g} fps, {CANVAS[0]}x{CANVAS[1]}"
         )
