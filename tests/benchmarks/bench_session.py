@@ -1,16 +1,16 @@
 """Session benchmark: peak RSS, pool memory and texture bytes over a long random session,
 against their budgets.
 
-A (t=3, c=3, z=4, 1024², 128² chunks, 4 levels; t=2, z=2 with ``--quick``) uint16 OME-Zarr (smooth ramps:
-zstd makes it small on disk) and a (1024², 128² chunks, 2 levels) uint32 labels image
-are written to a temporary folder by a child process (so that writing them leaves
-nothing in this process's memory). One offscreen viewer (800 x 600) shows both under
-one pool memory budget (``--memory``, MiB: the image's and the labels' pools together)
-and one texture budget (``--textures``, MiB), both far below what the session touches
-(about 75 MiB of level-0 chunks), and is moved ``--moves`` times at random with the
-soak test's driver (:class:`support.moves.RandomMoves`: pans, zooms, z and t steps,
-channel and layer switches). After each move the view is refreshed until settled and
-drawn.
+A (t=3, c=3, z=4, 1024², 128² chunks, 4 levels; t=2, z=2 with ``--quick``) uint16 OME-
+Zarr (smooth ramps: zstd makes it small on disk) and a (1024², 128² chunks, 2 levels)
+uint32 labels image are written to a temporary folder by a child process (so that
+writing them leaves nothing in this process's memory). One offscreen viewer (800 x 600)
+shows both under one pool memory budget (``--memory``, MiB: the image's and the labels'
+pools together) and one texture budget (``--textures``, MiB), both far below what the
+session touches (about 75 MiB of level-0 chunks), and is moved ``--moves`` times at
+random with the soak test's driver (:class:`support.moves.RandomMoves`: pans, zooms, z
+and t steps, channel and layer switches). After each move the view is refreshed until
+settled and drawn.
 
 Reported: the peak texture bytes (the viewer's texture budget's count of textures in
 scenes and spares, after each frame, and its ``peak_bytes``, which also sees the
