@@ -3,14 +3,14 @@ against their budgets.
 
 A (t=3, c=3, z=4, 1024², 128² chunks, 4 levels; t=2, z=2 with ``--quick``) uint16 OME-
 Zarr (smooth ramps: zstd makes it small on disk) and a (1024², 128² chunks, 2 levels)
-uint32 labels image are written to a temporary folder by a child process (so that
-writing them leaves nothing in this process's memory). One offscreen viewer (800 x 600)
-shows both under one pool memory budget (``--memory``, MiB: the image's and the labels'
-pools together) and one texture budget (``--textures``, MiB), both far below what the
-session touches (about 75 MiB of level-0 chunks), and is moved ``--moves`` times at
-random with the soak test's driver (:class:`support.moves.RandomMoves`: pans, zooms, z
-and t steps, channel and layer switches). After each move the view is refreshed until
-settled and drawn.
+uint32 labels image are written to a temporary folder by a child process (this script,
+so that writing them leaves nothing in this process's memory). One offscreen viewer (800
+x 600) shows both under one pool memory budget (``--memory``, MiB: the image's and the
+labels' pools together) and one texture budget (``--textures``, MiB), both far below
+what the session touches (about 75 MiB of level-0 chunks), and is moved ``--moves``
+times at random with the soak test's driver (:class:`support.moves.RandomMoves`: pans,
+zooms, z and t steps, channel and layer switches). After each move the view is refreshed
+until settled and drawn.
 
 Reported: the peak texture bytes (the viewer's texture budget's count of textures in
 scenes and spares, after each frame, and its ``peak_bytes``, which also sees the
@@ -30,9 +30,9 @@ free lists, lavapipe's own copies of textures).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import threading
@@ -170,12 +170,13 @@ def session(root: pathlib.Path, moves: int, memory_mib: float, textures_mib: flo
 def measure(moves: int, memory_mib: float, textures_mib: float, shape: tuple[int, ...]) -> dict:
     """Write the images, run the session on them."""
     with tempfile.TemporaryDirectory() as tmp:
-        writer = multiprocessing.get_context("spawn").Process(
-            target=write_images, args=(tmp, shape)
+        shape_arg = ",".join(map(str, shape))
+        subprocess.run(
+            [sys.executable, __file__, "--write-images", tmp, "--shape", shape_arg],
+            check=True,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
-        writer.start()
-        writer.join(600)
-        assert writer.exitcode == 0, "writing the images failed"
         return session(pathlib.Path(tmp), moves, memory_mib, textures_mib)
 
 
@@ -239,7 +240,12 @@ def main() -> None:
     parser.add_argument("--memory", type=float, default=12.0, help="MiB")
     parser.add_argument("--textures", type=float, default=12.0, help="MiB")
     parser.add_argument("--quick", action="store_true", help="fewer slices (t=2, z=2)")
+    parser.add_argument("--write-images", help=argparse.SUPPRESS)  # the child's part
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_images:
+        write_images(args.write_images, tuple(int(n) for n in args.shape.split(",")))
+        return
     r = measure(args.moves, args.memory, args.textures, QUICK_SHAPE if args.quick else SHAPE)
     print(
         f"{r['moves']} moves in {r['seconds']:.1f} s ({r['counts']}); {r['loads']} loads, "
