@@ -2,19 +2,20 @@
 the lower bound the pool's throughput sets.
 
 On the built-in sample (16384² x 2 channels, uint16, 256² chunks, 7 levels, zstd;
-generated on first use), two offscreen viewers at 1920 x 1080 with their default
-settings, one reading the sample from disk and one from the test HTTP server with
+generated on first use), offscreen viewers at 1920 x 1080 with their default
+settings, reading the sample from disk ("local") or from the test HTTP server with
 50 ms latency per request (``ZarrHTTPServer``, run in a child process), make the same
-``--jumps`` jumps, interleaved (the same jump by each in turn, the order reversed
-every other jump, so the machine's noise hits them alike). The jumps go to fresh
-places (no jump's tiles, with one ring of its ideal level around them, touch
-another's: the views are packed on shelves over the image, then taken in a random
-order) at zooms of 0.7 to 3 level-0 pixels per screen pixel and one in twenty at 4 to
-4.6 (ideal levels 0, 1 and 2), all from one seed. A jump is timed from
-``show_region`` until the view is sharp: ``viewer.refresh()`` then
-``viewer.settled()`` every 10 ms (every visible tile of the ideal level loaded);
-then the prefetch is let finish (nothing pending in the pool) before the next jump,
-so that no jump starts on another's loads.
+``--jumps`` jumps, the two modes interleaved (the same jump by each in turn, the order
+reversed every other jump, so the machine's noise hits them alike). The jumps go to
+fresh places at zooms of 0.7 to 3 level-0 pixels per screen pixel and one in twenty at
+4 to 4.6 (ideal levels 0, 1 and 2), all from one seed: no jump's tiles, with the ring
+of its ideal level around them, touch those of another jump of the same viewer (the
+views are packed on shelves over the image, then taken in a random order). Twenty
+such places do not fit on one image, so each mode has a viewer per ten jumps
+(``PER_VIEWER``), taking turns. A jump is timed from ``show_region`` until the view is
+sharp: ``viewer.refresh()`` then ``viewer.settled()`` every 10 ms (every visible tile
+of the ideal level loaded); then the prefetch is let finish (nothing pending in the
+pool) before the next jump, so that no jump starts on another's loads.
 
 The lower bound of a jump: the bytes of its ideal level's chunks in view (both
 channels, as fetched) over the pool's throughput measured in the same run: right
