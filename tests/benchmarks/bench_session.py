@@ -4,8 +4,8 @@ against their budgets.
 A (t=3, c=3, z=4, 1024², 128² chunks, 4 levels; t=2, z=2 with ``--quick``) uint16 OME-
 Zarr (smooth ramps: zstd makes it small on disk) and a (1024², 128² chunks, 2 levels)
 uint32 labels image are written to a temporary folder by a child process (this script,
-so that writing them leaves nothing in this process's memory). One offscreen viewer (800
-x 600) shows both under one pool memory budget (``--memory``, MiB: the image's and the
+so that writing them leaves nothing in this process's memory). One offscreen viewer (400
+x 300) shows both under one pool memory budget (``--memory``, MiB: the image's and the
 labels' pools together) and one texture budget (``--textures``, MiB), both far below
 what the session touches (about 75 MiB of level-0 chunks), and is moved ``--moves``
 times at random with the soak test's driver (:class:`support.moves.RandomMoves`: pans,
@@ -55,7 +55,16 @@ from viewer import TextureBudget, Viewer  # noqa: E402
 SHAPE = (3, 3, 4, 1024, 1024)  # (t, c, z, y, x)
 QUICK_SHAPE = (2, 3, 2, 1024, 1024)  # for quick runs: a third of the chunks to write
 CHUNK = 128
-CANVAS = (800, 600)
+CANVAS = (400, 300)
+#: The pool budget (MiB): far below what the session touches, yet room for the most a
+#: view of CANVAS can need at once (up to 8 x 6 tiles of each of three channels and of
+#: the labels, about 7.7 MiB, and the coarser tiles standing in), else it never settles.
+MEMORY_MIB = 16.0
+#: The texture budget (MiB): below what the textures of the tiles held would take
+#: unbounded (about 4.2 MiB in this session; the visible ones alone, 3.6 at most), so
+#: that hidden textures are evicted; a
+#: view whose visible tiles need more goes over it (the budget never makes holes).
+TEXTURES_MIB = 4.0
 KINDS = ("pan", "zoom", "z", "t", "channel", "layer", "cursor")
 MIB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -183,7 +192,10 @@ def measure(moves: int, memory_mib: float, textures_mib: float, shape: tuple[int
 def figures(r: dict) -> list[Figure]:
     """The three figures of one session."""
     n = r["moves"]
-    common = f"{n} random moves ({r['seconds']:.0f} s, {r['loads']} loads)"
+    common = (
+        f"{n} random moves ({r['seconds']:.0f} s, {r['loads']} loads, "
+        f"{r['unsettled']} not settled within 60 s)"
+    )
     budgets = r["memory_budget"] + r["texture_budget"]
     return [
         Figure(
@@ -230,15 +242,15 @@ def figures(r: dict) -> list[Figure]:
 def collect(quick: bool = False) -> list[Figure]:
     """The session's figures (``quick``: 100 moves instead of 1000, fewer slices)."""
     if quick:
-        return figures(measure(100, 12.0, 12.0, QUICK_SHAPE))
-    return figures(measure(1000, 12.0, 12.0, SHAPE))
+        return figures(measure(100, MEMORY_MIB, TEXTURES_MIB, QUICK_SHAPE))
+    return figures(measure(1000, MEMORY_MIB, TEXTURES_MIB, SHAPE))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moves", type=int, default=1000)
-    parser.add_argument("--memory", type=float, default=12.0, help="MiB")
-    parser.add_argument("--textures", type=float, default=12.0, help="MiB")
+    parser.add_argument("--memory", type=float, default=MEMORY_MIB, help="MiB")
+    parser.add_argument("--textures", type=float, default=TEXTURES_MIB, help="MiB")
     parser.add_argument("--quick", action="store_true", help="fewer slices (t=2, z=2)")
     parser.add_argument("--write-images", help=argparse.SUPPRESS)  # the child's part
     parser.add_argument("--shape", help=argparse.SUPPRESS)
