@@ -62,8 +62,8 @@ CANVAS = (400, 300)
 MEMORY_MIB = 16.0
 #: The texture budget (MiB): below what the textures of the tiles held would take
 #: unbounded (about 4.2 MiB in this session; the visible ones alone, 3.6 at most), so
-#: that hidden textures are evicted; a
-#: view whose visible tiles need more goes over it (the budget never makes holes).
+#: that hidden textures are evicted; a view whose visible tiles need more goes over it
+#: (the budget never makes holes).
 TEXTURES_MIB = 4.0
 KINDS = ("pan", "zoom", "z", "t", "channel", "layer", "cursor")
 MIB = 1 << 20
