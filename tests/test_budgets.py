@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from support.images import noise_image, write_pyramid
+from support.moves import RandomMoves
 from test_render import settle
 
 from chunkpool import ChunkManager, ChunkPool, MemoryBudget
@@ -53,18 +54,9 @@ def test_a_thousand_moves_over_three_layers_stay_within_both_budgets(
         viewer.add_image(str(b.path), colormap="magenta", clim=(0, 255), cache_bytes=1 << 20)
         viewer.add_labels(str(lab.path))
         peak_memory = peak_textures = 0
+        move_at_random = RandomMoves(viewer, rng, ("pan", "zoom", "z", "cursor"), extent=512)
         for move in range(MOVES):
-            kind = rng.integers(4)
-            if kind == 0:
-                viewer.pan(*rng.uniform(-0.6, 0.6, 2))
-            elif kind == 1:
-                viewer.zoom(float(rng.choice([0.5, 0.8, 1.25, 2.0])))
-            elif kind == 2:
-                viewer.step_axis("z", int(rng.choice([-1, 1])))
-            else:
-                viewer.cursor = tuple(rng.uniform(0, 512, 2))
-            if viewer.camera.width > 4096 or viewer.camera.width < 20:
-                viewer.fit()
+            move_at_random()
             viewer.refresh()
             if move % 100 == 0:
                 viewer.screenshot()

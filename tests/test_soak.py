@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from support.httpserver import ZarrHTTPServer
 from support.images import noise_image, write_pyramid
+from support.moves import RandomMoves
 from test_render import settle
 
 from chunkpool import ChunkPool, MemoryBudget, RetryPolicy
@@ -107,23 +108,11 @@ def test_a_long_session_against_a_faulty_server_stays_bounded_and_ends_right(
             for layer in viewer.layers:
                 layer.tiles.retry = RetrySchedule(first=0.05, cap=0.2)
             retried = 0
+            move_at_random = RandomMoves(
+                viewer, rng, ("pan", "zoom", "z", "channel", "layer", "cursor"), extent=1024
+            )
             for move in range(MOVES):
-                kind = int(rng.integers(6))
-                if kind == 0:
-                    viewer.pan(*rng.uniform(-0.6, 0.6, 2))
-                elif kind == 1:
-                    viewer.zoom(float(rng.choice([0.5, 0.8, 1.25, 2.0])))
-                elif kind == 2:
-                    viewer.step_axis("z", int(rng.choice([-1, 1])))
-                elif kind == 3:
-                    display = viewer.layers[0].displays[int(rng.integers(2))]
-                    viewer.layers[0].set_display(replace(display, visible=not display.visible))
-                elif kind == 4:
-                    labels.visible = not labels.visible
-                else:
-                    viewer.cursor = tuple(rng.uniform(0, 1024, 2))
-                if viewer.camera.width > 4096 or viewer.camera.width < 20:
-                    viewer.fit()
+                move_at_random()
                 viewer.refresh()
                 if move % 50 == 0:
                     viewer.screenshot()
