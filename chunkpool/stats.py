@@ -134,9 +134,9 @@ class PoolStats:
     ``memory_usage``), ``over_budget`` the requests waiting for room, and
     ``budget_releases`` the held chunks released to make room. Latencies (request to
     data, seconds) are percentiles over the loads kept in the pool's KPI ring
-    (``pool.kpis``, :mod:`chunkpool.kpi`; NaN before the first). ``link`` is the estimate of what the link to the store achieves
-    (:class:`LinkEstimate`: throughput, latency), None until a few loads have fetched
-    bytes.
+    (``pool.kpis``, :mod:`chunkpool.kpi`; NaN before the first). ``link`` is the
+    estimate of what the link to the store achieves (:class:`LinkEstimate`: throughput,
+    latency), None until a few loads have fetched bytes.
     """
 
     hits: int
