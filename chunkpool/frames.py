@@ -175,7 +175,13 @@ def _load_libzstd() -> tuple[Any, Any] | None:
 
     ffi = cffi.FFI()
     ffi.cdef(_ZSTD_CDEF)
-    for name in ("libzstd.so.1", ctypes.util.find_library("zstd"), numcodecs.zstd.__file__):
+    names = (  # (find_library runs a program: only asked when the first is not there)
+        lambda: "libzstd.so.1",
+        lambda: ctypes.util.find_library("zstd"),
+        lambda: numcodecs.zstd.__file__,
+    )
+    for get_name in names:
+        name = get_name()
         if not name:
             continue
         try:

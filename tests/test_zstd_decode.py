@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 import numcodecs
+import numcodecs.zstd
 import numpy as np
 import pytest
 from support.corrupt import zstd_frame_without_size
@@ -41,19 +42,24 @@ INVALID = {
 }
 
 
-@pytest.fixture(params=["libzstd", "numcodecs"])
+@pytest.fixture(params=["libzstd", "libzstd of numcodecs", "numcodecs"])
 def path(request, monkeypatch):
-    """Each decode path: libzstd (the default where it loads), numcodecs without it."""
+    """Each decode path: libzstd (the default where it loads; the system's, or the
+    copy in numcodecs' extension where the system has none), numcodecs without it."""
     if request.param == "numcodecs":
         monkeypatch.setattr(frames, "_LIBZSTD", None)
-    else:
-        assert frames._LIBZSTD is not None, "libzstd did not load (cffi and libzstd are deps)"
+        return request.param
+    assert frames._LIBZSTD is not None, "libzstd did not load (cffi and libzstd are deps)"
+    if request.param == "libzstd of numcodecs":
+        ffi = frames._LIBZSTD[0]
+        monkeypatch.setattr(frames, "_LIBZSTD", (ffi, ffi.dlopen(numcodecs.zstd.__file__)))
+    monkeypatch.setattr(frames, "_THREAD", threading.local())  # (contexts of that library)
 
-        def refuse(*args):  # the libzstd path must not fall back to numcodecs
-            raise AssertionError("numcodecs decompress called on the libzstd path")
+    def refuse(*args):  # the libzstd path must not fall back to numcodecs
+        raise AssertionError("numcodecs decompress called on the libzstd path")
 
-        monkeypatch.setattr(frames, "_zstd_decompress", refuse)
-    return request.param
+    monkeypatch.setattr(frames, "_zstd_decompress", refuse)
+    return "libzstd"
 
 
 def _dirty_pool() -> BufferPool:
