@@ -322,8 +322,11 @@ class TileSet(ChunkManager):
         add_refinement(plan, levels, view, refinement(self.first_level, target))
         held_chunks = self._locations
         now = time.monotonic()
-        if all(loc.loaded or loc.error is not None for loc in held_chunks.values()):
-            self._link_busy_until = now  # nothing in flight
+        loads, nbytes = 0, 0.0  # asked for, not arrived
+        for chunk, loc in held_chunks.items():
+            if not loc.loaded and loc.error is None and loc.state not in _GONE:
+                loads += 1
+                nbytes += chunk_bytes[chunk.level]
 
         def held(tile: TileKey) -> bool:
             return any(ChannelTile(c, position, *tile) in self._by_index[c].tiles for c in channels)
@@ -336,7 +339,7 @@ class TileSet(ChunkManager):
             )
 
         plan, self._link_busy_until, wake = admit(
-            plan, held, cost, link, now, self._link_busy_until
+            plan, held, cost, link, now, self._link_busy_until, (loads, nbytes)
         )
         self._link_wake = wake
         if wake is not None and self._call_later is not None:
