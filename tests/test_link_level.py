@@ -26,6 +26,7 @@ from test_tiling import pyramid
 from chunkpool import ChunkPool, LinkEstimate
 from chunkpool.stats import LinkEstimator
 from viewer.tiling import (
+    LINK_BUDGET,
     LINK_MIN_IN_FLIGHT,
     TileKey,
     View,
@@ -317,9 +318,7 @@ def test_admit_paces_new_tiles_in_priority_order() -> None:
     assert busy == pytest.approx(10.2)
     assert wake == pytest.approx(10.0)  # as soon as the link has carried anything
     # later, as the link drains, the next ones in order
-    part, busy, wake = admit(
-        plan, set(part).__contains__, cost, link, 10.1, busy, (6, 150_000.0)
-    )
+    part, busy, wake = admit(plan, set(part).__contains__, cost, link, 10.1, busy, (6, 150_000.0))
     assert (0, 0, 2) in part and (0, 0, 3) in part and (0, 0, 4) not in part
     assert busy == pytest.approx(10.3)
     # a fast link takes everything at once
@@ -462,3 +461,50 @@ def test_settled_picture_is_the_ideal_level_exactly(
     expected = expected_view(pyramid_, 0, region_world(pyramid_, region), SIZE)
     assert (np.abs(expected - shots[None][None]) == 0).any(axis=0).all()
     np.testing.assert_array_equal(shots[0.0005], shots[None])
+
+
+# -- the knob: zarrscope --link-budget ---------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf", ""])
+def test_cli_link_budget_refuses_bad_values_in_one_line(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from viewer.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["img.zarr", "--link-budget", value, "--screenshot", "out.png"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "zarrscope: error: --link-budget needs a positive number of seconds, or 'off'"
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], LINK_BUDGET), (["--link-budget", "off"], None), (["--link-budget", "1.5"], 1.5)],
+    ids=["default", "off", "seconds"],
+)
+def test_cli_link_budget_reaches_the_viewer(
+    argv: list[str],
+    expected: float | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """``--link-budget SECONDS`` / ``off`` / nothing is the viewer's ``link_budget``."""
+    import viewer.app
+    from viewer.__main__ import main
+
+    seen: dict[str, Any] = {}
+
+    class Recorder:
+        def __init__(self, *args: Any, **options: Any):
+            seen.update(options)
+            raise ValueError("recorded")
+
+    monkeypatch.setattr(viewer.app, "Viewer", Recorder)
+    out = str(tmp_path / "out.png")
+    assert main([str(tmp_path / "img.zarr"), *argv, "--screenshot", out]) == 2
+    assert capsys.readouterr().err.strip().endswith("zarrscope: error: recorded")
+    assert seen["link_budget"] == expected

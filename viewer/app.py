@@ -254,9 +254,9 @@ class Viewer:
     ) -> Viewer:
         """A viewer showing exactly ``state`` (its layers opened from their sources;
         ``show_hud`` overrides its HUD setting; ``texture_budget``,
-        ``memory_budget`` and ``kpi_log`` go to :class:`Viewer`, the other
+        ``memory_budget``, ``kpi_log`` and ``link_budget`` go to :class:`Viewer`, the other
         ``options`` to every layer's opening, e.g. ``storage_options``)."""
-        own = ("texture_budget", "memory_budget", "kpi_log")
+        own = ("texture_budget", "memory_budget", "kpi_log", "link_budget")
         viewer = cls(
             None,
             canvas,
