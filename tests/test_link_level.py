@@ -21,10 +21,13 @@ import zarr
 from conftest import make_array
 from support.httpserver import ZarrHTTPServer
 from support.images import expected_view, noise_image, region_world, write_pyramid
+from support.teststores import GatedStore
 from test_tiling import pyramid
+from zarr.storage import LocalStore
 
-from chunkpool import ChunkPool, LinkEstimate
+from chunkpool import ChunkManager, ChunkPool, LinkEstimate
 from chunkpool.stats import LinkEstimator
+from viewer.tileset import TileSet
 from viewer.tiling import (
     LINK_BUDGET,
     LINK_MIN_IN_FLIGHT,
@@ -425,6 +428,48 @@ def test_pacing_keeps_a_shared_link_busy_across_stages(estimate: LinkEstimate) -
     else:
         assert ideal <= (0.1 + 101 * UNIT) * 1.6
         assert idle <= 0.45
+
+
+def test_a_tile_set_paces_on_its_loads_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a link estimated far slower than it is (1 kB/s: a 4 kB tile "takes" 4 s),
+    a tile set keeps ``LINK_MIN_IN_FLIGHT`` loads in flight, and asks for the next tile
+    as soon as one arrives: what it holds back, it holds back for loads really in
+    flight, never for a projection of the estimate (which would hold the prefetch
+    behind the visible tiles for seconds after they arrived)."""
+    p = write_pyramid(
+        tmp_path / "p.ome.zarr", noise_image((512, 512), seed=3), chunks=(64, 64), n_levels=1
+    )
+    store = GatedStore(LocalStore(p.path))
+    store.rec.hold()
+    slow = LinkEstimate(1_000.0, 0.0, 1.0, 100)
+    monkeypatch.setattr(ChunkPool, "link_estimate", property(lambda self: slow))
+    pool = ChunkPool.from_zarr_node(zarr.open_group(store, mode="r"), io_concurrency=8)[0]
+    pool.enable_polled_load_handlers(lambda: None)
+    tiles = TileSet(pool, [(0, True)])
+    try:
+        view = View(127.5, 127.5, 383.5, 383.5, 256, 256)  # 4 x 4 tiles of 64 in view
+        tiles.update(view)
+        first = list(tiles.tiles())
+        assert len(first) == LINK_MIN_IN_FLIGHT
+        store.rec.wait_started(LINK_MIN_IN_FLIGHT)
+        store.rec.release(1)  # one read goes through: which one, the threads decide
+        deadline = time.monotonic() + 30
+        while not store.rec.finished and time.monotonic() < deadline:
+            threading.Event().wait(0.002)
+        key = store.rec.finished[0]  # e.g. "0/c/2/3"
+        probe = ChunkManager(pool)
+        probe.get_chunk(0, tuple(int(i) for i in key.split("/")[2:])).wait(30)
+        probe.drop_all()
+        pool.run_pending_handlers()
+        assert sum(t.plane is not None for t in tiles.tiles()) == 1
+        tiles.update(view)
+        assert len(list(tiles.tiles())) == LINK_MIN_IN_FLIGHT + 1
+    finally:
+        store.rec.open_gate()
+        tiles.close()
+        pool.destroy()
 
 
 # -- the settled picture ----------------------------------------------------------------------

@@ -172,8 +172,9 @@ class TileSet(ChunkManager):
         self.bias = bias
         self.prefetch_ring = prefetch_ring
         #: Seconds within which the first level shown for a view should arrive over the
-        #: pool's link (see :func:`~viewer.tiling.first_level`); None: the target level
-        #: first and every tile requested at once, whatever the link.
+        #: pool's link (see :func:`~viewer.tiling.first_level`), new tiles then paced on
+        #: it (:func:`~viewer.tiling.admit`); None: the target level first and every tile
+        #: requested at once, whatever the link (the sharp picture soonest).
         self.link_budget = link_budget
         self.channels = [ChannelTiles(index, visible) for index, visible in channels]
         self._by_index = {ch.index: ch for ch in self.channels}

@@ -25,8 +25,10 @@ budget (:func:`first_level`, ``LINK_BUDGET``: what is loaded or cached is free),
 the level just above the ideal one (at most 2x blurred, a third of the ideal's bytes or
 less), then the ideal level (:func:`refinement`). Their visible tiles come before the
 ideal's (:func:`add_refinement`), and the link carries them in that order: new tiles
-are requested in priority order, paced to keep the link just busy (:func:`admit`),
-since loads in flight together share the link and would all arrive late. On a fast
+are requested in priority order, paced to keep the link just busy (:func:`admit`: a
+closed loop on what is in flight, so the next stage is asked for while the last tiles
+of the one before still arrive), since loads in flight together share the link and
+would all arrive late. On a fast
 link (or before any estimate) the ideal level is shown first and everything is
 requested at once: as without it.
 
