@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="after a jump, show first the level whose missing tiles arrive within SECONDS "
         "over the measured link, then the level just above the one of the zoom, then that "
-        f"one (default {LINK_BUDGET:g}: a screen covered ~3x sooner on a slow link); 'off': "
+        f"one (default {LINK_BUDGET:g}: a screen covered ~2.5x sooner on a slow link); 'off': "
         "the level of the zoom first, every tile at once (the sharp picture a little sooner)",
     )
     p.add_argument(

@@ -170,8 +170,8 @@ class Viewer:
     then the level just above the one of the zoom (and ``bias``), then that one, which
     is what it settles on (the same picture either way); None shows that level first,
     every tile at once, whatever the link. The default favours the screen covered: on
-    a slow link (2 MB/s, 100 ms) the whole screen at most 2x blurred comes about 3x
-    sooner than with None, the sharp picture about 1.1-1.3x later (the bytes of the
+    a slow link (2 MB/s, 100 ms) the whole screen at most 2x blurred comes about 2.5x
+    sooner than with None, the sharp picture about 1.25x later (the bytes of the
     level above it); None favours the sharp picture (``zarrscope --link-budget off``;
     see viewer/README.md, "A level chosen for the link", and :mod:`viewer.tiling`).
     """

@@ -323,9 +323,14 @@ class TileSet(ChunkManager):
         add_refinement(plan, levels, view, refinement(self.first_level, target))
         held_chunks = self._locations
         now = time.monotonic()
-        loads, nbytes = 0, 0.0  # asked for, not arrived
+        loads, nbytes = 0, 0.0  # asked for, not arrived (nor waiting for memory)
         for chunk, loc in held_chunks.items():
-            if not loc.loaded and loc.error is None and loc.state not in _GONE:
+            if (
+                not loc.loaded
+                and loc.error is None
+                and not loc.over_budget
+                and loc.state not in _GONE
+            ):
                 loads += 1
                 nbytes += chunk_bytes[chunk.level]
 
