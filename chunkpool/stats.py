@@ -90,6 +90,24 @@ class LinkEstimator:
         return LinkEstimate(self._fit[0], self._fit[1], fetched_per_loaded, n)
 
 
+def _busiest_period(start: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> float:
+    """The most bytes per second over any busy period of the loads (a maximal run of
+    loads, by request, each requested before all those before it ended): what the
+    link carried at least, latency included. O(n log n)."""
+    order = np.argsort(start, kind="stable")
+    s, e, b = start[order], end[order], nbytes[order]
+    reach = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > reach[:-1]  # requested after everything before it had ended
+    period = np.cumsum(new) - 1
+    first = s[new]
+    last = np.maximum.reduceat(e, np.flatnonzero(new))
+    carried = np.bincount(period, weights=b)
+    span = last - first
+    ok = span > 0
+    return float((carried[ok] / span[ok]).max()) if ok.any() else 0.0
+
+
 def _fit_link(loads: np.ndarray) -> tuple[float, float] | None:
     """(throughput, latency) of loads given as rows (request, end, bytes); None if
     they tell no bandwidth.
@@ -101,7 +119,14 @@ def _fit_link(loads: np.ndarray) -> tuple[float, float] | None:
     (itself included), at that throughput; the least of these. Those bytes are at
     most what the link carried meanwhile, so no load gives less than the latency, and
     the last load to end of any batch requested together gives it (everything it
-    waited for has ended by then)."""
+    waited for has ended by then).
+
+    The slope is a fit, and a few loads far from the rest (a cold start, slower than
+    the link is now) or loads all alike (a paced pipeline) can pull it well below
+    what the link carried: it is never taken below the fastest *busy period* (loads
+    whose times overlap, one after another: its bytes over its span), which the link
+    did carry, so a fit too slow (and the latency it then leaves, down to 0) cannot
+    stand against what was seen."""
     start, end, nbytes = loads[:, 0], loads[:, 1], loads[:, 2]
     seconds = end - start
     during = np.minimum(end[:, None], end[None, :]) - np.maximum(start[:, None], start[None, :])
@@ -112,7 +137,7 @@ def _fit_link(loads: np.ndarray) -> tuple[float, float] | None:
     cov = ((delivered - mean_b) * (seconds - mean_d)).mean()
     if mean_b <= 0 or var <= (0.01 * mean_b) ** 2 or cov <= 0:
         return None
-    throughput = float(var / cov)
+    throughput = max(float(var / cov), _busiest_period(start, end, nbytes))
     ended = (start[None, :] >= start[:, None]) & (end[None, :] <= end[:, None])
     waited = (ended * nbytes[None, :]).sum(axis=1)
     latency = max(0.0, float((seconds - waited / throughput).min()))

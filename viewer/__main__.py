@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -38,6 +39,8 @@ from chunkpool import ChunkPoolError, RetryPolicy
 from chunkpool.diskcache import default_cache_dir
 from chunkpool.redaction import RedactingFilter
 from chunkpool.stores import redact
+
+from .tiling import LINK_BUDGET
 
 __all__ = ["main"]
 
@@ -95,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="level choice: >1 coarser (faster), <1 sharper (default 1)",
+    )
+    p.add_argument(
+        "--link-budget",
+        metavar="SECONDS",
+        default=None,
+        help="after a jump, show first the level whose missing tiles arrive within SECONDS "
+        "over the measured link, then the level just above the one of the zoom, then that "
+        f"one (default {LINK_BUDGET:g}: a screen covered ~2.5x sooner on a slow link); 'off': "
+        "the level of the zoom first, every tile at once (the sharp picture a little sooner)",
     )
     p.add_argument(
         "--disk-cache",
@@ -183,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--memory-mb must be at least 1")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
+    link_budget = _link_budget(args.link_budget)
+    if link_budget is False:
+        parser.error("--link-budget needs a positive number of seconds, or 'off'")
+    args.link_budget = link_budget
     handler = _log_to_stderr(args.log_level)
     try:
         if args.screenshot:
@@ -195,6 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         _stop_logging(handler)
+
+
+def _link_budget(text: str | None) -> float | bool | None:
+    """``--link-budget``'s value: seconds, None for ``off``, the default when not
+    given; False when it is neither a positive number nor ``off``."""
+    if text is None:
+        return LINK_BUDGET
+    if text.strip().lower() == "off":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return False
+    return seconds if 0 < seconds < math.inf else False
 
 
 def _sources(args: argparse.Namespace) -> list[str]:
@@ -222,6 +252,7 @@ def _make_viewer(
 
     if args.telemetry:
         options["kpi_log"] = args.telemetry
+    options.setdefault("link_budget", args.link_budget)
     open_options = {
         "disk_cache": args.disk_cache,
         "disk_cache_bytes": args.disk_cache_mb << 20,

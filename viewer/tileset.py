@@ -172,8 +172,9 @@ class TileSet(ChunkManager):
         self.bias = bias
         self.prefetch_ring = prefetch_ring
         #: Seconds within which the first level shown for a view should arrive over the
-        #: pool's link (see :func:`~viewer.tiling.first_level`); None: the target level
-        #: first and every tile requested at once, whatever the link.
+        #: pool's link (see :func:`~viewer.tiling.first_level`), new tiles then paced on
+        #: it (:func:`~viewer.tiling.admit`); None: the target level first and every tile
+        #: requested at once, whatever the link (the sharp picture soonest).
         self.link_budget = link_budget
         self.channels = [ChannelTiles(index, visible) for index, visible in channels]
         self._by_index = {ch.index: ch for ch in self.channels}
@@ -325,8 +326,16 @@ class TileSet(ChunkManager):
         add_refinement(plan, levels, view, refinement(self.first_level, target))
         held_chunks = self._locations
         now = time.monotonic()
-        if all(loc.loaded or loc.error is not None for loc in held_chunks.values()):
-            self._link_busy_until = now  # nothing in flight
+        loads, nbytes = 0, 0.0  # asked for, not arrived (nor waiting for memory)
+        for chunk, loc in held_chunks.items():
+            if (
+                not loc.loaded
+                and loc.error is None
+                and not loc.over_budget
+                and loc.state not in _GONE
+            ):
+                loads += 1
+                nbytes += chunk_bytes[chunk.level]
 
         def held(tile: TileKey) -> bool:
             return any(ChannelTile(c, position, *tile) in self._by_index[c].tiles for c in channels)
@@ -339,7 +348,7 @@ class TileSet(ChunkManager):
             )
 
         plan, self._link_busy_until, wake = admit(
-            plan, held, cost, link, now, self._link_busy_until
+            plan, held, cost, link, now, self._link_busy_until, (loads, nbytes)
         )
         self._link_wake = wake
         if wake is not None and self._call_later is not None:

@@ -25,8 +25,10 @@ budget (:func:`first_level`, ``LINK_BUDGET``: what is loaded or cached is free),
 the level just above the ideal one (at most 2x blurred, a third of the ideal's bytes or
 less), then the ideal level (:func:`refinement`). Their visible tiles come before the
 ideal's (:func:`add_refinement`), and the link carries them in that order: new tiles
-are requested in priority order, paced to keep the link just busy (:func:`admit`),
-since loads in flight together share the link and would all arrive late. On a fast
+are requested in priority order, paced to keep the link just busy (:func:`admit`: a
+closed loop on what is in flight, so the next stage is asked for while the last tiles
+of the one before still arrive), since loads in flight together share the link and
+would all arrive late. On a fast
 link (or before any estimate) the ideal level is shown first and everything is
 requested at once: as without it.
 
@@ -135,6 +137,9 @@ LINK_BUDGET = 0.25
 #: ``LINK_WINDOW_SLACK`` seconds (the frame or so before the viewer asks again).
 LINK_WINDOW_LATENCIES = 1.5
 LINK_WINDOW_SLACK = 0.05
+#: However slow the estimate says the link is, at least this many loads are kept in
+#: flight (an estimate too low must not leave the link idle between loads).
+LINK_MIN_IN_FLIGHT = 4
 
 TileRange = tuple[int, int, int, int]  # [iy0, iy1) x [ix0, ix1)
 
@@ -326,22 +331,31 @@ def admit(
     link: LinkEstimate,
     now: float,
     busy_until: float,
+    in_flight: tuple[int, float],
 ) -> tuple[dict[TileKey, float], float, float | None]:
     """The part of ``plan`` to hold now on ``link``, paced: ``(plan part, busy_until,
     when to call again)``.
 
     ``busy_until`` is when the link is projected to have carried everything asked of
-    it so far (``now`` or earlier if nothing is in flight). The tiles already ``held``
-    stay; the new ones are taken in priority order while the projection is less than
-    ``LINK_WINDOW_LATENCIES`` latencies plus ``LINK_WINDOW_SLACK`` seconds ahead of
-    ``now`` (what keeps the link busy while a new request waits out its latency), each
-    moving it by its ``cost`` (bytes) over the throughput, starting a latency from now
-    at the earliest. A new tile that costs nothing (loaded, cached) is always taken.
-    The rest waits: the third value is when to call again (None if nothing waits).
-    Loads in flight together share the link and end together, so asking for
-    everything at once would delay the most urgent to the end; asking in time, in
-    order, keeps the link busy and the order. Costs O(plan log plan).
+    it so far; ``in_flight`` is what is asked and not arrived: (loads, bytes). The
+    projection is cut to what those bytes need (``now`` if nothing is in flight), so
+    loads that arrive sooner than projected make room at once (closed loop). The tiles
+    already ``held`` stay; the new ones are taken in priority order while the
+    projection is less than ``LINK_WINDOW_LATENCIES`` latencies plus
+    ``LINK_WINDOW_SLACK`` seconds ahead of ``now`` (what keeps the link busy while a
+    new request waits out its latency), or while fewer than ``LINK_MIN_IN_FLIGHT``
+    loads are in flight (however slow the estimate), each moving it by its ``cost``
+    (bytes) over the throughput, starting a latency from now at the earliest. A new
+    tile that costs nothing (loaded, cached) is always taken. The rest waits: the third
+    value is when to call again (None if nothing waits). Loads in flight together
+    share the link and end together, so asking for everything at once would delay the
+    most urgent to the end; asking in time, in order, keeps the link busy and the
+    order, and since each stage's tiles (the next level, then prefetch) are asked for
+    while the last ones of the stage before are still arriving, the link does not idle
+    between stages. Costs O(plan log plan).
     """
+    loads, nbytes = in_flight
+    busy_until = min(busy_until, now + link.seconds(nbytes))
     out: dict[TileKey, float] = {}
     new: list[tuple[float, TileKey]] = []
     for key, priority in plan.items():
@@ -356,9 +370,10 @@ def admit(
         c = cost(key)
         if c <= 0:
             out[key] = priority
-        elif wake is None and busy_until - now < ahead:
+        elif wake is None and (busy_until - now < ahead or loads < LINK_MIN_IN_FLIGHT):
             out[key] = priority
             busy_until = max(busy_until, now + link.latency) + c / link.throughput
+            loads += 1
         elif wake is None:
             wake = busy_until - ahead  # nothing less urgent overtakes it
     return out, busy_until, wake

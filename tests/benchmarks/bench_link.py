@@ -20,6 +20,9 @@ between the modes (covered: off / on, the goal is >= 3; ideal: on / off, the goa
 <= 1.1).
 
     python tests/benchmarks/bench_link.py [--jumps 10]
+
+:func:`collect` gives the two figures (``tests.benchmarks.figures.Figure``) for the
+one-command run.
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ from support.images import write_pyramid  # noqa: E402
 
 from viewer import Viewer  # noqa: E402
 from viewer.tileset import TileSet  # noqa: E402
-from viewer.tiling import View  # noqa: E402
+from viewer.tiling import LINK_BUDGET, View  # noqa: E402
+
+try:  # from the repository root (the one-command run), else beside this file
+    from tests.benchmarks.figures import Figure, quartiles
+except ImportError:
+    sys.path.insert(0, str(TESTS / "benchmarks"))
+    from figures import Figure, quartiles
 
 SIDE, CHUNK, LEVELS = 8192, 256, 6
 W, H = 1920, 1080
@@ -140,23 +149,26 @@ def jump(
     return covered_at, settled, tiles.target_level, fetched
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jumps", type=int, default=10)
-    parser.add_argument("--bandwidth", type=float, default=2e6, help="bytes/s")
-    parser.add_argument("--latency", type=float, default=0.1, help="seconds")
-    args = parser.parse_args()
+Jump = tuple[float, float, int, float]
+
+
+def run(
+    jumps: int, bandwidth: float = 2e6, latency: float = 0.1, *, echo: bool = True
+) -> dict[str, list[Jump]]:
+    """``jumps`` interleaved jumps by an adaptive viewer (``"on"``) and one with
+    ``link_budget=None`` (``"off"``) over the shaped link: per mode, per jump, what
+    :func:`jump` returns. ``echo``: print a line per jump and the link estimates."""
     with tempfile.TemporaryDirectory() as tmp:
         source = write_image(pathlib.Path(tmp))
         ours, theirs = multiprocessing.Pipe()
         server = multiprocessing.Process(
-            target=serve, args=(tmp, args.latency, args.bandwidth, theirs), daemon=True
+            target=serve, args=(tmp, latency, bandwidth, theirs), daemon=True
         )
         server.start()
         url = ours.recv() + "/" + source.name
         viewers = {}
         try:
-            for mode, budget in (("on", 0.25), ("off", None)):
+            for mode, budget in (("on", LINK_BUDGET), ("off", None)):
                 viewer = Viewer(
                     url, None, size=(W, H), show_hud=False, clim=(0, 4400), link_budget=budget
                 )
@@ -166,53 +178,102 @@ def main() -> None:
                 while viewer.pool.stats.chunks_pending:
                     viewer.refresh()
                     threading.Event().wait(0.02)
-            results: dict[str, list[tuple[float, float, int, float]]] = {m: [] for m in viewers}
-            for j, region in enumerate(regions(args.jumps)):
+            results: dict[str, list[Jump]] = {m: [] for m in viewers}
+            for j, region in enumerate(regions(jumps)):
                 order = list(viewers) if j % 2 == 0 else list(viewers)[::-1]
                 for mode in order:
                     results[mode].append(jump(viewers[mode], region))
-                line = "  ".join(
-                    f"{m}: covered {results[m][-1][0]:5.2f} s, ideal {results[m][-1][1]:5.2f} s"
-                    f" ({results[m][-1][3] / 1e6:4.1f} MB)"
-                    for m in viewers
-                )
-                zoom = (region[2] - region[0]) / W
-                print(f"jump {j:2} (zoom {zoom:.2f}, ideal level {results['on'][-1][2]}): {line}")
+                if echo:
+                    line = "  ".join(
+                        f"{m}: covered {results[m][-1][0]:5.2f} s, ideal {results[m][-1][1]:5.2f} s"
+                        f" ({results[m][-1][3] / 1e6:4.1f} MB)"
+                        for m in viewers
+                    )
+                    zoom = (region[2] - region[0]) / W
+                    print(
+                        f"jump {j:2} (zoom {zoom:.2f}, ideal level {results['on'][-1][2]}): {line}"
+                    )
             for mode, viewer in viewers.items():
                 link = viewer.pool.stats.link
                 assert link is not None
-                print(
-                    f"{mode:>3}: link estimate {link.throughput / 1e6:.2f} MB/s, "
-                    f"{link.latency * 1000:.0f} ms"
-                )
-            med = {
-                m: (
-                    statistics.median(r[0] for r in rs),
-                    statistics.median(r[1] for r in rs),
-                )
-                for m, rs in results.items()
-            }
-            cov_ratios = [
-                off[0] / on[0] for on, off in zip(results["on"], results["off"], strict=True)
-            ]
-            ideal_ratios = [
-                on[1] / off[1] for on, off in zip(results["on"], results["off"], strict=True)
-            ]
-            print(
-                f"median covered at <= ideal+1: on {med['on'][0]:.2f} s, off {med['off'][0]:.2f} s"
-                f" -> {med['off'][0] / med['on'][0]:.2f}x sooner"
-                f" (per jump {min(cov_ratios):.2f}..{max(cov_ratios):.2f}; goal >= 3)"
-            )
-            print(
-                f"median to the ideal level:    on {med['on'][1]:.2f} s, off {med['off'][1]:.2f} s"
-                f" -> on/off {med['on'][1] / med['off'][1]:.3f}"
-                f" (per jump {min(ideal_ratios):.2f}..{max(ideal_ratios):.2f}; goal <= 1.10)"
-            )
+                if echo:
+                    print(
+                        f"{mode:>3}: link estimate {link.throughput / 1e6:.2f} MB/s, "
+                        f"{link.latency * 1000:.0f} ms"
+                    )
+            return results
         finally:
             for viewer in viewers.values():
                 viewer.close()
             ours.send("stop")
             server.join(10)
+
+
+def figures(results: dict[str, list[Jump]]) -> list[Figure]:
+    """The two figures of issue 10 §4 from :func:`run`'s results: how much sooner the
+    screen is covered at <= ideal + 1 (today / adaptive, goal >= 3), and the time to the
+    ideal level (adaptive / today, goal <= 1.10), each median beside today's."""
+    on, off = results["on"], results["off"]
+    n = len(on)
+    cov = [b[0] / a[0] for a, b in zip(on, off, strict=True)]
+    ideal = [a[1] / b[1] for a, b in zip(on, off, strict=True)]
+    cov_on, cov_off = statistics.median(r[0] for r in on), statistics.median(r[0] for r in off)
+    ideal_on, ideal_off = statistics.median(r[1] for r in on), statistics.median(r[1] for r in off)
+    link = "jumps over a 2 MB/s, 100 ms link, 1920x1080"
+    return [
+        Figure(
+            section="level for the link",
+            name="screen covered at <= ideal+1 level, adaptive",
+            value=cov_on,
+            unit="s",
+            reference="link_budget=None (today)",
+            reference_value=cov_off,
+            ratio=cov_off / cov_on,
+            spread=quartiles(cov),
+            goal=3.0,
+            repeats=n,
+            note=f"ratio: today / adaptive (how much sooner); {link}",
+        ),
+        Figure(
+            section="level for the link",
+            name="ideal level reached, adaptive",
+            value=ideal_on,
+            unit="s",
+            reference="link_budget=None (today)",
+            reference_value=ideal_off,
+            ratio=ideal_on / ideal_off,
+            spread=quartiles(ideal),
+            goal=1.10,
+            higher_is_better=False,
+            repeats=n,
+            note=f"ratio: adaptive / today; {link}",
+        ),
+    ]
+
+
+def collect(quick: bool = False) -> list[Figure]:
+    """The figures of one run (``quick``: 2 jumps instead of 10, the same code path)."""
+    return figures(run(2 if quick else 10, echo=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jumps", type=int, default=10)
+    parser.add_argument("--bandwidth", type=float, default=2e6, help="bytes/s")
+    parser.add_argument("--latency", type=float, default=0.1, help="seconds")
+    args = parser.parse_args()
+    results = run(args.jumps, args.bandwidth, args.latency)
+    covered, ideal = figures(results)
+    print(
+        f"median covered at <= ideal+1: on {covered.value:.2f} s, off "
+        f"{covered.reference_value:.2f} s -> {covered.ratio:.2f}x sooner"
+        f" (quartiles over jumps {covered.spread[0]:.2f}..{covered.spread[1]:.2f}; goal >= 3)"
+    )
+    print(
+        f"median to the ideal level:    on {ideal.value:.2f} s, off "
+        f"{ideal.reference_value:.2f} s -> on/off {ideal.ratio:.3f}"
+        f" (quartiles over jumps {ideal.spread[0]:.2f}..{ideal.spread[1]:.2f}; goal <= 1.10)"
+    )
 
 
 if __name__ == "__main__":
