@@ -384,7 +384,10 @@ def _screenshot_within(
         elif not args.state:
             viewer.fit()
         started = time.perf_counter()
-        if not viewer.wait_settled(max(0.0, deadline - time.monotonic())):
+        settled = viewer.wait_settled(max(0.0, deadline - time.monotonic()))
+        # tiles whose reads gave up at the deadline settle the view as failed, maybe
+        # just before the wait's own deadline: that is the time running out too
+        if not settled or (viewer.layer.status().failed and time.monotonic() >= deadline):
             watchdog.report(expired)
             return 1
         settled_in = time.perf_counter() - started
