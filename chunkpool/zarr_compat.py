@@ -15,6 +15,9 @@ Private modules (``zarr.core``):
   recognising zarr's two standard encodings, to build chunk keys without a call each.
 - ``zarr.core.sync.sync`` / ``_get_loop``: running a codec without a synchronous path on
   zarr's own event loop, and that loop (where asynchronous stores' reads run).
+- ``zarr.core.array.get_array_metadata`` and ``zarr.storage._common.make_store_path``:
+  the array probe ``zarr.open`` makes, on the store path it makes, run here at the same
+  time as the group probe (:func:`open_node`: one round trip, not two).
 
 Private names of zarr objects:
 
@@ -41,10 +44,13 @@ from typing import Any
 
 import zarr
 from zarr.codecs.sharding import _ShardIndex as ShardIndex
+from zarr.core.array import get_array_metadata
 from zarr.core.array_spec import ArraySpec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
 from zarr.core.codec_pipeline import codecs_from_list
 from zarr.core.sync import _get_loop, sync
+from zarr.errors import NodeTypeValidationError
+from zarr.storage._common import make_store_path
 
 __all__ = [
     "CHECKED_ZARR_VERSIONS",
@@ -58,6 +64,7 @@ __all__ = [
     "inner_chunk_spec",
     "members",
     "numcodecs_compressor",
+    "open_node",
     "set_wrapped_store",
     "shard_index_size",
     "shard_index_spec",
@@ -154,3 +161,31 @@ def members(group: zarr.Group, paths: Sequence[str]) -> list[zarr.Array | zarr.G
         else zarr.Group(node)
         for node in nodes
     ]
+
+
+async def _open_node(store: Any) -> zarr.AsyncArray | zarr.AsyncGroup:
+    from zarr.api.asynchronous import open_group
+
+    store_path = await make_store_path(store, mode="r")
+    metadata, group = await asyncio.gather(
+        get_array_metadata(store_path, zarr_format=None),
+        open_group(store=store_path, mode="r"),
+        return_exceptions=True,
+    )
+    if not isinstance(metadata, BaseException):
+        zarr_format = metadata["zarr_format"]
+        if zarr_format == 2 or metadata.get("node_type") == "array":
+            return zarr.AsyncArray(store_path=store_path, metadata=metadata)
+    elif not isinstance(metadata, AssertionError | FileNotFoundError | NodeTypeValidationError):
+        raise metadata  # as zarr.open: only "no array here" falls through to the group
+    if isinstance(group, BaseException):
+        raise group
+    return group
+
+
+def open_node(store: Any) -> zarr.Array | zarr.Group:
+    """What ``zarr.open(store, mode="r")`` opens (an array if there is one, else a
+    group), in one round trip: ``zarr.open`` probes for an array, and only then, in a
+    second round of reads, for a group; here both probes are sent at once."""
+    node = sync(_open_node(store))
+    return zarr.Array(node) if isinstance(node, zarr.AsyncArray) else zarr.Group(node)
