@@ -16,7 +16,10 @@ viewer created, imports done) to the first screenshot with any non-black pixel:
 
 - zarrscope: ``Viewer(source)`` offscreen on lavapipe (``bench_viewer``'s child), and
   a second viewer in the same process (device and pipelines made: the analogue of
-  neuroglancer's figure, taken after its page and WebGL have loaded);
+  neuroglancer's figure, taken after its page and WebGL have loaded); with ``--main DIR``
+  (another checkout, e.g. of an older commit) that checkout's as well, as "zarrscope@main";
+- floor: the pool alone opening the image and loading its coarsest level, in a fresh
+  process (``bench_viewer``'s floor child);
 - napari: ``napari.Viewer()`` in a window under Xvfb (Mesa GL; with ``show=False`` or
   Qt's offscreen platform it never draws data here), ``add_image`` of the levels as a
   multiscale image with the OME windows, ``screenshot(canvas_only=True)``; and when
@@ -157,6 +160,9 @@ def main() -> None:
         type=pathlib.Path,
         default=pathlib.Path(__file__).resolve().parents[2] / ".peers-venv" / "bin" / "python",
     )
+    parser.add_argument(
+        "--main", type=pathlib.Path, default=None, help="another checkout to compare with"
+    )
     args = parser.parse_args()
     from sample_data import ensure_sample
 
@@ -172,20 +178,26 @@ def main() -> None:
     base |= {"SE_OFFLINE": "true", "SE_CHROMEDRIVER": "/usr/bin/chromedriver"}
     ours_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bench_viewer = str(ROOT / "tests" / "benchmarks" / "bench_viewer.py")
+    ours = {"zarrscope": ours_env}
+    if args.main is not None:
+        ours["zarrscope@main"] = {**os.environ, "PYTHONPATH": str(args.main)}
     with ZarrHTTPServer(path.parent) as server:
         server.RequestHandlerClass = _CorsHandler
         url = f"{server.url}/{path.name}"
         for where, latency in (("local", 0.0), ("http 50 ms", 0.05)):
             server.latency = latency
-            runs: dict[str, list[dict]] = {"zarrscope": []}
+            runs: dict[str, list[dict]] = {name: [] for name in [*ours, "floor"]}
             runs |= {name: [] for name in peers if not missing[name]}
             for _ in range(args.repeats):
                 local = str(path) if latency == 0 else url
-                runs["zarrscope"].append(
-                    run([sys.executable, bench_viewer, "--child-image", local], ours_env)
+                for name, env in ours.items():
+                    child = [sys.executable, bench_viewer, "--child-image", local]
+                    runs[name].append(run(child, env))
+                runs["floor"].append(
+                    run([sys.executable, bench_viewer, "--child-floor", local], ours_env)
                 )
                 for name in runs:
-                    if name == "zarrscope":
+                    if name not in peers:
                         continue
                     src = url if name == "neuroglancer" else local
                     command = [str(python), "-c", peers[name], src, str(W), str(H)]
