@@ -236,6 +236,8 @@ class Viewer:
         except BaseException:
             with contextlib.suppress(BaseException):
                 gpu.wait()  # no thread outlives a failed constructor
+            for search in getattr(self, "_label_searches", ()):
+                search.cancel()  # nor a read of labels
             if owned:
                 pool.destroy()
             if getattr(self, "canvas", None) is not None and self._owns_canvas:
