@@ -163,13 +163,32 @@ def members(group: zarr.Group, paths: Sequence[str]) -> list[zarr.Array | zarr.G
     ]
 
 
+class _SharedReads(zarr.storage.WrapperStore[Any]):
+    """``store``, with the whole-object reads of one key (under way or done) shared:
+    the array probe and the group probe both read ``zarr.json`` and ``.zattrs``, and
+    each key is read once (a cached document, or a remote one, is fetched once)."""
+
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self._reads: dict[str, asyncio.Future[Any]] = {}
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = asyncio.ensure_future(self._store.get(key, prototype))
+        return await asyncio.shield(read)
+
+
 async def _open_node(store: Any) -> zarr.AsyncArray | zarr.AsyncGroup:
     from zarr.api.asynchronous import open_group
 
     store_path = await make_store_path(store, mode="r")
+    probed = zarr.storage.StorePath(_SharedReads(store_path.store), store_path.path)
     metadata, group = await asyncio.gather(
-        get_array_metadata(store_path, zarr_format=None),
-        open_group(store=store_path, mode="r"),
+        get_array_metadata(probed, zarr_format=None),
+        open_group(store=probed, mode="r"),
         return_exceptions=True,
     )
     if not isinstance(metadata, BaseException):
@@ -180,12 +199,13 @@ async def _open_node(store: Any) -> zarr.AsyncArray | zarr.AsyncGroup:
         raise metadata  # as zarr.open: only "no array here" falls through to the group
     if isinstance(group, BaseException):
         raise group
-    return group
+    return zarr.AsyncGroup(metadata=group.metadata, store_path=store_path)  # on the store
 
 
 def open_node(store: Any) -> zarr.Array | zarr.Group:
     """What ``zarr.open(store, mode="r")`` opens (an array if there is one, else a
     group), in one round trip: ``zarr.open`` probes for an array, and only then, in a
-    second round of reads, for a group; here both probes are sent at once."""
+    second round of reads, for a group; here both probes are sent at once (and share
+    the reads of the keys both read)."""
     node = sync(_open_node(store))
     return zarr.Array(node) if isinstance(node, zarr.AsyncArray) else zarr.Group(node)

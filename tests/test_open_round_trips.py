@@ -45,8 +45,8 @@ def chunk_request(record: RequestRecord) -> bool:
 def test_opening_an_ome_zarr_takes_two_round_trips(
     tmp_path: pathlib.Path, zarr_format: int
 ) -> None:
-    """The root's metadata (whatever the format: probed at once), then every level's
-    (at once): two round trips, not one more per probe."""
+    """The root's metadata (whatever the format: probed at once, each document read
+    once), then every level's (at once): two round trips, not one more per probe."""
     image = noise_image((256, 256), seed=3)
     write_pyramid(
         tmp_path / "img.ome.zarr", image, chunks=(64, 64), n_levels=3, zarr_format=zarr_format
@@ -60,6 +60,8 @@ def test_opening_an_ome_zarr_takes_two_round_trips(
             pool.destroy()
     depth = round_trips(records)
     assert max(depth.values()) == 2, [(r.path, depth[i]) for i, r in enumerate(records)]
+    paths = [r.path for r in records]
+    assert len(paths) == len(set(paths)), paths  # and each document read once
 
 
 def test_a_remote_plain_array_opens_in_one_round_trip(tmp_path: pathlib.Path) -> None:
