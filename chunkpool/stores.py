@@ -62,6 +62,7 @@ from .redaction import (
     split_userinfo,
 )
 from .retry import RetryPolicy, call_with_retries
+from .zarr_compat import open_node as open_zarr_node
 from .zarr_compat import wrapped_store
 
 __all__ = [
@@ -130,7 +131,7 @@ def open_node(
                 store = DiskCacheStore(
                     store, disk_cache, disk_cache_bytes, location=name, identity=identity
                 )
-        node = zarr.open(store, mode="r")
+        node = open_zarr_node(store)  # zarr.open's probes, at once
     except Exception as err:
         failure = describe_error(err)
     else:

@@ -15,6 +15,9 @@ Private modules (``zarr.core``):
   recognising zarr's two standard encodings, to build chunk keys without a call each.
 - ``zarr.core.sync.sync`` / ``_get_loop``: running a codec without a synchronous path on
   zarr's own event loop, and that loop (where asynchronous stores' reads run).
+- ``zarr.core.array.get_array_metadata`` and ``zarr.storage._common.make_store_path``:
+  the array probe ``zarr.open`` makes, on the store path it makes, run here at the same
+  time as the group probe (:func:`open_node`: one round trip, not two).
 
 Private names of zarr objects:
 
@@ -41,10 +44,13 @@ from typing import Any
 
 import zarr
 from zarr.codecs.sharding import _ShardIndex as ShardIndex
+from zarr.core.array import get_array_metadata
 from zarr.core.array_spec import ArraySpec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding, V2ChunkKeyEncoding
 from zarr.core.codec_pipeline import codecs_from_list
 from zarr.core.sync import _get_loop, sync
+from zarr.errors import NodeTypeValidationError
+from zarr.storage._common import make_store_path
 
 __all__ = [
     "CHECKED_ZARR_VERSIONS",
@@ -58,6 +64,7 @@ __all__ = [
     "inner_chunk_spec",
     "members",
     "numcodecs_compressor",
+    "open_node",
     "set_wrapped_store",
     "shard_index_size",
     "shard_index_spec",
@@ -154,3 +161,51 @@ def members(group: zarr.Group, paths: Sequence[str]) -> list[zarr.Array | zarr.G
         else zarr.Group(node)
         for node in nodes
     ]
+
+
+class _SharedReads(zarr.storage.WrapperStore[Any]):
+    """``store``, with the whole-object reads of one key (under way or done) shared:
+    the array probe and the group probe both read ``zarr.json`` and ``.zattrs``, and
+    each key is read once (a cached document, or a remote one, is fetched once)."""
+
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self._reads: dict[str, asyncio.Future[Any]] = {}
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = asyncio.ensure_future(self._store.get(key, prototype))
+        return await asyncio.shield(read)
+
+
+async def _open_node(store: Any) -> zarr.AsyncArray | zarr.AsyncGroup:
+    from zarr.api.asynchronous import open_group
+
+    store_path = await make_store_path(store, mode="r")
+    probed = zarr.storage.StorePath(_SharedReads(store_path.store), store_path.path)
+    metadata, group = await asyncio.gather(
+        get_array_metadata(probed, zarr_format=None),
+        open_group(store=probed, mode="r"),
+        return_exceptions=True,
+    )
+    if not isinstance(metadata, BaseException):
+        zarr_format = metadata["zarr_format"]
+        if zarr_format == 2 or metadata.get("node_type") == "array":
+            return zarr.AsyncArray(store_path=store_path, metadata=metadata)
+    elif not isinstance(metadata, AssertionError | FileNotFoundError | NodeTypeValidationError):
+        raise metadata  # as zarr.open: only "no array here" falls through to the group
+    if isinstance(group, BaseException):
+        raise group
+    return zarr.AsyncGroup(metadata=group.metadata, store_path=store_path)  # on the store
+
+
+def open_node(store: Any) -> zarr.Array | zarr.Group:
+    """What ``zarr.open(store, mode="r")`` opens (an array if there is one, else a
+    group), in one round trip: ``zarr.open`` probes for an array, and only then, in a
+    second round of reads, for a group; here both probes are sent at once (and share
+    the reads of the keys both read)."""
+    node = sync(_open_node(store))
+    return zarr.Array(node) if isinstance(node, zarr.AsyncArray) else zarr.Group(node)

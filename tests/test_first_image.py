@@ -313,3 +313,51 @@ def test_the_frame_that_shows_data_compiles_no_pipeline() -> None:
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["first_frame"] == 0 and result["before"] >= 5, result
+
+
+_TEMPLATES = r"""
+import json, pathlib, sys, tempfile
+import jinja2
+sys.path.insert(0, "tests")
+from support.images import noise_image, write_pyramid
+from viewer import Viewer
+compiled = []
+compile_ = jinja2.Environment.compile
+def counting(self, source, name=None, *args, **kwargs):
+    compiled.append(name)
+    return compile_(self, source, name, *args, **kwargs)
+jinja2.Environment.compile = counting
+tmp = pathlib.Path(tempfile.mkdtemp())
+path = write_pyramid(tmp / "g.ome.zarr", noise_image((256, 256)), chunks=(64, 64), n_levels=2).path
+viewer = Viewer(str(path), None, size=(128, 128), colormap="gray", show_hud=False)
+assert viewer.wait_settled()
+assert viewer.screenshot().any()
+viewer.close()
+print(json.dumps({"templates": [n for n in compiled if n], "strings": compiled.count(None)}))
+"""
+
+
+@pytest.mark.render
+def test_a_new_process_loads_the_shader_templates_compiled(tmp_path: pathlib.Path) -> None:
+    """pygfx compiles its WGSL templates with jinja2 (Python, holding the GIL) each time
+    a process builds its pipelines: the first process keeps them compiled in the user's
+    cache, and the next one, drawing the same, compiles none of them."""
+
+    def run() -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-c", _TEMPLATES],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path)},
+            timeout=300,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["templates"], first  # pygfx's snippets were compiled, and kept
+    assert list((tmp_path / "zarrscope" / "shaders").glob("*/*.cache"))
+    again = run()
+    assert again["templates"] == [], again
+    assert again["strings"] == first["strings"]  # the same pipelines were built

@@ -82,6 +82,27 @@ def test_the_accessors_work_on_real_zarr_objects():
     assert isinstance(g, zarr.Group) and isinstance(missing, KeyError)
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_open_node_opens_what_zarr_open_opens(zarr_format):
+    """An array, a group, an array inside a group, and nothing: what zarr.open gives
+    (the same kind, format and metadata), or the same kind of error."""
+    store = MemoryStore()
+    root = zarr.open_group(store, mode="w", zarr_format=zarr_format)
+    root.attrs["x"] = 1
+    root.create_array("a", shape=(4, 6), chunks=(2, 3), dtype="uint16")
+    alone = MemoryStore()
+    zarr.create_array(alone, shape=(5,), dtype="int8", zarr_format=zarr_format)
+    for where in (store, alone, zarr.storage.StorePath(store, "a")):
+        expected, got = zarr.open(where, mode="r"), zarr_compat.open_node(where)
+        assert type(got) is type(expected)
+        assert got.metadata == expected.metadata
+        assert type(got.store) is type(expected.store)  # on the store, not on a wrapper
+    with pytest.raises(FileNotFoundError) as expected_error:
+        zarr.open(MemoryStore(), mode="r")
+    with pytest.raises(type(expected_error.value)):
+        zarr_compat.open_node(MemoryStore())
+
+
 def _zarr_private_uses(path: pathlib.Path) -> list[str]:
     """``zarr.core`` imports, and ``_``-prefixed names imported from zarr, in a file."""
     found = []

@@ -49,6 +49,7 @@ from chunkpool.redaction import redact
 from chunkpool.refresh import reread
 
 from .camera import Camera
+from .discovery import LabelSearch
 from .display import (
     ChannelDisplay,
     default_channels,
@@ -240,6 +241,8 @@ class Viewer:
         except BaseException:
             with contextlib.suppress(BaseException):
                 gpu.wait()  # no thread outlives a failed constructor
+            for search in getattr(self, "_label_searches", ()):
+                search.cancel()  # nor a read of labels
             if owned:
                 pool.destroy()
             if getattr(self, "canvas", None) is not None and self._owns_canvas:
@@ -312,7 +315,7 @@ class Viewer:
         self.layers: list[Layer] = []
         self._owned_pools: list[ChunkPool] = []
         self._links: dict[int, _PoolLink] = {}
-        self._label_groups: dict[str, zarr.Group] = {}
+        self._label_searches: list[LabelSearch] = []  # one per image layer added
         self._adopt: ChunkPool | None = None  # the constructor's pool, until its layer
         self._store_changes: deque[tuple[ChunkPool, Any]] = deque()
         #: The playback running (:meth:`play`), or None.
@@ -409,8 +412,7 @@ class Viewer:
         try:
             info = pool.multiscale_info
             plane = Plane.of(info)
-            for label in discover_labels(info):
-                self._label_groups.setdefault(label.basename, label)
+            self._label_searches.append(LabelSearch(info))  # read while the image loads
             rgb = is_rgb(info) if rgb is None else bool(rgb)
             if rgb and (
                 plane.n_channels not in (3, 4) or info.dtype.kind != "u" or info.dtype.itemsize > 2
@@ -458,9 +460,9 @@ class Viewer:
         ``source`` is as for :meth:`add_image`, or the name of a label image that an
         image layer's OME ``labels/`` group lists (:attr:`label_names`). Raises
         ValueError for labels that are not integers."""
-        if isinstance(source, str) and source in self._label_groups:
+        if isinstance(source, str) and source in (found := self._label_groups()):
             name = name or source
-            source = self._label_groups[source]
+            source = found[source]
         pool, owned = self._open(source, open_options)
         try:
             plane = Plane.of(pool.multiscale_info)
@@ -497,12 +499,23 @@ class Viewer:
     def label_names(self) -> list[str]:
         """The label images the image layers' OME ``labels/`` groups list (by name, for
         :meth:`add_labels`), shown or not."""
-        return list(self._label_groups)
+        return list(self._label_groups())
+
+    def _label_groups(self, *, wait: bool = True) -> dict[str, zarr.Group]:
+        """The label images found, by name (the first of a name wins), in the order of
+        the image layers; waiting for the searches still running, or (``wait=False``)
+        leaving them out."""
+        found: dict[str, zarr.Group] = {}
+        for search in self._label_searches:
+            if wait or search.done():
+                for group in search.result():
+                    found.setdefault(group.basename, group)
+        return found
 
     def show_next_labels(self) -> None:
         """Add the first discovered label image not shown yet (the ``k`` key)."""
         shown = {layer.name for layer in self.layers if layer.kind == "labels"}
-        for name in self._label_groups:
+        for name in self._label_groups():
             if name not in shown:
                 self.add_labels(name)
                 return
@@ -1253,7 +1266,9 @@ class Viewer:
             if self.newest_data_at is None
             else time.monotonic() - self.newest_data_at,
             hidden_labels=tuple(
-                n for n in self._label_groups if n not in {layer.name for layer in self.layers}
+                n
+                for n in self._label_groups(wait=False)
+                if n not in {layer.name for layer in self.layers}
             ),
         )
 
@@ -1397,6 +1412,8 @@ class Viewer:
             return
         self._closed = True
         self._close_pending = False
+        for search in self._label_searches:
+            search.cancel()
         for layer in self.layers:
             layer.close()
         for link in self._links.values():
@@ -1454,37 +1471,6 @@ def alignment_problems(first: Layer, other: Layer) -> list[str]:
                 "not converted"
             )
     return problems
-
-
-def discover_labels(info: MultiscaleInfo) -> list[zarr.Group]:
-    """The label images an OME image's ``labels/`` group lists (OME-Zarr 0.4: its
-    ``labels`` attribute; 0.5: ``ome.labels``), opened in the image's own store; none
-    for other images. A listed name that is missing or not a group is skipped, with a
-    warning: the image itself still shows."""
-    if info.ome_version is None:
-        return []
-    array = info.levels[0].array
-    try:
-        image = zarr.open_group(store=array.store, path=info.path, mode="r")
-        if "labels" not in image:
-            return []
-        group = image["labels"]
-        attrs = group.attrs.asdict()
-        names = attrs.get("ome", attrs).get("labels", [])
-    except Exception as err:  # metadata read failure: no labels, the image still shows
-        logger.warning("%s: cannot read its labels/ group (%s)", info.source, type(err).__name__)
-        return []
-    found = []
-    for name in names if isinstance(names, list) else []:
-        try:
-            node = group[str(name)]
-        except Exception:
-            node = None
-        if isinstance(node, zarr.Group):
-            found.append(node)
-        else:
-            logger.warning("%s: labels/%s is listed but is not a group", info.source, name)
-    return found
 
 
 #: The options of :meth:`Viewer.add_image` / ``add_labels`` that concern opening.

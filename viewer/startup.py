@@ -14,6 +14,10 @@ time.) So:
 * :class:`GpuStart` does that and creates pygfx's shared device (adapter + device) in a
   thread, so the viewer meanwhile opens the image and asks for its first chunks (the
   native calls release the GIL).
+* :func:`cache_shader_templates` keeps pygfx's shader templates, compiled (jinja2
+  parses and compiles each WGSL snippet into Python code: most of the time it takes to
+  build a render pipeline, all of it holding the GIL), in a directory of the user's cache,
+  so that a new process loads them instead (as Mesa keeps its compiled shaders).
 * :func:`warm_pipelines` renders placeholder tiles with every material the layers
   will use, and flushes that into a texture of the canvas's format and size (nothing
   is presented), so the render pipelines exist before the first data arrives: the frame
@@ -26,6 +30,7 @@ parses nothing (logged at debug level) and start-up is as slow as before, not br
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -36,7 +41,14 @@ from typing import Any
 import pygfx as gfx
 import wgpu
 
-__all__ = ["DEVICE_TIMEOUT", "GpuStart", "warm_pipelines", "warm_wgpu_types"]
+__all__ = [
+    "DEVICE_TIMEOUT",
+    "GpuStart",
+    "cache_shader_templates",
+    "shader_cache_dir",
+    "warm_pipelines",
+    "warm_wgpu_types",
+]
 
 logger = logging.getLogger("zarrscope")
 
@@ -119,14 +131,51 @@ def warm_wgpu_types() -> int:
         return 0
 
 
+def shader_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/zarrscope/shaders/pygfx-V-jinja2-V`` (``~/.cache/...`` by
+    default): one directory per pygfx and jinja2 version (jinja2's cache keys are the
+    template names and sources, not what the environment compiling them is set to)."""
+    import jinja2
+
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (
+        Path(base)
+        / "zarrscope"
+        / "shaders"
+        / f"pygfx-{gfx.__version__}-jinja2-{jinja2.__version__}"
+    )
+
+
+def cache_shader_templates(directory: Path | None = None) -> Path | None:
+    """Make pygfx's shader templates load from (and be stored in) ``directory``
+    (default :func:`shader_cache_dir`) compiled, unless pygfx's template environment
+    has a bytecode cache already; the directory, or None if there is none (it cannot
+    be made, or pygfx's internals are not as expected: logged at debug level)."""
+    try:
+        import jinja2
+        from pygfx.renderers.wgpu.shader.templating import jinja_env
+
+        if jinja_env.bytecode_cache is not None:
+            return None
+        directory = shader_cache_dir() if directory is None else directory
+        directory.mkdir(parents=True, exist_ok=True)
+        jinja_env.bytecode_cache = jinja2.FileSystemBytecodeCache(str(directory))
+        return directory
+    except Exception as err:  # an optimisation only
+        logger.debug("shader template cache skipped: %s: %s", type(err).__name__, err)
+        return None
+
+
 class GpuStart:
     """pygfx's shared GPU device, created in a thread started here (after
-    :func:`warm_wgpu_types`), so that the caller opens its data meanwhile.
+    :func:`warm_wgpu_types`), so that the caller opens its data meanwhile; and the
+    shader templates cached on disk (:func:`cache_shader_templates`).
 
     :meth:`wait` returns once the device exists (re-raising what creating it raised).
     :attr:`seconds` records how long each step took (``types``, ``device``)."""
 
     def __init__(self) -> None:
+        cache_shader_templates()
         self.seconds: dict[str, float] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="zarrscope-gpu-start", daemon=True)

@@ -16,7 +16,10 @@ viewer created, imports done) to the first screenshot with any non-black pixel:
 
 - zarrscope: ``Viewer(source)`` offscreen on lavapipe (``bench_viewer``'s child), and
   a second viewer in the same process (device and pipelines made: the analogue of
-  neuroglancer's figure, taken after its page and WebGL have loaded);
+  neuroglancer's figure, taken after its page and WebGL have loaded); with ``--main DIR``
+  (another checkout, e.g. of an older commit) that checkout's as well, as "zarrscope@main";
+- floor: the pool alone opening the image and loading its coarsest level, in a fresh
+  process (``bench_viewer``'s floor child);
 - napari: ``napari.Viewer()`` in a window under Xvfb (Mesa GL; with ``show=False`` or
   Qt's offscreen platform it never draws data here), ``add_image`` of the levels as a
   multiscale image with the OME windows, ``screenshot(canvas_only=True)``; and when
@@ -158,10 +161,14 @@ def run(command: list[str], env: dict[str, str]) -> dict:
 PEERS_PYTHON = ROOT / ".peers-venv" / "bin" / "python"
 
 
-def measure(python: pathlib.Path, repeats: int) -> dict[str, dict[str, list[dict]]]:
+def measure(
+    python: pathlib.Path, repeats: int, main: pathlib.Path | None = None
+) -> dict[str, dict[str, list[dict]]]:
     """Per place ("local", "http 50 ms") and viewer: each run's result (its
-    ``first_image`` seconds, or its ``error`` line), runs alternated; a peer that is
-    not installed is left out, with a line saying why."""
+    ``first_image`` seconds, or its ``error`` line), runs alternated, beside the floor
+    (the pool loading the coarsest level) and, with ``main`` (another checkout), that
+    checkout's viewer ("zarrscope@main"); a peer that is not installed is left out,
+    with a line saying why."""
     from sample_data import ensure_sample
 
     path = ensure_sample()
@@ -175,21 +182,27 @@ def measure(python: pathlib.Path, repeats: int) -> dict[str, dict[str, list[dict
     base |= {"SE_OFFLINE": "true", "SE_CHROMEDRIVER": "/usr/bin/chromedriver"}
     ours_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bench_viewer = str(ROOT / "tests" / "benchmarks" / "bench_viewer.py")
+    ours = {"zarrscope": ours_env}
+    if main is not None:
+        ours["zarrscope@main"] = {**os.environ, "PYTHONPATH": str(main)}
     measured = {}
     with ZarrHTTPServer(path.parent) as server:
         server.RequestHandlerClass = _CorsHandler
         url = f"{server.url}/{path.name}"
         for where, latency in (("local", 0.0), ("http 50 ms", 0.05)):
             server.latency = latency
-            runs: dict[str, list[dict]] = {"zarrscope": []}
+            runs: dict[str, list[dict]] = {name: [] for name in [*ours, "floor"]}
             runs |= {name: [] for name in peers if not missing[name]}
             for _ in range(repeats):
                 local = str(path) if latency == 0 else url
-                runs["zarrscope"].append(
-                    run([sys.executable, bench_viewer, "--child-image", local], ours_env)
+                for name, env in ours.items():
+                    child = [sys.executable, bench_viewer, "--child-image", local]
+                    runs[name].append(run(child, env))
+                runs["floor"].append(
+                    run([sys.executable, bench_viewer, "--child-floor", local], ours_env)
                 )
                 for name in runs:
-                    if name == "zarrscope":
+                    if name not in peers:
                         continue
                     src = url if name == "neuroglancer" else local
                     command = [str(python), "-c", peers[name], src, str(W), str(H)]
@@ -204,8 +217,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers-python", type=pathlib.Path, default=PEERS_PYTHON)
+    parser.add_argument(
+        "--main", type=pathlib.Path, default=None, help="another checkout to compare with"
+    )
     args = parser.parse_args()
-    for where, runs in measure(args.peers_python, args.repeats).items():
+    for where, runs in measure(args.peers_python, args.repeats, args.main).items():
         for name, results in runs.items():
             times = [r["first_image"] for r in results if "error" not in r]
             errors = [r["error"] for r in results if "error" in r]
@@ -242,7 +258,7 @@ def collect(quick: bool = False) -> list[Figure]:
     for where, runs in measure(python, repeats).items():
         ours = [r.get("first_image") for r in runs["zarrscope"]]
         for name, results in runs.items():
-            if name == "zarrscope":
+            if name not in ("napari", "neuroglancer"):
                 continue
             theirs = [r.get("first_image") for r in results]
             pairs = [(a, b) for a, b in zip(ours, theirs, strict=True) if a and b]
