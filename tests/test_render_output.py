@@ -11,13 +11,16 @@ linear light, where a white neighbour outweighs a dark step hundreds of times) s
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import types
 
 import numpy as np
 import pytest
 from support.images import write_pyramid
 
 from viewer import Viewer
+from viewer.output import use_exact_output
 
 pytestmark = pytest.mark.render
 
@@ -62,3 +65,16 @@ def test_wide_screens_show_dark_values_exactly(
         f"{off.sum()} pixels differ from the data, at x {xs.min()}..{xs.max()}: "
         f"data {image[ys[:5], xs[:5]].tolist()} shown as {shot[ys[:5], xs[:5], 0].tolist()}"
     )
+
+
+def test_an_unknown_output_pass_is_left_alone_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """If pygfx's renderer no longer keeps the output pass this viewer replaces, the
+    renderer is not touched (frames still show) and a warning says what may be off."""
+    renderer = types.SimpleNamespace(_output_pass=object())
+    before = renderer._output_pass
+    with caplog.at_level(logging.WARNING, logger="zarrscope"):
+        use_exact_output(renderer)  # type: ignore[arg-type]
+    assert renderer._output_pass is before
+    assert "output pass" in caplog.text
