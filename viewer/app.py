@@ -60,6 +60,7 @@ from .display import (
 from .hud import Hud, HudInfo, LayerSummary, hud_lines, scale_bar
 from .keys import action_for, help_lines
 from .layer import Blending, ImageLayer, LabelsLayer, Layer
+from .output import use_exact_output
 from .playback import Playback, prefetch_depth
 from .prediction import MotionPredictor
 from .slicing import Plane
@@ -363,6 +364,7 @@ class Viewer:
         started = time.perf_counter()
         gpu.wait()
         self.renderer = gfx.WgpuRenderer(self.canvas, pixel_filter="nearest", ppaa="none")
+        use_exact_output(self.renderer)  # the canvas shows the frame's bytes unchanged
         # one internal pixel per physical pixel: data pixels stay crisp, no SSAA cost
         self.renderer.pixel_scale = 1
         self.renderer.add_event_handler(
