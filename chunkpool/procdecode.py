@@ -80,6 +80,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -294,13 +295,226 @@ class _Worker:
         return _exit_reason(self.process.exitcode)
 
 
-class _Lost(Exception):
-    """A worker died or was killed during a job: ``error`` for the chunk; ``settled``:
-    whether it is known to have exited (then its buffers may be reused)."""
+class _NoWorker(Exception):
+    """No worker for a job: ``reason``, for the chunks' messages."""
 
-    def __init__(self, error: DecodeWorkerError, settled: bool):
-        self.error = error
-        self.settled = settled
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Job:
+    """One chunk on its way through a worker (see :meth:`DecodeProcesses._prepare`)."""
+
+    __slots__ = (
+        "copy",
+        "index",
+        "inp",
+        "key",
+        "out",
+        "out_ref",
+        "raw",
+        "source",
+        "spec",
+        "spec_id",
+        "where",
+    )
+
+    def __init__(
+        self, key: Any, where: str, source: ChunkSource, index: tuple[int, ...], raw: RawChunk
+    ):
+        self.key = key
+        self.where = where
+        self.source = source
+        self.index = index
+        self.raw = raw
+        self.spec_id = -1
+        self.spec = b""
+        self.inp: Ref | None = None
+        self.out_ref: Ref | None = None
+        self.copy: np.ndarray | None = None  # the encoded bytes' copy in shared memory
+        self.out: np.ndarray | None = None  # the buffer the worker decodes into
+
+
+#: A decoded job: (its key, the chunk or None, the error or None, seconds the worker
+#: took to decode it).
+Decoded = tuple[Any, np.ndarray | None, BaseException | None, float]
+
+
+class DecodePipeline:
+    """Chunks decoded in turn by one worker while the thread that submits them reads
+    the next ones (a scheduler batch's, or a single chunk).
+
+    Each submitted job goes down the worker's pipe as soon as a worker is free (the
+    pipe queues them; until then they wait here, and the thread reads on), so the
+    worker goes from one job to the next without waiting for this process, and this
+    thread waits once, in :meth:`finish`, which reads the worker's replies (one per
+    job, in order). A worker lost during a job fails that job only, with the worker's
+    exit reason; the jobs queued behind it, never started, go to another worker. A
+    job's buffers go back to the free list once its worker replied or is seen to have
+    exited. Used by one thread at a time; :meth:`finish` lets the worker go."""
+
+    def __init__(self, processes: DecodeProcesses):
+        self._processes = processes
+        self._worker: _Worker | None = None
+        self._broken = False  # whether a send to the worker failed (it died)
+        self._unsent: deque[_Job] = deque()  # waiting for a worker
+        self._sent: deque[_Job] = deque()  # in the worker's pipe, in order
+        self._results: list[Decoded] = []
+        self._since = 0.0  # when the worker started on the oldest sent job (at the latest)
+        self._dead_before = 0  # workers found dead before they took a job
+
+    def submit(self, key: Any, source: ChunkSource, index: tuple[int, ...], raw: RawChunk) -> None:
+        """Decode present chunk ``index`` of ``source`` (its result is ``key``'s in
+        :meth:`finish`); ``raw`` is the pipeline's now."""
+        try:
+            job = self._processes._prepare(key, source, index, raw)
+        except ChunkDecodeError as err:
+            self._results.append((key, None, err, 0.0))
+            return
+        self._unsent.append(job)
+        if self._worker is None:
+            try:
+                self._worker = self._processes._acquire(wait=False)
+            except _NoWorker:
+                return  # (finish tries again, and fails the jobs if it must)
+        if self._worker is not None and not self._broken:
+            self._send()
+
+    def finish(self) -> list[Decoded]:
+        """Wait for every submitted job (each at most the processes' ``timeout`` once
+        its worker has it) and return their results, in order of completion."""
+        processes = self._processes
+        while self._unsent or self._sent:
+            if self._sent:
+                self._receive()
+                continue
+            if self._worker is not None and self._broken:  # died before it took a job
+                processes._lose(self._worker)
+                self._worker, self._broken = None, False
+                self._dead_before += 1
+            if self._worker is None:
+                if self._dead_before >= 3:
+                    self._fail_unsent("decode workers keep dying before taking a job")
+                    break
+                try:
+                    self._worker = processes._acquire(wait=True)
+                except _NoWorker as no:
+                    self._fail_unsent(no.reason)
+                    break
+            self._send()
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            if self._broken:
+                processes._lose(worker)
+            else:
+                processes._release(worker)
+        results, self._results = self._results, []
+        return results
+
+    def _send(self) -> None:
+        """Send the waiting jobs to the worker in one message."""
+        worker = self._worker
+        assert worker is not None
+        jobs = list(self._unsent)
+        message = []
+        for job in jobs:
+            assert job.inp is not None
+            worker.mapped.add(job.inp[0])
+            if job.out_ref is not None:
+                worker.mapped.add(job.out_ref[0])
+            known = job.spec_id in worker.specs
+            worker.specs.add(job.spec_id)
+            message.append(
+                (job.spec_id, None if known else job.spec, job.index, job.inp, job.out_ref)
+            )
+        forget_segments, worker.forget_segments = worker.forget_segments, []
+        forget_specs, worker.forget_specs = worker.forget_specs, []
+        try:
+            worker.conn.send((message, forget_segments, forget_specs))
+        except (OSError, ValueError):  # it died: these jobs never reached it
+            self._broken = True
+            return
+        if not self._sent:
+            self._since = time.perf_counter()
+        self._sent.extend(jobs)
+        self._unsent.clear()
+
+    def _receive(self) -> None:
+        """Read the worker's reply to the oldest sent job, or see it lost."""
+        processes = self._processes
+        worker = self._worker
+        assert worker is not None
+        job = self._sent[0]
+        reply: tuple | None = None
+        finished = True
+        try:
+            if worker.conn.poll(max(0.0, self._since + processes.timeout - time.perf_counter())):
+                reply = worker.conn.recv()
+            else:
+                finished = False
+        except (EOFError, OSError):  # it died (its end of the pipe closed)
+            pass
+        if reply is None:
+            if not finished:
+                worker.process.kill()
+            reason = processes._lose(worker)
+            if finished:
+                what = reason or "closed its pipe"
+            else:
+                what = f"did not finish within {processes.timeout:g} s and was killed"
+            self._lost(what, reason or what, settled=reason is not None)
+            return
+        if reply[0] == "exit":  # it ran out of memory, replied, and exits
+            processes._lose(worker)
+            self._lost(f"{reply[2]}; it is replaced", reply[2], settled=True)
+            return
+        self._sent.popleft()
+        self._since = time.perf_counter()
+        if reply[0] == "failed":
+            worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
+        try:
+            data = processes._result(job.where, reply, job.out)
+        except ChunkDecodeError as err:
+            self._end(job, None, err, reply[1])
+            return
+        job.out = None  # it is the result's now
+        self._end(job, data, None, reply[1])
+
+    def _lost(self, what: str, reason: str, settled: bool) -> None:
+        """The worker died, or was killed, during the oldest sent job: that job fails;
+        those queued behind it go to another worker, or fail too if the dead one may
+        still run (``settled``: it is known to have exited)."""
+        worker = self._worker
+        assert worker is not None
+        self._worker, self._broken = None, False
+        queued = list(self._sent)
+        self._sent.clear()
+        for i, job in enumerate(queued):
+            if i and settled:
+                self._unsent.extendleft(reversed(queued[i:]))  # never started: in order
+                break
+            error = DecodeWorkerError(
+                f"{job.where}: decode worker (pid {worker.pid}) {what}", exit_reason=reason
+            )
+            self._end(job, None, error, 0.0, recycle=settled)
+
+    def _fail_unsent(self, reason: str) -> None:
+        while self._unsent:
+            job = self._unsent.popleft()
+            self._end(job, None, ChunkDecodeError(f"{job.where}: {reason}"), 0.0)
+
+    def _end(
+        self,
+        job: _Job,
+        data: np.ndarray | None,
+        error: BaseException | None,
+        seconds: float,
+        recycle: bool = True,
+    ) -> None:
+        if recycle:
+            self._processes._recycle(job)
+        self._results.append((job.key, data, error, seconds))
 
 
 class DecodeProcesses:
@@ -320,6 +534,7 @@ class DecodeProcesses:
         self._workers: list[_Worker] = []  # started and not known dead
         self._idle: list[_Worker] = []
         self._starting = 0
+        self._waiting = 0  # threads waiting for a free worker
         self._closed = False
         self._specs_lock = threading.Lock()
         self._specs: weakref.WeakKeyDictionary[ChunkSource, tuple[int, bytes]] = (
@@ -341,50 +556,68 @@ class DecodeProcesses:
     def decode(self, source: ChunkSource, index: tuple[int, ...], raw: RawChunk) -> np.ndarray:
         """:meth:`ChunkSource.decode` of a present chunk, run by a worker process; the
         result is a read-only view of shared memory (see the module docstring)."""
+        pipeline = self.pipeline()
+        pipeline.submit(None, source, index, raw)
+        ((_, data, error, _),) = pipeline.finish()
+        if error is not None:
+            raise error
+        assert data is not None
+        return data
+
+    def pipeline(self) -> DecodePipeline:
+        """A :class:`DecodePipeline` of this pool's workers, for one thread's chunks."""
+        return DecodePipeline(self)
+
+    def _prepare(
+        self, key: Any, source: ChunkSource, index: tuple[int, ...], raw: RawChunk
+    ) -> _Job:
+        """A job for a worker: its spec, its encoded bytes in shared memory (copied
+        there if not read there) and its output buffer, taken from the free list. On
+        failure (the codecs cannot be sent, the pool closed) gives ``raw`` back and
+        raises :class:`~chunkpool.errors.ChunkDecodeError`."""
         where = f"{source.name}/{source._chunk_key(index)}"
         buffers = self._buffers
         data = raw.data
         assert data is not None
-        copy: np.ndarray | None = None
-        out: np.ndarray | None = None
-        recycle = True  # whether no worker can write into ``out`` or read the input now
+        job = _Job(key, where, source, index, raw)
         try:
-            spec_id, spec = self._spec(source, where)
+            job.spec_id, job.spec = self._spec(source, where)
             inp = None if raw.owner is None else buffers.ref(data, data.nbytes)
             if inp is None:  # not read into shared memory (a small read, a remote store)
-                copy = buffers.take(transient_size(data.nbytes))
+                job.copy = copy = buffers.take(transient_size(data.nbytes))
                 copy[: data.nbytes] = data
                 inp = buffers.ref(copy, data.nbytes)
             nbytes = source._decode.nbytes  # (a larger chunk fails in the worker, unallocated)
             if 0 < nbytes <= MAX_CHUNK_BYTES:
-                out = buffers.take(nbytes)
-            out_ref = None if out is None else buffers.ref(out, nbytes)
-            if inp is None or (out is not None and out_ref is None):  # closed meanwhile
+                job.out = buffers.take(nbytes)
+            out_ref = None if job.out is None else buffers.ref(job.out, nbytes)
+            if inp is None or (job.out is not None and out_ref is None):  # closed meanwhile
                 raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
-            try:
-                reply = self._call(where, spec_id, spec, index, inp, out_ref)
-            except _Lost as lost:
-                recycle = lost.settled
-                raise lost.error from None
-            result = self._result(where, reply, out)
-            out = None  # it is the result's now
-            return result
-        finally:
-            if recycle:
-                if out is not None:
-                    buffers.give(out)
-                if copy is not None:
-                    buffers.give(copy)
-                source.release(raw)
+        except BaseException:
+            self._recycle(job)
+            raise
+        job.inp, job.out_ref = inp, out_ref
+        return job
+
+    def _recycle(self, job: _Job) -> None:
+        """Give a job's buffers back (no worker can write into them or read them now)."""
+        buffers = self._buffers
+        if job.out is not None:
+            buffers.give(job.out)
+            job.out = None
+        if job.copy is not None:
+            buffers.give(job.copy)
+            job.copy = None
+        job.source.release(job.raw)
 
     def _result(self, where: str, reply: tuple, out: np.ndarray | None) -> np.ndarray:
         """The chunk a worker's reply describes, over ``out``; or its error, raised."""
         kind = reply[0]
         if kind == "error":  # a ChunkDecodeError, as thread mode raises it
-            raise ChunkDecodeError(reply[1])
+            raise ChunkDecodeError(reply[2])
         if kind == "failed":
-            raise ChunkDecodeError(f"{where}: in a decode process: {reply[1]}")
-        _, dtype_str, shape, order = reply
+            raise ChunkDecodeError(f"{where}: in a decode process: {reply[2]}")
+        _, _, dtype_str, shape, order = reply
         dtype = np.dtype(dtype_str)
         nbytes = math.prod(shape) * dtype.itemsize
         if out is None or nbytes > out.nbytes:
@@ -423,96 +656,38 @@ class DecodeProcesses:
                 weakref.finalize(source, self._spec_gone, entry[0])
         return entry
 
-    def _call(
-        self,
-        where: str,
-        spec_id: int,
-        spec: bytes,
-        index: tuple[int, ...],
-        inp: Ref,
-        out: Ref | None,
-    ) -> tuple:
-        """Run one job in a worker and return its reply; raises :class:`_Lost` if the
-        worker died or was killed during it."""
-        for _ in range(3):  # a worker found dead before it took the job: another one
-            worker = self._acquire(where)
-            forget_segments, worker.forget_segments = worker.forget_segments, []
-            forget_specs, worker.forget_specs = worker.forget_specs, []
-            worker.mapped.add(inp[0])
-            if out is not None:
-                worker.mapped.add(out[0])
-            known = spec_id in worker.specs
-            worker.specs.add(spec_id)
-            message = (spec_id, None if known else spec, index, inp, out)
-            try:
-                worker.conn.send((*message, forget_segments, forget_specs))
-            except (OSError, ValueError):  # it died while idle: the job never reached it
-                self._lose(worker)
-                continue
-            reply: tuple | None = None
-            finished = True
-            try:
-                if worker.conn.poll(self.timeout):
-                    reply = worker.conn.recv()
-                else:
-                    finished = False
-            except (EOFError, OSError):  # it died (its end of the pipe closed)
-                pass
-            if reply is None:
-                if not finished:
-                    worker.process.kill()
-                reason = self._lose(worker)
-                if finished:
-                    what = reason or "closed its pipe"
-                else:
-                    what = f"did not finish within {self.timeout:g} s and was killed"
-                error = DecodeWorkerError(
-                    f"{where}: decode worker (pid {worker.pid}) {what}",
-                    exit_reason=reason or what,
-                )
-                raise _Lost(error, settled=reason is not None)
-            if reply[0] == "exit":  # it ran out of memory, replied, and exits
-                self._lose(worker)
-                raise _Lost(
-                    DecodeWorkerError(
-                        f"{where}: decode worker (pid {worker.pid}) {reply[1]}; it is replaced",
-                        exit_reason=reply[1],
-                    ),
-                    settled=True,
-                )
-            if reply[0] == "failed":
-                worker.specs.discard(spec_id)  # (it may not have rebuilt the source)
-            self._release(worker)
-            return reply
-        raise ChunkDecodeError(f"{where}: decode workers keep dying before taking a job")
-
     # -- workers ------------------------------------------------------------------------
 
-    def _acquire(self, where: str) -> _Worker:
-        """A free worker, started if fewer than ``size`` run; waits for one at most
-        ``timeout`` seconds."""
+    def _acquire(self, wait: bool) -> _Worker | None:
+        """A free worker, started if fewer than ``size`` run; else, with ``wait``, the
+        first to become free within ``timeout`` seconds (without: None, and a free
+        worker goes to a thread that waits first). Raises :class:`_NoWorker`."""
         deadline = time.monotonic() + self.timeout
         with self._cond:
             while True:
                 if self._closed:
-                    raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
-                if self._idle:
+                    raise _NoWorker("the pool's decode processes are closed")
+                if self._idle and (wait or not self._waiting):
                     return self._idle.pop()
                 if len(self._workers) + self._starting < self.size:
                     self._starting += 1
                     break
+                if not wait:
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ChunkDecodeError(
-                        f"{where}: no decode worker became free within {self.timeout:g} s"
-                    )
-                self._cond.wait(left)
+                    raise _NoWorker(f"no decode worker became free within {self.timeout:g} s")
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
         worker: _Worker | None = None
         try:
             worker = _Worker(_context())
         except Exception as err:
-            raise ChunkDecodeError(
-                f"{where}: could not start a decode worker ({type(err).__name__}: {err})"
+            raise _NoWorker(
+                f"could not start a decode worker ({type(err).__name__}: {err})"
             ) from None
         finally:
             with self._cond:
@@ -526,7 +701,7 @@ class DecodeProcesses:
                 self._starting -= 1
                 self._cond.notify_all()
         if closed:
-            raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
+            raise _NoWorker("the pool's decode processes are closed")
         return worker
 
     def _release(self, worker: _Worker) -> None:
@@ -670,43 +845,62 @@ def _decode_job(
 
 
 def _serve(conn: Any, sys_path: list[str]) -> None:
-    """A worker process: decode jobs from ``conn`` until it closes."""
+    """A worker process: decode the jobs of each message from ``conn``, replying to each
+    (with the seconds it took) as soon as it is decoded, until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.extend(p for p in sys_path if p not in sys.path)
     buffers = _SlotBuffers()
     sources: dict[int, ChunkSource] = {}
+    broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
+    perf_counter = time.perf_counter
     while True:
         try:
-            spec_id, spec, index, inp, out, forget_segments, forget_specs = conn.recv()
+            jobs, forget_segments, forget_specs = conn.recv()
         except (EOFError, OSError):
             return
         for name in forget_segments:
             segments.pop(name, None)
         for forgotten in forget_specs:
             sources.pop(forgotten, None)
-        exiting = False
-        try:
-            if spec is not None:
-                scale, name = pickle.loads(spec)
-                sources[spec_id] = ChunkSource(scale, buffers, name=name)
-            reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
-        except ChunkDecodeError as err:
-            cause = err.__cause__
-            exiting = isinstance(cause, MemoryError)
-            reply = (
-                ("exit", f"ran out of memory (MemoryError: {cause})")
-                if exiting
-                else ("error", str(err))
-            )
-        except MemoryError as err:
-            exiting = True
-            reply = ("exit", f"ran out of memory (MemoryError: {err})")
-        except Exception as err:
-            reply = ("failed", f"{type(err).__name__}: {' '.join(str(err).split())}")
-        try:
-            conn.send(reply)
-        except (OSError, ValueError):
-            return
-        if exiting:
-            return
+            broken.pop(forgotten, None)
+        for spec_id, spec, index, inp, out in jobs:
+            t0 = perf_counter()
+            exiting = False
+            reply: tuple
+            try:
+                if spec is not None:
+                    broken.pop(spec_id, None)
+                    try:
+                        scale, name = pickle.loads(spec)
+                        sources[spec_id] = ChunkSource(scale, buffers, name=name)
+                    except Exception as err:
+                        broken[spec_id] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                if spec_id in broken:  # (later jobs of its message come without the spec)
+                    reply = ("failed", perf_counter() - t0, broken[spec_id])
+                else:
+                    reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
+                    reply = (reply[0], perf_counter() - t0, *reply[1:])
+            except ChunkDecodeError as err:
+                cause = err.__cause__
+                exiting = isinstance(cause, MemoryError)
+                reply = (
+                    ("exit", 0.0, f"ran out of memory (MemoryError: {cause})")
+                    if exiting
+                    else ("error", perf_counter() - t0, str(err))
+                )
+            except MemoryError as err:
+                exiting = True
+                reply = ("exit", 0.0, f"ran out of memory (MemoryError: {err})")
+            except Exception as err:
+                reply = (
+                    "failed",
+                    perf_counter() - t0,
+                    f"{type(err).__name__}: {' '.join(str(err).split())}",
+                )
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):
+                return
+            if exiting:
+                return
