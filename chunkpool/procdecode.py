@@ -74,6 +74,7 @@ import multiprocessing.forkserver
 import os
 import pickle
 import secrets
+import select
 import signal
 import sys
 import tempfile
@@ -265,18 +266,37 @@ def _exit_reason(code: int | None) -> str | None:
 class _Worker:
     """The application's side of one worker process: its pipe, and what it knows."""
 
-    __slots__ = ("conn", "forget_segments", "forget_specs", "mapped", "pid", "process", "specs")
+    __slots__ = (
+        "conn",
+        "forget_segments",
+        "forget_specs",
+        "mapped",
+        "pid",
+        "process",
+        "replies",
+        "specs",
+        "wake",
+        "wakes",
+    )
 
     def __init__(self, context: Any):
         self.conn, child = context.Pipe()
+        # a byte on ``wake`` each time it has replied to every job it was sent
+        self.wake, wake = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=_serve, args=(child, list(sys.path)), name=PROCESS_NAME, daemon=True
+            target=_serve, args=(child, wake, list(sys.path)), name=PROCESS_NAME, daemon=True
         )
         try:
             self.process.start()
         finally:
             child.close()
+            wake.close()
         self.pid: int = self.process.pid
+        # (made once: no selector per wait)
+        self.replies = select.poll()
+        self.replies.register(self.conn.fileno(), select.POLLIN)
+        self.wakes = select.poll()
+        self.wakes.register(self.wake.fileno(), select.POLLIN)
         self.specs: set[int] = set()  # the sources it has rebuilt
         self.mapped: set[str] = set()  # the segments it has mapped
         # what it must forget with its next job (appended to without a lock)
@@ -288,6 +308,7 @@ class _Worker:
         process to end, kill it if it did not; its exit reason, None if it is still
         not seen to have exited."""
         self.conn.close()
+        self.wake.close()
         self.process.join(timeout)
         if self.process.exitcode is None:
             self.process.kill()
@@ -317,14 +338,10 @@ class _Job:
         "source",
         "spec",
         "spec_id",
-        "where",
     )
 
-    def __init__(
-        self, key: Any, where: str, source: ChunkSource, index: tuple[int, ...], raw: RawChunk
-    ):
+    def __init__(self, key: Any, source: ChunkSource, index: tuple[int, ...], raw: RawChunk):
         self.key = key
-        self.where = where
         self.source = source
         self.index = index
         self.raw = raw
@@ -334,6 +351,15 @@ class _Job:
         self.out_ref: Ref | None = None
         self.copy: np.ndarray | None = None  # the encoded bytes' copy in shared memory
         self.out: np.ndarray | None = None  # the buffer the worker decodes into
+
+    @property
+    def where(self) -> str:
+        """The chunk, for messages: the store and the key."""
+        return _where(self.source, self.index)
+
+
+def _where(source: ChunkSource, index: tuple[int, ...]) -> str:
+    return f"{source.name}/{source._chunk_key(index)}"
 
 
 #: A decoded job: (its key, the chunk or None, the error or None, seconds the worker
@@ -436,50 +462,70 @@ class DecodePipeline:
             self._broken = True
             return
         if not self._sent:
-            self._since = time.perf_counter()
+            self._since = time.monotonic()
         self._sent.extend(jobs)
         self._unsent.clear()
 
     def _receive(self) -> None:
-        """Read the worker's reply to the oldest sent job, or see it lost."""
-        processes = self._processes
+        """Take the worker's replies to the sent jobs, waiting (one wake-up, when the
+        worker has run out of jobs, or it died) if there is none yet; or see the worker
+        lost: dead, or killed when the oldest sent job has run ``timeout`` seconds."""
         worker = self._worker
         assert worker is not None
-        job = self._sent[0]
-        reply: tuple | None = None
-        finished = True
-        try:
-            if worker.conn.poll(max(0.0, self._since + processes.timeout - time.perf_counter())):
+        if self._take_replies(worker) or self._worker is None:
+            return
+        left = self._since + self._processes.timeout - time.monotonic()
+        woken = worker.wakes.poll(max(0, math.ceil(left * 1000)))
+        if woken:
+            try:
+                gone = not os.read(worker.wake.fileno(), 4096)  # (EOF: it exited)
+            except OSError:
+                gone = True
+            if gone:  # its replies end at its exit: wait for that end of its pipe too
+                worker.replies.poll(math.ceil(EXIT_WAIT * 1000))
+        if self._take_replies(worker) or self._worker is None or woken:
+            return
+        worker.process.kill()  # no progress within the timeout
+        self._lose_worker(f"did not finish within {self._processes.timeout:g} s and was killed")
+
+    def _take_replies(self, worker: _Worker) -> bool:
+        """Take the replies the worker has sent so far (without waiting); whether it
+        made progress. Sees the worker lost if its pipe ended."""
+        processes = self._processes
+        took = False
+        while self._sent and worker.replies.poll(0):
+            try:
                 reply = worker.conn.recv()
-            else:
-                finished = False
-        except (EOFError, OSError):  # it died (its end of the pipe closed)
-            pass
-        if reply is None:
-            if not finished:
-                worker.process.kill()
-            reason = processes._lose(worker)
-            if finished:
-                what = reason or "closed its pipe"
-            else:
-                what = f"did not finish within {processes.timeout:g} s and was killed"
-            self._lost(what, reason or what, settled=reason is not None)
-            return
-        if reply[0] == "exit":  # it ran out of memory, replied, and exits
-            processes._lose(worker)
-            self._lost(f"{reply[2]}; it is replaced", reply[2], settled=True)
-            return
-        self._sent.popleft()
-        self._since = time.perf_counter()
-        if reply[0] == "failed":
-            worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
-        try:
-            data = processes._result(job.where, reply, job.out)
-        except ChunkDecodeError as err:
-            self._end(job, None, err, reply[1])
-            return
-        job.out = None  # it is the result's now
-        self._end(job, data, None, reply[1])
+            except (EOFError, OSError):  # it died (its end of the pipe closed)
+                self._lose_worker(None)
+                return took
+            took = True
+            job = self._sent[0]
+            if reply[0] == "exit":  # it ran out of memory, replied, and exits
+                processes._lose(worker)
+                self._lost(f"{reply[2]}; it is replaced", reply[2], settled=True)
+                return took
+            self._sent.popleft()
+            self._since = reply[-1]  # when it finished that job: it began the next
+            if reply[0] == "failed":
+                worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
+            try:
+                data = processes._result(job, reply)
+            except ChunkDecodeError as err:
+                self._end(job, None, err, reply[1])
+                continue
+            job.out = None  # it is the result's now
+            self._end(job, data, None, reply[1])
+        return took
+
+    def _lose_worker(self, killed: str | None) -> None:
+        """The worker's pipe ended (``killed`` None), or it was killed: its oldest sent
+        job fails with its exit reason."""
+        worker = self._worker
+        assert worker is not None
+        reason = self._processes._lose(worker)
+        what = killed or reason or "closed its pipe"
+        self._lost(what, reason or what, settled=reason is not None)
 
     def _lost(self, what: str, reason: str, settled: bool) -> None:
         """The worker died, or was killed, during the oldest sent job: that job fails;
@@ -575,13 +621,12 @@ class DecodeProcesses:
         there if not read there) and its output buffer, taken from the free list. On
         failure (the codecs cannot be sent, the pool closed) gives ``raw`` back and
         raises :class:`~chunkpool.errors.ChunkDecodeError`."""
-        where = f"{source.name}/{source._chunk_key(index)}"
         buffers = self._buffers
         data = raw.data
         assert data is not None
-        job = _Job(key, where, source, index, raw)
+        job = _Job(key, source, index, raw)
         try:
-            job.spec_id, job.spec = self._spec(source, where)
+            job.spec_id, job.spec = self._spec(source, index)
             inp = None if raw.owner is None else buffers.ref(data, data.nbytes)
             if inp is None:  # not read into shared memory (a small read, a remote store)
                 job.copy = copy = buffers.take(transient_size(data.nbytes))
@@ -592,7 +637,7 @@ class DecodeProcesses:
                 job.out = buffers.take(nbytes)
             out_ref = None if job.out is None else buffers.ref(job.out, nbytes)
             if inp is None or (job.out is not None and out_ref is None):  # closed meanwhile
-                raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
+                raise ChunkDecodeError(f"{job.where}: the pool's decode processes are closed")
         except BaseException:
             self._recycle(job)
             raise
@@ -610,26 +655,27 @@ class DecodeProcesses:
             job.copy = None
         job.source.release(job.raw)
 
-    def _result(self, where: str, reply: tuple, out: np.ndarray | None) -> np.ndarray:
-        """The chunk a worker's reply describes, over ``out``; or its error, raised."""
+    def _result(self, job: _Job, reply: tuple) -> np.ndarray:
+        """The chunk a worker's reply describes, over ``job.out``; or its error, raised."""
+        out = job.out
         kind = reply[0]
         if kind == "error":  # a ChunkDecodeError, as thread mode raises it
             raise ChunkDecodeError(reply[2])
         if kind == "failed":
-            raise ChunkDecodeError(f"{where}: in a decode process: {reply[2]}")
-        _, _, dtype_str, shape, order = reply
+            raise ChunkDecodeError(f"{job.where}: in a decode process: {reply[2]}")
+        _, _, dtype_str, shape, order, _ = reply
         dtype = np.dtype(dtype_str)
         nbytes = math.prod(shape) * dtype.itemsize
         if out is None or nbytes > out.nbytes:
             if nbytes:
-                raise ChunkDecodeError(f"{where}: a decode process returned {nbytes} bytes")
+                raise ChunkDecodeError(f"{job.where}: a decode process returned {nbytes} bytes")
             arr = np.empty(shape, dtype)
         else:
             arr = self._buffers.hand_out_prefix(out, nbytes, dtype, shape, order)
         arr.flags.writeable = False
         return arr
 
-    def _spec(self, source: ChunkSource, where: str) -> tuple[int, bytes]:
+    def _spec(self, source: ChunkSource, index: tuple[int, ...]) -> tuple[int, bytes]:
         """The id and pickle a worker rebuilds ``source``'s decoding from."""
         entry = self._specs.get(source)
         if entry is not None:
@@ -649,7 +695,7 @@ class DecodeProcesses:
                     blob = pickle.dumps((copy, source.name), pickle.HIGHEST_PROTOCOL)
                 except Exception as err:
                     raise ChunkDecodeError(
-                        f"{where}: its codecs cannot be sent to a decode process "
+                        f"{_where(source, index)}: its codecs cannot be sent to a decode process "
                         f"({type(err).__name__}: {err})"
                     ) from None
                 entry = self._specs[source] = (next(self._spec_ids), blob)
@@ -750,6 +796,7 @@ class DecodeProcesses:
         for worker in workers:
             if any(worker is w for w in idle):
                 worker.conn.close()  # it exits at the end of its pipe
+                worker.wake.close()
             else:
                 worker.process.kill()  # a thread waits for it: it sees the end
         for worker in workers:
@@ -844,16 +891,22 @@ def _decode_job(
     return ("ok", arr.dtype.str, arr.shape, order)
 
 
-def _serve(conn: Any, sys_path: list[str]) -> None:
+def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
     """A worker process: decode the jobs of each message from ``conn``, replying to each
-    (with the seconds it took) as soon as it is decoded, until the pipe closes."""
+    as soon as it is decoded (with the seconds it took and when it finished), and
+    writing a byte to ``wake`` whenever no job is left (the one wake-up of the thread
+    waiting for its replies), until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.extend(p for p in sys_path if p not in sys.path)
     buffers = _SlotBuffers()
     sources: dict[int, ChunkSource] = {}
     broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
-    perf_counter = time.perf_counter
+    inbox = select.poll()
+    inbox.register(conn.fileno(), select.POLLIN)
+    wake_fd = wake.fileno()
+    os.set_blocking(wake_fd, False)  # (a full pipe of wake-ups: one more is not needed)
+    perf_counter, monotonic = time.perf_counter, time.monotonic
     while True:
         try:
             jobs, forget_segments, forget_specs = conn.recv()
@@ -899,8 +952,15 @@ def _serve(conn: Any, sys_path: list[str]) -> None:
                     f"{type(err).__name__}: {' '.join(str(err).split())}",
                 )
             try:
-                conn.send(reply)
+                conn.send((*reply, monotonic()))
             except (OSError, ValueError):
                 return
             if exiting:
+                return
+        if not inbox.poll(0):
+            try:
+                os.write(wake_fd, b"\0")
+            except BlockingIOError:
+                pass
+            except OSError:
                 return
