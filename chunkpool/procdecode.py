@@ -217,16 +217,6 @@ class SharedBuffers(BufferPool):
         name, size, address = info
         return name, size, _address(buffer) - address, nbytes
 
-    def hand_out_prefix(
-        self, buffer: np.ndarray, nbytes: int, dtype: np.dtype, shape: tuple[int, ...], order: str
-    ) -> np.ndarray:
-        """:meth:`hand_out` of the first ``nbytes`` of ``buffer`` (a cropped edge chunk
-        in a full chunk's buffer): the whole buffer returns once no view remains."""
-        handle = buffer.view(self._handle)
-        if nbytes != buffer.nbytes:
-            handle = handle[:nbytes]  # (a view of the handle: it keeps the handle alive)
-        return handle.view(dtype, np.ndarray).reshape(shape, order=order)  # type: ignore[call-overload]
-
     def close(self) -> None:
         """Unlink every segment and recycle nothing more."""
         self._closed = True
@@ -671,7 +661,7 @@ class DecodeProcesses:
                 raise ChunkDecodeError(f"{job.where}: a decode process returned {nbytes} bytes")
             arr = np.empty(shape, dtype)
         else:
-            arr = self._buffers.hand_out_prefix(out, nbytes, dtype, shape, order)
+            arr = self._buffers.hand_out(out, dtype, shape, order)  # (maybe its start)
         arr.flags.writeable = False
         return arr
 
