@@ -13,10 +13,17 @@ preloads this module (numpy, zarr, numcodecs, chunkpool: about 0.6 s, once per
 application); a worker then starts in ~25 ms (if the application started the
 forkserver earlier without this module, each worker imports it: ~0.5 s). Each gets the application's
 ``sys.path`` and ignores SIGINT (a Ctrl-C is the application's to handle). The pool's
-decode slots (``cpu_workers``) are threads that hand their chunk to a free worker and
-wait for it (without the GIL), so the scheduler, priorities, batches and
-cancellation are those of thread mode: a chunk dropped while a worker decodes it has
-its result discarded.
+decode slots (``cpu_workers``) are threads that hand their chunks to a free worker,
+so the scheduler, priorities, batches and cancellation are those of thread mode: a
+chunk dropped while a worker decodes it has its result discarded.
+
+**Pipelines.** A slot's chunks go through a :class:`DecodePipeline`: a scheduler
+batch's chunks are sent to one worker as they are read (the pipe queues them), so the
+worker goes from one job to the next while the thread reads the next chunk, and the
+thread waits once per batch (without the GIL). The worker replies to each job as soon
+as it is decoded, but wakes the waiting thread only when it has no job left (a byte
+on a second pipe, whose end also shows its exit): one wake-up per batch, not per
+chunk. A single chunk (an asynchronous store's) is a pipeline of one.
 
 **Codecs.** A worker rebuilds each level's :class:`~chunkpool.source.ChunkSource` from
 a pickle of its :class:`~chunkpool.info.ScaleInfo` whose array has the same metadata
@@ -39,17 +46,21 @@ bytes and of the buffer to decode into, taken from the pool's free list; the rep
 says the dtype, shape and memory order. ``ChunkLocation.data`` is then a read-only
 view of that buffer, recycled by the pool's usual rule: it returns to the free list
 when the last array or view of it dies, and only then can it be given to a worker
-again. A worker writes into a buffer only while the thread that gave it waits for that
-job; a buffer whose worker may still run (killed but not seen to exit) is never reused.
+again. A worker writes into a buffer only between the job's sending and its reply
+(or the worker's exit), and the buffer returns to the free list only after that; a
+buffer whose worker may still run (killed but not seen to exit) is never reused.
 
 **Failures.** A worker that dies while decoding fails that chunk with a
 :class:`~chunkpool.errors.DecodeWorkerError` naming the store, the key, the worker's
 pid and its exit reason (``"killed by SIGSEGV"``, ``"exit code 3"``); a codec raising
 MemoryError fails its chunk the same way, and its worker exits after replying (its
 heap may be the problem). A decode running longer than ``timeout`` (default
-:data:`DECODE_TIMEOUT`) is killed and fails its chunk. A dead worker is replaced by the
-next decode that needs one; the other chunks keep loading. A worker found dead before
-it took a job costs no chunk: the job goes to another.
+:data:`DECODE_TIMEOUT`, counted from the end of the job before it) is killed and fails
+its chunk. The jobs of the same pipeline that it had decoded keep their results; those
+queued behind it, never started, go to another worker (unless the dead one is not seen
+to exit: then they fail too, and their buffers are not reused). A dead worker is
+replaced by the next decode that needs one; the other chunks keep loading. A worker
+found dead before it took a job costs no chunk: the job goes to another.
 
 **Lifetime.** :meth:`DecodeProcesses.close` (run by ``ChunkPool.destroy()``) stops the
 idle workers, kills the busy ones at once (their results would be discarded) and waits
@@ -263,6 +274,7 @@ class _Worker:
         "mapped",
         "pid",
         "process",
+        "received",
         "replies",
         "specs",
         "wake",
@@ -292,6 +304,20 @@ class _Worker:
         # what it must forget with its next job (appended to without a lock)
         self.forget_segments: list[str] = []
         self.forget_specs: list[int] = []
+        self.received = bytearray()  # replies read from the pipe, not yet taken
+
+    def reply(self) -> tuple | None:
+        """The next reply received, if a whole one is (in multiprocessing's framing:
+        a 4-byte length, then the pickle, as ``Connection.send`` writes it)."""
+        received = self.received
+        if len(received) < 4:
+            return None
+        end = 4 + int.from_bytes(received[:4], "big", signed=True)
+        if len(received) < end:
+            return None
+        reply = pickle.loads(received[4:end])
+        del received[:end]
+        return reply
 
     def end(self, timeout: float) -> str | None:
         """Close the pipe (an idle worker then exits), wait up to ``timeout`` for the
@@ -483,12 +509,20 @@ class DecodePipeline:
         made progress. Sees the worker lost if its pipe ended."""
         processes = self._processes
         took = False
-        while self._sent and worker.replies.poll(0):
-            try:
-                reply = worker.conn.recv()
-            except (EOFError, OSError):  # it died (its end of the pipe closed)
-                self._lose_worker(None)
-                return took
+        while self._sent:
+            reply = worker.reply()
+            if reply is None:  # read what it sent (all of it, in one read)
+                if not worker.replies.poll(0):
+                    break
+                try:
+                    data = os.read(worker.conn.fileno(), 1 << 16)
+                except OSError:
+                    data = b""
+                if not data:  # it died (its end of the pipe closed)
+                    self._lose_worker(None)
+                    return took
+                worker.received += data
+                continue
             took = True
             job = self._sent[0]
             if reply[0] == "exit":  # it ran out of memory, replied, and exits
