@@ -81,6 +81,7 @@ import itertools
 import math
 import mmap
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import pickle
@@ -253,6 +254,21 @@ def _context() -> Any:
     return context
 
 
+#: Held to start a worker and to read one's exit status: ``Process.start()`` polls every
+#: child, and two threads reading a child's status at once leave one of them a wrong
+#: exit code (255).
+_children_lock = threading.Lock()
+
+
+def _join(process: Any, timeout: float) -> int | None:
+    """Wait up to ``timeout`` seconds for ``process`` to end; its exit code, None if it
+    has not (the status read under :data:`_children_lock`)."""
+    multiprocessing.connection.wait([process.sentinel], max(0.0, timeout))
+    with _children_lock:
+        process.join(0)
+        return process.exitcode
+
+
 def _exit_reason(code: int | None) -> str | None:
     if code is None:
         return None
@@ -289,7 +305,8 @@ class _Worker:
             target=_serve, args=(child, wake, list(sys.path)), name=PROCESS_NAME, daemon=True
         )
         try:
-            self.process.start()
+            with _children_lock:
+                self.process.start()
         finally:
             child.close()
             wake.close()
@@ -325,11 +342,11 @@ class _Worker:
         not seen to have exited."""
         self.conn.close()
         self.wake.close()
-        self.process.join(timeout)
-        if self.process.exitcode is None:
+        code = _join(self.process, timeout)
+        if code is None:
             self.process.kill()
-            self.process.join(EXIT_WAIT)
-        return _exit_reason(self.process.exitcode)
+            code = _join(self.process, EXIT_WAIT)
+        return _exit_reason(code)
 
 
 class _NoWorker(Exception):
@@ -824,11 +841,11 @@ class DecodeProcesses:
             else:
                 worker.process.kill()  # a thread waits for it: it sees the end
         for worker in workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
+            _join(worker.process, deadline - time.monotonic())
         for worker in workers:
-            if worker.process.exitcode is None:
+            if _join(worker.process, 0.0) is None:
                 worker.process.kill()
-                worker.process.join(max(0.0, min(EXIT_WAIT, deadline - time.monotonic())))
+                _join(worker.process, min(EXIT_WAIT, deadline - time.monotonic()))
         self._buffers.close()
 
 

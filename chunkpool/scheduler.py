@@ -210,7 +210,9 @@ class _Batch:
     ) -> None:
         perf_counter = time.perf_counter
         fetch_s = decode_s = 0.0
-        pipeline = None  # decode="processes": a worker decodes while the next one is read
+        # decode="processes": a worker decodes each job while the next is read (their read
+        # buffers stay taken until finish: at most a batch of them)
+        pipeline = None
         while True:
             try:
                 job = pending.popleft()
