@@ -13,10 +13,17 @@ preloads this module (numpy, zarr, numcodecs, chunkpool: about 0.6 s, once per
 application); a worker then starts in ~25 ms (if the application started the
 forkserver earlier without this module, each worker imports it: ~0.5 s). Each gets the application's
 ``sys.path`` and ignores SIGINT (a Ctrl-C is the application's to handle). The pool's
-decode slots (``cpu_workers``) are threads that hand their chunk to a free worker and
-wait for it (without the GIL), so the scheduler, priorities, batches and
-cancellation are those of thread mode: a chunk dropped while a worker decodes it has
-its result discarded.
+decode slots (``cpu_workers``) are threads that hand their chunks to a free worker,
+so the scheduler, priorities, batches and cancellation are those of thread mode: a
+chunk dropped while a worker decodes it has its result discarded.
+
+**Pipelines.** A slot's chunks go through a :class:`DecodePipeline`: a scheduler
+batch's chunks are sent to one worker as they are read (the pipe queues them), so the
+worker goes from one job to the next while the thread reads the next chunk, and the
+thread waits once per batch (without the GIL). The worker replies to each job as soon
+as it is decoded, but wakes the waiting thread only when it has no job left (a byte
+on a second pipe, whose end also shows its exit): one wake-up per batch, not per
+chunk. A single chunk (an asynchronous store's) is a pipeline of one.
 
 **Codecs.** A worker rebuilds each level's :class:`~chunkpool.source.ChunkSource` from
 a pickle of its :class:`~chunkpool.info.ScaleInfo` whose array has the same metadata
@@ -39,17 +46,21 @@ bytes and of the buffer to decode into, taken from the pool's free list; the rep
 says the dtype, shape and memory order. ``ChunkLocation.data`` is then a read-only
 view of that buffer, recycled by the pool's usual rule: it returns to the free list
 when the last array or view of it dies, and only then can it be given to a worker
-again. A worker writes into a buffer only while the thread that gave it waits for that
-job; a buffer whose worker may still run (killed but not seen to exit) is never reused.
+again. A worker writes into a buffer only between the job's sending and its reply
+(or the worker's exit), and the buffer returns to the free list only after that; a
+buffer whose worker may still run (killed but not seen to exit) is never reused.
 
 **Failures.** A worker that dies while decoding fails that chunk with a
 :class:`~chunkpool.errors.DecodeWorkerError` naming the store, the key, the worker's
 pid and its exit reason (``"killed by SIGSEGV"``, ``"exit code 3"``); a codec raising
 MemoryError fails its chunk the same way, and its worker exits after replying (its
 heap may be the problem). A decode running longer than ``timeout`` (default
-:data:`DECODE_TIMEOUT`) is killed and fails its chunk. A dead worker is replaced by the
-next decode that needs one; the other chunks keep loading. A worker found dead before
-it took a job costs no chunk: the job goes to another.
+:data:`DECODE_TIMEOUT`, counted from the end of the job before it) is killed and fails
+its chunk. The jobs of the same pipeline that it had decoded keep their results; those
+queued behind it, never started, go to another worker (unless the dead one is not seen
+to exit: then they fail too, and their buffers are not reused). A dead worker is
+replaced by the next decode that needs one; the other chunks keep loading. A worker
+found dead before it took a job costs no chunk: the job goes to another.
 
 **Lifetime.** :meth:`DecodeProcesses.close` (run by ``ChunkPool.destroy()``) stops the
 idle workers, kills the busy ones at once (their results would be discarded) and waits
@@ -70,16 +81,19 @@ import itertools
 import math
 import mmap
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import pickle
 import secrets
+import select
 import signal
 import sys
 import tempfile
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -215,16 +229,6 @@ class SharedBuffers(BufferPool):
         name, size, address = info
         return name, size, _address(buffer) - address, nbytes
 
-    def hand_out_prefix(
-        self, buffer: np.ndarray, nbytes: int, dtype: np.dtype, shape: tuple[int, ...], order: str
-    ) -> np.ndarray:
-        """:meth:`hand_out` of the first ``nbytes`` of ``buffer`` (a cropped edge chunk
-        in a full chunk's buffer): the whole buffer returns once no view remains."""
-        handle = buffer.view(self._handle)
-        if nbytes != buffer.nbytes:
-            handle = handle[:nbytes]  # (a view of the handle: it keeps the handle alive)
-        return handle.view(dtype, np.ndarray).reshape(shape, order=order)  # type: ignore[call-overload]
-
     def close(self) -> None:
         """Unlink every segment and recycle nothing more."""
         self._closed = True
@@ -250,6 +254,21 @@ def _context() -> Any:
     return context
 
 
+#: Held to start a worker and to read one's exit status: ``Process.start()`` polls every
+#: child, and two threads reading a child's status at once leave one of them a wrong
+#: exit code (255).
+_children_lock = threading.Lock()
+
+
+def _join(process: Any, timeout: float) -> int | None:
+    """Wait up to ``timeout`` seconds for ``process`` to end; its exit code, None if it
+    has not (the status read under :data:`_children_lock`)."""
+    multiprocessing.connection.wait([process.sentinel], max(0.0, timeout))
+    with _children_lock:
+        process.join(0)
+        return process.exitcode
+
+
 def _exit_reason(code: int | None) -> str | None:
     if code is None:
         return None
@@ -264,43 +283,325 @@ def _exit_reason(code: int | None) -> str | None:
 class _Worker:
     """The application's side of one worker process: its pipe, and what it knows."""
 
-    __slots__ = ("conn", "forget_segments", "forget_specs", "mapped", "pid", "process", "specs")
+    __slots__ = (
+        "conn",
+        "forget_segments",
+        "forget_specs",
+        "mapped",
+        "pid",
+        "process",
+        "received",
+        "replies",
+        "specs",
+        "wake",
+        "wakes",
+    )
 
     def __init__(self, context: Any):
         self.conn, child = context.Pipe()
+        # a byte on ``wake`` each time it has replied to every job it was sent
+        self.wake, wake = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=_serve, args=(child, list(sys.path)), name=PROCESS_NAME, daemon=True
+            target=_serve, args=(child, wake, list(sys.path)), name=PROCESS_NAME, daemon=True
         )
         try:
-            self.process.start()
+            with _children_lock:
+                self.process.start()
         finally:
             child.close()
+            wake.close()
         self.pid: int = self.process.pid
+        # (made once: no selector per wait)
+        self.replies = select.poll()
+        self.replies.register(self.conn.fileno(), select.POLLIN)
+        self.wakes = select.poll()
+        self.wakes.register(self.wake.fileno(), select.POLLIN)
         self.specs: set[int] = set()  # the sources it has rebuilt
         self.mapped: set[str] = set()  # the segments it has mapped
         # what it must forget with its next job (appended to without a lock)
         self.forget_segments: list[str] = []
         self.forget_specs: list[int] = []
+        self.received = bytearray()  # replies read from the pipe, not yet taken
+
+    def reply(self) -> tuple | None:
+        """The next reply received, if a whole one is (in multiprocessing's framing:
+        a 4-byte length, then the pickle, as ``Connection.send`` writes it)."""
+        received = self.received
+        if len(received) < 4:
+            return None
+        end = 4 + int.from_bytes(received[:4], "big", signed=True)
+        if len(received) < end:
+            return None
+        reply = pickle.loads(received[4:end])
+        del received[:end]
+        return reply
 
     def end(self, timeout: float) -> str | None:
         """Close the pipe (an idle worker then exits), wait up to ``timeout`` for the
         process to end, kill it if it did not; its exit reason, None if it is still
         not seen to have exited."""
         self.conn.close()
-        self.process.join(timeout)
-        if self.process.exitcode is None:
+        self.wake.close()
+        code = _join(self.process, timeout)
+        if code is None:
             self.process.kill()
-            self.process.join(EXIT_WAIT)
-        return _exit_reason(self.process.exitcode)
+            code = _join(self.process, EXIT_WAIT)
+        return _exit_reason(code)
 
 
-class _Lost(Exception):
-    """A worker died or was killed during a job: ``error`` for the chunk; ``settled``:
-    whether it is known to have exited (then its buffers may be reused)."""
+class _NoWorker(Exception):
+    """No worker for a job: ``reason``, for the chunks' messages."""
 
-    def __init__(self, error: DecodeWorkerError, settled: bool):
-        self.error = error
-        self.settled = settled
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Job:
+    """One chunk on its way through a worker (see :meth:`DecodeProcesses._prepare`)."""
+
+    __slots__ = (
+        "copy",
+        "index",
+        "inp",
+        "key",
+        "out",
+        "out_ref",
+        "raw",
+        "source",
+        "spec",
+        "spec_id",
+    )
+
+    def __init__(self, key: Any, source: ChunkSource, index: tuple[int, ...], raw: RawChunk):
+        self.key = key
+        self.source = source
+        self.index = index
+        self.raw = raw
+        self.spec_id = -1
+        self.spec = b""
+        self.inp: Ref | None = None
+        self.out_ref: Ref | None = None
+        self.copy: np.ndarray | None = None  # the encoded bytes' copy in shared memory
+        self.out: np.ndarray | None = None  # the buffer the worker decodes into
+
+    @property
+    def where(self) -> str:
+        """The chunk, for messages: the store and the key."""
+        return _where(self.source, self.index)
+
+
+def _where(source: ChunkSource, index: tuple[int, ...]) -> str:
+    return f"{source.name}/{source._chunk_key(index)}"
+
+
+#: A decoded job: (its key, the chunk or None, the error or None, seconds the worker
+#: took to decode it).
+Decoded = tuple[Any, np.ndarray | None, BaseException | None, float]
+
+
+class DecodePipeline:
+    """Chunks decoded in turn by one worker while the thread that submits them reads
+    the next ones (a scheduler batch's, or a single chunk).
+
+    Each submitted job goes down the worker's pipe as soon as a worker is free (the
+    pipe queues them; until then they wait here, and the thread reads on), so the
+    worker goes from one job to the next without waiting for this process, and this
+    thread waits once, in :meth:`finish`, which reads the worker's replies (one per
+    job, in order). A worker lost during a job fails that job only, with the worker's
+    exit reason; the jobs queued behind it, never started, go to another worker. A
+    job's buffers go back to the free list once its worker replied or is seen to have
+    exited. Used by one thread at a time; :meth:`finish` lets the worker go."""
+
+    def __init__(self, processes: DecodeProcesses):
+        self._processes = processes
+        self._worker: _Worker | None = None
+        self._broken = False  # whether a send to the worker failed (it died)
+        self._unsent: deque[_Job] = deque()  # waiting for a worker
+        self._sent: deque[_Job] = deque()  # in the worker's pipe, in order
+        self._results: list[Decoded] = []
+        self._since = 0.0  # when the worker started on the oldest sent job (at the latest)
+        self._dead_before = 0  # workers found dead before they took a job
+
+    def submit(self, key: Any, source: ChunkSource, index: tuple[int, ...], raw: RawChunk) -> None:
+        """Decode present chunk ``index`` of ``source`` (its result is ``key``'s in
+        :meth:`finish`); ``raw`` is the pipeline's now."""
+        try:
+            job = self._processes._prepare(key, source, index, raw)
+        except ChunkDecodeError as err:
+            self._results.append((key, None, err, 0.0))
+            return
+        self._unsent.append(job)
+        if self._worker is None:
+            try:
+                self._worker = self._processes._acquire(wait=False)
+            except _NoWorker:
+                return  # (finish tries again, and fails the jobs if it must)
+        if self._worker is not None and not self._broken:
+            self._send()
+
+    def finish(self) -> list[Decoded]:
+        """Wait for every submitted job (each at most the processes' ``timeout`` once
+        its worker has it) and return their results, in order of completion."""
+        processes = self._processes
+        while self._unsent or self._sent:
+            if self._sent:
+                self._receive()
+                continue
+            if self._worker is not None and self._broken:  # died before it took a job
+                processes._lose(self._worker)
+                self._worker, self._broken = None, False
+                self._dead_before += 1
+            if self._worker is None:
+                if self._dead_before >= 3:
+                    self._fail_unsent("decode workers keep dying before taking a job")
+                    break
+                try:
+                    self._worker = processes._acquire(wait=True)
+                except _NoWorker as no:
+                    self._fail_unsent(no.reason)
+                    break
+            self._send()
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            if self._broken:
+                processes._lose(worker)
+            else:
+                processes._release(worker)
+        results, self._results = self._results, []
+        return results
+
+    def _send(self) -> None:
+        """Send the waiting jobs to the worker in one message."""
+        worker = self._worker
+        assert worker is not None
+        jobs = list(self._unsent)
+        message = []
+        for job in jobs:
+            assert job.inp is not None
+            worker.mapped.add(job.inp[0])
+            if job.out_ref is not None:
+                worker.mapped.add(job.out_ref[0])
+            known = job.spec_id in worker.specs
+            worker.specs.add(job.spec_id)
+            message.append(
+                (job.spec_id, None if known else job.spec, job.index, job.inp, job.out_ref)
+            )
+        forget_segments, worker.forget_segments = worker.forget_segments, []
+        forget_specs, worker.forget_specs = worker.forget_specs, []
+        try:
+            worker.conn.send((message, forget_segments, forget_specs))
+        except (OSError, ValueError):  # it died: these jobs never reached it
+            self._broken = True
+            return
+        if not self._sent:
+            self._since = time.monotonic()
+        self._sent.extend(jobs)
+        self._unsent.clear()
+
+    def _receive(self) -> None:
+        """Take the worker's replies to the sent jobs, waiting (one wake-up, when the
+        worker has run out of jobs, or it died) if there is none yet; or see the worker
+        lost: dead, or killed when the oldest sent job has run ``timeout`` seconds."""
+        worker = self._worker
+        assert worker is not None
+        if self._take_replies(worker) or self._worker is None:
+            return
+        left = self._since + self._processes.timeout - time.monotonic()
+        woken = worker.wakes.poll(max(0, math.ceil(left * 1000)))
+        if woken:
+            try:
+                gone = not os.read(worker.wake.fileno(), 4096)  # (EOF: it exited)
+            except OSError:
+                gone = True
+            if gone:  # its replies end at its exit: wait for that end of its pipe too
+                worker.replies.poll(math.ceil(EXIT_WAIT * 1000))
+        if self._take_replies(worker) or self._worker is None or woken:
+            return
+        worker.process.kill()  # no progress within the timeout
+        self._lose_worker(f"did not finish within {self._processes.timeout:g} s and was killed")
+
+    def _take_replies(self, worker: _Worker) -> bool:
+        """Take the replies the worker has sent so far (without waiting); whether it
+        made progress. Sees the worker lost if its pipe ended."""
+        processes = self._processes
+        took = False
+        while self._sent:
+            reply = worker.reply()
+            if reply is None:  # read what it sent (all of it, in one read)
+                if not worker.replies.poll(0):
+                    break
+                try:
+                    data = os.read(worker.conn.fileno(), 1 << 16)
+                except OSError:
+                    data = b""
+                if not data:  # it died (its end of the pipe closed)
+                    self._lose_worker(None)
+                    return took
+                worker.received += data
+                continue
+            took = True
+            job = self._sent[0]
+            if reply[0] == "exit":  # it ran out of memory, replied, and exits
+                processes._lose(worker)
+                self._lost(f"{reply[2]}; it is replaced", reply[2], settled=True)
+                return took
+            self._sent.popleft()
+            self._since = reply[-1]  # when it finished that job: it began the next
+            if reply[0] == "failed":
+                worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
+            try:
+                data = processes._result(job, reply)
+            except ChunkDecodeError as err:
+                self._end(job, None, err, reply[1])
+                continue
+            job.out = None  # it is the result's now
+            self._end(job, data, None, reply[1])
+        return took
+
+    def _lose_worker(self, killed: str | None) -> None:
+        """The worker's pipe ended (``killed`` None), or it was killed: its oldest sent
+        job fails with its exit reason."""
+        worker = self._worker
+        assert worker is not None
+        reason = self._processes._lose(worker)
+        what = killed or reason or "closed its pipe"
+        self._lost(what, reason or what, settled=reason is not None)
+
+    def _lost(self, what: str, reason: str, settled: bool) -> None:
+        """The worker died, or was killed, during the oldest sent job: that job fails;
+        those queued behind it go to another worker, or fail too if the dead one may
+        still run (``settled``: it is known to have exited)."""
+        worker = self._worker
+        assert worker is not None
+        self._worker, self._broken = None, False
+        queued = list(self._sent)
+        self._sent.clear()
+        for i, job in enumerate(queued):
+            if i and settled:
+                self._unsent.extendleft(reversed(queued[i:]))  # never started: in order
+                break
+            error = DecodeWorkerError(
+                f"{job.where}: decode worker (pid {worker.pid}) {what}", exit_reason=reason
+            )
+            self._end(job, None, error, 0.0, recycle=settled)
+
+    def _fail_unsent(self, reason: str) -> None:
+        while self._unsent:
+            job = self._unsent.popleft()
+            self._end(job, None, ChunkDecodeError(f"{job.where}: {reason}"), 0.0)
+
+    def _end(
+        self,
+        job: _Job,
+        data: np.ndarray | None,
+        error: BaseException | None,
+        seconds: float,
+        recycle: bool = True,
+    ) -> None:
+        if recycle:
+            self._processes._recycle(job)
+        self._results.append((job.key, data, error, seconds))
 
 
 class DecodeProcesses:
@@ -320,6 +621,7 @@ class DecodeProcesses:
         self._workers: list[_Worker] = []  # started and not known dead
         self._idle: list[_Worker] = []
         self._starting = 0
+        self._waiting = 0  # threads waiting for a free worker
         self._closed = False
         self._specs_lock = threading.Lock()
         self._specs: weakref.WeakKeyDictionary[ChunkSource, tuple[int, bytes]] = (
@@ -341,62 +643,80 @@ class DecodeProcesses:
     def decode(self, source: ChunkSource, index: tuple[int, ...], raw: RawChunk) -> np.ndarray:
         """:meth:`ChunkSource.decode` of a present chunk, run by a worker process; the
         result is a read-only view of shared memory (see the module docstring)."""
-        where = f"{source.name}/{source._chunk_key(index)}"
+        pipeline = self.pipeline()
+        pipeline.submit(None, source, index, raw)
+        ((_, data, error, _),) = pipeline.finish()
+        if error is not None:
+            raise error
+        assert data is not None
+        return data
+
+    def pipeline(self) -> DecodePipeline:
+        """A :class:`DecodePipeline` of this pool's workers, for one thread's chunks."""
+        return DecodePipeline(self)
+
+    def _prepare(
+        self, key: Any, source: ChunkSource, index: tuple[int, ...], raw: RawChunk
+    ) -> _Job:
+        """A job for a worker: its spec, its encoded bytes in shared memory (copied
+        there if not read there) and its output buffer, taken from the free list. On
+        failure (the codecs cannot be sent, the pool closed) gives ``raw`` back and
+        raises :class:`~chunkpool.errors.ChunkDecodeError`."""
         buffers = self._buffers
         data = raw.data
         assert data is not None
-        copy: np.ndarray | None = None
-        out: np.ndarray | None = None
-        recycle = True  # whether no worker can write into ``out`` or read the input now
+        job = _Job(key, source, index, raw)
         try:
-            spec_id, spec = self._spec(source, where)
+            job.spec_id, job.spec = self._spec(source, index)
             inp = None if raw.owner is None else buffers.ref(data, data.nbytes)
             if inp is None:  # not read into shared memory (a small read, a remote store)
-                copy = buffers.take(transient_size(data.nbytes))
+                job.copy = copy = buffers.take(transient_size(data.nbytes))
                 copy[: data.nbytes] = data
                 inp = buffers.ref(copy, data.nbytes)
             nbytes = source._decode.nbytes  # (a larger chunk fails in the worker, unallocated)
             if 0 < nbytes <= MAX_CHUNK_BYTES:
-                out = buffers.take(nbytes)
-            out_ref = None if out is None else buffers.ref(out, nbytes)
-            if inp is None or (out is not None and out_ref is None):  # closed meanwhile
-                raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
-            try:
-                reply = self._call(where, spec_id, spec, index, inp, out_ref)
-            except _Lost as lost:
-                recycle = lost.settled
-                raise lost.error from None
-            result = self._result(where, reply, out)
-            out = None  # it is the result's now
-            return result
-        finally:
-            if recycle:
-                if out is not None:
-                    buffers.give(out)
-                if copy is not None:
-                    buffers.give(copy)
-                source.release(raw)
+                job.out = buffers.take(nbytes)
+            out_ref = None if job.out is None else buffers.ref(job.out, nbytes)
+            if inp is None or (job.out is not None and out_ref is None):  # closed meanwhile
+                raise ChunkDecodeError(f"{job.where}: the pool's decode processes are closed")
+        except BaseException:
+            self._recycle(job)
+            raise
+        job.inp, job.out_ref = inp, out_ref
+        return job
 
-    def _result(self, where: str, reply: tuple, out: np.ndarray | None) -> np.ndarray:
-        """The chunk a worker's reply describes, over ``out``; or its error, raised."""
+    def _recycle(self, job: _Job) -> None:
+        """Give a job's buffers back (no worker can write into them or read them now)."""
+        buffers = self._buffers
+        if job.out is not None:
+            buffers.give(job.out)
+            job.out = None
+        if job.copy is not None:
+            buffers.give(job.copy)
+            job.copy = None
+        job.source.release(job.raw)
+
+    def _result(self, job: _Job, reply: tuple) -> np.ndarray:
+        """The chunk a worker's reply describes, over ``job.out``; or its error, raised."""
+        out = job.out
         kind = reply[0]
         if kind == "error":  # a ChunkDecodeError, as thread mode raises it
-            raise ChunkDecodeError(reply[1])
+            raise ChunkDecodeError(reply[2])
         if kind == "failed":
-            raise ChunkDecodeError(f"{where}: in a decode process: {reply[1]}")
-        _, dtype_str, shape, order = reply
+            raise ChunkDecodeError(f"{job.where}: in a decode process: {reply[2]}")
+        _, _, dtype_str, shape, order, _ = reply
         dtype = np.dtype(dtype_str)
         nbytes = math.prod(shape) * dtype.itemsize
         if out is None or nbytes > out.nbytes:
             if nbytes:
-                raise ChunkDecodeError(f"{where}: a decode process returned {nbytes} bytes")
+                raise ChunkDecodeError(f"{job.where}: a decode process returned {nbytes} bytes")
             arr = np.empty(shape, dtype)
         else:
-            arr = self._buffers.hand_out_prefix(out, nbytes, dtype, shape, order)
+            arr = self._buffers.hand_out(out, dtype, shape, order)  # (maybe its start)
         arr.flags.writeable = False
         return arr
 
-    def _spec(self, source: ChunkSource, where: str) -> tuple[int, bytes]:
+    def _spec(self, source: ChunkSource, index: tuple[int, ...]) -> tuple[int, bytes]:
         """The id and pickle a worker rebuilds ``source``'s decoding from."""
         entry = self._specs.get(source)
         if entry is not None:
@@ -416,103 +736,45 @@ class DecodeProcesses:
                     blob = pickle.dumps((copy, source.name), pickle.HIGHEST_PROTOCOL)
                 except Exception as err:
                     raise ChunkDecodeError(
-                        f"{where}: its codecs cannot be sent to a decode process "
+                        f"{_where(source, index)}: its codecs cannot be sent to a decode process "
                         f"({type(err).__name__}: {err})"
                     ) from None
                 entry = self._specs[source] = (next(self._spec_ids), blob)
                 weakref.finalize(source, self._spec_gone, entry[0])
         return entry
 
-    def _call(
-        self,
-        where: str,
-        spec_id: int,
-        spec: bytes,
-        index: tuple[int, ...],
-        inp: Ref,
-        out: Ref | None,
-    ) -> tuple:
-        """Run one job in a worker and return its reply; raises :class:`_Lost` if the
-        worker died or was killed during it."""
-        for _ in range(3):  # a worker found dead before it took the job: another one
-            worker = self._acquire(where)
-            forget_segments, worker.forget_segments = worker.forget_segments, []
-            forget_specs, worker.forget_specs = worker.forget_specs, []
-            worker.mapped.add(inp[0])
-            if out is not None:
-                worker.mapped.add(out[0])
-            known = spec_id in worker.specs
-            worker.specs.add(spec_id)
-            message = (spec_id, None if known else spec, index, inp, out)
-            try:
-                worker.conn.send((*message, forget_segments, forget_specs))
-            except (OSError, ValueError):  # it died while idle: the job never reached it
-                self._lose(worker)
-                continue
-            reply: tuple | None = None
-            finished = True
-            try:
-                if worker.conn.poll(self.timeout):
-                    reply = worker.conn.recv()
-                else:
-                    finished = False
-            except (EOFError, OSError):  # it died (its end of the pipe closed)
-                pass
-            if reply is None:
-                if not finished:
-                    worker.process.kill()
-                reason = self._lose(worker)
-                if finished:
-                    what = reason or "closed its pipe"
-                else:
-                    what = f"did not finish within {self.timeout:g} s and was killed"
-                error = DecodeWorkerError(
-                    f"{where}: decode worker (pid {worker.pid}) {what}",
-                    exit_reason=reason or what,
-                )
-                raise _Lost(error, settled=reason is not None)
-            if reply[0] == "exit":  # it ran out of memory, replied, and exits
-                self._lose(worker)
-                raise _Lost(
-                    DecodeWorkerError(
-                        f"{where}: decode worker (pid {worker.pid}) {reply[1]}; it is replaced",
-                        exit_reason=reply[1],
-                    ),
-                    settled=True,
-                )
-            if reply[0] == "failed":
-                worker.specs.discard(spec_id)  # (it may not have rebuilt the source)
-            self._release(worker)
-            return reply
-        raise ChunkDecodeError(f"{where}: decode workers keep dying before taking a job")
-
     # -- workers ------------------------------------------------------------------------
 
-    def _acquire(self, where: str) -> _Worker:
-        """A free worker, started if fewer than ``size`` run; waits for one at most
-        ``timeout`` seconds."""
+    def _acquire(self, wait: bool) -> _Worker | None:
+        """A free worker, started if fewer than ``size`` run; else, with ``wait``, the
+        first to become free within ``timeout`` seconds (without: None, and a free
+        worker goes to a thread that waits first). Raises :class:`_NoWorker`."""
         deadline = time.monotonic() + self.timeout
         with self._cond:
             while True:
                 if self._closed:
-                    raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
-                if self._idle:
+                    raise _NoWorker("the pool's decode processes are closed")
+                if self._idle and (wait or not self._waiting):
                     return self._idle.pop()
                 if len(self._workers) + self._starting < self.size:
                     self._starting += 1
                     break
+                if not wait:
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ChunkDecodeError(
-                        f"{where}: no decode worker became free within {self.timeout:g} s"
-                    )
-                self._cond.wait(left)
+                    raise _NoWorker(f"no decode worker became free within {self.timeout:g} s")
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
         worker: _Worker | None = None
         try:
             worker = _Worker(_context())
         except Exception as err:
-            raise ChunkDecodeError(
-                f"{where}: could not start a decode worker ({type(err).__name__}: {err})"
+            raise _NoWorker(
+                f"could not start a decode worker ({type(err).__name__}: {err})"
             ) from None
         finally:
             with self._cond:
@@ -526,7 +788,7 @@ class DecodeProcesses:
                 self._starting -= 1
                 self._cond.notify_all()
         if closed:
-            raise ChunkDecodeError(f"{where}: the pool's decode processes are closed")
+            raise _NoWorker("the pool's decode processes are closed")
         return worker
 
     def _release(self, worker: _Worker) -> None:
@@ -575,14 +837,15 @@ class DecodeProcesses:
         for worker in workers:
             if any(worker is w for w in idle):
                 worker.conn.close()  # it exits at the end of its pipe
+                worker.wake.close()
             else:
                 worker.process.kill()  # a thread waits for it: it sees the end
         for worker in workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
+            _join(worker.process, deadline - time.monotonic())
         for worker in workers:
-            if worker.process.exitcode is None:
+            if _join(worker.process, 0.0) is None:
                 worker.process.kill()
-                worker.process.join(max(0.0, min(EXIT_WAIT, deadline - time.monotonic())))
+                _join(worker.process, min(EXIT_WAIT, deadline - time.monotonic()))
         self._buffers.close()
 
 
@@ -669,44 +932,76 @@ def _decode_job(
     return ("ok", arr.dtype.str, arr.shape, order)
 
 
-def _serve(conn: Any, sys_path: list[str]) -> None:
-    """A worker process: decode jobs from ``conn`` until it closes."""
+def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
+    """A worker process: decode the jobs of each message from ``conn``, replying to each
+    as soon as it is decoded (with the seconds it took and when it finished), and
+    writing a byte to ``wake`` whenever no job is left (the one wake-up of the thread
+    waiting for its replies), until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.extend(p for p in sys_path if p not in sys.path)
     buffers = _SlotBuffers()
     sources: dict[int, ChunkSource] = {}
+    broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
+    inbox = select.poll()
+    inbox.register(conn.fileno(), select.POLLIN)
+    wake_fd = wake.fileno()
+    os.set_blocking(wake_fd, False)  # (a full pipe of wake-ups: one more is not needed)
+    perf_counter, monotonic = time.perf_counter, time.monotonic
     while True:
         try:
-            spec_id, spec, index, inp, out, forget_segments, forget_specs = conn.recv()
+            jobs, forget_segments, forget_specs = conn.recv()
         except (EOFError, OSError):
             return
         for name in forget_segments:
             segments.pop(name, None)
         for forgotten in forget_specs:
             sources.pop(forgotten, None)
-        exiting = False
-        try:
-            if spec is not None:
-                scale, name = pickle.loads(spec)
-                sources[spec_id] = ChunkSource(scale, buffers, name=name)
-            reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
-        except ChunkDecodeError as err:
-            cause = err.__cause__
-            exiting = isinstance(cause, MemoryError)
-            reply = (
-                ("exit", f"ran out of memory (MemoryError: {cause})")
-                if exiting
-                else ("error", str(err))
-            )
-        except MemoryError as err:
-            exiting = True
-            reply = ("exit", f"ran out of memory (MemoryError: {err})")
-        except Exception as err:
-            reply = ("failed", f"{type(err).__name__}: {' '.join(str(err).split())}")
-        try:
-            conn.send(reply)
-        except (OSError, ValueError):
-            return
-        if exiting:
-            return
+            broken.pop(forgotten, None)
+        for spec_id, spec, index, inp, out in jobs:
+            t0 = perf_counter()
+            exiting = False
+            reply: tuple
+            try:
+                if spec is not None:
+                    broken.pop(spec_id, None)
+                    try:
+                        scale, name = pickle.loads(spec)
+                        sources[spec_id] = ChunkSource(scale, buffers, name=name)
+                    except Exception as err:
+                        broken[spec_id] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                if spec_id in broken:  # (later jobs of its message come without the spec)
+                    reply = ("failed", perf_counter() - t0, broken[spec_id])
+                else:
+                    reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
+                    reply = (reply[0], perf_counter() - t0, *reply[1:])
+            except ChunkDecodeError as err:
+                cause = err.__cause__
+                exiting = isinstance(cause, MemoryError)
+                reply = (
+                    ("exit", 0.0, f"ran out of memory (MemoryError: {cause})")
+                    if exiting
+                    else ("error", perf_counter() - t0, str(err))
+                )
+            except MemoryError as err:
+                exiting = True
+                reply = ("exit", 0.0, f"ran out of memory (MemoryError: {err})")
+            except Exception as err:
+                reply = (
+                    "failed",
+                    perf_counter() - t0,
+                    f"{type(err).__name__}: {' '.join(str(err).split())}",
+                )
+            try:
+                conn.send((*reply, monotonic()))
+            except (OSError, ValueError):
+                return
+            if exiting:
+                return
+        if not inbox.poll(0):
+            try:
+                os.write(wake_fd, b"\0")
+            except BlockingIOError:
+                pass
+            except OSError:
+                return

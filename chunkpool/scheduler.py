@@ -210,6 +210,9 @@ class _Batch:
     ) -> None:
         perf_counter = time.perf_counter
         fetch_s = decode_s = 0.0
+        # decode="processes": a worker decodes each job while the next is read (their read
+        # buffers stay taken until finish: at most a batch of them)
+        pipeline = None
         while True:
             try:
                 job = pending.popleft()
@@ -234,6 +237,12 @@ class _Batch:
                 job.source.release(raw)
                 continue
             self.reading = False
+            processes = job.source.processes
+            if processes is not None and raw.data is not None:  # (missing: the fill)
+                if pipeline is None:
+                    pipeline = processes.pipeline()
+                pipeline.submit(job, job.source, job.index, raw)
+                continue
             data: np.ndarray | None = None
             error: BaseException | None = None
             try:
@@ -243,6 +252,11 @@ class _Batch:
             job.decoded_at = t2 = perf_counter()
             decode_s += t2 - t1
             results.append((job, data, error))
+        if pipeline is not None:
+            for job, data, error, seconds in pipeline.finish():  # (seconds in the worker)
+                job.decoded_at = perf_counter()
+                decode_s += seconds
+                results.append((job, data, error))
         self.fetch_s, self.decode_s = fetch_s, decode_s
 
 

@@ -309,6 +309,76 @@ def test_a_chunk_dropped_while_a_worker_decodes_it_is_discarded(ppools, tmp_path
     assert pool._processes.lost == 0
 
 
+def _one_worker_batches(ppools: Callable[..., ChunkPool], arr: zarr.Array) -> tuple:
+    """A pool of ``arr`` (4 x 4 chunks) through a recording store, with one IO thread,
+    one CPU slot and one worker, its loads measured (so that reads are taken in
+    batches): the pool and the store."""
+    store = GatedStore(arr.store)
+    pool = ppools(zarr.open_array(store, mode="r"), io_concurrency=1, cpu_workers=1)
+    pool._processes.size = 1
+    grid = [(0, idx) for idx in np.ndindex(4, 4)]
+    for _ in range(2):
+        pool.get_chunks(grid, "warm")
+        pool.wait_for_chunks_to_load()
+        pool.drop_chunks(grid, "warm")
+    return pool, store
+
+
+def test_a_batch_is_read_while_its_worker_decodes_and_a_crash_fails_one_chunk(
+    ppools, tmp_path, gate
+):
+    """One IO thread, one CPU slot, one worker: while the worker decodes a batch's first
+    chunk, the thread reads the others and queues them to it (it does not wait for each
+    decode). The worker then dies on the second: that chunk alone fails, naming the exit
+    reason; the first was decoded before, and the third, queued behind the crash and
+    never started, loads from the worker that replaces it."""
+    data = ramp((128, 128), "uint8")
+    arr = _python_codec_array(tmp_path / "a.zarr", data)
+    pool, store = _one_worker_batches(ppools, arr)
+    first, crash, third = (0, 0), (0, 1), (0, 2)
+    _overwrite(arr, first, gate.marker() + PyXor().encode(data[:32, :32].tobytes()))
+    _overwrite(arr, crash, pycodecs.SEGV)
+    key = arr.async_array.metadata.encode_chunk_key
+    seen = len(store.rec.started)
+    locs = pool.get_chunks([(0, first), (0, crash), (0, third)], "t")
+    gate.wait_entered()  # the worker is inside the first decode, held
+    started = store.rec.wait_started(seen + 3, timeout=WAIT)[seen:]
+    assert started == [key(first), key(crash), key(third)]
+    gate.open()
+    with contextlib.suppress(ChunkLoadError):
+        pool.wait_for_chunks_to_load()
+    np.testing.assert_array_equal(locs[0].data, data[:32, :32])
+    error = locs[1].error
+    assert isinstance(error, DecodeWorkerError) and error.exit_reason == "killed by SIGSEGV"
+    assert str(error).startswith("test/0.1: decode worker (pid ")
+    np.testing.assert_array_equal(locs[2].data, data[:32, 64:96])
+    assert pool._processes.lost == 1 and pool._processes.started == 2
+
+
+def test_a_decode_past_the_timeout_is_killed_and_the_next_in_its_batch_loads(
+    ppools, tmp_path, gate
+):
+    """A batch's first decode never ends: its worker is killed after ``timeout`` and
+    that chunk fails saying so; the chunk queued behind it loads from a new worker."""
+    data = ramp((128, 128), "uint8")
+    arr = _python_codec_array(tmp_path / "a.zarr", data)
+    pool, store = _one_worker_batches(ppools, arr)
+    pool._processes.timeout = 2.0
+    _overwrite(arr, (0, 0), gate.marker())  # never opened
+    seen = len(store.rec.started)
+    stuck, behind = pool.get_chunks([(0, (0, 0)), (0, (0, 1))], "t")
+    gate.wait_entered()
+    store.rec.wait_started(seen + 2, timeout=WAIT)  # both read, in one batch
+    with contextlib.suppress(ChunkLoadError):
+        pool.wait_for_chunks_to_load()
+    error = stuck.error
+    assert isinstance(error, DecodeWorkerError), error
+    assert error.exit_reason == "killed by SIGKILL"
+    assert str(error).endswith(") did not finish within 2 s and was killed")
+    np.testing.assert_array_equal(behind.data, data[:32, 32:64])
+    assert pool._processes.lost == 1 and pool._processes.started == 2
+
+
 def test_destroy_stops_a_worker_stuck_in_a_decode(ppools, tmp_path, gate):
     data = ramp((128, 128), "uint8")
     arr = _python_codec_array(tmp_path / "a.zarr", data)
