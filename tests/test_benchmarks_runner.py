@@ -161,3 +161,41 @@ def test_quick_run_through_the_child(tmp_path):
     data = json.loads((tmp_path / "run" / "benchmarks.json").read_text())
     assert data["figures"] == [] and data["ratios"] == {}
     assert data["modules"][0]["module"] == "bench_peers"
+
+
+def test_a_rerun_measures_its_modules_again_and_keeps_the_others(tmp_path):
+    """``--rerun bench_peers``: bench_peers is measured again (here: nothing, no peers'
+    python), bench_pool's figures stay those of the run already published, marked as
+    kept from it, and the modules keep the published order."""
+    out = tmp_path / "run"
+    earlier = [ModuleRun("bench_pool", 12.0, [MET, MISSED]), ModuleRun("bench_peers", 5.0, [INFO])]
+    publish(RUN, earlier, out, None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    options = ["--no-waterfall", "--out", str(out), "--peers-python", str(tmp_path / "none")]
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks", "--quick", "--rerun", "bench_peers", *options],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((out / "benchmarks.json").read_text())
+    assert [(m["module"], m["kept_from"]) for m in data["modules"]] == [
+        ("bench_pool", "2026-01-01 00:00 at abc123 dirty"),
+        ("bench_peers", None),
+    ]
+    assert [figure_from_json(f) for f in data["figures"]] == [MET, MISSED]
+    md = (out / "BENCHMARKS.md").read_text()
+    assert rows(md, "bench_pool")[0][1] == (
+        "2 figures (kept from the run of 2026-01-01 00:00 at abc123 dirty)"
+    )
+    assert rows(md, "bench_peers")[0][1] == "0 figures"
+
+
+def test_a_rerun_needs_a_published_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--rerun", "bench_peers", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--rerun needs the run published in" in capsys.readouterr().err

@@ -18,7 +18,9 @@ HTTP with 50 ms latency as a KPI log (also in a child), and writes into ``DIR``
   the jump went, :func:`viewer.report.waterfall`), with the jump's ``kpi.jsonl``.
 
 ``--quick`` is the same code path with fewer repeats and smaller data, for a smoke test
-(seconds per module), not for publishing. ``--peers-python`` (or the environment's
+(seconds per module), not for publishing. ``--rerun a,b`` measures those modules again
+and publishes them with every other module's figures kept from the run already in
+``DIR`` (each kept module says the date and commit it was measured at). ``--peers-python`` (or the environment's
 ``ZARRSCOPE_PEERS_PYTHON``) is the peers' interpreter for ``bench_peers`` (default
 ``.peers-venv/bin/python`` in the clone; without it that module publishes nothing).
 """
@@ -83,6 +85,8 @@ class ModuleRun:
     seconds: float
     figures: list[Figure] = field(default_factory=list)
     error: str | None = None
+    #: Set when the figures were kept from an earlier run (``--rerun``): its date, commit.
+    kept_from: str | None = None
 
 
 # -- the child side ------------------------------------------------------------------------
@@ -90,7 +94,7 @@ class ModuleRun:
 
 def figure_from_json(data: dict[str, Any]) -> Figure:
     """The :class:`Figure` of one of ``benchmarks.json``'s (or a child's) figures."""
-    fields = {k: v for k, v in data.items() if k != "met"}
+    fields = {k: v for k, v in data.items() if k not in ("met", "module")}
     if fields.get("spread") is not None:
         fields["spread"] = tuple(fields["spread"])
     return Figure(**fields)
@@ -387,6 +391,8 @@ def markdown(run: dict[str, Any], modules: list[ModuleRun], pictures: dict[str, 
     ]
     for mod in modules:
         result = f"**failed**: {mod.error}" if mod.error else f"{len(mod.figures)} figures"
+        if mod.kept_from:
+            result += f" (kept from the run of {mod.kept_from})"
         lines.append(f"| {mod.module} | {cell(result)} | {mod.seconds:.0f} |")
     sections: dict[str, list[Figure]] = {}
     for mod in modules:
@@ -414,9 +420,15 @@ def publish(
     run = {
         **run,
         "modules": [
-            {"module": m.module, "seconds": round(m.seconds, 1), "error": m.error} for m in modules
+            {
+                "module": m.module,
+                "seconds": round(m.seconds, 1),
+                "error": m.error,
+                "kept_from": m.kept_from,
+            }
+            for m in modules
         ],
-        "figures": [f.to_json() for f in figures],
+        "figures": [{"module": m.module, **f.to_json()} for m in modules for f in m.figures],
         "ratios": ratios(figures),
     }
     (out / "benchmarks.json").write_text(json.dumps(run, indent=1, ensure_ascii=False) + "\n")
@@ -435,6 +447,36 @@ def publish(
     return path
 
 
+def earlier_run(out: Path, exclude: list[str]) -> dict[str, ModuleRun]:
+    """The modules of the run published in ``out`` (its ``benchmarks.json``) other than
+    ``exclude``, each marked with that run's date and commit."""
+    run = json.loads((out / "benchmarks.json").read_text())
+    origin = f"{run['date']} at {run['commit']}"
+    figures: dict[str, list[Figure]] = {}
+    for data in run["figures"]:
+        figures.setdefault(data["module"], []).append(figure_from_json(data))
+    kept = {}
+    for entry in run["modules"]:
+        name = entry["module"]
+        if name in exclude:
+            continue
+        kept[name] = ModuleRun(
+            name,
+            entry["seconds"],
+            figures.get(name, []),
+            entry["error"],
+            entry.get("kept_from") or origin,
+        )
+    return kept
+
+
+def kept_caption(out: Path) -> str:
+    """The earlier run's waterfall caption, from its ``BENCHMARKS.md``."""
+    lines = (out / "BENCHMARKS.md").read_text().splitlines()
+    at = lines.index("![waterfall.png](waterfall.png)")
+    return lines[at + 2] + " (kept from the earlier run)"
+
+
 def load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -449,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "benchmarks" / "results")
     parser.add_argument("--peers-python", type=Path, default=None, help="the peers' python")
     parser.add_argument("--no-waterfall", action="store_true", help="do not record the jump")
+    parser.add_argument(
+        "--rerun",
+        default=None,
+        help="comma-separated modules to measure again; the others keep their figures from "
+        "the run already published in --out",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--figures", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-waterfall", type=Path, default=None, help=argparse.SUPPRESS)
@@ -475,10 +523,19 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
         print(json.dumps(record_jump(out / "kpi.jsonl", out / "waterfall.png")))
         return 0
 
-    modules = list(MODULES) if args.only is None else args.only.split(",")
+    if args.only is not None and args.rerun is not None:
+        parser.error("--only and --rerun do not go together")
+    chosen = args.rerun if args.rerun is not None else args.only
+    modules = list(MODULES) if chosen is None else chosen.split(",")
     unknown = [m for m in modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module {unknown[0]!r}; the modules are {', '.join(MODULES)}")
+    kept: dict[str, ModuleRun] = {}
+    if args.rerun is not None:
+        try:
+            kept = earlier_run(args.out, exclude=modules)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--rerun needs the run published in {args.out}: {err}")
     started, load_start = time.perf_counter(), load()
     context: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
@@ -521,6 +578,11 @@ def execute(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: lis
             print(waterfall[1], flush=True)
     context["load_end"] = load()
     context["seconds"] = round(time.perf_counter() - started, 1)
+    if kept:  # the published order, measured or kept
+        measured = {r.module: r for r in results}
+        results = [measured.get(m) or kept[m] for m in MODULES if m in measured or m in kept]
+        if waterfall is None and (args.out / "waterfall.png").exists():
+            waterfall = True, kept_caption(args.out)
     path = publish(context, results, args.out, waterfall)
     failed = [r.module for r in results if r.error]
     print(f"wrote {path} ({len(failed)} failed: {', '.join(failed) or 'none'})", flush=True)

@@ -37,19 +37,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]
-for _dir in (TESTS, TESTS / "benchmarks"):
+for _dir in (TESTS, TESTS.parent):  # support.*, and tests.benchmarks.* as the runner has it
     if str(_dir) not in sys.path:
         sys.path.insert(0, str(_dir))
 
 import statistics  # noqa: E402
 
 import zarr  # noqa: E402
-from figures import Figure, quartiles  # noqa: E402
 from support.images import noise_image, write_pyramid  # noqa: E402
 from support.teststores import GatedStore  # noqa: E402
 from zarr.storage import LocalStore  # noqa: E402
 
 from chunkpool import ChunkPool  # noqa: E402
+from tests.benchmarks.figures import Figure, quartiles  # noqa: E402
 from viewer import Viewer  # noqa: E402
 
 SIDE, CHUNK, LEVELS = 4096, 128, 4
