@@ -196,7 +196,9 @@ def ratio_chart(results: dict[str, Any], out: str | Path) -> Path:
 
     ratios = results["ratios"]
     names = list(ratios)
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5), dpi=100)
+    # wide enough for the longest name beside a plot of at least about 5 inches
+    width = max(9.0, 5.0 + 0.075 * max((len(n) for n in names), default=0))
+    fig, ax = plt.subplots(figsize=(width, 0.35 * len(names) + 1.5), dpi=100)
     for row, name in enumerate(names):
         r = ratios[name]
         goal, value = r.get("goal"), r["ratio"]

@@ -20,9 +20,10 @@ HTTP with 50 ms latency as a KPI log (also in a child), and writes into ``DIR``
 ``--quick`` is the same code path with fewer repeats and smaller data, for a smoke test
 (seconds per module), not for publishing. ``--rerun a,b`` measures those modules again
 and publishes them with every other module's figures kept from the run already in
-``DIR`` (each kept module says the date and commit it was measured at). ``--peers-python`` (or the environment's
-``ZARRSCOPE_PEERS_PYTHON``) is the peers' interpreter for ``bench_peers`` (default
-``.peers-venv/bin/python`` in the clone; without it that module publishes nothing).
+``DIR`` (each kept module says the date and commit it was measured at).
+``--peers-python`` (or the environment's ``ZARRSCOPE_PEERS_PYTHON``) is the peers'
+interpreter for ``bench_peers`` (default ``.peers-venv/bin/python`` in the clone;
+without it that module publishes nothing).
 """
 
 from __future__ import annotations
@@ -320,11 +321,13 @@ def ratio_name(figure: Figure) -> str:
 
 
 def ratios(figures: list[Figure]) -> dict[str, dict[str, Any]]:
-    """Every figure's ratio, as :func:`viewer.report.ratio_chart` reads them."""
+    """The ratio of every figure that has a goal, as :func:`viewer.report.ratio_chart`
+    reads them (the figures published for information are in the tables only: with them
+    the chart was some sixty bars, unreadable)."""
     return {
         ratio_name(f): {"ratio": f.ratio, "goal": f.goal, "higher_is_better": f.higher_is_better}
         for f in figures
-        if f.ratio is not None and math.isfinite(f.ratio)
+        if f.goal is not None and f.ratio is not None and math.isfinite(f.ratio)
     }
 
 
@@ -436,8 +439,8 @@ def publish(
     if run["ratios"]:
         ratio_chart(run, out / "ratios.png")
         pictures["ratios.png"] = (
-            "Every ratio of the tables against its same-run reference (green: its goal met or"
-            " no goal; red: missed; black tick: the goal; dashed: parity)."
+            "Every ratio of the tables that has a goal, against its same-run reference"
+            " (green: the goal met; red: missed; black tick: the goal; dashed: parity)."
         )
     if waterfall is not None:
         drawn, caption = waterfall
