@@ -12,9 +12,7 @@ the same log: the viewer writes ``drawn`` (a chunk's data first on screen) and
 jump went.
 
 Cost: :meth:`KpiLog.add` is two deque appends (the ring and, with a path, the lines
-to write), cheap enough under the pool's lock; records are kept as plain tuples (made
-:class:`LoadRecord` s when read), which the garbage collector stops tracking, where a
-named tuple stays tracked: thousands are held at any time; the log's writer thread formats and
+to write), cheap enough under the pool's lock; the log's writer thread formats and
 writes them every :data:`FLUSH_EVERY` records or :data:`FLUSH_SECONDS`, whichever
 comes first, and stops at :meth:`KpiLog.close` (which writes the rest). One line, with
 ``null`` for a step a load never reached (a cancelled one has no ``decoded``)::
@@ -100,9 +98,8 @@ class KpiLog:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
         self.path = None if path is None else os.fspath(path)
-        # records as plain tuples (a LoadRecord's fields: see the module docstring)
-        self._ring: deque[tuple] = deque(maxlen=capacity)
-        self._todo: deque[tuple | dict[str, Any]] | None = None  # for the file
+        self._ring: deque[LoadRecord] = deque(maxlen=capacity)
+        self._todo: deque[LoadRecord | dict[str, Any]] | None = None  # for the file
         self._sources: dict[str, str] = {}  # source -> its JSON string, made once
         # perf_counter -> epoch: measured once, so that every line shares one clock
         self._epoch_us = int((time.time() - time.perf_counter()) * 1e6)
@@ -123,11 +120,8 @@ class KpiLog:
     def __repr__(self) -> str:
         return f"<KpiLog {len(self._ring)} records, {self.path or 'in memory'}>"
 
-    def add(self, record: LoadRecord | tuple) -> None:
-        """Keep ``record`` (a :class:`LoadRecord`, or a plain tuple of its fields, as
-        the pool makes them) and log it, with a path. Cheap: two appends."""
-        if type(record) is not tuple:
-            record = tuple(record)
+    def add(self, record: LoadRecord) -> None:
+        """Keep ``record`` (and log it, with a path). Cheap: two appends."""
         self._ring.append(record)  # deque.append is atomic
         todo = self._todo
         if todo is not None:
@@ -145,14 +139,13 @@ class KpiLog:
 
     def records(self) -> list[LoadRecord]:
         """The records in the ring, oldest first (a snapshot)."""
-        return list(map(LoadRecord._make, list(self._ring)))
+        return list(self._ring)
 
     def latency_percentiles(self, q: Iterable[float] = (50, 90, 99)) -> tuple[float, ...]:
         """Percentiles of request-to-delivery seconds over the ring's delivered loads
         (NaN each while there is none)."""
         q = tuple(q)
-        # (fields 10 and 6: delivered and requested)
-        latencies = [r[10] - r[6] for r in list(self._ring) if r[10]]
+        latencies = [r.delivered - r.requested for r in list(self._ring) if r.delivered]
         if not latencies:
             return (float("nan"),) * len(q)
         return tuple(float(v) for v in np.percentile(latencies, q))
@@ -198,9 +191,8 @@ class KpiLog:
             self._wake.clear()
             self.flush()
 
-    def _load_line(self, record: tuple) -> str:
+    def _load_line(self, r: LoadRecord) -> str:
         # formatted by hand, not json.dumps(dict): a third of the cost, per chunk
-        r = LoadRecord._make(record)
         source = self._sources.get(r.source)
         if source is None:
             source = self._sources[r.source] = json.dumps(r.source)

@@ -40,7 +40,7 @@ from .errors import (
     PoolDestroyedError,
 )
 from .info import MultiscaleInfo
-from .kpi import KpiLog
+from .kpi import KpiLog, LoadRecord
 from .location import (
     TRANSITIONS,
     ChunkKey,
@@ -1215,11 +1215,9 @@ def _load_record(
     error: BaseException | None,
     delivered: float | None,
     source: str,
-) -> tuple:
-    """The KPI record of a load that ended (``delivered``: when, or None if cancelled):
-    a :class:`~chunkpool.kpi.LoadRecord`'s fields as a plain tuple (the garbage
-    collector stops tracking it; the ring keeps thousands)."""
-    return (
+) -> LoadRecord:
+    """The KPI record of a load that ended (``delivered``: when, or None if cancelled)."""
+    return LoadRecord(
         source,
         job.source.scale.level,
         job.index,

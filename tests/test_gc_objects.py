@@ -33,8 +33,9 @@ def tracked_per_chunk(before: int, n: int) -> float:
 
 
 def test_a_loaded_chunk_leaves_its_location_and_its_datas_handle(pools, grid):
-    """Held and loaded, without handlers: the location and the handle that returns
-    its buffer, nothing more (no refs dict, ref entry or KPI record tracked)."""
+    """Held and loaded, without handlers: the location, the handle that returns its
+    buffer and its KPI record (in the ring, which holds 2048), nothing more (no refs
+    dict or ref entry tracked)."""
     pool = pools(grid)
     keys = keys_of(pool)
     pool.get_chunks(keys)  # a first round: the recycled buffers exist from then on
@@ -46,7 +47,7 @@ def test_a_loaded_chunk_leaves_its_location_and_its_datas_handle(pools, grid):
         pool.get_chunk(level, index, priority=1.0)
     pool.wait_for_chunks_to_load(timeout=60)
     assert all(pool.get_chunk(*key).loaded for key in keys)
-    assert tracked_per_chunk(before, len(keys)) <= 2.5
+    assert tracked_per_chunk(before, len(keys)) <= 3.5
     pool.drop_chunks(keys)
 
 
