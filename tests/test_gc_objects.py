@@ -67,3 +67,29 @@ def test_a_queued_chunk_leaves_its_location_its_job_and_its_heap_entry(pools, gr
         pool.drop_chunks(keys)
     finally:
         node.store.rec.open_gate()
+
+
+def test_refs_held_as_priorities_and_entries_rank_and_drop_alike(pools, grid):
+    """A ref without handlers (held as its priority alone) and one with a drop handler
+    (an entry) on one chunk: re-ranking either moves the chunk's priority, and each
+    drop calls only the handlers registered."""
+    node = zarr.open_array(GatedStore(grid.store), mode="r")
+    node.store.rec.hold()
+    pool = pools(node, io_concurrency=1)
+    dropped = []
+    try:
+        pool.get_chunk(0, (0, 0), "blocker")
+        node.store.rec.wait_started(1)
+        loc = pool.get_chunk(0, (1, 1), "plain", priority=5)
+        pool.get_chunk(0, (1, 1), "with", priority=7, drop_handler=dropped.append)
+        assert loc.priority == 5
+        pool.get_chunk(0, (1, 1), "plain", priority=9)  # re-ranked: a new number
+        assert loc.priority == 7
+        pool.get_chunk(0, (1, 1), "with", priority=2)  # re-ranked: the entry's
+        assert loc.priority == 2
+        pool.drop_chunk(0, (1, 1), "plain")
+        assert dropped == [] and loc.refs == {"with"} and loc.priority == 2
+        pool.drop_chunk(0, (1, 1), "with")
+        assert dropped == [loc]
+    finally:
+        node.store.rec.open_gate()
