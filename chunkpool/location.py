@@ -53,7 +53,8 @@ TRANSITIONS: dict[ChunkState, frozenset[ChunkState]] = {
 
 
 class _RefEntry:
-    """What one ref registered on a chunk."""
+    """What one ref registered on a chunk, when it registered a load or drop handler
+    (a ref without either is held as its priority alone: see ``_refs``)."""
 
     __slots__ = ("drop_handler", "load_handler", "priority")
 
@@ -61,6 +62,22 @@ class _RefEntry:
         self.priority = priority
         self.load_handler = load_handler
         self.drop_handler = drop_handler
+
+
+def _priority_of(entry: float | _RefEntry) -> float:
+    """The priority of a ref's registration (a value of ``ChunkLocation._refs``)."""
+    return entry.priority if type(entry) is _RefEntry else entry
+
+
+def _load_handlers(refs: dict[str, float | _RefEntry]) -> dict[str, Handler] | None:
+    """The load handlers registered among ``refs`` (ref -> handler), None if none."""
+    handlers = None
+    for r, e in refs.items():
+        if type(e) is _RefEntry and e.load_handler is not None:
+            if handlers is None:
+                handlers = {}
+            handlers[r] = e.load_handler
+    return handlers
 
 
 _PENDING = ChunkState.PENDING
@@ -112,7 +129,10 @@ class ChunkLocation:
         self._state = _PENDING
         self._data: np.ndarray | None = None
         self._error: BaseException | None = None
-        self._refs: dict[str, _RefEntry] = {}
+        # ref -> its priority (a number) or, with a load or drop handler, a _RefEntry:
+        # the common ref without handlers adds no object, and a dict of numbers stays
+        # untracked by the garbage collector (which walks every tracked object held)
+        self._refs: dict[str, float | _RefEntry] = {}
         # made when first needed (None: none); fewer objects per chunk for the
         # garbage collector to track, which costs ~2 µs per chunk with thousands held
         self._destroy_handlers: dict[str, Handler] | None = None
@@ -214,8 +234,8 @@ class ChunkLocation:
         refs = self._refs
         if len(refs) == 1:
             for entry in refs.values():
-                return entry.priority
-        return min((e.priority for e in refs.values()), default=0.0)
+                return _priority_of(entry)
+        return min(map(_priority_of, refs.values()), default=0.0)
 
     def wait(self, timeout: float | None = None) -> np.ndarray:
         """Block until the chunk is loaded and return its data.

@@ -41,7 +41,15 @@ from .errors import (
 )
 from .info import MultiscaleInfo
 from .kpi import KpiLog, LoadRecord
-from .location import TRANSITIONS, ChunkKey, ChunkLocation, ChunkState, Handler, _RefEntry
+from .location import (
+    TRANSITIONS,
+    ChunkKey,
+    ChunkLocation,
+    ChunkState,
+    Handler,
+    _load_handlers,
+    _RefEntry,
+)
 from .metadata import read_multiscales
 from .procdecode import decode_setup
 from .redaction import describe_error
@@ -201,6 +209,9 @@ class ChunkPool:
             cpu_workers=cpu_workers or (os.cpu_count() or 1) + 1,
             on_done_many=self._on_jobs_done,
         )
+        # one bound method for every job's on_done (not one more object per chunk for
+        # the garbage collector to count and track)
+        self._job_done = self._on_job_done
         # pools sharing a memory budget share its lock: one state change sees them all
         self._lock = threading.RLock() if budget is None else budget._lock
         self._chunks: dict[ChunkKey, ChunkLocation] = {}  # chunks with at least one ref
@@ -488,7 +499,8 @@ class ChunkPool:
 
     def _validate(self, level: int, index: Iterable[int]) -> tuple[int, tuple[int, ...]]:
         grid = self._level(level).grid
-        index = tuple(map(int, index))
+        if type(index) is not tuple or any(type(i) is not int for i in index):
+            index = tuple(map(int, index))  # (a tuple of ints is kept: one object less)
         if (
             len(index) != len(grid)
             or (index and min(index) < 0)
@@ -620,14 +632,18 @@ class ChunkPool:
                     index = key[1]
                     loc = ChunkLocation(self, fast.scale, index, fast.nbytes(index))
                     p = priority or 0.0
-                    loc._refs[ref] = _RefEntry(p, load_handler, drop_handler)
+                    loc._refs[ref] = (
+                        p
+                        if load_handler is None and drop_handler is None
+                        else _RefEntry(p, load_handler, drop_handler)
+                    )
                     if destroy_handler is not None:
                         loc._destroy_handlers = {ref: destroy_handler}
                     chunks[key] = loc
                     self._stats.misses += 1
                     self._pending_bytes += loc._nbytes
                     self._loading += 1
-                    job = LoadJob(self._sources[level], index, p, self._on_job_done)
+                    job = LoadJob(self._sources[level], index, p, self._job_done)
                     loc._job = job
                     budget = self._budget
                     if budget is None:
@@ -649,7 +665,12 @@ class ChunkPool:
         if entry is None:
             if refs:  # (a chunk just taken from the cache has no refs: counted above)
                 self._stats.hits += 1
-            refs[ref] = _RefEntry(priority or 0.0, load_handler, drop_handler)
+            p = priority or 0.0
+            refs[ref] = (
+                p
+                if load_handler is None and drop_handler is None
+                else _RefEntry(p, load_handler, drop_handler)
+            )
             if destroy_handler is not None:
                 if loc._destroy_handlers is None:
                     loc._destroy_handlers = {}
@@ -658,7 +679,10 @@ class ChunkPool:
                 self._queue_loads(loc, {ref: load_handler})
                 kick = True
         elif priority is not None:
-            entry.priority = priority
+            if type(entry) is _RefEntry:
+                entry.priority = priority
+            else:
+                refs[ref] = priority
         self._rerank(loc)
         if budget is not None and loc.priority > before and not loc._waiting:
             budget.generation += 1  # it may now give way to a waiting request
@@ -715,7 +739,7 @@ class ChunkPool:
                     continue
                 if loc._unfired_loads:
                     loc._unfired_loads.pop(ref, None)
-                if entry.drop_handler is not None:
+                if type(entry) is _RefEntry and entry.drop_handler is not None:
                     calls.append((entry.drop_handler, loc, ref))
                 if not refs:
                     del chunks[(loc._scale_info.level, loc._index)]
@@ -832,7 +856,7 @@ class ChunkPool:
         loc._error = error
         _move(loc, _FAILED)
         self._stats.failures += 1
-        handlers = {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
+        handlers = _load_handlers(loc._refs)
         if handlers:
             self._queue_loads(loc, handlers)
         effects.calls_for(self)  # (so that the handlers' loop is woken)
@@ -849,7 +873,7 @@ class ChunkPool:
             return False
         if not self._scheduler.withdraw(job):
             return False
-        loc._job = LoadJob(job.source, job.index, loc.priority, self._on_job_done)
+        loc._job = LoadJob(job.source, job.index, loc.priority, self._job_done)
         charge, loc._held_bytes = loc._held_bytes, 0
         self._memory -= charge
         self._reserved -= charge
@@ -863,7 +887,7 @@ class ChunkPool:
         """Release a loaded (or failed) held chunk to make room: every ref's drop
         handler runs, then its destroy handlers, as if each holder had dropped it."""
         calls = effects.calls_for(self)
-        calls += [(e.drop_handler, loc, r) for r, e in loc._refs.items() if e.drop_handler]
+        calls += _drop_calls(loc)
         loc._refs.clear()
         loc._unfired_loads = None
         del self._chunks[(loc._scale_info.level, loc._index)]
@@ -947,7 +971,7 @@ class ChunkPool:
                     loc._checked = next(self._check_clock)
                     s.loads += 1
                     s.bytes_loaded += data.nbytes
-                    reloaded = {r: e.load_handler for r, e in loc._refs.items() if e.load_handler}
+                    reloaded = _load_handlers(loc._refs)
                     if reloaded:
                         self._queue_loads(loc, reloaded)
                         posted = posted or dispatcher is not None
@@ -959,12 +983,7 @@ class ChunkPool:
                     _load_record(job, "failed" if failed else "loaded", data, error, now, source)
                 )
                 s.fetched(job.submitted_at, now, job.nbytes_fetched, error is None)
-                handlers: dict[str, Handler] | None = None
-                for r, e in loc._refs.items():
-                    if e.load_handler is not None:
-                        if handlers is None:
-                            handlers = {}
-                        handlers[r] = e.load_handler
+                handlers = _load_handlers(loc._refs)
                 if handlers and dispatcher is None:
                     # before the data: wait() reads the data, then these, without the lock
                     if loc._unfired_loads is None:
@@ -1145,7 +1164,7 @@ class ChunkPool:
             calls: list[HandlerCall] = []
             cancelled: list[LoadJob] = []  # the scheduler's shutdown cancels them all
             for loc in self._chunks.values():
-                calls += [(e.drop_handler, loc, r) for r, e in loc._refs.items() if e.drop_handler]
+                calls += _drop_calls(loc)
                 loc._refs.clear()
                 loc._unfired_loads = None
                 self._release(loc, cancelled, calls, keep=False)
@@ -1212,6 +1231,15 @@ def _load_record(
         delivered,
         None if error is None else describe_error(error),
     )
+
+
+def _drop_calls(loc: ChunkLocation) -> list[HandlerCall]:
+    """The drop-handler calls of every ref holding ``loc`` (released by the pool)."""
+    return [
+        (e.drop_handler, loc, r)
+        for r, e in loc._refs.items()
+        if type(e) is _RefEntry and e.drop_handler is not None
+    ]
 
 
 def _move(loc: ChunkLocation, state: ChunkState) -> None:
