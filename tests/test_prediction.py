@@ -27,6 +27,7 @@ from viewer.prediction import (
     MAX_STOP_GAP,
     MIN_HORIZON,
     MIN_REACH,
+    REACH_LOADS,
     REACH_SAMPLES,
     Motion,
     MotionPredictor,
@@ -284,18 +285,18 @@ def load(fetch_started: float, seconds: float, error: str | None = None) -> Load
     )  # fmt: skip
 
 
-def test_the_reach_is_two_load_times_of_the_newest_loads() -> None:
-    """Predicted tiles are asked for two (median) load times ahead, over the newest
+def test_the_reach_is_a_few_load_times_of_the_newest_loads() -> None:
+    """Predicted tiles are asked for REACH_LOADS (median) load times ahead, over the newest
     loads delivered (not the failed, nor the cancelled), within [MIN_REACH,
     MAX_HORIZON]; the whole path before any load."""
     assert reach([]) == MAX_HORIZON
     slow_then_fast = [load(i, 0.4) for i in range(50)] + [
         load(50 + i, 0.06) for i in range(REACH_SAMPLES)
     ]
-    assert reach(slow_then_fast) == pytest.approx(0.12)
+    assert reach(slow_then_fast) == pytest.approx(REACH_LOADS * 0.06)
     failed = [load(100 + i, 0.001, error="boom") for i in range(10)]
     cancelled = [load(200, 0.001)._replace(state="cancelled", delivered=None)]
-    assert reach(slow_then_fast + failed + cancelled) == pytest.approx(0.12)
+    assert reach(slow_then_fast + failed + cancelled) == pytest.approx(REACH_LOADS * 0.06)
     assert reach([load(0, 0.001)] * 5) == MIN_REACH
     assert reach([load(0, 3.0)] * 5) == MAX_HORIZON
 
@@ -365,15 +366,17 @@ def test_the_tile_set_asks_for_the_path_only_as_far_as_its_loads_take(
     gated: tuple[TileSet, GatedStore, ChunkPool],
 ) -> None:
     """Loads measured at 0.125 s: of a path a second long (a view a second), only the
-    part due within two load times is asked for (the column just ahead); the rest
-    comes at later frames. Loads measured at half a second: the whole path."""
+    part due within REACH_LOADS (3) load times is asked for (the two columns just
+    ahead); the rest comes at later frames. Loads measured at half a second: the
+    whole path."""
     tiles, _, pool = gated
     path = steady(256.0, x=511.5, y=511.5, width=256.0).path(VIEW, 0.0)
     for i in range(8):
         pool.kpis.add(load(i, 0.125))
     tiles.update(VIEW, path=path)
     ahead = {ix for (_, ix), p in level0(tiles).items() if not is_visible_priority(p)}
-    assert ahead == {10}  # the view 0.25 s ahead ends at x = 703.5
+    assert REACH_LOADS == 3.0
+    assert ahead == {10, 11}  # the view 0.375 s ahead ends at x = 735.5
     for i in range(REACH_SAMPLES):
         pool.kpis.add(load(10 + i, 0.5))
     tiles.update(VIEW, path=path[:-1])  # (a new path: the plan is made again)
