@@ -352,7 +352,14 @@ def test_closing_the_window_stops_the_generation(
     assert code == 0, stderr
     assert not any(mark in stderr for mark in CRASH_MARKS), stderr
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report == {"code": 0, "destroyed": True, "closed": True, "threads": []}
+    assert report == {
+        "code": 0,
+        "destroyed": True,
+        "closed": True,
+        "threads": [],
+        "zarr_tasks": 0,
+        "viewer_freed": True,
+    }
     assert "zarrscope: generating the sample image at" in stderr
     assert "sample written" not in stderr
     assert list(tmp_path.iterdir()) == []

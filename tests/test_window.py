@@ -303,10 +303,15 @@ def test_zarrscope_console_script_stops_on_ctrl_c(display: str, image: Pyramid) 
 # closed, and which threads that main() started are still alive, apart from the
 # process-wide ones owned by libraries, which live as long as the process: wgpu's device
 # poller, zarr's IO loop thread and its loop's default executor (zarr's local store
-# reads files with asyncio.to_thread). With "close" as second argument, the script
-# closes the window itself once the first frame is drawn (as a user would).
+# reads files with asyncio.to_thread); whether a task of the viewer or its pool is still
+# pending on zarr's loop; and whether the viewer was freed by the time main() returned.
+# The cyclic GC is off, so only the command's own collection can free the viewer's
+# reference cycles (with its GPU objects): otherwise they would be freed at a moment
+# and on a thread of the GC's choosing, maybe at interpreter exit. With "close" as
+# second argument, the script closes the window itself once the first frame is drawn.
 STOP_SCRIPT = """
-import json, sys, threading
+import asyncio, gc, json, sys, threading, weakref
+gc.disable()  # only the command's own collection may free the viewer's cycles
 backend, how = sys.argv[1], sys.argv[2]
 if backend == "glfw":
     for name in ("PySide6", "PyQt6", "PySide2", "PyQt5"):
@@ -317,26 +322,33 @@ from wgpu.backends.wgpu_native._poller import PollThread
 
 made = []
 
+closed = {}
+
 class Recorded(viewer.app.Viewer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        made.append(self)
+        made.append(weakref.ref(self))  # not a reference: the command must free it
         if how == "close":
             self.frame_listeners.append(self.canvas.window().close)
+
+    def close(self):
+        super().close()
+        if self.pool.destroyed:
+            closed.update(destroyed=True, closed=self.canvas.get_closed())
 
 viewer.app.Viewer = Recorded  # before the window modules import it
 from viewer.__main__ import main
 
 before = set(threading.enumerate())
 code = main(sys.argv[3:])
-v = made[0]
 zarr_loop = zarr.core.sync.loop[0]
 executor = getattr(zarr_loop, "_default_executor", None)
 libraries = {zarr.core.sync.iothread[0], *getattr(executor, "_threads", ())}
 left = [t.name for t in set(threading.enumerate()) - before
         if not isinstance(t, PollThread) and t not in libraries]
-print(json.dumps({"code": code, "destroyed": v.pool.destroyed,
-                  "closed": v.canvas.get_closed(), "threads": left}))
+ours = [t for t in asyncio.all_tasks(zarr_loop) if "chunkpool" in repr(t) or "viewer" in repr(t)]
+print(json.dumps({"code": code, **closed, "threads": left, "zarr_tasks": len(ours),
+                  "viewer_freed": made[0]() is None}))
 sys.exit(code)
 """
 
@@ -364,7 +376,14 @@ def test_zarrscope_command_closes_cleanly(
     assert code == 0, stderr
     assert not any(mark in stderr for mark in CRASH_MARKS), stderr
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report == {"code": 0, "destroyed": True, "closed": True, "threads": []}
+    assert report == {
+        "code": 0,
+        "destroyed": True,
+        "closed": True,
+        "threads": [],
+        "zarr_tasks": 0,
+        "viewer_freed": True,
+    }
 
 
 def window_listed(display: str, title: str) -> bool:

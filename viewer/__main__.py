@@ -24,6 +24,7 @@ credential of the source is printed.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -448,7 +449,14 @@ def _interactive(args: argparse.Namespace) -> int:
     """Open a window: Qt (with sliders for z, t, ...) if a binding is installed, else glfw.
 
     Without SOURCE, a missing sample is made while the window shows it (see
-    :func:`_start_sample`); the making stops when the window closes."""
+    :func:`_start_sample`); the making stops when the window closes.
+
+    Once the window is closed, the viewer (closed) is freed here, on the main thread,
+    with the GPU objects its reference cycles hold (renderer, textures, the canvas's
+    surface): left to the cyclic GC, they would be finalised at a moment and on a thread
+    of its choosing, such as zarr's event-loop thread while zarr's exit handler waits
+    for it, or during interpreter shutdown after glfw has terminated and closed the X
+    connection the surface belongs to (a SIGSEGV at exit)."""
     if sys.platform.startswith("linux") and not (
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     ):
@@ -461,6 +469,7 @@ def _interactive(args: argparse.Namespace) -> int:
     finally:
         if job is not None:
             job.cancel(SAMPLE_STOP_SECONDS)
+        gc.collect()  # the viewer's frames are gone: free its cycles now, on this thread
 
 
 def _window(args: argparse.Namespace, job: Any) -> int:
