@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import test_window
 import zarr
-from test_window import CRASH_MARKS, STOP_SCRIPT, Command
+from test_window import CLEAN_EXIT, CRASH_MARKS, STOP_SCRIPT, Command
 
 from chunkpool import ChunkPool, read_multiscales
 
@@ -352,14 +352,7 @@ def test_closing_the_window_stops_the_generation(
     assert code == 0, stderr
     assert not any(mark in stderr for mark in CRASH_MARKS), stderr
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report == {
-        "code": 0,
-        "destroyed": True,
-        "closed": True,
-        "threads": [],
-        "zarr_tasks": 0,
-        "viewer_freed": True,
-    }
+    assert report == CLEAN_EXIT
     assert "zarrscope: generating the sample image at" in stderr
     assert "sample written" not in stderr
     assert list(tmp_path.iterdir()) == []

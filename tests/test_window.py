@@ -309,6 +309,18 @@ def test_zarrscope_console_script_stops_on_ctrl_c(display: str, image: Pyramid) 
 # reference cycles (with its GPU objects): otherwise they would be freed at a moment
 # and on a thread of the GC's choosing, maybe at interpreter exit. With "close" as
 # second argument, the script closes the window itself once the first frame is drawn.
+#: What STOP_SCRIPT reports after a clean exit: status 0, the pool destroyed and the
+#: viewer closed, no thread of ours left, no task of ours on zarr's loop, and the viewer
+#: freed when main() returned (its reference cycles too, with the cyclic GC off).
+CLEAN_EXIT = {
+    "code": 0,
+    "destroyed": True,
+    "closed": True,
+    "threads": [],
+    "zarr_tasks": 0,
+    "viewer_freed": True,
+}
+
 STOP_SCRIPT = """
 import asyncio, gc, json, sys, threading, weakref
 gc.disable()  # only the command's own collection may free the viewer's cycles
@@ -376,14 +388,7 @@ def test_zarrscope_command_closes_cleanly(
     assert code == 0, stderr
     assert not any(mark in stderr for mark in CRASH_MARKS), stderr
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report == {
-        "code": 0,
-        "destroyed": True,
-        "closed": True,
-        "threads": [],
-        "zarr_tasks": 0,
-        "viewer_freed": True,
-    }
+    assert report == CLEAN_EXIT
 
 
 def window_listed(display: str, title: str) -> bool:
