@@ -42,11 +42,23 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["FLUSH_EVERY", "FLUSH_SECONDS", "KpiLog", "LoadRecord", "read_kpi_lines"]
+__all__ = [
+    "FLUSH_EVERY",
+    "FLUSH_SECONDS",
+    "LINES_PER_WRITE",
+    "KpiLog",
+    "LoadRecord",
+    "read_kpi_lines",
+]
 
-#: Records that wake the writer thread; it also writes every FLUSH_SECONDS.
-FLUSH_EVERY = 256
+#: Records that wake the writer thread; it also writes every FLUSH_SECONDS. Few
+#: wake-ups: each one takes the GIL from the loading threads for the whole batch
+#: (measured at 128² chunks, quiet: throughput with the log 0.96 of without at 256, 0.98
+#: at 4096), and a batch waits in memory at most a second.
+FLUSH_EVERY = 4096
 FLUSH_SECONDS = 1.0
+#: Lines written by one call to the file (its rollover check and flush once each).
+LINES_PER_WRITE = 256
 #: How long :meth:`KpiLog.close` waits for the writer thread.
 CLOSE_TIMEOUT = 5.0
 #: Records kept in memory by default (the percentiles of ``pool.stats`` are over these;
@@ -159,7 +171,7 @@ class KpiLog:
             more = True
             while more and self._file is not None:
                 lines = []
-                while len(lines) < FLUSH_EVERY:
+                while len(lines) < LINES_PER_WRITE:
                     try:
                         item = todo.popleft()
                     except IndexError:
@@ -193,21 +205,22 @@ class KpiLog:
 
     def _load_line(self, r: LoadRecord) -> str:
         # formatted by hand, not json.dumps(dict): a third of the cost, per chunk
-        source = self._sources.get(r.source)
+        # one unpacking, not twelve attribute reads (a tenth of the line's cost)
+        name, level, index, state, fetched_bytes, decoded_bytes, requested, f, g, d, v, err = r
+        source = self._sources.get(name)
         if source is None:
-            source = self._sources[r.source] = json.dumps(r.source)
+            source = self._sources[name] = json.dumps(name)
         e = self._epoch_us
-        f, g, d, v = r.fetch_started, r.fetched, r.decoded, r.delivered
         return (
-            f'{{"event": "load", "source": {source}, "level": {r.level}, '
-            f'"index": [{", ".join(map(str, r.index))}], "state": "{r.state}", '
-            f'"bytes_fetched": {r.bytes_fetched}, "bytes_decoded": {r.bytes_decoded}, '
-            f'"requested": {e + int(r.requested * 1e6)}, '
+            f'{{"event": "load", "source": {source}, "level": {level}, '
+            f'"index": [{", ".join(map(str, index))}], "state": "{state}", '
+            f'"bytes_fetched": {fetched_bytes}, "bytes_decoded": {decoded_bytes}, '
+            f'"requested": {e + int(requested * 1e6)}, '
             f'"fetch_started": {"null" if f is None else e + int(f * 1e6)}, '
             f'"fetched": {"null" if g is None else e + int(g * 1e6)}, '
             f'"decoded": {"null" if d is None else e + int(d * 1e6)}, '
             f'"delivered": {"null" if v is None else e + int(v * 1e6)}, '
-            f'"error": {"null" if r.error is None else json.dumps(r.error)}}}'
+            f'"error": {"null" if err is None else json.dumps(err)}}}'
         )
 
 

@@ -13,7 +13,7 @@ from conftest import make_array, ramp
 from support.teststores import GatedStore
 
 from chunkpool import ChunkLoadError
-from chunkpool.kpi import FLUSH_EVERY, KpiLog, LoadRecord, read_kpi_lines
+from chunkpool.kpi import LINES_PER_WRITE, KpiLog, LoadRecord, read_kpi_lines
 from viewer import report
 
 
@@ -40,14 +40,14 @@ def test_the_file_is_rotated_within_its_bound_and_reads_back_in_order(
     path = tmp_path / "kpi.jsonl"
     log = KpiLog(path, max_bytes=64 << 10, backups=2)
     t = time.perf_counter()
-    n = 20 * FLUSH_EVERY
+    n = 20 * LINES_PER_WRITE
     for i in range(n):
         log.add(record(i % 3, i, t + i))
     log.event("view", when=t, center=(1.0, 2.0), zoom=np.float32(0.5))
     log.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["kpi.jsonl", "kpi.jsonl.1", "kpi.jsonl.2"]
-    batch = max(len(line) for line in path.read_text().splitlines()) * FLUSH_EVERY
+    batch = max(len(line) for line in path.read_text().splitlines()) * LINES_PER_WRITE
     assert all((tmp_path / f).stat().st_size <= (64 << 10) + batch for f in files)
     lines = read_kpi_lines(path)
     loads = [line for line in lines if line["event"] == "load"]
