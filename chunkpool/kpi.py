@@ -12,16 +12,17 @@ the same log: the viewer writes ``drawn`` (a chunk's data first on screen) and
 jump went.
 
 Cost: :meth:`KpiLog.add` is two deque appends (the ring and, with a path, the lines
-to write), cheap enough under the pool's lock; the log's writer thread formats and
-writes them every :data:`FLUSH_EVERY` records or :data:`FLUSH_SECONDS`, whichever
-comes first, and stops at :meth:`KpiLog.close` (which writes the rest). One line, with
-``null`` for a step a load never reached (a cancelled one has no ``decoded``)::
+to write), cheap enough under the pool's lock; every :data:`FLUSH_EVERY` records or
+:data:`FLUSH_SECONDS`, whichever comes first, the log's thread hands what waits to its
+writer process (:mod:`chunkpool.kpiwriter`: formatting in a thread took the GIL from
+the loading threads), and :meth:`KpiLog.close` writes the rest and stops both. One line, with
+``null`` for a step a load never reached (a cancelled one has no ``decoded``), written
+by orjson (shown here on several lines)::
 
-    {"event": "load", "source": "img.zarr", "level": 0, "index": [0, 3, 4],
-     "state": "loaded", "bytes_fetched": 30466, "bytes_decoded": 131072,
-     "requested": 1764643012118331, "fetch_started": 1764643012118502,
-     "fetched": 1764643012119113, "decoded": 1764643012119706,
-     "delivered": 1764643012119741, "error": null}
+    {"event":"load","source":"img.zarr","level":0,"index":[0,3,4],"state":"loaded",
+     "bytes_fetched":30466,"bytes_decoded":131072,"requested":1764643012118331,
+     "fetch_started":1764643012118502,"fetched":1764643012119113,
+     "decoded":1764643012119706,"delivered":1764643012119741,"error":null}
 
 Times are integer microseconds since the epoch (``time.time()`` scale, measured with
 ``time.perf_counter()``; integers format in a third of the time floats take), so the
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import threading
 import time
@@ -41,6 +41,8 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from .kpiwriter import LINES_PER_WRITE, LineWriter, WriterProcess
 
 __all__ = [
     "FLUSH_EVERY",
@@ -51,15 +53,15 @@ __all__ = [
     "read_kpi_lines",
 ]
 
-#: Records that wake the writer thread; it also writes every FLUSH_SECONDS. Few
-#: wake-ups: each one takes the GIL from the loading threads for the whole batch
-#: (measured at 128² chunks, quiet: throughput with the log 0.96 of without at 256, 0.98
-#: at 4096), and a batch waits in memory at most a second.
+logger = logging.getLogger("chunkpool")
+
+#: Records that wake the log's thread; it also hands them over every FLUSH_SECONDS.
+#: Few wake-ups (each takes the GIL from the loading threads), and a batch waits in
+#: memory at most a second.
 FLUSH_EVERY = 4096
 FLUSH_SECONDS = 1.0
-#: Lines written by one call to the file (its rollover check and flush once each).
-LINES_PER_WRITE = 256
-#: How long :meth:`KpiLog.close` waits for the writer thread.
+#: How long :meth:`KpiLog.close` waits for the writer thread, and then for the writer
+#: process; and :meth:`KpiLog.flush` for the process to have written.
 CLOSE_TIMEOUT = 5.0
 #: Records kept in memory by default (the percentiles of ``pool.stats`` are over these;
 #: about 0.4 kB each).
@@ -94,9 +96,10 @@ class LoadRecord(NamedTuple):
 class KpiLog:
     """The most recent :class:`LoadRecord` s (a ring of ``capacity``) and, with ``path``,
     every record as a JSON line in a file rotated at ``max_bytes`` (``backups`` old
-    files kept: ``PATH.1``, ``PATH.2``...), written by a thread of the log's own.
-    Thread-safe; one log may serve several pools and the viewer. :meth:`close` writes
-    what is left and stops the thread (the ring stays readable).
+    files kept: ``PATH.1``, ``PATH.2``...), handed by a thread of the log's own to a
+    writer process (:mod:`chunkpool.kpiwriter`). Thread-safe; one log may serve
+    several pools and the viewer. :meth:`close` writes what is left and stops the
+    thread and the process (the ring stays readable).
     """
 
     def __init__(
@@ -112,19 +115,20 @@ class KpiLog:
         self.path = None if path is None else os.fspath(path)
         self._ring: deque[LoadRecord] = deque(maxlen=capacity)
         self._todo: deque[LoadRecord | dict[str, Any]] | None = None  # for the file
-        self._sources: dict[str, str] = {}  # source -> its JSON string, made once
         # perf_counter -> epoch: measured once, so that every line shares one clock
         self._epoch_us = int((time.time() - time.perf_counter()) * 1e6)
-        self._file: logging.handlers.RotatingFileHandler | None = None
+        self._max_bytes, self._backups = max_bytes, backups
+        self._process: WriterProcess | None = None  # the file's writer, or else:
+        self._lines: LineWriter | None = None  # (writing in this process)
         self._wake = threading.Event()
         self._closed = False
         self._writer: threading.Thread | None = None
         self._write_lock = threading.Lock()  # one writer of the file at a time
         if self.path is not None:
-            self._file = logging.handlers.RotatingFileHandler(
-                self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
-            self._file.setFormatter(logging.Formatter("%(message)s"))
+            try:
+                self._process = WriterProcess(self.path, max_bytes, backups, self._epoch_us)
+            except OSError as err:
+                self._write_here(f"could not start: {err}")
             self._todo = deque()
             self._writer = threading.Thread(target=self._run, name="chunkpool-kpi", daemon=True)
             self._writer.start()
@@ -162,74 +166,71 @@ class KpiLog:
             return (float("nan"),) * len(q)
         return tuple(float(v) for v in np.percentile(latencies, q))
 
-    def flush(self) -> None:
-        """Write what waits now, in this thread."""
+    def flush(self, wait: bool = True) -> None:
+        """Hand what waits now to the writer process, in this thread; with ``wait``,
+        return once it is in the file (or :data:`CLOSE_TIMEOUT` has passed)."""
         todo = self._todo
         if todo is None:
             return
         with self._write_lock:
-            more = True
-            while more and self._file is not None:
-                lines = []
-                while len(lines) < LINES_PER_WRITE:
-                    try:
-                        item = todo.popleft()
-                    except IndexError:
-                        more = False
-                        break
-                    if isinstance(item, dict):
-                        lines.append(json.dumps(item, default=_jsonable))
-                    else:
-                        lines.append(self._load_line(item))
-                if lines:  # one emit per batch: the rollover check and flush once each
-                    self._file.emit(logging.makeLogRecord({"msg": "\n".join(lines)}))
+            popleft = todo.popleft
+            # (only this lock's holder takes from todo); tuples pickle in a third of
+            # the time records do
+            items = [popleft() for _ in range(len(todo))]
+            items = [tuple(i) if type(i) is LoadRecord else i for i in items]
+            process = self._process
+            if process is not None:
+                try:
+                    if items:
+                        process.send(items)
+                    if wait:
+                        process.wait(CLOSE_TIMEOUT)
+                    return
+                except OSError as err:
+                    self._write_here(str(err))
+            if self._lines is not None and items:
+                self._lines.write(items)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Stop the writer thread (bounded by ``timeout``), write what is left and close
-        the file. Idempotent."""
+        """Stop the log's thread (bounded by ``timeout``), write what is left, and end
+        the writer process (bounded by ``timeout`` too). Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._writer is not None:
             self._wake.set()
             self._writer.join(timeout)
-        self.flush()
-        if self._file is not None:
-            self._file.close()
+        self.flush(wait=False)
+        with self._write_lock:
+            if self._process is not None:
+                try:
+                    self._process.close(timeout)
+                except OSError as err:
+                    logger.warning("chunkpool: KPI log %s: %s", self.path, err)
+                self._process = None
+            if self._lines is not None:
+                self._lines.close()
+                self._lines = None
 
     def _run(self) -> None:
         while not self._closed:
             self._wake.wait(FLUSH_SECONDS)
             self._wake.clear()
-            self.flush()
+            self.flush(wait=False)
 
-    def _load_line(self, r: LoadRecord) -> str:
-        # formatted by hand, not json.dumps(dict): a third of the cost, per chunk
-        # one unpacking, not twelve attribute reads (a tenth of the line's cost)
-        name, level, index, state, fetched_bytes, decoded_bytes, requested, f, g, d, v, err = r
-        source = self._sources.get(name)
-        if source is None:
-            source = self._sources[name] = json.dumps(name)
-        e = self._epoch_us
-        return (
-            f'{{"event": "load", "source": {source}, "level": {level}, '
-            f'"index": [{", ".join(map(str, index))}], "state": "{state}", '
-            f'"bytes_fetched": {fetched_bytes}, "bytes_decoded": {decoded_bytes}, '
-            f'"requested": {e + int(requested * 1e6)}, '
-            f'"fetch_started": {"null" if f is None else e + int(f * 1e6)}, '
-            f'"fetched": {"null" if g is None else e + int(g * 1e6)}, '
-            f'"decoded": {"null" if d is None else e + int(d * 1e6)}, '
-            f'"delivered": {"null" if v is None else e + int(v * 1e6)}, '
-            f'"error": {"null" if err is None else json.dumps(err)}}}'
+    def _write_here(self, reason: str) -> None:
+        """The writer process failed (``reason``): stop it, say so once, and write in
+        this process from now on. Holds ``_write_lock`` (or runs in ``__init__``)."""
+        logger.warning(
+            "chunkpool: KPI log %s: %s; writing it in this process from now on",
+            self.path,
+            reason,
         )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, tuple | set | frozenset):
-        return list(value)
-    raise TypeError(f"not JSON: {type(value).__name__}")
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
+        assert self.path is not None
+        self._lines = LineWriter(self.path, self._max_bytes, self._backups, self._epoch_us)
 
 
 def read_kpi_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -31,6 +31,10 @@ Handler = Callable[["ChunkLocation"], Any]
 class ChunkState(enum.Enum):
     """Where a chunk is in its life (see "Chunk state: one owner" in the README)."""
 
+    # members are singletons compared by identity: hash them so too, in C (Enum's own
+    # __hash__ is Python code, run at every checked move: thousands a second)
+    __hash__ = object.__hash__
+
     PENDING = "pending"  # waiting in the pool's queue
     LOADING = "loading"  # being fetched or decoded
     LOADED = "loaded"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
+import signal
 import time
 
 import numpy as np
@@ -12,7 +15,7 @@ import zarr
 from conftest import make_array, ramp
 from support.teststores import GatedStore
 
-from chunkpool import ChunkLoadError
+from chunkpool import ChunkLoadError, kpi
 from chunkpool.kpi import LINES_PER_WRITE, KpiLog, LoadRecord, read_kpi_lines
 from viewer import report
 
@@ -189,3 +192,64 @@ def test_the_viewer_logs_views_loads_and_first_draws(tmp_path: pathlib.Path) -> 
         assert load["state"] == "loaded" and x["time"] >= load["delivered"]
     out = tmp_path / "w.png"
     assert report.main([str(path), "-o", str(out)]) == 0 and out.stat().st_size > 0
+
+
+def _writer_pid(log: KpiLog) -> int:
+    assert log._process is not None  # the file is written by the log's own process
+    return log._process.pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_lines_are_written_by_a_process_that_close_ends(tmp_path: pathlib.Path) -> None:
+    """The file is the writer process's (formatting in a thread of the pool's process
+    took the GIL from its loading threads); flush() returns once the lines are in the
+    file, and close() ends the process."""
+    path = tmp_path / "kpi.jsonl"
+    log = KpiLog(path)
+    pid = _writer_pid(log)
+    t = time.perf_counter()
+    for i in range(10):
+        log.add(record(0, i, t))
+    log.flush()
+    assert [x["index"][1] for x in read_kpi_lines(path)] == list(range(10))
+    log.close()
+    assert _gone(pid)
+
+
+@pytest.mark.parametrize("fault", ["killed", "stuck"])
+def test_a_writer_process_that_dies_or_hangs_hands_the_file_to_the_log(
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    """A writer process killed (or stopped: it never answers) costs at most the batch
+    in flight: the log says so in one warning, writes the file itself from then on,
+    and close() still returns, with no process left."""
+    monkeypatch.setattr(kpi, "CLOSE_TIMEOUT", 0.5)  # how long a flush waits for an answer
+    path = tmp_path / "kpi.jsonl"
+    log = KpiLog(path)
+    pid = _writer_pid(log)
+    t = time.perf_counter()
+    log.add(record(0, 0, t))
+    log.flush()
+    os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    with caplog.at_level(logging.WARNING, logger="chunkpool"):
+        log.add(record(0, 1, t))
+        log.flush()  # the process is found dead or silent here
+        log.add(record(0, 2, t))
+        log.flush()
+        log.close()
+    warnings = [r.getMessage() for r in caplog.records if "writing it in this process" in r.message]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+    assert ("killed by SIGKILL" in warnings[0]) == (fault == "killed")
+    indexes = [x["index"][1] for x in read_kpi_lines(path)]
+    assert indexes[0] == 0 and indexes[-1] == 2 and set(indexes) <= {0, 1, 2}
+    assert log._process is None and _gone(pid)

@@ -1,0 +1,226 @@
+"""The KPI log's file side: records formatted as JSON lines, written to a rotated file,
+by a small process of the log's own.
+
+Why a process: formatting a record is a few microseconds of Python, all of it holding
+the GIL, which the pool's loading threads need for their own per-chunk work (a pool
+reading page-cached 128² chunks is bound by the GIL, not by its cores): in a thread,
+the log cost that pool 3-5% of its throughput. Here the log's thread only pickles
+each batch as plain tuples (under a microsecond a record) and writes it to a pipe;
+the process, started with ``python -P`` on this file (the standard library and orjson
+only: it starts in tens of milliseconds), formats and writes on a core the loading
+threads leave idle.
+
+**Protocol.** The parent writes frames to the child's stdin: an 8-byte little-endian
+length, then a pickle of a list of items, each a load record as a 12-tuple (the fields
+of :class:`chunkpool.kpi.LoadRecord`) or an event as a dict. The child writes one byte
+to its stdout when a frame's lines are in the file, and exits at the end of its stdin
+(the parent closed it, or died). It ignores SIGINT: a Ctrl-C is the application's,
+which closes the log and so lets the child write what is left.
+
+**Failures.** If the process cannot start, dies, or does not answer in time, the log
+says so once (a warning on the ``"chunkpool"`` logger), stops it, and writes in its
+own thread from then on (:class:`LineWriter`, the same lines); the lines of the batch
+in flight at that moment may be lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+__all__ = ["LINES_PER_WRITE", "LineWriter", "WriterProcess"]
+
+#: Lines written by one call to the file (its rollover check and flush once each).
+LINES_PER_WRITE = 256
+#: orjson writes numpy scalars and arrays itself.
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_FRAME = struct.Struct("<Q")
+
+
+def _jsonable(value: Any) -> Any:
+    if type(value).__module__ == "numpy":  # a numpy scalar (the child may lack numpy)
+        return value.item()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+class LineWriter:
+    """Formats load records and events as JSON lines and writes them to ``path``,
+    rotated at ``max_bytes`` with ``backups`` old files (the standard library's
+    ``RotatingFileHandler``). Times of load records are ``perf_counter`` seconds,
+    written as integer microseconds since the epoch (``epoch_us``: the epoch's
+    microseconds at ``perf_counter()`` 0)."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int, epoch_us: int):
+        self._epoch_us = epoch_us
+        self._file = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        self._file.setFormatter(logging.Formatter("%(message)s"))
+
+    def write(self, items: list[Any]) -> None:
+        """Write ``items`` (load records as 12-tuples, events as dicts), in order."""
+        line = self._load_line
+        for start in range(0, len(items), LINES_PER_WRITE):
+            lines = [
+                orjson.dumps(item, default=_jsonable, option=_NUMPY)
+                if type(item) is dict
+                else line(item)
+                for item in items[start : start + LINES_PER_WRITE]
+            ]
+            # one emit per batch: the rollover check and flush once each
+            self._file.emit(logging.makeLogRecord({"msg": b"\n".join(lines).decode()}))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _load_line(self, r: Iterable[Any]) -> bytes:
+        source, level, index, state, fetched_bytes, decoded_bytes, requested, f, g, d, v, err = r
+        e = self._epoch_us
+        return orjson.dumps(
+            {
+                "event": "load",
+                "source": source,
+                "level": level,
+                "index": index,
+                "state": state,
+                "bytes_fetched": fetched_bytes,
+                "bytes_decoded": decoded_bytes,
+                "requested": e + int(requested * 1e6),
+                "fetch_started": None if f is None else e + int(f * 1e6),
+                "fetched": None if g is None else e + int(g * 1e6),
+                "decoded": None if d is None else e + int(d * 1e6),
+                "delivered": None if v is None else e + int(v * 1e6),
+                "error": err,
+            }
+        )
+
+
+class WriterProcess:
+    """The parent's side of the writer process (see the module docstring). Not
+    thread-safe: its owner calls it from one thread at a time. Every method raises
+    :class:`OSError` when the process is gone or does not answer; the owner then
+    :meth:`kill` s it and writes itself."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int, epoch_us: int):
+        self._proc = subprocess.Popen(
+            [sys.executable, "-P", __file__, path, str(max_bytes), str(backups), str(epoch_us)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin = self._proc.stdin
+        self._acks = self._proc.stdout.fileno()
+        os.set_blocking(self._acks, False)
+        self._sent = self._acked = 0
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def send(self, items: list[Any]) -> None:
+        """Hand ``items`` to the process (blocks, without the GIL, while the pipe is
+        full); answers already there are collected on the way."""
+        payload = pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+        try:
+            self._stdin.write(_FRAME.pack(len(payload)))
+            self._stdin.write(payload)
+            self._stdin.flush()
+        except BrokenPipeError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(1.0)  # (it is gone, or going: its exit status for the message)
+            raise OSError(f"the KPI writer process ended ({self._exit_reason()})") from None
+        self._sent += 1
+        self._collect(0.0)
+
+    def wait(self, timeout: float) -> None:
+        """Return once every frame sent is written; raise OSError after ``timeout``."""
+        self._collect(timeout)
+        if self._acked < self._sent:
+            raise OSError(f"the KPI writer process did not answer within {timeout} s")
+
+    def _collect(self, timeout: float) -> None:
+        while self._acked < self._sent:
+            ready, _, _ = select.select([self._acks], [], [], timeout)
+            if not ready:
+                return
+            got = os.read(self._acks, 65536)
+            if not got:
+                raise OSError(f"the KPI writer process ended ({self._exit_reason()})")
+            self._acked += len(got)
+
+    def close(self, timeout: float) -> None:
+        """End the process once it has written everything (at most ``timeout``)."""
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise OSError(f"the KPI writer process did not end within {timeout} s") from None
+        finally:
+            self._proc.stdout.close()  # type: ignore[union-attr]
+
+    def kill(self) -> None:
+        """Stop the process now (its pipes closed, its exit collected)."""
+        self._proc.kill()
+        for pipe in (self._stdin, self._proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()  # type: ignore[union-attr]
+        # (a process SIGKILL does not end at once is the kernel's to reap: not waited on)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5.0)
+
+    def _exit_reason(self) -> str:
+        code = self._proc.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+
+def _read_exactly(stream: Any, n: int) -> bytes | None:
+    data = stream.read(n)
+    return data if len(data) == n else None
+
+
+def main(argv: list[str]) -> int:
+    """The child: frames from stdin, lines to the file, one byte back per frame."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    path, max_bytes, backups, epoch_us = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    writer = LineWriter(path, max_bytes, backups, epoch_us)
+    source, acks = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        while True:
+            header = _read_exactly(source, _FRAME.size)
+            if header is None:
+                return 0
+            payload = _read_exactly(source, _FRAME.unpack(header)[0])
+            if payload is None:
+                return 0
+            writer.write(pickle.loads(payload))
+            acks.write(b".")
+            acks.flush()
+    except BrokenPipeError:  # the parent is gone: nobody to answer
+        return 0
+    finally:
+        writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
