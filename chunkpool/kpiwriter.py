@@ -141,9 +141,7 @@ class WriterProcess:
             self._stdin.write(payload)
             self._stdin.flush()
         except BrokenPipeError:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(1.0)  # (it is gone, or going: its exit status for the message)
-            raise OSError(f"the KPI writer process ended ({self._exit_reason()})") from None
+            raise self._ended() from None
         self._sent += 1
         self._collect(0.0)
 
@@ -160,7 +158,7 @@ class WriterProcess:
                 return
             got = os.read(self._acks, 65536)
             if not got:
-                raise OSError(f"the KPI writer process ended ({self._exit_reason()})")
+                raise self._ended()
             self._acked += len(got)
 
     def close(self, timeout: float) -> None:
@@ -184,6 +182,13 @@ class WriterProcess:
         # (a process SIGKILL does not end at once is the kernel's to reap: not waited on)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(5.0)
+
+    def _ended(self) -> OSError:
+        """The error for a process whose pipe closed: it is gone, or going (its exit
+        status, for the message, is waited for a second at most)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(1.0)
+        return OSError(f"the KPI writer process ended ({self._exit_reason()})")
 
     def _exit_reason(self) -> str:
         code = self._proc.poll()
