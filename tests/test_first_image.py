@@ -15,6 +15,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from viewer.display import (
     provisional_window,
     window_change,
 )
+from viewer.startup import short_switch_interval
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -219,8 +221,8 @@ def test_the_view_asks_for_its_own_level_after_a_frame_drew_the_coarsest(
     gated: Callable[..., zarr.Group],  # noqa: F811 (the fixture imported above)
 ) -> None:
     """Opened in a viewer, an image's coarsest level is asked for first and alone: the
-    view's own level is asked for only after a frame has drawn the coarsest (its
-    reads, decoding and uploads would compete with that frame), and a frame that
+    view's own level is asked for by the frame after the one that drew the coarsest
+    (its reads, decoding and uploads would compete with that frame), and a frame that
     finds nothing to draw yet asks for nothing more. The coarse frame is exactly the
     coarsest level's picture; the settled one, the view's own level's. Counted by
     reads held at a gate, no timing."""
@@ -245,7 +247,9 @@ def test_the_view_asks_for_its_own_level_after_a_frame_drew_the_coarsest(
         rec.release(4)
         wait_for(lambda: len(rec.finished) == 4, "the coarsest level's reads")
         assert levels_read() == {"2"}
-        shown = viewer.screenshot()  # draws the coarsest level, then asks for level 0
+        shown = viewer.screenshot()  # draws the coarsest level...
+        assert levels_read() == {"2"}, "the coarse frame competed with level 0's reads"
+        viewer.screenshot()  # ...and the next frame asks for level 0
         rec.wait_started(5)
         assert levels_read() == {"0", "2"}
         rec.open_gate()
@@ -264,6 +268,35 @@ def test_the_view_asks_for_its_own_level_after_a_frame_drew_the_coarsest(
 
 
 # -- the GPU start-up warm-ups (in a fresh process: nothing parsed or compiled yet) ---
+
+
+def test_the_short_switch_interval_is_shared_and_restored_by_the_last_block() -> None:
+    """The GPU start-up thread's shorter GIL switch interval: blocks in several threads
+    share it, and the interval from before comes back when the last one ends."""
+    before = sys.getswitchinterval()
+    entered, leave, left = threading.Event(), threading.Event(), threading.Event()
+
+    def other() -> None:
+        with short_switch_interval(0.001):
+            entered.set()
+            leave.wait(10)
+        left.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        with short_switch_interval(0.001):
+            leave.set()
+            assert left.wait(10)
+            assert sys.getswitchinterval() == pytest.approx(0.001)  # still one block in
+        assert sys.getswitchinterval() == before
+    finally:
+        leave.set()
+        thread.join(10)
+        sys.setswitchinterval(before)
+
 
 _PROBE = r"""
 import json, numpy as np

@@ -357,7 +357,6 @@ class Viewer:
         self.last_settle_seconds: float | None = None
         #: Extrapolates the camera's motion for prefetch (None: no predicted prefetch).
         self.motion: MotionPredictor | None = MotionPredictor()
-        self._motion: tuple[tuple[tuple[float, View], ...], bool] = ((), True)  # last refresh's
         self._view_chosen = False  # by show_world/show_region, as opposed to fit()
         self._drag: tuple[float, float, float, float] | None = None  # start x, y; last x, y
 
@@ -1132,7 +1131,6 @@ class Viewer:
         self._step_playback()
         view = self.view()
         path, still = self._predicted_path(view, started)
-        self._motion = (path, still)
         for layer in self.layers:
             if layer.coarse_first and not in_frame:
                 layer.end_coarse_first(view, path=path, still=still)
@@ -1215,20 +1213,18 @@ class Viewer:
         self.renderer.render(self.scene, self._gfx_camera, flush=not overlays)
         for i, overlay in enumerate(overlays):
             self.renderer.render(overlay.scene, overlay.camera, flush=i == len(overlays) - 1)
-        self._end_coarse_first(view)
+        self._after_coarse_frame()
         done = time.perf_counter()
         self.frame_times.append(done - started)
         if self.kpi_log is not None:
             self._log_drawn(done)
 
-    def _end_coarse_first(self, view: View) -> None:
+    def _after_coarse_frame(self) -> None:
         """After a frame that drew what a layer showing its coarsest level first had
-        of it: ask for the view's own tiles (while the GPU draws the frame), and for
-        another frame to show them."""
-        path, still = self._motion
+        of it: the next frame (asked for now) asks for the view's own tiles."""
         for layer in self.layers:
             if layer.coarse_first and layer.coarse_drawable:
-                layer.end_coarse_first(view, path=path, still=still)
+                layer.coarse_frame_drawn()
                 self._request_draw()
 
     def _log_drawn(self, when: float) -> None:

@@ -138,6 +138,7 @@ class Layer:
         # showing the coarsest level alone until a frame has drawn it (request_coarsest):
         # the status of that level as of the last update, and the view's own level then
         self._coarse_first = False
+        self._coarse_drawn = False  # a frame drew it: the next update ends it
         self._coarse_status: TileStatus | None = None
         self._waiting_target: TileStatus | None = None
         self.root.add(self._overlays)
@@ -254,13 +255,17 @@ class Layer:
         picks. For start-up, while the GPU gets ready.
 
         The layer then shows that level *alone* (:attr:`coarse_first`) until a frame
-        has drawn some of it, or all of it has arrived (or failed), and the viewer
-        calls :meth:`end_coarse_first` after that frame's render: only then are the
-        view's own tiles asked for. Measured over HTTP with 50 ms latency on the
-        built-in sample: asked for at once, the 128 chunks of the view's level arrive
-        while the first frame is drawn, and their reads, decoding and texture uploads
-        (2 cores, lavapipe) made that frame 2-3x slower; they cost one frame later.
-        The early hold lasts as long (then the tile set holds what it shows)."""
+        has drawn some of it, or all of it has arrived (or failed): the viewer says so
+        (:meth:`coarse_frame_drawn`), and the next :meth:`update` (the next frame, which
+        the viewer asks for at once) asks for the view's own tiles; the viewer's
+        :meth:`~viewer.Viewer.refresh` outside a frame asks for them at once
+        (:meth:`end_coarse_first`). Measured over HTTP with 50 ms latency on the
+        built-in sample (2 cores, lavapipe): asked for at once, the 128 chunks of the
+        view's level arrived while the first frames were drawn, and their reads,
+        decoding and uploads made a second viewer's first image 0.92-1.11 s against
+        0.45-0.49 s; asked for right after the coarse frame's render rather than at
+        the next frame, that frame still took 0.24-0.26 s against 0.15-0.19 s. The
+        early hold lasts as long (then the tile set holds what it shows)."""
         from .tiling import RESIDENT_TILES, VISIBLE
 
         tiles, level = self.tiles, len(self.tiles.levels) - 1
@@ -296,11 +301,19 @@ class Layer:
     ) -> None:
         """Bring the held tiles in line with ``view`` and the predicted ``path`` (see
         :class:`TileSet`); the coarsest level only, while :attr:`coarse_first`."""
-        if self._coarse_first:
+        if self._coarse_first and not self._coarse_drawn:
             self._update_coarse(view, path, still)
-            return
-        self.tiles.update(view, path=path, still=still)
-        self._drop_early()
+        elif self._coarse_first:
+            self.end_coarse_first(view, path=path, still=still)
+        else:
+            self.tiles.update(view, path=path, still=still)
+            self._drop_early()
+
+    def coarse_frame_drawn(self) -> None:
+        """Told by the viewer after a frame drew what :attr:`coarse_drawable` said
+        there was: the next :meth:`update` asks for the view's own tiles."""
+        if self._coarse_first and self.coarse_drawable:
+            self._coarse_drawn = True
 
     def _update_coarse(self, view: View, path: tuple[tuple[float, View], ...], still: bool) -> None:
         tiles, coarsest = self.tiles, len(self.tiles.levels) - 1
@@ -324,7 +337,7 @@ class Layer:
     ) -> None:
         """Stop showing the coarsest level alone: ask for the view's own tiles now
         (what the tile set shows of the coarsest level stands in until they arrive)."""
-        self._coarse_first = False
+        self._coarse_first = self._coarse_drawn = False
         self._coarse_status = self._waiting_target = None
         self.tiles.invalidate()  # its bias was another while the coarsest was shown
         self.tiles.update(view, path=path, still=still)
