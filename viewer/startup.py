@@ -18,7 +18,9 @@ time.) So:
   viewer's first requests travel, and the GIL held throughout).
 * :class:`GpuStart` does that and creates pygfx's shared device (adapter + device) in a
   thread, so the viewer meanwhile opens the image and asks for its first chunks (the
-  native calls release the GIL).
+  native calls release the GIL); meanwhile the interpreter switches threads every
+  0.5 ms, not 5 (:func:`short_switch_interval`), so that zarr's event loop, waking up
+  for each response, is not held up by that thread's Python.
 * :func:`cache_shader_templates` keeps pygfx's shader templates, compiled (jinja2
   parses and compiles each WGSL snippet into Python code: most of the time it takes to
   build a render pipeline, all of it holding the GIL), in a directory of the user's cache,
