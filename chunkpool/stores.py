@@ -71,6 +71,7 @@ __all__ = [
     "RemoteStore",
     "check_stamp",
     "describe_error",
+    "import_store_modules",
     "open_node",
     "redact",
     "redact_text",
@@ -475,6 +476,28 @@ def _node_name(node: zarr.Group | zarr.Array) -> str:
     else:  # e.g. ObjectStore: object_store://HTTPStore("https://user:pw@host/x")
         base = redact_text(str(store))
     return redact(f"{base.rstrip('/')}/{node.path}" if node.path else base)
+
+
+def import_store_modules(source: object) -> None:
+    """Import what opening ``source`` (a path or URL; anything else: nothing) will use,
+    reading nothing: for a URL, its fsspec file system and what that imports (over
+    HTTP, aiohttp: ~0.2 s of Python, most of the time before the first request).
+
+    For a caller that starts other Python work in threads as it opens a source (the
+    viewer: its GPU device): importing first gets the source's first request out
+    before that work competes for the interpreter, so the work runs while the
+    requests travel. Anything wrong with the source is left for opening to report."""
+    if not isinstance(source, str | os.PathLike):
+        return
+    match = _SCHEME.match(os.fspath(source))
+    if match is None or match.group(1).lower() == "file":
+        return
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(match.group(1).lower())
+    except Exception:  # an unknown protocol, a missing package: open_node says which
+        return
 
 
 def _make_store(location: str, storage_options: dict[str, Any] | None) -> Store:

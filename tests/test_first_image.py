@@ -15,6 +15,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from viewer.display import (
     provisional_window,
     window_change,
 )
+from viewer.startup import short_switch_interval
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -213,7 +215,88 @@ def test_user_window_is_kept_while_data_arrives(
         viewer.close()
 
 
+@pytest.mark.render
+def test_the_view_asks_for_its_own_level_after_a_frame_drew_the_coarsest(
+    tmp_path: pathlib.Path,
+    gated: Callable[..., zarr.Group],  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Opened in a viewer, an image's coarsest level is asked for first and alone: the
+    view's own level is asked for by the frame after the one that drew the coarsest
+    (its reads, decoding and uploads would compete with that frame), and a frame that
+    finds nothing to draw yet asks for nothing more. The coarse frame is exactly the
+    coarsest level's picture; the settled one, the view's own level's. Counted by
+    reads held at a gate, no timing."""
+    pyramid = write_pyramid(tmp_path / "q.ome.zarr", quadrant_image(), chunks=(64, 64), n_levels=3)
+    group = gated(pyramid)
+    rec = group.store.rec
+    rec.hold()
+    size = (512, 512)  # 1:1, level 0 (8 x 8 chunks) is the view's; level 2 has 2 x 2
+    options: dict[str, Any] = {"colormap": "gray", "clim": (0, 20000), "show_hud": False}
+    viewer = Viewer(group, None, size=size, **options)
+    coarse = reference = None
+
+    def levels_read() -> set[str]:
+        with rec.lock:
+            return {key.split("/")[0] for key in rec.started}
+
+    try:
+        rec.wait_started(4)  # the coarsest level's 4 chunks, asked for by the constructor
+        assert not viewer.screenshot().any(), "nothing has arrived: black"
+        assert levels_read() == {"2"}, "a frame with nothing to draw asked for more"
+        assert viewer.layer.target_level == 0 and not viewer.settled()
+        rec.release(4)
+        wait_for(lambda: len(rec.finished) == 4, "the coarsest level's reads")
+        assert levels_read() == {"2"}
+        shown = viewer.screenshot()  # draws the coarsest level...
+        assert levels_read() == {"2"}, "the coarse frame competed with level 0's reads"
+        viewer.screenshot()  # ...and the next frame asks for level 0
+        rec.wait_started(5)
+        assert levels_read() == {"0", "2"}
+        rec.open_gate()
+        got = settle(viewer)
+        assert viewer.layer.target_level == 0
+        coarse = Viewer(str(pyramid.path), None, size=size, bias=1e6, **options)
+        assert coarse.layer.target_level == 2
+        assert (settle(coarse) == shown).all(), "the coarse frame is the coarsest level's"
+        reference = Viewer(str(pyramid.path), None, size=size, **options)
+        assert (settle(reference) == got).all()
+        assert not (got == shown).all()
+    finally:
+        for made in (viewer, coarse, reference):
+            if made is not None:
+                made.close()
+
+
 # -- the GPU start-up warm-ups (in a fresh process: nothing parsed or compiled yet) ---
+
+
+def test_the_short_switch_interval_is_shared_and_restored_by_the_last_block() -> None:
+    """The GPU start-up thread's shorter GIL switch interval: blocks in several threads
+    share it, and the interval from before comes back when the last one ends."""
+    before = sys.getswitchinterval()
+    entered, leave, left = threading.Event(), threading.Event(), threading.Event()
+
+    def other() -> None:
+        with short_switch_interval(0.001):
+            entered.set()
+            leave.wait(10)
+        left.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        with short_switch_interval(0.001):
+            leave.set()
+            assert left.wait(10)
+            assert sys.getswitchinterval() == pytest.approx(0.001)  # still one block in
+        assert sys.getswitchinterval() == before
+    finally:
+        leave.set()
+        thread.join(10)
+        sys.setswitchinterval(before)
+
 
 _PROBE = r"""
 import json, numpy as np
@@ -262,6 +345,73 @@ def test_wgpu_types_are_parsed_in_one_pass_before_the_device() -> None:
     assert result["warmed"] >= 60 and result["warmed"] <= result["known"]
     assert all(result["same"])
     assert result["parsed_later"] == []
+
+
+_PARSES = r"""
+import hashlib, json, sys
+import pycparser
+parses = []
+parse = pycparser.CParser.parse
+def counting(self, *args, **kwargs):
+    parses.append(1)
+    return parse(self, *args, **kwargs)
+pycparser.CParser.parse = counting
+from viewer.startup import cached_c_parses, warm_wgpu_types
+parses.clear()  # the viewer's own cdef (libzstd), parsed as it was imported
+if sys.argv[1] == "cached":
+    with cached_c_parses():
+        warm_wgpu_types()
+else:
+    warm_wgpu_types()
+from wgpu.backends.wgpu_native._ffi import ffi
+# what cffi made of wgpu's header: every declaration's C type, with its fields or
+# values (struct, union, enum), as cffi's own model of it
+def describe(value):
+    if isinstance(value, tuple):
+        return tuple(describe(v) for v in value)
+    if hasattr(value, "c_name_with_marker"):
+        out = [type(value).__name__, value.c_name_with_marker]
+        for attr in ("fldnames", "fldbitsize", "enumerators", "enumvalues"):
+            out.append(getattr(value, attr, None))
+        out.append([t.c_name_with_marker for t in getattr(value, "fldtypes", None) or ()])
+        return tuple(map(str, out))
+    return repr(value)
+described = [(name, describe(decl)) for name, decl in sorted(ffi._parser._declarations.items())]
+warmed = sorted(  # (cffi keeps them in a module's namespace: skip its __name__ & co.)
+    (text, parsed[0].cname) for text, parsed in ffi._parsed_types.items() if type(parsed) is tuple
+)
+digest = hashlib.sha256(repr((described, warmed)).encode()).hexdigest()
+print(json.dumps({"parses": len(parses), "digest": digest, "declared": len(described)}))
+"""
+
+
+@pytest.mark.render
+def test_a_new_process_loads_wgpus_parsed_header(tmp_path: pathlib.Path) -> None:
+    """cffi parses wgpu's C header with pycparser in each process (~0.2 s of Python,
+    holding the GIL while the first requests travel): the first process keeps the
+    syntax trees in the user's cache, the next one parses nothing, and what cffi makes
+    of them (types, sizes, struct fields, the warmed types) is what it makes without
+    the cache."""
+
+    def run(mode: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-c", _PARSES, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path)},
+            timeout=300,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    plain = run("plain")
+    assert plain["parses"] >= 3 and plain["declared"] > 400, plain  # header, callbacks, warm-up
+    first = run("cached")
+    assert first["parses"] == plain["parses"] and first["digest"] == plain["digest"]
+    assert len(list((tmp_path / "zarrscope" / "cparse").glob("*.pickle"))) == first["parses"]
+    again = run("cached")
+    assert again["parses"] == 0 and again["digest"] == plain["digest"], again
 
 
 _PIPELINES = r"""

@@ -10,7 +10,11 @@ a loaded machine, so the count is a count, not a time.
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -100,3 +104,42 @@ def test_the_first_image_does_not_wait_for_the_labels_group(
         assert not any("/labels/" in r.path for r in server.requests)
         server.stall_release.set()
         assert viewer.label_names == ["a", "b", "c"]
+
+
+_IMPORTS = r"""
+import json, sys
+from chunkpool.stores import import_store_modules
+def loaded():
+    return sorted(m for m in ("aiohttp", "fsspec.implementations.http") if m in sys.modules)
+before = loaded()
+import_store_modules(sys.argv[2])  # a local path
+import_store_modules(object())  # a zarr node, say: nothing to import
+import_store_modules("nosuchprotocol://x/y")  # left for opening to report
+local = loaded()
+import_store_modules(sys.argv[1])
+print(json.dumps({"before": before, "local": local, "url": loaded()}))
+"""
+
+
+def test_a_urls_http_stack_is_imported_before_opening_and_nothing_read(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The viewer imports what a URL's store needs (aiohttp: ~0.2 s) before its GPU
+    thread starts, so that the first request goes out before that thread competes
+    for the interpreter: a fresh process, nothing read; a path imports nothing."""
+    write_pyramid(tmp_path / "img.ome.zarr", noise_image((64, 64)), chunks=(32, 32), n_levels=1)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    with ZarrHTTPServer(tmp_path) as server:
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORTS, f"{server.url}/img.ome.zarr", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            timeout=120,
+        )
+        assert server.requests == []
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["before"] == result["local"] == []
+    assert result["url"] == ["aiohttp", "fsspec.implementations.http"]

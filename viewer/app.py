@@ -47,6 +47,7 @@ from rendercanvas.offscreen import RenderCanvas as OffscreenCanvas
 from chunkpool import Changes, ChunkPool, KpiLog, MemoryBudget, MultiscaleInfo
 from chunkpool.redaction import redact
 from chunkpool.refresh import reread
+from chunkpool.stores import import_store_modules
 
 from .camera import Camera
 from .discovery import LabelSearch
@@ -217,6 +218,7 @@ class Viewer:
         for name in [colormap] if isinstance(colormap, str) else colormap or ():
             parse_colormap(name)  # fail early, before any I/O
         pool = owned = None
+        import_store_modules(source)  # the first request out before the GPU thread starts
         gpu = GpuStart()  # the GPU device, made while the image opens and starts loading
         try:
             if source is not None:
@@ -1116,7 +1118,13 @@ class Viewer:
 
     def refresh(self) -> View:
         """What a frame does before rendering: run the queued handlers, bring every
-        layer's tiles in line with the view, and sync the scenes; the view."""
+        layer's tiles in line with the view, and sync the scenes; the view.
+
+        Called outside a frame (scripts, :meth:`wait_settled`), it also ends the
+        layers' showing of their coarsest level first (no frame to draw it sooner)."""
+        return self._refresh(in_frame=False)
+
+    def _refresh(self, *, in_frame: bool) -> View:
         started = time.perf_counter()
         self._apply_store_changes()
         self._run_handlers()
@@ -1124,7 +1132,10 @@ class Viewer:
         view = self.view()
         path, still = self._predicted_path(view, started)
         for layer in self.layers:
-            layer.update(view, path=path, still=still)
+            if layer.coarse_first and not in_frame:
+                layer.end_coarse_first(view, path=path, still=still)
+            else:
+                layer.update(view, path=path, still=still)
         if self._run_handlers():  # chunks the update found in the pool's cache: show them
             for layer in self.layers:  # now, and let what they replace go
                 layer.update(view, path=path, still=still)
@@ -1165,7 +1176,7 @@ class Viewer:
 
     def _draw_frame(self) -> None:
         started = time.perf_counter()
-        view = self.refresh()
+        view = self._refresh(in_frame=True)
         cam = self._gfx_camera
         cam.width, cam.height = self.camera.width, self.camera.height
         cam.local.position = (self.camera.x, self.camera.y, 0)
@@ -1202,10 +1213,19 @@ class Viewer:
         self.renderer.render(self.scene, self._gfx_camera, flush=not overlays)
         for i, overlay in enumerate(overlays):
             self.renderer.render(overlay.scene, overlay.camera, flush=i == len(overlays) - 1)
+        self._after_coarse_frame()
         done = time.perf_counter()
         self.frame_times.append(done - started)
         if self.kpi_log is not None:
             self._log_drawn(done)
+
+    def _after_coarse_frame(self) -> None:
+        """After a frame that drew what a layer showing its coarsest level first had
+        of it: the next frame (asked for now) asks for the view's own tiles."""
+        for layer in self.layers:
+            if layer.coarse_first and layer.coarse_drawable:
+                layer.coarse_frame_drawn()
+                self._request_draw()
 
     def _log_drawn(self, when: float) -> None:
         """Tell the KPI log which chunks this frame drew for the first time."""

@@ -148,11 +148,40 @@ BAR_HEIGHT = 4
 
 
 class Hud:
-    """Text lines in the top-left corner on a translucent box, and a progress bar."""
+    """Text lines in the top-left corner on a translucent box, and a progress bar.
+
+    Its pygfx objects are made when it is first drawn or given something to show, not
+    when it is created: its text labels and colour bar are ~25 ms of Python, which a
+    viewer would otherwise spend (for its HUD and its help) before asking for its
+    first chunks, whether it ever shows them or not."""
 
     def __init__(self) -> None:
-        self.scene = gfx.Scene()
-        self.camera = gfx.ScreenCoordsCamera()
+        self._scene: gfx.Scene | None = None
+        self._visible = True
+        self._lines: tuple[str, ...] = ()
+        self._progress: float | None = None
+        self._size: tuple[float, float] = (0, 0)
+        self._corner = "top-left"
+
+    @property
+    def scene(self) -> gfx.Scene:
+        """What the HUD draws (made on first use)."""
+        if self._scene is None:
+            self._build()
+        assert self._scene is not None
+        return self._scene
+
+    @property
+    def camera(self) -> gfx.ScreenCoordsCamera:
+        """The camera to draw :attr:`scene` with (made on first use)."""
+        if self._scene is None:
+            self._build()
+        return self._camera
+
+    def _build(self) -> None:
+        self._scene = gfx.Scene()
+        self._scene.visible = self._visible
+        self._camera = gfx.ScreenCoordsCamera()
         self._text = _label(13, "top-left")
         self._box = _rect((0, 0, 0, 0.6), order=0)
         self._bar_back = _rect((1, 1, 1, 0.15), order=1)
@@ -160,8 +189,8 @@ class Hud:
         self._scale = _rect((1, 1, 1, 0.9), order=2)
         self._scale_text = _label(12, "bottom-left")
         self._scale_shown: tuple[float, str] | None = None
-        self.scene.add(self._box, self._bar_back, self._bar, self._text)
-        self.scene.add(self._scale, self._scale_text)
+        self._scene.add(self._box, self._bar_back, self._bar, self._text)
+        self._scene.add(self._scale, self._scale_text)
         self._colorbar = gfx.Image(
             gfx.Geometry(grid=gfx.Texture(np.zeros((1, 256, 4), np.float32), dim=2)),
             gfx.ImageBasicMaterial(clim=(0, 1), interpolation="nearest", depth_test=False),
@@ -170,21 +199,18 @@ class Hud:
         self._colorbar_low = _label(12, "bottom-left")
         self._colorbar_high = _label(12, "bottom-right")
         self._colorbar_shown: tuple | None = None
-        self.scene.add(self._colorbar, self._colorbar_low, self._colorbar_high)
+        self._scene.add(self._colorbar, self._colorbar_low, self._colorbar_high)
         self.show_colorbar(None, (0.0, 1.0), (0, 0))
-        self._lines: tuple[str, ...] = ()
-        self._progress: float | None = None
-        self._size: tuple[float, float] = (0, 0)
-        self._corner = "top-left"
-        self.visible = True
 
     @property
     def visible(self) -> bool:
-        return self.scene.visible
+        return self._visible
 
     @visible.setter
     def visible(self, value: bool) -> None:
-        self.scene.visible = value
+        self._visible = bool(value)
+        if self._scene is not None:
+            self._scene.visible = self._visible
 
     def update(
         self,
@@ -195,6 +221,8 @@ class Hud:
     ) -> None:
         """Show ``lines`` in ``corner`` ("top-left" or "top-right"); ``progress`` in
         [0, 1] draws the bar (None hides it)."""
+        if self._scene is None:
+            self._build()
         lines_t = tuple(lines)
         if (lines_t, progress, size, corner) == (
             self._lines,
@@ -211,6 +239,8 @@ class Hud:
     def show_scale_bar(self, bar: tuple[float, str] | None, size: tuple[float, float]) -> None:
         """Draw ``bar`` (length in logical pixels, label: :func:`scale_bar`) at the
         bottom-left corner; None hides it."""
+        if self._scene is None:
+            self._build()
         self._scale.visible = self._scale_text.visible = bar is not None
         if bar is None or (bar, size) == self._scale_shown:
             return
@@ -225,6 +255,8 @@ class Hud:
     ) -> None:
         """Draw ``lut`` ((256, 4) RGBA, the active channel's colormap) as a bar at the
         bottom-right corner, labelled with the ends of its window ``clim``; None hides it."""
+        if self._scene is None:
+            self._build()
         shown = lut is not None
         for part in (self._colorbar, self._colorbar_low, self._colorbar_high):
             part.visible = shown

@@ -11,9 +11,16 @@ time.) So:
 * :func:`warm_wgpu_types` parses all the type strings wgpu-py's backend names in ONE
   pass (the same parse and the same cffi calls as cffi's own ``typeof``, so the types
   are the ones cffi would make): ~0.1 s instead of ~3 s.
+* :func:`cached_c_parses` keeps what pycparser makes of those C sources (wgpu's
+  header, the callback signature its import declares, the warm-up's one declaration)
+  in a directory of the user's cache, so that a new process loads the syntax trees
+  (pickled, ~20 ms) instead of parsing again (~0.2 s of Python, on 2 cores while the
+  viewer's first requests travel, and the GIL held throughout).
 * :class:`GpuStart` does that and creates pygfx's shared device (adapter + device) in a
   thread, so the viewer meanwhile opens the image and asks for its first chunks (the
-  native calls release the GIL).
+  native calls release the GIL); meanwhile the interpreter switches threads every
+  0.5 ms, not 5 (:func:`short_switch_interval`), so that zarr's event loop, waking up
+  for each response, is not held up by that thread's Python.
 * :func:`cache_shader_templates` keeps pygfx's shader templates, compiled (jinja2
   parses and compiles each WGSL snippet into Python code: most of the time it takes to
   build a render pipeline, all of it holding the GIL), in a directory of the user's cache,
@@ -29,12 +36,17 @@ parses nothing (logged at debug level) and start-up is as slow as before, not br
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import pickle
 import re
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +56,11 @@ import wgpu
 __all__ = [
     "DEVICE_TIMEOUT",
     "GpuStart",
+    "c_parse_cache_dir",
     "cache_shader_templates",
+    "cached_c_parses",
     "shader_cache_dir",
+    "short_switch_interval",
     "warm_pipelines",
     "warm_wgpu_types",
 ]
@@ -131,19 +146,95 @@ def warm_wgpu_types() -> int:
         return 0
 
 
+def _user_cache() -> Path:
+    """``$XDG_CACHE_HOME/zarrscope`` (``~/.cache/zarrscope`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zarrscope"
+
+
+def c_parse_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/zarrscope/cparse`` (``~/.cache/...`` by default), where
+    :func:`cached_c_parses` keeps its syntax trees."""
+    return _user_cache() / "cparse"
+
+
+_parse_patch = threading.Lock()  # one patched window at a time (imports are serial anyway)
+
+
+@contextlib.contextmanager
+def cached_c_parses(directory: Path | None = None) -> Iterator[Path | None]:
+    """While in the block, what cffi's parser makes of a C source with pycparser (its
+    ``Parser._parse``: the syntax tree, the macros) is loaded from ``directory``
+    (default :func:`c_parse_cache_dir`) if kept there, else made and kept there.
+
+    The key is everything that parse reads: the source, the typedef names the
+    parser knows already (they change how the source parses), and the cffi and
+    pycparser versions; so a tree loaded is the one the parse would make, and
+    nothing else of cffi changes (the declarations are built from the tree as
+    always). Files are written whole (a temporary file renamed). Yields the
+    directory, or None (nothing cached: cffi's internals are not as expected, or the
+    directory cannot be made; logged at debug level): an optimisation only."""
+    with _parse_patch:
+        try:
+            import cffi
+            import pycparser
+            from cffi.cparser import Parser
+
+            original = Parser._parse
+            directory = c_parse_cache_dir() if directory is None else directory
+            directory.mkdir(parents=True, exist_ok=True)
+        except Exception as err:
+            logger.debug("C parse cache skipped: %s: %s", type(err).__name__, err)
+            yield None
+            return
+        versions = f"cffi {cffi.__version__} pycparser {pycparser.__version__}\n"
+
+        def parse(parser: Any, csource: str) -> Any:
+            known = sorted(n for n in parser._declarations if n.startswith("typedef "))
+            digest = hashlib.sha256()
+            for part in (versions, csource, "\n".join(known)):
+                digest.update(part.encode())
+                digest.update(b"\0")
+            path = directory / f"{digest.hexdigest()}.pickle"
+            try:
+                with path.open("rb") as file:
+                    return pickle.load(file)
+            except FileNotFoundError:
+                pass
+            except Exception as err:  # unreadable: parse, and write it again
+                logger.debug("C parse cache entry %s skipped: %s", path.name, err)
+            result = original(parser, csource)
+            _keep(path, result)
+            return result
+
+        Parser._parse = parse
+        try:
+            yield directory
+        finally:
+            Parser._parse = original
+
+
+def _keep(path: Path, value: object) -> None:
+    """Pickle ``value`` to ``path``, whole or not at all (a temporary file renamed)."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False) as file:
+            temporary = file.name
+            pickle.dump(value, file, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(temporary, path)
+    except Exception as err:  # an optimisation only
+        logger.debug("C parse cache entry %s not kept: %s", path.name, err)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
 def shader_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/zarrscope/shaders/pygfx-V-jinja2-V`` (``~/.cache/...`` by
     default): one directory per pygfx and jinja2 version (jinja2's cache keys are the
     template names and sources, not what the environment compiling them is set to)."""
     import jinja2
 
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return (
-        Path(base)
-        / "zarrscope"
-        / "shaders"
-        / f"pygfx-{gfx.__version__}-jinja2-{jinja2.__version__}"
-    )
+    return _user_cache() / "shaders" / f"pygfx-{gfx.__version__}-jinja2-{jinja2.__version__}"
 
 
 def cache_shader_templates(directory: Path | None = None) -> Path | None:
@@ -166,6 +257,41 @@ def cache_shader_templates(directory: Path | None = None) -> Path | None:
         return None
 
 
+#: The interpreter's switch interval while a :class:`GpuStart` thread runs (seconds).
+STARTUP_SWITCH_INTERVAL = 0.0005
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def short_switch_interval(interval: float = STARTUP_SWITCH_INTERVAL) -> Iterator[None]:
+    """Within the block (in any thread; nested or concurrent blocks share one), the
+    interpreter hands the GIL to a waiting thread after ``interval`` s, not Python's
+    default 5 ms; the interval before is restored when the last block ends.
+
+    Why: the GPU start-up thread runs ~0.2 s of Python (wgpu's import, cffi's types)
+    while the viewer's first requests travel, on zarr's event loop. Each time that loop
+    wakes up (a response, a send) it waits for the GIL; with the default interval that
+    is up to 5 ms per wake-up, dozens of them per round trip: measured over HTTP with
+    50 ms latency on the sample, opening took ~0.29 s with the GPU thread busy against
+    ~0.12 s without."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, _switch_saved))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
 class GpuStart:
     """pygfx's shared GPU device, created in a thread started here (after
     :func:`warm_wgpu_types`), so that the caller opens its data meanwhile; and the
@@ -185,12 +311,14 @@ class GpuStart:
         from pygfx.renderers.wgpu import get_shared
 
         try:
-            started = time.perf_counter()
-            warm_wgpu_types()
-            ready = time.perf_counter()
-            self.seconds["types"] = ready - started
-            get_shared().device  # noqa: B018 (adapter + device, on first use)
-            self.seconds["device"] = time.perf_counter() - ready
+            with short_switch_interval():
+                started = time.perf_counter()
+                with cached_c_parses():  # wgpu's header, and the types warmed
+                    warm_wgpu_types()
+                ready = time.perf_counter()
+                self.seconds["types"] = ready - started
+                get_shared().device  # noqa: B018 (adapter + device, on first use)
+                self.seconds["device"] = time.perf_counter() - ready
         except BaseException as err:  # re-raised by wait(), in the caller's thread
             self._error = err
 
