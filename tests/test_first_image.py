@@ -40,6 +40,25 @@ from viewer.startup import short_switch_interval
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+
+def fresh_process(script: str, *args: str, cache: pathlib.Path | None = None) -> Any:
+    """Run ``script`` in a fresh Python (this checkout on its path; ``cache``: its
+    ``XDG_CACHE_HOME``) and return the JSON of its last line of output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if cache is not None:
+        env["XDG_CACHE_HOME"] = str(cache)
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # -- pure: how far a window change moves any pixel --------------------------------------
 
 
@@ -332,16 +351,7 @@ def test_wgpu_types_are_parsed_in_one_pass_before_the_device() -> None:
     """After the warm-up, making the device and drawing a frame with an image parses
     no C type string of wgpu's (each cost ~45 ms of Python), and the warmed types are
     those cffi makes itself."""
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = fresh_process(_PROBE)
     assert result["warmed"] >= 60 and result["warmed"] <= result["known"]
     assert all(result["same"])
     assert result["parsed_later"] == []
@@ -394,16 +404,7 @@ def test_a_new_process_loads_wgpus_parsed_header(tmp_path: pathlib.Path) -> None
     the cache."""
 
     def run(mode: str) -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-c", _PARSES, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path)},
-            timeout=300,
-        )
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return fresh_process(_PARSES, mode, cache=tmp_path)
 
     plain = run("plain")
     assert plain["parses"] >= 3 and plain["declared"] > 400, plain  # header, callbacks, warm-up
@@ -452,16 +453,7 @@ def test_the_frame_that_shows_data_compiles_no_pipeline() -> None:
     """In a fresh process (pygfx caches pipelines per process): a gray image, an RGB
     image and labels; every render pipeline (tiles of each material, background, the
     copy to the canvas) exists before the first frame, none is made by it."""
-    out = subprocess.run(
-        [sys.executable, "-c", _PIPELINES],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = fresh_process(_PIPELINES)
     assert result["first_frame"] == 0 and result["before"] >= 5, result
 
 
@@ -494,16 +486,7 @@ def test_a_new_process_loads_the_shader_templates_compiled(tmp_path: pathlib.Pat
     cache, and the next one, drawing the same, compiles none of them."""
 
     def run() -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-c", _TEMPLATES],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path)},
-            timeout=300,
-        )
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return fresh_process(_TEMPLATES, cache=tmp_path)
 
     first = run()
     assert first["templates"], first  # pygfx's snippets were compiled, and kept
