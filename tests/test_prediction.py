@@ -124,6 +124,51 @@ def test_a_flick_that_stops_collapses_the_prediction() -> None:
     assert all(abs(e - 750.0) < 0.1 * WIDTH for t, e in ends.items() if t > 0.25), ends
 
 
+def bell(t: float) -> tuple[float, float, float]:
+    """A hand's short pan from rest to rest: 0.75 view in 0.25 s, its speed a bell
+    (smoothstep: fastest half-way, at 4.5 views a second)."""
+    u = min(max(t / 0.25, 0.0), 1.0)
+    return 0.75 * WIDTH * u * u * (3 - 2 * u), 0.0, WIDTH
+
+
+@pytest.mark.parametrize("step", [1 / 30, 1 / 60, 1 / 120])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_short_hand_pan_is_not_predicted_past_where_it_stops(step: float, seed: int) -> None:
+    """A pan whose speed rose and falls again is expected to end as far past its
+    fastest point as that was from its start: at 30 to 120 Hz with 3 ms of jitter, the
+    prediction never reaches more than a tenth of a view past the stop (following the
+    speed until the stop reached half a view past it, at every pan's end), nor ahead
+    of the camera by more than the pan has come; and it reaches the stop, not short of
+    it, from the frame after the fastest step on."""
+    frames = list(drive(bell, 0.4, step=step, jitter=0.003 * (seed > 0), seed=seed))
+    stop = 0.75 * WIDTH
+    predicted = [(t, x, m.at(t + 10.0)[0]) for t, (x, _, _), m in frames if m is not None]
+    assert predicted
+    for _, x, end in predicted:
+        assert end <= stop + 0.1 * WIDTH and end - x <= x + 1e-6
+    late = [end for t, _, end in predicted if 0.125 + 2 * step < t < 0.23]
+    assert late and all(end == pytest.approx(stop, abs=0.1 * WIDTH) for end in late), late
+
+
+def test_a_pan_that_sped_up_and_cruises_on_is_followed() -> None:
+    """A pan that speeds up (in 0.2 s) and then goes on at a view a second, its steps
+    10% uneven (a pointer's events against frame times): once it has gone on past
+    where a bell would have stopped, it is followed at that speed again, every frame."""
+    rng = random.Random(3)
+    predictor = MotionPredictor()
+    x = 0.0
+    late = []
+    for i in range(1, 61):
+        t = i * FRAME
+        speed = WIDTH * min(t / 0.2, 1.0) * rng.uniform(0.9, 1.1)
+        x += speed * FRAME
+        predictor.observe(t, x, 0.0, WIDTH)
+        if t > 0.6:
+            late.append(predictor.predict(t))
+    assert all(m is not None and m.vx == pytest.approx(WIDTH, rel=0.2) for m in late)
+    assert all(m.horizon >= MIN_HORIZON for m in late)
+
+
 def test_a_zig_zag_turn_drops_the_old_direction_at_once() -> None:
     """Back and forth (a triangle, one view a second, turning every 0.5 s): after each
     turn the prediction never reaches more than a tenth of a view past the turning
@@ -200,6 +245,23 @@ def test_a_pan_is_not_still_from_its_first_move_nor_at_a_late_frame() -> None:
     assert predictor.still(late + MAX_STOP_GAP)
     predictor.observe(late + 2.0, 5000.0, 0.0, WIDTH)  # a jump from rest
     assert predictor.still(late + 2.0)
+
+
+def test_a_pan_that_stopped_is_still_at_once() -> None:
+    """Once a pan has stopped by the predictor's rule (no move for two of its usual
+    intervals), the camera is still (the ring comes between two pans a tenth of a
+    second apart), not only after MAX_STOP_GAP; one frame without a move is not yet
+    a stop."""
+    predictor = MotionPredictor()
+    step = 1 / 30
+    for i in range(10):
+        predictor.observe(i * step, 30.0 * i, 0.0, WIDTH)
+    moved = 9 * step
+    predictor.observe(moved + step, 270.0, 0.0, WIDTH)  # a frame without a move
+    assert not predictor.still(moved + step)
+    predictor.observe(moved + 2.1 * step, 270.0, 0.0, WIDTH)
+    assert predictor.still(moved + 2.1 * step)
+    assert 2.1 * step < MAX_STOP_GAP
 
 
 def test_a_frame_without_a_move_keeps_the_path_where_it_was() -> None:
@@ -430,6 +492,53 @@ def test_a_right_prediction_is_on_screen_without_a_new_read(
     assert not {f"0/c/{iy}/{ix}" for iy in range(6, 10) for ix in range(10, 14)} & set(
         store.rec.finished[reads:]
     )
+
+
+def test_a_tile_left_behind_while_its_chunk_is_read_is_kept_until_it_loads(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The view moves on while one of its tiles is being read (a prediction cut
+    short, a tile passed over): that tile stays held until its read ends, its
+    pending neighbours are let go (cancelled, never read); loaded, it is dropped to
+    the pool's cache, so coming back costs no second read (cancelled mid-read, the
+    data was thrown away and read again)."""
+    p = write_pyramid(  # one level: no coarser one held whole
+        tmp_path / "p.ome.zarr", noise_image((1024, 1024), seed=4), chunks=(64, 64), n_levels=1
+    )
+    store = GatedStore(LocalStore(p.path))
+    pool = ChunkPool.from_zarr_node(
+        zarr.open_group(store, mode="r"), io_concurrency=1, cache_bytes=64 << 20
+    )[0]
+    pool.enable_polled_load_handlers(lambda: None)
+    tiles = TileSet(pool, [(0, True)])
+    far = View(VIEW.x0 + 384, VIEW.y0, VIEW.x1 + 384, VIEW.y1, 256, 256)
+    try:
+        store.rec.hold()
+        tiles.update(VIEW, still=False)
+        (first,) = store.rec.wait_started(1)
+        reading = next(t for t in tiles.tiles() if first == "/".join(
+            [str(t.chunk.level), "c", *map(str, t.chunk.index)]
+        ))  # fmt: skip
+        others = [tiles._locations[t.chunk] for t in tiles.tiles() if t is not reading]
+        tiles.update(far, still=False)
+        assert reading in tiles.tiles() and not reading.in_view and not reading.shown
+        assert tiles._locations[reading.chunk].state == ChunkState.LOADING
+        assert others and all(loc.state == ChunkState.CANCELLED for loc in others)
+        store.rec.open_gate()
+        pool.wait_for_chunks_to_load(timeout=60)
+        pool.run_pending_handlers()
+        tiles.update(far, still=False)
+        assert reading.chunk not in tiles._locations  # loaded: let go, to the cache
+        reads = list(store.rec.finished)
+        assert first in reads
+        tiles.update(VIEW, still=False)
+        pool.wait_for_chunks_to_load(timeout=60)
+        assert store.rec.finished.count(first) == 1
+        assert len(store.rec.finished) > len(reads)  # (the others were read now)
+    finally:
+        store.rec.open_gate()
+        tiles.close()
+        pool.destroy()
 
 
 # -- the viewer feeds it ----------------------------------------------------------------

@@ -46,7 +46,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from chunkpool.kpi import LoadRecord
@@ -88,6 +88,9 @@ MIN_COS = 0.7
 #: No move for this many usual intervals between moves (bounded below and above) = stopped.
 STOP_INTERVALS = 2.0
 MIN_STOP_GAP, MAX_STOP_GAP = 0.05, 0.3
+#: A run of moves "sped up" when a step before its fastest was slower than ROSE times
+#: it, and "slows down" once its newest step is slower than FALL times its fastest.
+ROSE, FALL = 0.7, 0.8
 #: A move between two frames larger than this (view units) is a jump, not motion.
 JUMP = 0.5
 #: Seconds between the views of a predicted path, and the most views in one.
@@ -183,6 +186,62 @@ def _slope(points: Sequence[_Sample], scale: float) -> tuple[float, float, float
     return sx, sy, sw, mt
 
 
+@dataclass
+class _Run:
+    """The current run of moves one way: when it began, how far it has come (path
+    length, view units), its fastest point so far (the speed of its fastest step, view
+    units per second, and how far it had come there), whether it sped up to it (a step
+    before it, but the first, was slower than ``ROSE`` times it: the first covers a
+    start somewhere between two frames), and its newest steps (speed, how far it had
+    come at the step's middle), the newest last."""
+
+    start: float
+    length: float = 0.0
+    peak: float = 0.0
+    at_peak: float = 0.0
+    rose: bool = False
+    slowest: float = math.inf
+    steps: list[tuple[float, float]] = field(default_factory=list)
+
+    def step(self, size: float, seconds: float) -> None:
+        """A move of ``size`` view units in ``seconds``."""
+        speed = size / seconds if seconds > 0 else 0.0
+        mid = self.length + size / 2
+        if speed > self.peak:
+            self.rose = self.slowest < ROSE * speed
+            self.peak, self.at_peak = speed, mid
+        if self.length > 0:  # (not the first step: a run begins between two frames)
+            self.slowest = min(self.slowest, speed)
+        self.length += size
+        steps = self.steps
+        steps.append((speed, mid))
+        del steps[:-3]
+        if len(steps) == 3 and steps[1][0] == self.peak and steps[2][0] < self.peak:
+            # the step before was the fastest: place the fastest point between it and
+            # its neighbours, on the parabola through their speeds (at a frame a step,
+            # the peak of a short move falls anywhere within its fastest step)
+            (s0, m0), (s1, m1), (s2, m2) = steps
+            curve = s0 - 2 * s1 + s2
+            if curve < 0:
+                shift = 0.5 * (s0 - s2) / curve
+                self.at_peak = m1 + shift * ((m2 - m1) if shift > 0 else (m1 - m0))
+
+    def left(self) -> float:
+        """How much further (view units) it is expected to go. A run that sped up and
+        has slowed since its fastest step is taken to end as far past its fastest point
+        as that was from its start (a bell-shaped speed profile, as a hand's move has);
+        past that point, nothing is left if it is slower than ``FALL`` times its
+        fastest (it is stopping), else the bell was wrong (it cruises on). Any other
+        run goes no further than it has come."""
+        if self.rose and self.steps and self.steps[-1][0] < self.peak:
+            end = 2 * self.at_peak
+            if self.length < end:
+                return end - self.length
+            if self.steps[-1][0] < FALL * self.peak:
+                return 0.0
+        return self.length
+
+
 class MotionPredictor:
     """Camera samples in, expected motion out (see the module's docstring). Memory: the
     moves of the last ``WINDOW`` seconds."""
@@ -190,7 +249,7 @@ class MotionPredictor:
     def __init__(self) -> None:
         self._moves: list[_Sample] = []
         self._seen = -math.inf  # when the camera was last seen where the newest move left it
-        self._run_start = -math.inf  # when the current run of moves one way began
+        self._run = _Run(-math.inf)  # the current run of moves one way
         self._step = (0.0, 0.0, 0.0)  # the newest move, in view units
         self._moved = -math.inf  # when the camera last moved, a jump not counted
 
@@ -205,24 +264,26 @@ class MotionPredictor:
             self._seen = t
             return
         if not moves:
-            self._run_start = t
+            self._run = _Run(t)
         elif t - moves[-1].t > _stop_gap(moves):
             # it had stopped: this motion starts from where it rested, when last seen there
             moves[:] = [moves[-1]._replace(t=max(moves[-1].t, self._seen))]
-            self._run_start = moves[0].t
+            self._run = _Run(moves[0].t)
             self._step = (0.0, 0.0, 0.0)
         if moves:
             last = moves[-1]
             step = ((x - last.x) / width, (y - last.y) / width, sample.log_width - last.log_width)
-            if math.sqrt(sum(a * a for a in step)) > JUMP:
+            size = math.sqrt(sum(a * a for a in step))
+            if size > JUMP:
                 # a jump (show_region, fit, a key), not motion: the history starts here
                 moves.clear()
-                self._run_start = t
+                self._run = _Run(t)
                 step = (0.0, 0.0, 0.0)
             else:
                 self._moved = t
                 if sum(a * b for a, b in zip(step, self._step, strict=True)) < 0:
-                    self._run_start = last.t  # it turned: a new run
+                    self._run = _Run(last.t)  # it turned: a new run
+                self._run.step(size, t - last.t)
             self._step = step
         moves.append(sample)
         self._seen = t
@@ -234,7 +295,8 @@ class MotionPredictor:
     def reset(self) -> None:
         """Forget the history (the view jumped: a new image, a restored state)."""
         self._moves.clear()
-        self._seen = self._run_start = self._moved = -math.inf
+        self._seen = self._moved = -math.inf
+        self._run = _Run(-math.inf)
         self._step = (0.0, 0.0, 0.0)
 
     def still(self, now: float) -> bool:
@@ -245,7 +307,7 @@ class MotionPredictor:
         motion whose frame came late (a move too long to be one: a jump): a ring then
         would be asked for at every start of a pan, mostly on the sides it does not go
         to."""
-        return now - self._moved >= MAX_STOP_GAP
+        return now - self._moved >= _stop_gap(self._moves)
 
     def predict(self, now: float) -> Motion | None:
         """The motion expected from ``now`` on, or None: too few moves, stopped, turned,
@@ -287,7 +349,7 @@ class MotionPredictor:
                 velocity = (velocity[0] * f, velocity[1] * f, velocity[2] * f)
                 braking = deceleration / speed_now
         horizon = MIN_HORIZON + (MAX_HORIZON - MIN_HORIZON) * agreement
-        horizon = min(horizon, newest.t - self._run_start)  # no further than it has lasted
+        horizon = min(horizon, newest.t - self._run.start)  # no longer than it has lasted
         if braking > 0:
             horizon = min(horizon, 1.0 / braking)
         vx, vy, rate = velocity
@@ -296,6 +358,7 @@ class MotionPredictor:
             horizon = min(horizon, _time_to_travel(MAX_LEAD / pan, braking))
         if rate != 0:
             horizon = min(horizon, _time_to_travel(MAX_ZOOM_LEAD / abs(rate), braking))
+        horizon = min(horizon, _time_to_travel(self._run.left() / math.hypot(pan, rate), braking))
         return Motion(
             t=newest.t,
             x=newest.x,
