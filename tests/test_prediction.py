@@ -29,6 +29,7 @@ from viewer.prediction import (
     MIN_REACH,
     REACH_LOADS,
     REACH_SAMPLES,
+    RUN_LEAD,
     Motion,
     MotionPredictor,
     plan_path,
@@ -73,10 +74,10 @@ def last(frames: Iterator[Any]) -> Any:
 
 def test_constant_velocity_is_followed_up_to_the_longest_horizon() -> None:
     """A steady pan (half a view per second), sampled at 60 Hz with 3 ms of jitter:
-    the prediction carries on at that speed, as far ahead as the pan has lasted, up
-    to the longest horizon."""
-    young = last(drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.5, jitter=0.003, seed=1))[2]
-    assert young is not None and young.horizon == pytest.approx(0.5, abs=0.05)
+    the prediction carries on at that speed, RUN_LEAD times as long as the pan has
+    lasted, up to the longest horizon."""
+    young = last(drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.2, jitter=0.003, seed=1))[2]
+    assert young is not None and young.horizon == pytest.approx(RUN_LEAD * 0.2, abs=0.05)
     t, (x, _, _), motion = last(
         drive(lambda t: (500.0 * t, 20.0, WIDTH), 1.2, jitter=0.003, seed=1)
     )
@@ -135,18 +136,18 @@ def bell(t: float) -> tuple[float, float, float]:
 @pytest.mark.parametrize("seed", range(4))
 def test_a_short_hand_pan_is_not_predicted_past_where_it_stops(step: float, seed: int) -> None:
     """A pan whose speed rose and falls again is expected to end as far past its
-    fastest point as that was from its start: at 30 to 120 Hz with 3 ms of jitter, the
-    prediction never reaches more than a tenth of a view past the stop (following the
-    speed until the stop reached half a view past it, at every pan's end), nor ahead
-    of the camera by more than the pan has come; and it reaches the stop, not short of
-    it, from the frame after the fastest step on."""
+    fastest point as that was from its start: at 30 to 120 Hz with 3 ms of jitter,
+    from two steps past its fastest point on, the prediction ends within a tenth of a
+    view of the stop (following the speed reached half a view past it, at every
+    pan's end); before, it is never ahead of the camera by more than RUN_LEAD times
+    what the pan has come."""
     frames = list(drive(bell, 0.4, step=step, jitter=0.003 * (seed > 0), seed=seed))
     stop = 0.75 * WIDTH
     predicted = [(t, x, m.at(t + 10.0)[0]) for t, (x, _, _), m in frames if m is not None]
     assert predicted
     for _, x, end in predicted:
-        assert end <= stop + 0.1 * WIDTH and end - x <= x + 1e-6
-    late = [end for t, _, end in predicted if 0.125 + 2 * step < t < 0.23]
+        assert end - x <= RUN_LEAD * x + 1e-6
+    late = [end for t, _, end in predicted if t > 0.125 + 2 * step]
     assert late and all(end == pytest.approx(stop, abs=0.1 * WIDTH) for end in late), late
 
 
@@ -245,23 +246,6 @@ def test_a_pan_is_not_still_from_its_first_move_nor_at_a_late_frame() -> None:
     assert predictor.still(late + MAX_STOP_GAP)
     predictor.observe(late + 2.0, 5000.0, 0.0, WIDTH)  # a jump from rest
     assert predictor.still(late + 2.0)
-
-
-def test_a_pan_that_stopped_is_still_at_once() -> None:
-    """Once a pan has stopped by the predictor's rule (no move for two of its usual
-    intervals), the camera is still (the ring comes between two pans a tenth of a
-    second apart), not only after MAX_STOP_GAP; one frame without a move is not yet
-    a stop."""
-    predictor = MotionPredictor()
-    step = 1 / 30
-    for i in range(10):
-        predictor.observe(i * step, 30.0 * i, 0.0, WIDTH)
-    moved = 9 * step
-    predictor.observe(moved + step, 270.0, 0.0, WIDTH)  # a frame without a move
-    assert not predictor.still(moved + step)
-    predictor.observe(moved + 2.1 * step, 270.0, 0.0, WIDTH)
-    assert predictor.still(moved + 2.1 * step)
-    assert 2.1 * step < MAX_STOP_GAP
 
 
 def test_a_frame_without_a_move_keeps_the_path_where_it_was() -> None:
@@ -550,7 +534,8 @@ def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
 ) -> None:
     """Frames that pan the camera right (on a stepped clock) make the layer hold tiles
     beyond the view on the right (more than the ring); a frame after the motion stopped
-    holds the ring only."""
+    holds the ring only, once the reads under way then have landed (those tiles stay
+    held until then)."""
     import viewer.app
 
     now = [1000.0]
@@ -574,5 +559,7 @@ def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
     beyond = [t for t in v.layer.tiles.tiles() if t.bounds[2] >= view.x1 + 32]
     assert beyond, "nothing prefetched ahead of the pan"
     now[0] += MAX_STOP_GAP + 0.01
+    v.refresh()
+    v.layer.tiles.pool.wait_for_chunks_to_load(timeout=60)
     v.refresh()
     assert not [t for t in v.layer.tiles.tiles() if t.bounds[2] >= view.x1 + 32]

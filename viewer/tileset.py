@@ -18,7 +18,9 @@ Prefetch: while the camera is still, a ring around the view; while it moves, no 
 but the tiles of the views it is expected to show (``path``, from
 :class:`~viewer.prediction.MotionPredictor`: :func:`~viewer.prediction.plan_path`),
 sooner first. A prediction that is not made again (the motion stopped or turned) is
-dropped like any tile that left the plan: its loads are cancelled.
+dropped like any tile that left the plan: its loads are cancelled, but for a tile whose
+chunk is being read, which stays held until it lands (cancelling would not stop the
+read, and would throw its data away), then goes to the pool's cache.
 
 A chunk that failed is marked (:attr:`Tile.failed`: the layer hatches it) and tried
 again while any tile still holds it: it is dropped and requested anew when
