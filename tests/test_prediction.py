@@ -29,6 +29,7 @@ from viewer.prediction import (
     MIN_REACH,
     REACH_LOADS,
     REACH_SAMPLES,
+    RUN_LEAD,
     Motion,
     MotionPredictor,
     plan_path,
@@ -73,10 +74,10 @@ def last(frames: Iterator[Any]) -> Any:
 
 def test_constant_velocity_is_followed_up_to_the_longest_horizon() -> None:
     """A steady pan (half a view per second), sampled at 60 Hz with 3 ms of jitter:
-    the prediction carries on at that speed, as far ahead as the pan has lasted, up
-    to the longest horizon."""
-    young = last(drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.5, jitter=0.003, seed=1))[2]
-    assert young is not None and young.horizon == pytest.approx(0.5, abs=0.05)
+    the prediction carries on at that speed, RUN_LEAD times as long as the pan has
+    lasted, up to the longest horizon."""
+    young = last(drive(lambda t: (500.0 * t, 20.0, WIDTH), 0.2, jitter=0.003, seed=1))[2]
+    assert young is not None and young.horizon == pytest.approx(RUN_LEAD * 0.2, abs=0.05)
     t, (x, _, _), motion = last(
         drive(lambda t: (500.0 * t, 20.0, WIDTH), 1.2, jitter=0.003, seed=1)
     )
@@ -122,6 +123,51 @@ def test_a_flick_that_stops_collapses_the_prediction() -> None:
             ends[t] = m.at(t + 10.0)[0]
     assert ends and all(e < 750.0 + 0.1 * WIDTH for e in ends.values()), ends
     assert all(abs(e - 750.0) < 0.1 * WIDTH for t, e in ends.items() if t > 0.25), ends
+
+
+def bell(t: float) -> tuple[float, float, float]:
+    """A hand's short pan from rest to rest: 0.75 view in 0.25 s, its speed a bell
+    (smoothstep: fastest half-way, at 4.5 views a second)."""
+    u = min(max(t / 0.25, 0.0), 1.0)
+    return 0.75 * WIDTH * u * u * (3 - 2 * u), 0.0, WIDTH
+
+
+@pytest.mark.parametrize("step", [1 / 30, 1 / 60, 1 / 120])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_short_hand_pan_is_not_predicted_past_where_it_stops(step: float, seed: int) -> None:
+    """A pan whose speed rose and falls again is expected to end as far past its
+    fastest point as that was from its start: at 30 to 120 Hz with 3 ms of jitter,
+    from two steps past its fastest point on, the prediction ends within a tenth of a
+    view of the stop (following the speed reached half a view past it, at every
+    pan's end); before, it is never ahead of the camera by more than RUN_LEAD times
+    what the pan has come."""
+    frames = list(drive(bell, 0.4, step=step, jitter=0.003 * (seed > 0), seed=seed))
+    stop = 0.75 * WIDTH
+    predicted = [(t, x, m.at(t + 10.0)[0]) for t, (x, _, _), m in frames if m is not None]
+    assert predicted
+    for _, x, end in predicted:
+        assert end - x <= RUN_LEAD * x + 1e-6
+    late = [end for t, _, end in predicted if t > 0.125 + 2 * step]
+    assert late and all(end == pytest.approx(stop, abs=0.1 * WIDTH) for end in late), late
+
+
+def test_a_pan_that_sped_up_and_cruises_on_is_followed() -> None:
+    """A pan that speeds up (in 0.2 s) and then goes on at a view a second, its steps
+    10% uneven (a pointer's events against frame times): once it has gone on past
+    where a bell would have stopped, it is followed at that speed again, every frame."""
+    rng = random.Random(3)
+    predictor = MotionPredictor()
+    x = 0.0
+    late = []
+    for i in range(1, 61):
+        t = i * FRAME
+        speed = WIDTH * min(t / 0.2, 1.0) * rng.uniform(0.9, 1.1)
+        x += speed * FRAME
+        predictor.observe(t, x, 0.0, WIDTH)
+        if t > 0.6:
+            late.append(predictor.predict(t))
+    assert all(m is not None and m.vx == pytest.approx(WIDTH, rel=0.2) for m in late)
+    assert all(m.horizon >= MIN_HORIZON for m in late)
 
 
 def test_a_zig_zag_turn_drops_the_old_direction_at_once() -> None:
@@ -432,6 +478,53 @@ def test_a_right_prediction_is_on_screen_without_a_new_read(
     )
 
 
+def test_a_tile_left_behind_while_its_chunk_is_read_is_kept_until_it_loads(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The view moves on while one of its tiles is being read (a prediction cut
+    short, a tile passed over): that tile stays held until its read ends, its
+    pending neighbours are let go (cancelled, never read); loaded, it is dropped to
+    the pool's cache, so coming back costs no second read (cancelled mid-read, the
+    data was thrown away and read again)."""
+    p = write_pyramid(  # one level: no coarser one held whole
+        tmp_path / "p.ome.zarr", noise_image((1024, 1024), seed=4), chunks=(64, 64), n_levels=1
+    )
+    store = GatedStore(LocalStore(p.path))
+    pool = ChunkPool.from_zarr_node(
+        zarr.open_group(store, mode="r"), io_concurrency=1, cache_bytes=64 << 20
+    )[0]
+    pool.enable_polled_load_handlers(lambda: None)
+    tiles = TileSet(pool, [(0, True)])
+    far = View(VIEW.x0 + 384, VIEW.y0, VIEW.x1 + 384, VIEW.y1, 256, 256)
+    try:
+        store.rec.hold()
+        tiles.update(VIEW, still=False)
+        (first,) = store.rec.wait_started(1)
+        reading = next(t for t in tiles.tiles() if first == "/".join(
+            [str(t.chunk.level), "c", *map(str, t.chunk.index)]
+        ))  # fmt: skip
+        others = [tiles._locations[t.chunk] for t in tiles.tiles() if t is not reading]
+        tiles.update(far, still=False)
+        assert reading in tiles.tiles() and not reading.in_view and not reading.shown
+        assert tiles._locations[reading.chunk].state == ChunkState.LOADING
+        assert others and all(loc.state == ChunkState.CANCELLED for loc in others)
+        store.rec.open_gate()
+        pool.wait_for_chunks_to_load(timeout=60)
+        pool.run_pending_handlers()
+        tiles.update(far, still=False)
+        assert reading.chunk not in tiles._locations  # loaded: let go, to the cache
+        reads = list(store.rec.finished)
+        assert first in reads
+        tiles.update(VIEW, still=False)
+        pool.wait_for_chunks_to_load(timeout=60)
+        assert store.rec.finished.count(first) == 1
+        assert len(store.rec.finished) > len(reads)  # (the others were read now)
+    finally:
+        store.rec.open_gate()
+        tiles.close()
+        pool.destroy()
+
+
 # -- the viewer feeds it ----------------------------------------------------------------
 
 
@@ -441,7 +534,8 @@ def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
 ) -> None:
     """Frames that pan the camera right (on a stepped clock) make the layer hold tiles
     beyond the view on the right (more than the ring); a frame after the motion stopped
-    holds the ring only."""
+    holds the ring only, once the reads under way then have landed (those tiles stay
+    held until then)."""
     import viewer.app
 
     now = [1000.0]
@@ -465,5 +559,7 @@ def test_the_viewer_prefetches_where_the_camera_goes_and_drops_it_when_it_stops(
     beyond = [t for t in v.layer.tiles.tiles() if t.bounds[2] >= view.x1 + 32]
     assert beyond, "nothing prefetched ahead of the pan"
     now[0] += MAX_STOP_GAP + 0.01
+    v.refresh()
+    v.layer.tiles.pool.wait_for_chunks_to_load(timeout=60)
     v.refresh()
     assert not [t for t in v.layer.tiles.tiles() if t.bounds[2] >= view.x1 + 32]

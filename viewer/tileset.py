@@ -18,7 +18,9 @@ Prefetch: while the camera is still, a ring around the view; while it moves, no 
 but the tiles of the views it is expected to show (``path``, from
 :class:`~viewer.prediction.MotionPredictor`: :func:`~viewer.prediction.plan_path`),
 sooner first. A prediction that is not made again (the motion stopped or turned) is
-dropped like any tile that left the plan: its loads are cancelled.
+dropped like any tile that left the plan: its loads are cancelled, but for a tile whose
+chunk is being read, which stays held until it lands (cancelling would not stop the
+read, and would throw its data away), then goes to the pool's cache.
 
 A chunk that failed is marked (:attr:`Tile.failed`: the layer hatches it) and tried
 again while any tile still holds it: it is dropped and requested anew when
@@ -547,7 +549,8 @@ class TileSet(ChunkManager):
                             slice_prefetch_priority(p, ahead),
                         )
         for key in [k for k in ch.tiles if k not in wanted]:
-            self._remove_tile(ch, key)
+            if not self._reading(ch.tiles[key]):
+                self._remove_tile(ch, key)
         for key, priority in wanted.items():
             tile = ch.tiles.get(key)
             if tile is None:
@@ -567,6 +570,15 @@ class TileSet(ChunkManager):
                     or (tile.key.level >= target and tile.key.position == position)
                 )
             )
+
+    def _reading(self, tile: Tile) -> bool:
+        """Whether ``tile``'s chunk is being read. Such a tile stays held until its load
+        ends, although it left the plan: cancelling it would not stop the read (its
+        data would be thrown away), while a chunk dropped once loaded stays in the
+        pool's cache, so that a prediction cut short and then made again, or a tile
+        passed over and come back to, costs no second read."""
+        loc = self._locations.get(tile.chunk)
+        return loc is not None and loc.state is ChunkState.LOADING
 
     def _keep_previous_slice(
         self, ch: ChannelTiles, view: View, target: int, done: set[TileKey]
