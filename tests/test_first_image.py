@@ -264,7 +264,10 @@ def test_the_view_asks_for_its_own_level_after_a_frame_drew_the_coarsest(
         assert levels_read() == {"2"}, "a frame with nothing to draw asked for more"
         assert viewer.layer.target_level == 0 and not viewer.settled()
         rec.release(4)
-        wait_for(lambda: len(rec.finished) == 4, "the coarsest level's reads")
+        # a read that finished is not yet a load published: wait for the pool (else the
+        # next frame finds nothing to draw yet, as a live window's would, and waits on)
+        pool = viewer.layer.pool
+        wait_for(lambda: pool.stats.loads == 4, "the coarsest level's loads")
         assert levels_read() == {"2"}
         shown = viewer.screenshot()  # draws the coarsest level...
         assert levels_read() == {"2"}, "the coarse frame competed with level 0's reads"
