@@ -88,6 +88,11 @@ MAX_BATCH = 8
 BATCH_SECONDS = 0.002
 #: Batches are taken while a typical read takes at most this many typical decodes.
 BATCH_FETCH_RATIO = 2.0
+#: A batch's read that has lasted this long (seconds) is blocked: another IO thread may
+#: start for the other jobs. Shorter ones are not counted as reads: on 2 cores at 128²
+#: and 256² page-cached chunks, threads added while every batch was "reading" (waiting
+#: for the GIL after a read's system call, mostly) cost 15-20% of the throughput.
+STALLED_READ = 0.05
 
 #: A decode done: the job, its data or error, and how many seconds it took.
 _Decoded = tuple["LoadJob", "np.ndarray | None", "BaseException | None", float]
@@ -523,10 +528,17 @@ class LoadScheduler:
 
     def _reading(self) -> int:
         """IO threads waiting on a read (or about to start): fetching a single job, or
-        at a read in their batch. Holds ``_lock``."""
+        at a read in their batch that has lasted over :data:`STALLED_READ`. (A batch's
+        reads are page-cache copies of microseconds: one at a read longer than that
+        is blocked, where one at a shorter read mostly waits for the GIL, which another
+        thread would only contend for.) Holds ``_lock``."""
         reading = self._in_fetch
-        for batch in self._batches:
-            reading += batch.reading
+        if self._batches:
+            stalled = time.perf_counter() - STALLED_READ
+            for batch in self._batches:
+                if batch.reading and batch.taken:
+                    started = batch.taken[-1].fetch_started_at
+                    reading += 0.0 < started < stalled
         return reading
 
     def _take_sync(self) -> LoadJob | None:

@@ -454,7 +454,7 @@ def decode_modes(argv: list[str] | None = None) -> list[tuple[str, float, tuple[
     args = parser.parse_args(argv)
     print(
         f"decode='processes' / decode='threads' throughput, {args.rounds} paired rounds, "
-        f"{os.cpu_count()} cores (processes: one per core; threads: cores + 1)"
+        f"{os.cpu_count()} cores (processes and threads: one per core)"
     )
     print(
         f"{'case':28s} {'chunks':>6s} {'threads ms':>10s} {'procs ms':>9s}   throughput ratio"
