@@ -182,7 +182,7 @@ class KpiLog:
             if process is not None:
                 try:
                     if items:
-                        process.send(items)
+                        process.send(items, CLOSE_TIMEOUT)
                     if wait:
                         process.wait(CLOSE_TIMEOUT)
                     return

@@ -35,6 +35,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -124,6 +125,7 @@ class WriterProcess:
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._stdin = self._proc.stdin
+        os.set_blocking(self._stdin.fileno(), False)  # (send's writes wait in select)
         self._acks = self._proc.stdout.fileno()
         os.set_blocking(self._acks, False)
         self._sent = self._acked = 0
@@ -132,14 +134,22 @@ class WriterProcess:
     def pid(self) -> int:
         return self._proc.pid
 
-    def send(self, items: list[Any]) -> None:
-        """Hand ``items`` to the process (blocks, without the GIL, while the pipe is
-        full); answers already there are collected on the way."""
-        payload = pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+    def send(self, items: list[Any], timeout: float) -> None:
+        """Hand ``items`` to the process, waiting (without the GIL) while the pipe is
+        full, for ``timeout`` seconds at most: a process that stopped reading raises
+        OSError, never blocks its caller for good. Answers already there are
+        collected on the way."""
+        frame = pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+        payload = memoryview(_FRAME.pack(len(frame)) + frame)
+        fd = self._stdin.fileno()
+        deadline = time.monotonic() + timeout
         try:
-            self._stdin.write(_FRAME.pack(len(payload)))
-            self._stdin.write(payload)
-            self._stdin.flush()
+            while payload:
+                _, ready, _ = select.select([], [fd], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise OSError(f"the KPI writer process took nothing for {timeout} s")
+                with contextlib.suppress(BlockingIOError):  # (room for less than a write)
+                    payload = payload[os.write(fd, payload) :]
         except BrokenPipeError:
             raise self._ended() from None
         self._sent += 1

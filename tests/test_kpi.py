@@ -223,7 +223,7 @@ def test_the_lines_are_written_by_a_process_that_close_ends(tmp_path: pathlib.Pa
     assert _gone(pid)
 
 
-@pytest.mark.parametrize("fault", ["killed", "stuck"])
+@pytest.mark.parametrize("fault", ["killed", "stuck", "stuck, pipe full"])
 def test_a_writer_process_that_dies_or_hangs_hands_the_file_to_the_log(
     tmp_path: pathlib.Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -242,7 +242,9 @@ def test_a_writer_process_that_dies_or_hangs_hands_the_file_to_the_log(
     log.flush()
     os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     with caplog.at_level(logging.WARNING, logger="chunkpool"):
-        log.add(record(0, 1, t))
+        # (a batch larger than the pipe holds: a send that would block for good)
+        for _ in range(4096 if fault == "stuck, pipe full" else 1):
+            log.add(record(0, 1, t))
         log.flush()  # the process is found dead or silent here
         log.add(record(0, 2, t))
         log.flush()
