@@ -96,10 +96,7 @@ def decode_zstd(
     # context (numcodecs makes a new one per call, about a fifth of a small chunk's
     # decode): every frame is decoded, and the count it returns must be the chunk's.
     out = buffers.take(nbytes)
-    try:
-        dctx = _THREAD.dctx
-    except AttributeError:
-        dctx = _new_dctx()
+    dctx = thread_dctx()
     ffi, lib = _LIBZSTD
     got = lib.ZSTD_decompressDCtx(
         dctx, ffi.from_buffer(out), nbytes, ffi.from_buffer(data), data.nbytes
@@ -196,6 +193,14 @@ def _load_libzstd() -> tuple[Any, Any] | None:
 _LIBZSTD = _load_libzstd()
 #: Each thread's reused decompression context (freed with the thread's locals).
 _THREAD = threading.local()
+
+
+def thread_dctx() -> Any:
+    """This thread's libzstd decompression context (made on its first use)."""
+    try:
+        return _THREAD.dctx
+    except AttributeError:
+        return _new_dctx()
 
 
 def _new_dctx() -> Any:

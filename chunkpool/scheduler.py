@@ -187,10 +187,24 @@ class _Batch:
     read that never returns holds up no other job for long. Written by its thread
     without the lock: ``pending``, ``taken``, ``reading``."""
 
-    __slots__ = ("decode_s", "fetch_s", "pending", "reading", "results", "taken", "window")
+    __slots__ = (
+        "decode_s",
+        "fetch_s",
+        "pending",
+        "publish",
+        "published",
+        "reading",
+        "results",
+        "taken",
+        "window",
+    )
 
-    def __init__(self, window: _Window, jobs: list[LoadJob]):
+    def __init__(self, window: _Window, jobs: list[LoadJob], publish: Callable[[_Batch], None]):
         self.window = window
+        #: Publishes the results so far before the batch ends (``published`` counts
+        #: them): done before reads that may not return.
+        self.publish = publish
+        self.published = 0
         self.pending = deque(jobs)
         self.taken: list[LoadJob] = []  # by this batch's thread, in order
         self.reading = True  # whether the job it is at is being read (else decoded)
@@ -218,51 +232,142 @@ class _Batch:
         # decode="processes": a worker decodes each job while the next is read (their read
         # buffers stay taken until finish: at most a batch of them)
         pipeline = None
+        carried: LoadJob | None = None  # taken, of another level than the group before it
+        in_python: set[LoadJob] = set()  # left to Python by the native path
         while True:
-            try:
-                job = pending.popleft()
-            except IndexError:
-                break
-            taken.append(job)
-            if job.state is not _FETCHING:  # cancelled since the batch was taken
+            if carried is not None:
+                job, carried = carried, None
+            else:
+                try:
+                    job = pending.popleft()
+                except IndexError:
+                    break
+                taken.append(job)
+                if job.state is not _FETCHING:  # cancelled since the batch was taken
+                    continue
+            source = job.source
+            if source.native is not None and job not in in_python:
+                # the jobs of this level that follow: read and decoded in one call
+                group = [job]
+                while True:
+                    try:
+                        job = pending.popleft()
+                    except IndexError:
+                        break
+                    taken.append(job)
+                    if job.state is not _FETCHING:
+                        continue
+                    if job.source is not source or job in in_python:
+                        carried = job
+                        break
+                    group.append(job)
+                left = self._run_native(source, group, results)
+                # back where another thread may take them, to be read the Python way;
+                # one of them may be a read that does not return (a FIFO), so what is
+                # read already is published now, not after it
+                in_python.update(left)
+                if left:
+                    self.publish(self)
+                if carried is not None:
+                    left.append(carried)
+                    carried = None
+                for job in reversed(left):
+                    taken.remove(job)
+                    pending.appendleft(job)
                 continue
-            self.reading = True
-            job.fetch_started_at = t0 = perf_counter()
-            try:
-                raw = job.source.fetch_sync(job.index, files)
-            except Exception as err:
-                job.fetched_at = perf_counter()
-                results.append((job, None, err))
+            processes = source.processes
+            if processes is None:
+                f, d = self._run_one(job, results, files)
+                fetch_s, decode_s = fetch_s + f, decode_s + d
                 continue
-            job.fetched_at = t1 = perf_counter()
-            fetch_s += t1 - t0
-            job.nbytes_fetched = raw.nbytes_fetched
-            job.stamp = raw.stamp
-            if job.state is not _FETCHING:
-                job.source.release(raw)
+            t0 = perf_counter()
+            raw = self._fetch(job, results, files)
+            fetch_s += job.fetched_at - t0
+            if raw is None:
                 continue
-            self.reading = False
-            processes = job.source.processes
-            if processes is not None and raw.data is not None:  # (missing: the fill)
-                if pipeline is None:
-                    pipeline = processes.pipeline()
-                pipeline.submit(job, job.source, job.index, raw)
+            if raw.data is None:  # missing: the fill, here
+                decode_s += self._decode(job, raw, results)
                 continue
-            data: np.ndarray | None = None
-            error: BaseException | None = None
-            try:
-                data = job.source.decode(job.index, raw)
-            except Exception as err:
-                error = err
-            job.decoded_at = t2 = perf_counter()
-            decode_s += t2 - t1
-            results.append((job, data, error))
+            if pipeline is None:
+                pipeline = processes.pipeline()
+            pipeline.submit(job, source, job.index, raw)
         if pipeline is not None:
             for job, data, error, seconds in pipeline.finish():  # (seconds in the worker)
                 job.decoded_at = perf_counter()
                 decode_s += seconds
                 results.append((job, data, error))
-        self.fetch_s, self.decode_s = fetch_s, decode_s
+        self.fetch_s += fetch_s
+        self.decode_s += decode_s
+
+    def _fetch(self, job: LoadJob, results: Completions, files: OpenFiles) -> RawChunk | None:
+        """Read one job in Python: its bytes, or None (failed: its result is in
+        ``results``; or cancelled meanwhile)."""
+        self.reading = True
+        job.fetch_started_at = time.perf_counter()
+        try:
+            raw = job.source.fetch_sync(job.index, files)
+        except Exception as err:
+            job.fetched_at = time.perf_counter()
+            results.append((job, None, err))
+            return None
+        job.fetched_at = time.perf_counter()
+        job.nbytes_fetched = raw.nbytes_fetched
+        job.stamp = raw.stamp
+        if job.state is not _FETCHING:
+            job.source.release(raw)
+            return None
+        self.reading = False
+        return raw
+
+    @staticmethod
+    def _decode(job: LoadJob, raw: RawChunk, results: Completions) -> float:
+        """Decode one fetched job in Python into ``results``; returns the seconds taken."""
+        data: np.ndarray | None = None
+        error: BaseException | None = None
+        try:
+            data = job.source.decode(job.index, raw)
+        except Exception as err:
+            error = err
+        job.decoded_at = time.perf_counter()
+        results.append((job, data, error))
+        return job.decoded_at - job.fetched_at
+
+    def _run_one(self, job: LoadJob, results: Completions, files: OpenFiles) -> tuple[float, float]:
+        """Read and decode one job in Python; returns the seconds each took."""
+        raw = self._fetch(job, results, files)
+        fetch_s = job.fetched_at - job.fetch_started_at
+        return fetch_s, 0.0 if raw is None else self._decode(job, raw, results)
+
+    def _run_native(
+        self, source: ChunkSource, group: list[LoadJob], results: Completions
+    ) -> list[LoadJob]:
+        """Read and decode ``group`` (jobs of ``source``) in one call without the GIL
+        (:meth:`ChunkSource.fetch_decode_native`); returns the jobs it left for
+        :meth:`_run_one` (which then says what is wrong, if anything)."""
+        self.reading = True
+        t0 = time.perf_counter()
+        for job in group:
+            job.fetch_started_at = t0
+        left = []
+        started = t0
+        fetch_s = decode_s = 0.0
+        for job, result in zip(
+            group, source.fetch_decode_native([j.index for j in group]), strict=True
+        ):
+            if result is None:
+                left.append(job)
+                continue
+            data, job.nbytes_fetched, job.stamp, fetched, decoded = result
+            if not fetched:  # a missing chunk: nothing read
+                fetched = decoded = started
+            job.fetch_started_at, job.fetched_at, job.decoded_at = started, fetched, decoded
+            fetch_s += fetched - started
+            decode_s += decoded - fetched
+            started = decoded
+            results.append((job, data, None))
+        self.fetch_s += fetch_s
+        self.decode_s += decode_s
+        return left
 
 
 def _typical(estimate: float, sample: float) -> float:
@@ -590,7 +695,7 @@ class LoadScheduler:
         window.in_flight += 1
         self._cpu_busy += 1
         self._decoding += 1
-        batch = _Batch(window, jobs)
+        batch = _Batch(window, jobs, self._publish_early)
         self._batches.add(batch)
         return batch
 
@@ -616,6 +721,22 @@ class LoadScheduler:
             return job
         return None
 
+    def _publish_early(self, batch: _Batch) -> None:
+        """Publish a running batch's results so far (its thread calls this, without
+        the lock), as :meth:`_batch_done` would; the batch keeps its slot."""
+        with self._lock:
+            closed = self._closed
+            reports = []
+            for report in batch.results:
+                job = report[0]
+                if job.state is _FETCHING and not closed:
+                    job.state = _DONE
+                    reports.append(report)
+            batch.published += len(reports)
+            batch.results.clear()
+        if reports:
+            self._deliver_many(reports)
+
     def _batch_done(self, batch: _Batch) -> Completions:
         """A batch has run: give its CPU slot back, end its jobs, and return the
         completions to publish (not those of jobs cancelled meanwhile). Holds
@@ -634,8 +755,8 @@ class LoadScheduler:
         for job in batch.taken:
             if job.state is not _DONE:
                 job.state = _CANCELLED
-        if reports:
-            n = len(reports)
+        if reports or batch.published:
+            n = len(reports) + batch.published
             self._fetch_s = _typical(self._fetch_s, batch.fetch_s / n)
             self._decode_s = _typical(self._decode_s, batch.decode_s / n)
             self._update_wanted()

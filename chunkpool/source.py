@@ -56,9 +56,10 @@ from zarr.codecs import BytesCodec, GzipCodec
 from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation
 from zarr.storage import LocalStore, WrapperStore
 
+from . import native
 from .buffers import BufferPool, transient_size
 from .errors import ChunkDecodeError, ChunkReadError, SourceError
-from .frames import IntoDecode, into_decoder, wrong_size
+from .frames import IntoDecode, decode_raw, decode_zstd, into_decoder, wrong_size
 from .info import ScaleInfo
 from .links import StoreRoot
 from .retry import RetryPolicy
@@ -200,6 +201,17 @@ class _IntoDecoder:
         if recycled:
             return self._buffers.hand_out(out, self._dtype, self.shape, self._order)
         return out.view(self._dtype).reshape(self.shape, order=self._order)  # type: ignore[call-overload]
+
+    def native_kind(self) -> bool | None:
+        """How :mod:`chunkpool.native` can decode this: True zstd, False raw bytes,
+        None not at all."""
+        if self._decode_into is decode_zstd and native.zstd_available():
+            return True
+        return False if self._decode_into is decode_raw else None
+
+    def hand_out(self, out: np.ndarray) -> np.ndarray:
+        """The chunk array over ``out``, a recycled buffer of :attr:`nbytes` it filled."""
+        return self._buffers.hand_out(out, self._dtype, self.shape, self._order)
 
 
 class _SyncDecoder:
@@ -388,16 +400,21 @@ class _LocalReader:
         n = os.preadv(fd, [memoryview(owner)[:length]], start)
         return _Bytes(owner[:n], owner)
 
-    def _open(self, key: str) -> int | None:
-        """A descriptor of ``key`` opened for reading, never through a link out of the
-        root (None if there is no such file)."""
+    def checked_path(self, key: str) -> str:
+        """The path of ``key``, its directory known to resolve inside the root (the
+        file itself is opened with ``O_NOFOLLOW``). Raises :class:`LinkEscapeError`."""
         directory = key.rpartition("/")[0]
         if directory not in self._checked_dirs:
             self._store_root.check(directory)
             if len(self._checked_dirs) >= MAX_CHECKED_DIRS:
                 self._checked_dirs.clear()
             self._checked_dirs.add(directory)
-        path = self._root_slash + key
+        return self._root_slash + key
+
+    def _open(self, key: str) -> int | None:
+        """A descriptor of ``key`` opened for reading, never through a link out of the
+        root (None if there is no such file)."""
+        path = self.checked_path(key)
         try:
             return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -410,6 +427,12 @@ class _LocalReader:
             return os.open(path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+
+
+#: A chunk read by :meth:`ChunkSource.fetch_decode_native`: its array, the bytes read,
+#: the stamp of the file read, and when it was fetched and decoded (``perf_counter``
+#: seconds; 0.0 for a missing chunk).
+NativeResult = tuple[np.ndarray, int, "Stamp", float, float]
 
 
 class OpenFiles(dict[str, int]):
@@ -514,6 +537,17 @@ class ShardIndexCache:
                 return None
             self._entries.move_to_end(key)
         return _MISSING if entry[0] is None else entry[0]
+
+    def cached_entry(self, key: tuple[int, tuple[int, ...]]) -> tuple[Any, Stamp | None] | None:
+        """``(index, stamp)`` of a shard whose index was read (the shard's version it was
+        read from, or None), whichever version the file is now; None if not read (or
+        missing: ``_MISSING`` shards are not returned)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or type(entry) is Future or entry[0] is None:
+                return None
+            self._entries.move_to_end(key)
+        return entry[0], entry[2]
 
     def store(
         self,
@@ -686,6 +720,16 @@ class ChunkSource:
             and decoder.dtype.isnative
             and decoder.shape == tuple(self.scale.chunk_shape)
         )
+        #: How :meth:`fetch_decode_native` decodes (True zstd, False raw), or None: it
+        #: does not apply (not a local store, not decoded here, another codec).
+        self.native: bool | None = None
+        if (
+            native.AVAILABLE
+            and self._local is not None
+            and self.processes is None
+            and self._plain_decode
+        ):
+            self.native = decoder.native_kind()
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape
@@ -937,6 +981,68 @@ class ChunkSource:
             if files is None and fd is not None:
                 os.close(fd)
         raise ChunkReadError(f"{self.name}/{key}: {reason}", reason=reason)
+
+    def fetch_decode_native(self, indexes: list[tuple[int, ...]]) -> list[NativeResult | None]:
+        """Read and decode full chunks of a local store in one call without the GIL
+        (:mod:`chunkpool.native`; only where :attr:`native` is not None). Per chunk,
+        its result, or None: read it with :meth:`fetch_sync` and :meth:`decode`
+        instead (an edge chunk, a shard whose index is not cached, an absent inner
+        chunk, or anything the extension leaves to Python: links, errors)."""
+        local, decoder, buffers = self._local, self._decode, self._buffers
+        assert local is not None and isinstance(decoder, _IntoDecoder)
+        nbytes = decoder.nbytes
+        full = self.scale.chunk_shape
+        sharding = self._sharding is not None
+        items: list[native.Item] = []
+        where: list[int] = []  # the item of each chunk, or -1
+        versions: list[Stamp | None] = []  # sharded: the version each index was read from
+        for index in indexes:
+            where.append(-1)
+            if self.chunk_data_shape(index) is not full:
+                continue
+            if sharding:
+                per = self._chunks_per_shard
+                shard = tuple(map(operator.floordiv, index, per))
+                entry = self._shard_indexes.cached_entry((self.scale.level, shard))
+                if entry is None:
+                    continue
+                offset, length = (
+                    entry[0].offsets_and_lengths[tuple(map(operator.mod, index, per))].tolist()
+                )
+                if offset == _NO_CHUNK and length == _NO_CHUNK:
+                    continue
+                key = self._key(shard)
+                versions.append(entry[1])
+            else:
+                key, offset, length = self._key(index), -1, 0
+            try:
+                path = os.fsencode(local.checked_path(key))
+            except Exception:  # a link out of the root: the Python path says so
+                if sharding:
+                    versions.pop()
+                continue
+            where[-1] = len(items)
+            items.append((path, offset, length, buffers.take(nbytes)))
+        results: list[NativeResult | None] = [None] * len(indexes)
+        if not items:
+            return results
+        done = native.read_chunks(items, bool(self.native))
+        clock = native.CLOCK_OFFSET
+        for k, item_at in enumerate(where):
+            if item_at < 0:
+                continue
+            out = items[item_at][3]
+            status, size, mtime, nread, fetched, decoded = done[item_at]
+            stamp: Stamp = (size, mtime)
+            if status == native.DONE and (not sharding or versions[item_at] in (None, stamp)):
+                arr = decoder.hand_out(out)
+                arr.flags.writeable = False
+                results[k] = (arr, nread, stamp, fetched * 1e-9 + clock, decoded * 1e-9 + clock)
+                continue
+            buffers.give(out)
+            if status == native.MISSING and not sharding:
+                results[k] = (self.decode(indexes[k], RawChunk(None, 0)), 0, ABSENT, 0.0, 0.0)
+        return results
 
     async def fetch_async(self, index: tuple[int, ...]) -> RawChunk:
         """Fetch a chunk's bytes from an asynchronous store, on zarr's event loop.

@@ -28,11 +28,22 @@ from support.corrupt import (
 )
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, TransposeCodec, ZstdCodec
 
-from chunkpool import ChunkDecodeError, ChunkLoadError, ChunkState
+from chunkpool import ChunkDecodeError, ChunkLoadError, ChunkState, native
 from chunkpool.buffers import BufferPool
 
 #: zarr warns that numcodecs' codecs are not in the Zarr v3 spec; these tests use them.
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def read_path(request, monkeypatch):
+    """Every test here runs with local chunks read by chunkpool.native (where it is
+    built and applies: raw and zstd chunks) and by the Python path alone."""
+    if request.param == "native" and not native.AVAILABLE:
+        pytest.skip("chunkpool._native is not built here")
+    monkeypatch.setattr(native, "AVAILABLE", request.param == "native")
+    return request.param
+
 
 SHAPE = (32, 16)  # two chunks of 16 x 16 uint16: 512 bytes each
 CHUNKS = (16, 16)

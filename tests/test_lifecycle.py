@@ -21,7 +21,7 @@ import zarr
 from conftest import make_array, ramp
 from support.teststores import GatedStore
 
-from chunkpool import ChunkCancelledError, ChunkPool, ChunkPoolError, ChunkState
+from chunkpool import ChunkCancelledError, ChunkPool, ChunkPoolError, ChunkState, native
 from chunkpool.errors import EventLoopError
 
 #: Generous bound on any wait for a signal (loaded CI machines are slow).
@@ -148,6 +148,7 @@ def test_a_late_read_into_a_recycled_buffer_is_discarded(pools, tmp_path, monkey
         return real_preadv(fd, buffers, offset, *args)
 
     monkeypatch.setattr(os, "preadv", stuck_preadv)
+    monkeypatch.setattr(native, "AVAILABLE", False)  # (its reads are not os.preadv's)
     pool = pools(arr, io_concurrency=1, cpu_workers=1)
     loc = pool.get_chunk(0, (0, 0))
     try:

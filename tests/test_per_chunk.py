@@ -81,6 +81,7 @@ def test_blocked_decodes_stop_new_fetches(pools, tmp_path):
 
     source.decode = stuck_decode
     source.fetch_sync = counted_fetch
+    source.native = None  # (the reads this test gates and counts are Python's)
     locs = [pool.get_chunk(0, idx) for _, idx in all_keys(pool)]
     deadline = time.monotonic() + 30
     while True:  # until no read is in flight and the backlog is full: nothing can start
@@ -223,6 +224,7 @@ class GatedFetches:
         self.started = threading.Event()
         self.order: list[tuple[int, ...]] = []
         source.fetch_sync = self
+        source.native = None  # (the reads it gates are Python's)
 
     def __call__(self, index, *args):
         self.order.append(index)
