@@ -181,11 +181,13 @@ class _Window:
 class _Batch:
     """Jobs one IO thread took together from one window. It holds one CPU slot, one
     unit of the window's in-flight bound and one of the decode backlog for all of
-    them: it reads and decodes them in turn (one read buffer alive at a time), then
+    them: it reads and decodes them in turn (one read buffer alive at a time; the
+    consecutive jobs of a level :mod:`chunkpool.native` reads, in one call), then
     publishes what it got in one go. Another IO thread with nothing else to do may
     take its waiting jobs (``pending``: popped at either end, which is atomic), so a
-    read that never returns holds up no other job for long. Written by its thread
-    without the lock: ``pending``, ``taken``, ``reading``."""
+    read that never returns holds up no other job for long (jobs the native call left
+    to Python go back to ``pending``, after what it read is published). Written by
+    its thread without the lock: ``pending``, ``taken``, ``reading``."""
 
     __slots__ = (
         "decode_s",
