@@ -83,7 +83,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 from zarr.storage import StorePath, WrapperStore
 
 from .diskcache import DiskCacheStore
@@ -185,7 +185,7 @@ def _on_store(image: MultiscaleInfo, store: Any) -> MultiscaleInfo:
     """``image`` with each level's array on ``store`` (the same metadata and path)."""
     levels = []
     for scale in image.levels:
-        array = scale.array._async_array
+        array = scale.array.async_array
         where = StorePath(store, array.store_path.path)
         moved = zarr.AsyncArray(metadata=array.metadata, store_path=where, config=array.config)
         levels.append(replace(scale, array=zarr.Array(moved)))
@@ -228,7 +228,8 @@ class _ReadAhead(WrapperStore[Any]):
         return value
 
     def close(self) -> None:
-        """Cancel the reads ahead that were not taken (their keys are no longer read)."""
+        """Cancel the reads ahead not taken (the reread failed before them, or their
+        keys are no longer read)."""
         for ahead in self._ahead.values():
             ahead.cancel()
         self._ahead.clear()
@@ -266,10 +267,7 @@ def _reread(pool: ChunkPool, ahead: _ReadAhead | None) -> MultiscaleInfo:
         # document ends the reading early)
         pool._metadata_keys = tuple(dict.fromkeys([*ahead.read, *pool._metadata_keys]))
         raise
-    else:
-        pool._metadata_keys = tuple(ahead.read)
-    finally:
-        ahead.close()
+    pool._metadata_keys = tuple(ahead.read)
     return image
 
 
@@ -325,35 +323,39 @@ def refresh_pool(pool: ChunkPool, on_metadata: Callable[[Changes], None] | None 
         _probe_disk_caches(old.levels[0].array.store)
         # the metadata asked for first, then the remote checks: both under way at once
         ahead = _read_ahead(pool)
-        checks = _Checks(pool)
+        checks: _Checks | None = None
         try:
+            checks = _Checks(pool)
             new = _reread(pool, ahead)
             verdict = compare(old, new)
-        except BaseException:
-            checks.cancel()
-            raise
-        if verdict is None:
-            checks.cancel()
-            return Changes(reopened=True)
-        grown, added = verdict
-        rewritten: list[ChunkKey] = []
-        if grown or added:
-            sources = {
-                level: ChunkSource(
-                    new.levels[level],
-                    pool._buffers,
-                    name=new.source,
-                    retry=pool._retry,
-                    shard_indexes=pool._index_cache,
-                    processes=pool._processes,
-                )
-                for level in (*grown, *added)
-            }
-            _apply(pool, new, sources, grown, rewritten)
-            if on_metadata is not None:
-                on_metadata(Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten)))
-        rewritten += _revalidate(pool, checks)
-        return Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten))
+            if verdict is None:
+                return Changes(reopened=True)
+            grown, added = verdict
+            rewritten: list[ChunkKey] = []
+            if grown or added:
+                sources = {
+                    level: ChunkSource(
+                        new.levels[level],
+                        pool._buffers,
+                        name=new.source,
+                        retry=pool._retry,
+                        shard_indexes=pool._index_cache,
+                        processes=pool._processes,
+                    )
+                    for level in (*grown, *added)
+                }
+                _apply(pool, new, sources, grown, rewritten)
+                if on_metadata is not None:
+                    on_metadata(
+                        Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten))
+                    )
+            rewritten += _revalidate(pool, checks)
+            return Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten))
+        finally:  # what is still under way is not wanted (a failure, a reopen)
+            if checks is not None:
+                checks.cancel()
+            if ahead is not None:
+                ahead.close()
 
 
 def _apply(
@@ -499,7 +501,7 @@ class _Checks:
             self._deadline = time.monotonic() + wait
 
     def cancel(self) -> None:
-        """Not wanted (the refresh failed, or the image must be opened again)."""
+        """Stop the checks still under way (none once :meth:`stamps` returned)."""
         if self._future is not None:
             self._future.cancel()
 
