@@ -744,11 +744,10 @@ def next_wait(started: float, ended: float, period: float) -> float:
     """Seconds from the end of a refresh (which ran from ``started`` to ``ended``) to
     the start of the next: refreshes start every ``period`` seconds (a fixed rate: the
     time a refresh takes, a round trip or two for a remote store, does not stretch the
-    period, and so the time new data waits for its refresh), and one that took longer
-    than the period is followed after a whole period (a slow store is never refreshed
-    back to back)."""
-    due = started + period - ended
-    return due if due > 0 else period
+    period, and so the time new data waits for its refresh); one that took longer than
+    the period (a slow store, many checks) is followed at once, and the next ones are
+    due a period apart from that one (late refreshes never pile up: one at a time)."""
+    return max(started + period - ended, 0.0)
 
 
 def _watched_directory(info: MultiscaleInfo) -> str | None:

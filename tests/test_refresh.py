@@ -440,13 +440,14 @@ def test_follow_and_changes_yield_each_append(tmp_path: Path) -> None:
     assert asyncio.run(asyncio.wait_for(watch_async(), 60)) == (4, 8, 8)
 
 
-def test_refreshes_start_at_a_fixed_rate_and_an_overrun_waits_a_whole_period() -> None:
+def test_refreshes_start_at_a_fixed_rate_and_an_overrun_is_followed_at_once() -> None:
     """The time a refresh takes does not stretch the period (new data waits for the
-    next refresh at most ``interval``); one that overran is not followed back to back."""
+    next refresh at most ``interval``); one that overran is followed at once (a whole
+    period more would leave what landed during it waiting for up to two)."""
     assert next_wait(10.0, 10.05, 0.25) == pytest.approx(0.20)  # starts 10.25
     assert next_wait(10.0, 10.0, 0.25) == pytest.approx(0.25)
-    assert next_wait(10.0, 10.30, 0.25) == 0.25  # overran: a whole period after its end
-    assert next_wait(10.0, 10.25, 0.25) == 0.25
+    assert next_wait(10.0, 10.30, 0.25) == 0.0
+    assert next_wait(10.0, 10.25, 0.25) == 0.0
 
 
 def test_on_metadata_tells_a_growth_first_and_may_refresh_again(movie, pools):
