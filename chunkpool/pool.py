@@ -1073,11 +1073,15 @@ class ChunkPool:
         on_error: Callable[[str | None], None] | None = None,
     ) -> None:
         """Refresh every ``interval`` seconds in a thread of the pool (replacing an
-        earlier watch), and a local store also as soon as its files change;
-        ``watch(0)`` stops. ``on_change(changes)`` runs in that thread when something
-        changed; a refresh that fails is one WARNING of the "chunkpool" logger per
-        distinct error until one succeeds again, and one ``on_error(message)`` (then
-        ``on_error(None)`` when it works again). Stopped by destroy().
+        earlier watch; refreshes start ``interval`` apart whatever each takes, one
+        that took longer is followed at once), and a local store also as soon as its
+        files change; ``watch(0)`` stops. ``on_change(changes)`` runs in that thread
+        when something changed: grown or added levels as soon as the metadata is taken
+        (see ``refresh(on_metadata)``), then the chunks the revalidation finds
+        rewritten in a second call; a refresh that fails is one WARNING of the
+        "chunkpool" logger per distinct error until one succeeds again, and one
+        ``on_error(message)`` (then ``on_error(None)`` when it works again). Stopped by
+        destroy().
         """
         if not (math.isfinite(interval) and interval >= 0):
             raise ValueError(f"watch() interval must be a finite number >= 0, not {interval!r}")
