@@ -4,7 +4,9 @@
 ``walk_on_new_events``): ``for pool, changes in follow(path, interval=0.5): ...``;
 :func:`changes` the asynchronous one: ``async for changes in changes(pool, 0.5)``.
 Both refresh the pool every ``interval`` seconds in the caller's own flow (no thread:
-:meth:`ChunkPool.watch` is the threaded form) and yield only when something changed. A
+:meth:`ChunkPool.watch` is the threaded form; refreshes start at a fixed rate, see
+:func:`~chunkpool.refresh.next_wait`, and the time the caller spends on what was
+yielded counts towards the wait) and yield only when something changed. A
 refresh that fails (the store deleted, metadata half-written) is one WARNING until one
 succeeds again, as for ``watch``; the iteration ends when the pool is destroyed.
 """
@@ -18,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .pool import ChunkPool
-from .refresh import Changes, Watcher
+from .refresh import Changes, Watcher, next_wait
 
 __all__ = ["changes", "follow"]
 
@@ -46,10 +48,15 @@ def _follow(
     seen: deque[Changes] = deque()
     watcher = Watcher(pool, interval, seen.append)
     try:
-        while watcher.tick():
+        while True:
+            started = time.monotonic()
+            if not watcher.tick():
+                break
+            ended = time.monotonic()
+            due = ended + next_wait(started, ended, interval)
             while seen:
                 yield pool, seen.popleft()
-            time.sleep(interval)
+            time.sleep(max(due - time.monotonic(), 0.0))
     finally:
         if owned:
             pool.destroy()
@@ -60,7 +67,12 @@ async def changes(pool: ChunkPool, interval: float = 0.5) -> AsyncIterator[Chang
     reads) runs in a worker thread, so the loop stays responsive."""
     seen: deque[Changes] = deque()
     watcher = Watcher(pool, interval, seen.append)
-    while await asyncio.to_thread(watcher.tick):
+    while True:
+        started = time.monotonic()
+        if not await asyncio.to_thread(watcher.tick):
+            break
+        ended = time.monotonic()
+        due = ended + next_wait(started, ended, interval)
         while seen:
             yield seen.popleft()
-        await asyncio.sleep(interval)
+        await asyncio.sleep(max(due - time.monotonic(), 0.0))

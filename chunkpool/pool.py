@@ -229,7 +229,10 @@ class ChunkPool:
         self._destroyed = False
         self._revalidate = revalidate
         self._check_clock = itertools.count(1)  # stamps ChunkLocation._checked
-        self._refresh_lock = threading.Lock()  # one refresh at a time
+        # one refresh at a time (re-entrant: on_metadata may refresh again, in its thread)
+        self._refresh_lock = threading.RLock()
+        # the metadata documents the last refresh read (a remote one reads them at once)
+        self._metadata_keys: tuple[str, ...] = ()
         self._watcher: Watcher | None = None
         if budget is not None:
             budget.join(self)
@@ -1035,7 +1038,7 @@ class ChunkPool:
 
     # -- following a store being written (see chunkpool.refresh) ----------------------
 
-    def refresh(self) -> Changes:
+    def refresh(self, on_metadata: Callable[[Changes], None] | None = None) -> Changes:
         """Re-read the image's metadata and revalidate up to ``revalidate`` loaded chunks.
 
         Grown and added levels are taken (``multiscale_info`` is replaced, existing
@@ -1046,8 +1049,14 @@ class ChunkPool:
         shrink, another dtype, chunk grid or axes...) leaves the pool as it was and
         says ``reopened``: open the source again. Raises SourceError if the metadata
         cannot be read now (nothing changes), PoolDestroyedError after destroy().
+
+        ``on_metadata(changes)``, if given, runs in the calling thread as soon as grown
+        or added levels are taken, before the revalidation's answers are waited for
+        (over a remote store they take a round trip or more): the new chunks can be
+        asked for meanwhile. Its ``changes`` has the levels and the old-edge chunks
+        reloaded; the returned one all of them.
         """
-        return refresh_pool(self)
+        return refresh_pool(self, on_metadata)
 
     def changes(self, interval: float = 0.5) -> AsyncIterator[Changes]:
         """``async for changes in pool.changes(0.5)``: the pool's changes, refreshed
@@ -1064,11 +1073,15 @@ class ChunkPool:
         on_error: Callable[[str | None], None] | None = None,
     ) -> None:
         """Refresh every ``interval`` seconds in a thread of the pool (replacing an
-        earlier watch), and a local store also as soon as its files change;
-        ``watch(0)`` stops. ``on_change(changes)`` runs in that thread when something
-        changed; a refresh that fails is one WARNING of the "chunkpool" logger per
-        distinct error until one succeeds again, and one ``on_error(message)`` (then
-        ``on_error(None)`` when it works again). Stopped by destroy().
+        earlier watch; refreshes start ``interval`` apart whatever each takes, one
+        that took longer is followed at once), and a local store also as soon as its
+        files change; ``watch(0)`` stops. ``on_change(changes)`` runs in that thread
+        when something changed: grown or added levels as soon as the metadata is taken
+        (see ``refresh(on_metadata)``), then the chunks the revalidation finds
+        rewritten in a second call; a refresh that fails is one WARNING of the
+        "chunkpool" logger per distinct error until one succeeds again, and one
+        ``on_error(message)`` (then ``on_error(None)`` when it works again). Stopped by
+        destroy().
         """
         if not (math.isfinite(interval) and interval >= 0):
             raise ValueError(f"watch() interval must be a finite number >= 0, not {interval!r}")

@@ -38,7 +38,10 @@ compares it with what the pool serves, and revalidates some of the chunks it hol
   is read unless the object changed. A changed one reloads as a local one does (a
   changed shard's cached index is dropped first); a check that fails leaves its chunk
   unchecked (first in line next time). An inner chunk read from a shard whose version
-  differs from its cached index's reads the index again (once).
+  differs from its cached index's reads the index again (once). A remote refresh costs
+  one round trip, not three: the checks are sent as it starts, beside the metadata
+  reads, and those are sent at once (the documents the previous refresh read, see
+  :class:`_ReadAhead`; zarr alone reads a group's document, then its levels').
 - **The disk cache** (:mod:`chunkpool.diskcache`): metadata documents are revalidated
   whenever read (at open, at each refresh); cached chunks carry the version they were
   cached with and are revalidated as above (a changed object's entries are dropped, its
@@ -47,12 +50,15 @@ compares it with what the pool serves, and revalidates some of the chunks it hol
   remote once, and one INFO line says when it answers again.
 
 A refresh whose metadata cannot be read (the store deleted, JSON half written) raises a
-:class:`~chunkpool.errors.SourceError` and changes nothing. ``watch`` refreshes on a
-timer in one thread of the pool, and for a local store also as soon as a file under the
-image changes (``watchfiles``: inotify on Linux, debounced; see :class:`Watcher`), logs
-such failures as one WARNING per distinct error until a refresh succeeds again (told to
-``on_error`` with the message, then None when it works again), and calls ``on_change``
-(in that thread) when something changed.
+:class:`~chunkpool.errors.SourceError` and changes nothing. ``refresh(on_metadata)``
+tells grown or added levels as soon as they are taken, before the revalidation's
+answers are waited for. ``watch`` refreshes on a timer (a fixed rate, see
+:func:`next_wait`) in one thread of the pool, and for a local store also as soon as a
+file under the image changes (``watchfiles``: inotify on Linux, debounced; see
+:class:`Watcher`); it logs failures as one WARNING per distinct error until a refresh
+succeeds again (told to ``on_error`` with the message, then None when it works again),
+and calls ``on_change`` (in that thread) when something changed: a growth as soon as
+the metadata is taken, and what the revalidation then finds in a second call.
 
 Not covered yet: channel or name metadata changes; remote stores whose responses carry
 neither ETag nor Last-Modified, or stores other than HTTP(S), S3 (s3fs) and obstore
@@ -72,12 +78,13 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import zarr
-from zarr.storage import WrapperStore
+from zarr.buffer import default_buffer_prototype
+from zarr.storage import StorePath, WrapperStore
 
 from .diskcache import DiskCacheStore
 from .errors import PoolDestroyedError, SourceError
@@ -99,7 +106,7 @@ if TYPE_CHECKING:
     from .dispatch import HandlerCall
     from .pool import ChunkPool
 
-__all__ = ["Changes", "Watcher", "refresh_pool"]
+__all__ = ["Changes", "Watcher", "next_wait", "refresh_pool"]
 
 logger = logging.getLogger("chunkpool")
 
@@ -142,10 +149,13 @@ class Changes:
         return bool(self.grown or self.added_levels or self.rewritten or self.reopened)
 
 
-def reread(info: MultiscaleInfo) -> MultiscaleInfo:
-    """The image ``info`` describes, read again from its store. Raises SourceError."""
+def reread(info: MultiscaleInfo, through: WrapperStore[Any] | None = None) -> MultiscaleInfo:
+    """The image ``info`` describes, read again from its store (read ``through`` a
+    wrapper of that store if given: the image's arrays are then put back on the store
+    itself). Raises SourceError."""
     first = info.levels[0]
-    store = first.array.store
+    home = first.array.store
+    store = home if through is None else through
     zarr_format = first.array.metadata.zarr_format  # known: zarr need not probe for it
     try:
         if info.ome_version is None and len(info.levels) == 1:  # a lone array
@@ -162,13 +172,103 @@ def reread(info: MultiscaleInfo) -> MultiscaleInfo:
     else:
         for image in images:
             if image.levels[0].path == first.path and image.name == info.name:
-                return image
+                return image if through is None else _on_store(image, home)
         if len(images) == 1:
-            return images[0]
+            return images[0] if through is None else _on_store(images[0], home)
         failure = f"no image with first level {first.path!r} any more"
     where = f"{info.source}/{info.path}" if info.path else info.source
     # raised outside the handler: the library's exception is neither cause nor context
     raise SourceError(f"{where}: refresh: {failure}")
+
+
+def _on_store(image: MultiscaleInfo, store: Any) -> MultiscaleInfo:
+    """``image`` with each level's array on ``store`` (the same metadata and path)."""
+    levels = []
+    for scale in image.levels:
+        array = scale.array.async_array
+        where = StorePath(store, array.store_path.path)
+        moved = zarr.AsyncArray(metadata=array.metadata, store_path=where, config=array.config)
+        levels.append(replace(scale, array=zarr.Array(moved)))
+    return replace(image, levels=tuple(levels))
+
+
+class _ReadAhead(WrapperStore[Any]):
+    """``store`` for one reread of a remote image: the documents at ``keys`` (those the
+    previous reread read) are requested at once, on zarr's loop, when it is made, and
+    a whole read of one of those keys takes that answer (once: a second read of the key
+    reads the store). zarr reads a group's document, and only then its levels' (at
+    once): without this a refresh took two round trips for its metadata, with it one.
+    ``read`` lists the keys read whole, in order: the next reread's ``keys``."""
+
+    def __init__(self, store: Any, keys: tuple[str, ...] = ()):
+        super().__init__(store)
+        self.read: list[str] = []
+        self._ahead: dict[str, concurrent.futures.Future[Any]] = {}
+        prototype = default_buffer_prototype()
+        loop = zarr_loop()
+        for key in keys:
+            self._ahead[key] = asyncio.run_coroutine_threadsafe(
+                _outcome(store.get(key, prototype)), loop
+            )
+
+    def _with_store(self, store: Any) -> _ReadAhead:
+        return type(self)(store)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        if key not in self.read:
+            self.read.append(key)
+        ahead = self._ahead.pop(key, None)
+        if ahead is None:
+            return await self._store.get(key, prototype)
+        value, error = await asyncio.wrap_future(ahead)
+        if error is not None:
+            raise error
+        return value
+
+    def close(self) -> None:
+        """Cancel the reads ahead not taken (the reread failed before them, or their
+        keys are no longer read)."""
+        for ahead in self._ahead.values():
+            ahead.cancel()
+        self._ahead.clear()
+
+
+async def _outcome(read: Awaitable[Any]) -> tuple[Any, BaseException | None]:
+    """``(value, None)`` or ``(None, the exception)``: a read ahead that fails and is
+    never taken leaves no unretrieved exception behind."""
+    try:
+        return await read, None
+    except Exception as err:
+        return None, err
+
+
+def _read_ahead(pool: ChunkPool) -> _ReadAhead | None:
+    """For a remote image, the documents the last refresh read, asked for now (see
+    :class:`_ReadAhead`); None for a local one (a file read costs no round trip, and the
+    link checks of :mod:`chunkpool.metadata` want the ``LocalStore`` itself)."""
+    store = pool._info.levels[0].array.store
+    if local_root(store) is not None:
+        return None
+    return _ReadAhead(store, pool._metadata_keys)
+
+
+def _reread(pool: ChunkPool, ahead: _ReadAhead | None) -> MultiscaleInfo:
+    """:func:`reread` of the pool's image, ``through`` ``ahead`` if any (which keeps
+    the keys it read for the next refresh)."""
+    info = pool._info
+    if ahead is None:
+        return reread(info)
+    try:
+        image = reread(info, ahead)
+    except BaseException:
+        # what this one read, and the rest of what the last one did (a half-written
+        # document ends the reading early)
+        pool._metadata_keys = tuple(dict.fromkeys([*ahead.read, *pool._metadata_keys]))
+        raise
+    pool._metadata_keys = tuple(ahead.read)
+    return image
 
 
 def _probe_disk_caches(store: Any) -> None:
@@ -214,34 +314,48 @@ def compare(
     return grown, tuple(range(len(old.levels), len(new.levels)))
 
 
-def refresh_pool(pool: ChunkPool) -> Changes:
+def refresh_pool(pool: ChunkPool, on_metadata: Callable[[Changes], None] | None = None) -> Changes:
     """:meth:`ChunkPool.refresh` (one at a time per pool)."""
     with pool._refresh_lock:
         if pool._destroyed:
             raise PoolDestroyedError("the pool was destroyed")
         old = pool._info
         _probe_disk_caches(old.levels[0].array.store)
-        new = reread(old)
-        verdict = compare(old, new)
-        if verdict is None:
-            return Changes(reopened=True)
-        grown, added = verdict
-        rewritten: list[ChunkKey] = []
-        if grown or added:
-            sources = {
-                level: ChunkSource(
-                    new.levels[level],
-                    pool._buffers,
-                    name=new.source,
-                    retry=pool._retry,
-                    shard_indexes=pool._index_cache,
-                    processes=pool._processes,
-                )
-                for level in (*grown, *added)
-            }
-            _apply(pool, new, sources, grown, rewritten)
-        rewritten += _revalidate(pool)
-        return Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten))
+        # the metadata asked for first, then the remote checks: both under way at once
+        ahead = _read_ahead(pool)
+        checks: _Checks | None = None
+        try:
+            checks = _Checks(pool)
+            new = _reread(pool, ahead)
+            verdict = compare(old, new)
+            if verdict is None:
+                return Changes(reopened=True)
+            grown, added = verdict
+            rewritten: list[ChunkKey] = []
+            if grown or added:
+                sources = {
+                    level: ChunkSource(
+                        new.levels[level],
+                        pool._buffers,
+                        name=new.source,
+                        retry=pool._retry,
+                        shard_indexes=pool._index_cache,
+                        processes=pool._processes,
+                    )
+                    for level in (*grown, *added)
+                }
+                _apply(pool, new, sources, grown, rewritten)
+                if on_metadata is not None:
+                    on_metadata(
+                        Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten))
+                    )
+            rewritten += _revalidate(pool, checks)
+            return Changes(grown=grown, added_levels=added, rewritten=tuple(rewritten))
+        finally:  # what is still under way is not wanted (a failure, a reopen)
+            if checks is not None:
+                checks.cancel()
+            if ahead is not None:
+                ahead.close()
 
 
 def _apply(
@@ -307,19 +421,9 @@ def _apply(
     done()
 
 
-def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
-    """Check the stored objects of at most ``pool._revalidate`` loaded chunks (held or
-    cached), oldest check first; reload or drop those that changed. Their keys."""
-    with pool._lock:
-        candidates = [
-            loc
-            for loc in pool._chunks.values()
-            if loc._state is _LOADED and loc._job is None and loc._stamp is not None
-        ]
-        candidates += [loc for loc in pool._cache if loc._stamp is not None]
-        picked = heapq.nsmallest(pool._revalidate, candidates, key=_by_check)
-        sources = list(pool._sources)
-    stamps = _stamps_now(pool, picked, sources)
+def _revalidate(pool: ChunkPool, checks: _Checks) -> list[ChunkKey]:
+    """Reload or drop the chunks ``checks`` found changed. Their keys."""
+    stamps = checks.stamps()
     rewritten: list[ChunkKey] = []
     calls: list[HandlerCall] = []
     jobs: list[LoadJob] = []
@@ -327,13 +431,13 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
         if pool._destroyed:
             return rewritten
         clock = pool._check_clock
-        for loc, stamp in zip(picked, stamps, strict=True):
+        for loc, stamp in zip(checks.picked, stamps, strict=True):
             if loc._stamp is None or stamp is _UNKNOWN:
                 continue  # (unknown: not counted as checked, so it comes first next time)
             loc._checked = next(clock)
             if stamp == loc._stamp:
                 continue
-            source = sources[loc._scale_info.level]
+            source = checks.sources[loc._scale_info.level]
             if source._sharding is not None:  # its index is of the old shard
                 shard = tuple(map(operator.floordiv, loc._index, source._chunks_per_shard))
                 pool._index_cache.discard((loc._scale_info.level, shard), loc._stamp)
@@ -358,37 +462,71 @@ def _revalidate(pool: ChunkPool) -> list[ChunkKey]:
 _UNKNOWN: Any = object()
 
 
-def _stamps_now(
-    pool: ChunkPool, picked: list[ChunkLocation], sources: list[ChunkSource]
-) -> list[Any]:
-    """The version now of each picked chunk's stored object: one request per object,
-    a ``stat`` for local files; for remote stores conditional requests (or HEADs) against
-    the version read, all at once on zarr's loop (at most ``remote_io_concurrency`` in
-    flight), each with the store's retries. ``_UNKNOWN`` where a check failed."""
-    local: dict[str, Any] = {}
-    remote: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]] = {}
-    wanted = []
-    for loc in picked:
-        source = sources[loc._scale_info.level]
-        key = source.stored_key(loc._index)
-        if source.stat_root is not None or source.is_sync:
-            if key not in local:
-                local[key] = source.stamp(loc._index)
-            wanted.append((False, key))
-        else:
-            remote.setdefault((id(source), key), (source, loc._index, loc._stamp))
-            wanted.append((True, (id(source), key)))
-    found: dict[tuple[int, str], Any] = {}
-    if remote:
-        found = _check_remote(pool, remote)
-    return [found.get(k, _UNKNOWN) if is_remote else local[k] for is_remote, k in wanted]
+class _Checks:
+    """The revalidation of one refresh: at most ``pool._revalidate`` loaded chunks (held
+    or cached), oldest check first, picked when made. One request per stored object:
+    for remote stores conditional requests (or HEADs) against the version read, sent
+    at once when made, on zarr's loop (at most ``remote_io_concurrency`` in flight),
+    each with the store's retries, so that their round trip is the metadata reads'
+    (made before those); for local files a ``stat``, in :meth:`stamps`."""
+
+    def __init__(self, pool: ChunkPool):
+        with pool._lock:
+            candidates = [
+                loc
+                for loc in pool._chunks.values()
+                if loc._state is _LOADED and loc._job is None and loc._stamp is not None
+            ]
+            candidates += [loc for loc in pool._cache if loc._stamp is not None]
+            self.picked: list[ChunkLocation] = heapq.nsmallest(
+                pool._revalidate, candidates, key=_by_check
+            )
+            self.sources: list[ChunkSource] = list(pool._sources)
+        self._local: dict[str, tuple[ChunkSource, tuple[int, ...]]] = {}
+        remote: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]] = {}
+        self._wanted: list[tuple[bool, Any]] = []
+        for loc in self.picked:
+            source = self.sources[loc._scale_info.level]
+            key = source.stored_key(loc._index)
+            if source.stat_root is not None or source.is_sync:
+                self._local.setdefault(key, (source, loc._index))
+                self._wanted.append((False, key))
+            else:
+                remote.setdefault((id(source), key), (source, loc._index, loc._stamp))
+                self._wanted.append((True, (id(source), key)))
+        self._remote = list(remote)
+        self._future: concurrent.futures.Future[list[Any]] | None = None
+        if remote:
+            self._future, wait = _check_remote(pool, list(remote.values()))
+            self._deadline = time.monotonic() + wait
+
+    def cancel(self) -> None:
+        """Stop the checks still under way (none once :meth:`stamps` returned)."""
+        if self._future is not None:
+            self._future.cancel()
+
+    def stamps(self) -> list[Any]:
+        """The version now of each picked chunk's stored object (local files are
+        stat-ed now, remote checks waited for, as long as the retry policy lets them
+        take); ``_UNKNOWN`` where a check failed."""
+        local = {key: source.stamp(index) for key, (source, index) in self._local.items()}
+        found: dict[tuple[int, str], Any] = {}
+        if self._future is not None:
+            try:
+                results = self._future.result(max(self._deadline - time.monotonic(), 0.0))
+            except concurrent.futures.TimeoutError:
+                self._future.cancel()
+            else:
+                found = dict(zip(self._remote, results, strict=True))
+        return [found.get(k, _UNKNOWN) if is_remote else local[k] for is_remote, k in self._wanted]
 
 
 def _check_remote(
-    pool: ChunkPool, objects: dict[tuple[int, str], tuple[ChunkSource, tuple[int, ...], Any]]
-) -> dict[tuple[int, str], Any]:
-    """Ask for the versions of remote ``objects`` concurrently; a failed check is left
-    out. Waits at most as long as the retry policy lets the checks take."""
+    pool: ChunkPool, objects: list[tuple[ChunkSource, tuple[int, ...], Any]]
+) -> tuple[concurrent.futures.Future[list[Any]], float]:
+    """Ask for the versions of remote ``objects`` concurrently (``_UNKNOWN`` for a check
+    that failed); the future of the answers, and how long they may take (what the
+    retry policy lets the checks take)."""
     limit = asyncio.Semaphore(pool._scheduler._remote_io_concurrency)
 
     async def one(source: ChunkSource, index: tuple[int, ...], stamp: Any) -> Any:
@@ -403,18 +541,13 @@ def _check_remote(
             return _UNKNOWN if now is None else now
 
     async def all_of() -> list[Any]:
-        return await asyncio.gather(*(one(*o) for o in objects.values()))
+        return await asyncio.gather(*(one(*o) for o in objects))
 
     retry = pool._retry or RetryPolicy()
     per_check = retry.attempts * (retry.timeout + 1.5 * retry.max_delay)
     waves = -(-len(objects) // pool._scheduler._remote_io_concurrency)
     future = asyncio.run_coroutine_threadsafe(all_of(), zarr_loop())
-    try:
-        results = future.result(per_check * waves + 5.0)
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        return {}
-    return {k: r for k, r in zip(objects, results, strict=True) if r is not _UNKNOWN}
+    return future, per_check * waves + 5.0
 
 
 def _reload(pool: ChunkPool, loc: ChunkLocation, jobs: list[LoadJob]) -> None:
@@ -485,14 +618,19 @@ class Watcher:
             thread.start()
 
     def _run(self) -> None:
+        started = ended = time.monotonic()
         while True:
             soon = 0 < self._failures < _CONFIRM  # not reported yet: try again soon
-            self._wake.wait(min(_RETRY, self.interval) if soon else self.interval)
+            period = min(_RETRY, self.interval) if soon else self.interval
+            due = ended + next_wait(started, ended, period)
+            self._wake.wait(max(due - time.monotonic(), 0.0))
             if self._stop.is_set():
                 return
             self._wake.clear()
-            if not self.tick():
+            started = time.monotonic()
+            if not self.tick(early=True):
                 return
+            ended = time.monotonic()
 
     def _watch_files(self, directory: str) -> None:
         """Wake the refresh when a file under ``directory`` changes (see the class),
@@ -532,14 +670,24 @@ class Watcher:
                 )
                 return
 
-    def tick(self) -> bool:
+    def tick(self, *, early: bool = False) -> bool:
         """One refresh: a failure twice in a row is logged (once per distinct error
         until a refresh succeeds again; a first one may be a writer caught between the
         metadata documents of two levels: ``watch`` tries again after ``_RETRY``), a
-        change told to ``on_change``. False once the pool is gone."""
+        change told to ``on_change``. With ``early`` (the watch's own thread), grown
+        or added levels are told as soon as the metadata is taken (so that their new
+        chunks can be asked for while the revalidation's answers come), and the chunks
+        the revalidation then finds rewritten in a second call. False once the pool is
+        gone."""
         pool = self._pool
+        told: list[Changes] = []
+
+        def tell_now(changes: Changes) -> None:
+            told.append(changes)
+            self._tell_change(changes)
+
         try:
-            changes = pool.refresh()
+            changes = pool.refresh(on_metadata=tell_now) if early else pool.refresh()
         except PoolDestroyedError:
             return False
         except Exception as err:
@@ -560,12 +708,20 @@ class Watcher:
             self._last_error = None
             logger.info("chunkpool: %s: refresh works again", pool._info.source)
             self._tell_error(None)
-        if changes.changed and self._on_change is not None:
+        if told:
+            rest = changes.rewritten[len(told[0].rewritten) :]
+            if rest:
+                self._tell_change(Changes(rewritten=rest))
+        elif changes.changed:
+            self._tell_change(changes)
+        return True
+
+    def _tell_change(self, changes: Changes) -> None:
+        if self._on_change is not None:
             try:
                 self._on_change(changes)
             except Exception:
                 logger.exception("chunkpool: a watch on_change handler raised")
-        return True
 
     def _tell_error(self, message: str | None) -> None:
         if self._on_error is not None:
@@ -582,6 +738,16 @@ class Watcher:
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(max(end - time.monotonic(), 0.0))
+
+
+def next_wait(started: float, ended: float, period: float) -> float:
+    """Seconds from the end of a refresh (which ran from ``started`` to ``ended``) to
+    the start of the next: refreshes start every ``period`` seconds (a fixed rate: the
+    time a refresh takes, a round trip or two for a remote store, does not stretch the
+    period, and so the time new data waits for its refresh); one that took longer than
+    the period (a slow store, many checks) is followed at once, and the next ones are
+    due a period apart from that one (late refreshes never pile up: one at a time)."""
+    return max(started + period - ended, 0.0)
 
 
 def _watched_directory(info: MultiscaleInfo) -> str | None:

@@ -170,9 +170,9 @@ def test_a_live_viewer_survives_a_deleted_half_written_and_shrunk_store(
     pool = viewer.pool
     original = pool.refresh
 
-    def counting_refresh():
+    def counting_refresh(**options):
         try:
-            return original()
+            return original(**options)
         finally:
             refreshed.release()
 

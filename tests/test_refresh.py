@@ -22,7 +22,7 @@ from zarr.storage import LocalStore
 
 import chunkpool.source
 from chunkpool import ENTRY_OVERHEAD, Changes, ChunkPool, ChunkState, SourceError
-from chunkpool.refresh import Watcher
+from chunkpool.refresh import Watcher, next_wait
 
 CHUNKS = (1, 16, 16)
 GENEROUS = 30.0  # seconds: a deadline for waits, never a measure
@@ -438,3 +438,40 @@ def test_follow_and_changes_yield_each_append(tmp_path: Path) -> None:
             pool.destroy()
 
     assert asyncio.run(asyncio.wait_for(watch_async(), 60)) == (4, 8, 8)
+
+
+def test_refreshes_start_at_a_fixed_rate_and_an_overrun_is_followed_at_once() -> None:
+    """The time a refresh takes does not stretch the period (new data waits for the
+    next refresh at most ``interval``); one that overran is followed at once (a whole
+    period more would leave what landed during it waiting for up to two)."""
+    assert next_wait(10.0, 10.05, 0.25) == pytest.approx(0.20)  # starts 10.25
+    assert next_wait(10.0, 10.0, 0.25) == pytest.approx(0.25)
+    assert next_wait(10.0, 10.30, 0.25) == 0.0
+    assert next_wait(10.0, 10.25, 0.25) == 0.0
+
+
+def test_on_metadata_tells_a_growth_first_and_may_refresh_again(movie, pools):
+    """``refresh(on_metadata=...)`` tells the grown levels before the revalidation; the
+    handler may call ``refresh()`` itself (in its thread: no deadlock)."""
+    path, data = movie
+    pool, _ = open_counted(path, pools)
+    hold_all(pool)
+    frame = np.full((32, 32), 3, data.dtype)
+    append_time_point(path, frame)
+    early: list[Changes] = []
+    inner: list[Changes] = []
+
+    def on_metadata(changes: Changes) -> None:
+        early.append(changes)
+        assert pool.multiscale_info.levels[0].shape == (3, 32, 32)  # already taken
+        inner.append(pool.refresh())
+
+    outcome: list[Changes] = []
+    refreshing = threading.Thread(target=lambda: outcome.append(pool.refresh(on_metadata)))
+    refreshing.start()
+    refreshing.join(GENEROUS)
+    assert not refreshing.is_alive()
+    grown = {0: ((2, 32, 32), (3, 32, 32)), 1: ((2, 16, 16), (3, 16, 16))}
+    assert early == [Changes(grown=grown)] and outcome == [Changes(grown=grown)]
+    assert inner == [Changes()]
+    assert pool.refresh(on_metadata) == Changes() and len(early) == 1  # nothing grew

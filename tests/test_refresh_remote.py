@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from support.images import write_pyramid
 from support.s3server import S3Server
 from test_refresh import hold_all
 
-from chunkpool import Changes, ChunkPool, ChunkState, RetryPolicy
+from chunkpool import Changes, ChunkPool, ChunkState, RetryPolicy, SourceError
+from chunkpool.refresh import Watcher
 
 CHUNKS = (1, 16, 16)
 GENEROUS = 30.0  # seconds: a deadline for waits, never a measure
@@ -369,3 +371,118 @@ def test_inner_chunk_of_a_shard_rewritten_since_its_index_was_cached_reads_the_n
             assert np.array_equal(later, new[:, 16:, 16:])
         finally:
             pool.destroy()
+
+
+def wait_for(condition, what: str) -> None:
+    """Until ``condition()`` (polled), within GENEROUS seconds."""
+    deadline = time.monotonic() + GENEROUS
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {GENEROUS} s: {what}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def http_movie(tmp_path) -> Iterator[tuple[ZarrHTTPServer, Path, np.ndarray]]:
+    """A 2-level (t, y, x) OME-Zarr of 2 time points over HTTP."""
+    root = tmp_path / "m.zarr"
+    data = ramp((2, 32, 32)) + 1
+    write_pyramid(root, data, chunks=CHUNKS, n_levels=2)
+    with ZarrHTTPServer(tmp_path) as server:
+        yield server, root, data
+
+
+def test_a_remote_refresh_sends_its_metadata_reads_and_checks_at_once(http_movie):
+    """zarr reads a group's document before its levels' and a refresh revalidated after
+    reading the metadata: three round trips. Here every request is held by the server
+    until all are in: the documents the last refresh read and the checks are asked for
+    at once (one round trip), and the image's arrays stay on the pool's own store."""
+    server, root, _ = http_movie
+    (pool,) = ChunkPool.from_zarr_node(f"{server.url}/m.zarr", revalidate=3)
+    try:
+        hold_all(pool)
+        store = pool.multiscale_info.levels[0].array.store
+        assert pool.refresh() == Changes()  # learns what a refresh reads
+        assert server.wait_idle(GENEROUS)
+        server.reset_stats()
+        assert pool.refresh() == Changes()
+        assert server.wait_idle(GENEROUS)
+        documents = [r for r in server.requests if is_meta(r.path)]
+        assert {key_of(r.path) for r in documents} >= {"zarr.json", "0/zarr.json", "1/zarr.json"}
+        server.reset_stats()
+        append_time_point(root, np.full((32, 32), 5, np.uint16))
+        server.add_fault(lambda path: True, "stall")
+        outcome: list[Changes] = []
+        refreshing = threading.Thread(target=lambda: outcome.append(pool.refresh()))
+        refreshing.start()
+        try:
+            wait_for(lambda: server.in_flight >= len(documents) + 3, "every request in")
+        finally:
+            server.stall_release.set()
+            refreshing.join(GENEROUS)
+        assert not refreshing.is_alive()
+        assert outcome == [
+            Changes(grown={0: ((2, 32, 32), (3, 32, 32)), 1: ((2, 16, 16), (3, 16, 16))})
+        ]
+        for level in pool.multiscale_info.levels:
+            assert level.array.store is store
+        server.clear_faults()
+        assert pool.get_chunk(0, (2, 1, 1), "view").wait(GENEROUS)[0, 0, 0] == 5
+    finally:
+        pool.destroy()
+
+
+def test_a_watch_tells_a_growth_before_the_revalidation_answers(http_movie):
+    """The checks held by the server: the growth is told (and its chunks can load)
+    meanwhile; the rewritten chunk the checks then find is told in a second call."""
+    server, root, _ = http_movie
+    (pool,) = ChunkPool.from_zarr_node(f"{server.url}/m.zarr")
+    try:
+        hold_all(pool)
+        told: list[Changes] = []
+        first = threading.Event()
+
+        def on_change(changes: Changes) -> None:
+            told.append(changes)
+            first.set()
+
+        watcher = Watcher(pool, 1.0, on_change)  # ticked here: no thread, no timing
+        zarr.open_array(root / "0", mode="r+")[0, :16, :16] = 77  # a rewrite in place
+        append_time_point(root, np.full((32, 32), 5, np.uint16))
+        server.add_fault("*/c/[01]/*", "stall")  # the checks (t = 0, 1), not t = 2
+        ticking = threading.Thread(target=lambda: told.append(watcher.tick(early=True)))
+        ticking.start()
+        try:
+            assert first.wait(GENEROUS)
+            assert told[0].grown[0] == ((2, 32, 32), (3, 32, 32)) and not told[0].rewritten
+            assert pool.get_chunk(0, (2, 1, 1), "view").wait(GENEROUS)[0, 0, 0] == 5
+            assert ticking.is_alive()  # still waiting for its checks
+        finally:
+            server.stall_release.set()
+            ticking.join(GENEROUS)
+        assert not ticking.is_alive()
+        assert told[1:] == [Changes(rewritten=((0, (0, 0, 0)),)), True]
+        pool.wait_for_chunks_to_load(GENEROUS)
+        loc = pool.get_chunk(0, (0, 0, 0), "view")
+        assert (loc.wait(GENEROUS) == 77).all()
+    finally:
+        pool.destroy()
+
+
+def test_half_written_remote_metadata_fails_a_refresh_then_it_recovers(http_movie):
+    """The documents read ahead serve what the server said: a half-written one is a
+    SourceError (nothing taken); once whole, the next refresh reads it and takes it."""
+    server, root, _ = http_movie
+    (pool,) = ChunkPool.from_zarr_node(f"{server.url}/m.zarr")
+    try:
+        info = pool.multiscale_info
+        assert pool.refresh() == Changes()
+        append_time_point(root, np.full((32, 32), 5, np.uint16))
+        document = (root / "0" / "zarr.json").read_bytes()
+        (root / "0" / "zarr.json").write_bytes(document[: len(document) // 2])
+        with pytest.raises(SourceError):
+            pool.refresh()
+        assert pool.multiscale_info is info
+        (root / "0" / "zarr.json").write_bytes(document)
+        assert pool.refresh().grown[0] == ((2, 32, 32), (3, 32, 32))
+    finally:
+        pool.destroy()

@@ -17,7 +17,7 @@ one chunk load``, where a round trip is the median time to read one metadata doc
 pool takes to load one level-0 chunk. Reported: median and 90th percentile latency over
 ``--appends`` (default 20) appends, and their ratio to the goal.
 
-    python tests/benchmarks/bench_live.py [--appends 20] [--interval 0.25]
+    python tests/benchmarks/bench_live.py [--appends 20] [--interval 0.25] [--modes http]
 """
 
 from __future__ import annotations
@@ -152,13 +152,18 @@ def report(
     return median, p90, goal
 
 
-def run(appends: int, interval: float) -> dict[str, tuple[list[float], float, float]]:
-    """Per mode ("local", "http"): the latencies of ``appends`` appends, the round
-    trip and the chunk load, measured in the same run."""
+MODES = ("local", "http")
+
+
+def run(
+    appends: int, interval: float, modes: tuple[str, ...] = MODES
+) -> dict[str, tuple[list[float], float, float]]:
+    """Per mode of ``modes`` ("local", "http"): the latencies of ``appends`` appends,
+    the round trip and the chunk load, measured in the same run."""
     context = multiprocessing.get_context("spawn")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("local", "http"):
+        for name in modes:
             path = str(pathlib.Path(tmp, f"{name}.ome.zarr"))
             ours, theirs = context.Pipe()
             writing = context.Process(target=writer, args=(path, theirs), daemon=True)
@@ -193,8 +198,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--appends", type=int, default=20)
     parser.add_argument("--interval", type=float, default=0.25)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args()
-    for name, (latencies, rtt, load) in run(args.appends, args.interval).items():
+    for name, (latencies, rtt, load) in run(args.appends, args.interval, tuple(args.modes)).items():
         report(name, latencies, args.interval, rtt, load)
 
 
