@@ -730,17 +730,24 @@ class LoadScheduler:
         """Publish a running batch's results so far (its thread calls this, without
         the lock), as :meth:`_batch_done` would; the batch keeps its slot."""
         with self._lock:
-            closed = self._closed
-            reports = []
-            for report in batch.results:
-                job = report[0]
-                if job.state is _FETCHING and not closed:
-                    job.state = _DONE
-                    reports.append(report)
+            reports = self._take_results(batch)
             batch.published += len(reports)
-            batch.results.clear()
         if reports:
             self._deliver_many(reports)
+
+    def _take_results(self, batch: _Batch) -> Completions:
+        """End the jobs of a batch's results so far and return those to publish (not
+        those of jobs cancelled meanwhile, nor any once the scheduler is shut down).
+        Holds ``_lock``."""
+        closed = self._closed
+        reports = []
+        for report in batch.results:
+            job = report[0]
+            if job.state is _FETCHING and not closed:
+                job.state = _DONE
+                reports.append(report)
+        batch.results.clear()
+        return reports
 
     def _batch_done(self, batch: _Batch) -> Completions:
         """A batch has run: give its CPU slot back, end its jobs, and return the
@@ -750,13 +757,7 @@ class LoadScheduler:
         self._decoding -= 1
         batch.window.in_flight -= 1
         self._batches.discard(batch)
-        closed = self._closed
-        reports = []
-        for report in batch.results:
-            job = report[0]
-            if job.state is _FETCHING and not closed:
-                job.state = _DONE
-                reports.append(report)
+        reports = self._take_results(batch)
         for job in batch.taken:
             if job.state is not _DONE:
                 job.state = _CANCELLED
