@@ -38,6 +38,7 @@ enum { DONE = 0, MISSING = 1, FALLBACK = 2 };
 #define MAX_READ ((long long)1 << 30)
 
 typedef struct {
+    PyObject *path_object; /* a reference held while the GIL is released */
     const char *path;
     long long offset; /* -1: the whole file */
     long long length;
@@ -159,6 +160,8 @@ static PyObject *read_chunks(PyObject *self, PyObject *args) {
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, held), "SLLO;an item is "
                               "(path, offset, length, out)", &path, &x->offset, &x->length, &out))
             goto end;
+        Py_INCREF(path);
+        x->path_object = path;
         x->path = PyBytes_AS_STRING(path);
         if ((Py_ssize_t)strlen(x->path) != PyBytes_GET_SIZE(path)) x->path = NULL; /* NUL */
         if (PyObject_GetBuffer(out, &views[held], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
@@ -184,6 +187,7 @@ static PyObject *read_chunks(PyObject *self, PyObject *args) {
     }
 end:
     for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    for (Py_ssize_t i = 0; it != NULL && i < n; i++) Py_XDECREF(it[i].path_object);
     PyMem_Free(it);
     PyMem_Free(views);
     Py_DECREF(seq);

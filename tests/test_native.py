@@ -187,3 +187,27 @@ def test_a_fifo_in_a_chunks_place_holds_up_no_other_chunk(pools, tmp_path, monke
     with pytest.raises((ChunkLoadError, ChunkReadError)):
         pool.wait_for_chunks_to_load(timeout=30)
     assert locs[(0, 3)].state is ChunkState.FAILED
+
+
+def test_the_extension_refuses_bad_items_with_python_errors(tmp_path):
+    """Called wrongly, the extension raises (no crash, nothing written); paths it must
+    not open (a NUL inside, a directory) are left to Python."""
+    (tmp_path / "f").write_bytes(b"x" * 8)
+    out = np.zeros(8, np.uint8)
+    with pytest.raises(TypeError):
+        native.read_chunks([("not bytes", -1, 0, out)], zstd=False)
+    with pytest.raises(TypeError):
+        native.read_chunks([(b"x", -1, 0)], zstd=False)
+    with pytest.raises((BufferError, TypeError, ValueError)):
+        native.read_chunks([(os.fsencode(tmp_path / "f"), -1, 0, bytes(8))], zstd=False)
+    nul = os.fsencode(tmp_path / "f") + b"\0/etc/passwd"
+    ((status, *_),) = native.read_chunks([(nul, -1, 0, out)], zstd=False)
+    assert status == native.FALLBACK and not out.any()
+    ((status, *_),) = native.read_chunks([(os.fsencode(tmp_path), -1, 0, out)], zstd=False)
+    assert status == native.FALLBACK
+    ((status, size, _, nread, *_),) = native.read_chunks(
+        [(os.fsencode(tmp_path / "f"), -1, 0, out)], zstd=False
+    )
+    assert (status, size, nread) == (native.DONE, 8, 8) and out.tobytes() == b"x" * 8
+    ((status, *_),) = native.read_chunks([(os.fsencode(tmp_path / "gone"), -1, 0, out)], False)
+    assert status == native.MISSING
