@@ -173,11 +173,8 @@ class KpiLog:
         if todo is None:
             return
         with self._write_lock:
-            popleft = todo.popleft
-            # (only this lock's holder takes from todo); tuples pickle in a third of
-            # the time records do
-            items = [popleft() for _ in range(len(todo))]
-            items = [tuple(i) if type(i) is LoadRecord else i for i in items]
+            popleft = todo.popleft  # (only this lock's holder takes from todo)
+            items = _as_columns([popleft() for _ in range(len(todo))])
             process = self._process
             if process is not None:
                 try:
@@ -231,6 +228,27 @@ class KpiLog:
             self._process = None
         assert self.path is not None
         self._lines = LineWriter(self.path, self._max_bytes, self._backups, self._epoch_us)
+
+
+def _as_columns(items: list[LoadRecord | dict[str, Any]]) -> list[Any]:
+    """``items`` as the writer takes them: each run of load records as one list of
+    columns (a tuple per field: pickled in about half the time of a tuple per record),
+    each event as its dict."""
+    if set(map(type, items)) == {LoadRecord}:  # (a pool's log: records only)
+        return [list(zip(*items, strict=True))]
+    out: list[Any] = []
+    run: list[LoadRecord] = []
+    for item in items:
+        if type(item) is LoadRecord:
+            run.append(item)
+            continue
+        if run:
+            out.append(list(zip(*run, strict=True)))
+            run = []
+        out.append(item)
+    if run:
+        out.append(list(zip(*run, strict=True)))
+    return out
 
 
 def read_kpi_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -65,6 +65,25 @@ def test_the_file_is_rotated_within_its_bound_and_reads_back_in_order(
     assert view["center"] == [1.0, 2.0] and view["zoom"] == 0.5
 
 
+def test_records_and_events_are_written_in_the_order_they_came(tmp_path: pathlib.Path) -> None:
+    """Records go to the writer as columns, a run at a time, events between them."""
+    path = tmp_path / "kpi.jsonl"
+    log = KpiLog(path)
+    t = time.perf_counter()
+    expected = []
+    for i in range(40):
+        if i % 7 == 3:
+            log.event("drawn", when=t + i, source="img.zarr", level=0, index=[0, i])
+            expected.append(("drawn", i))
+        else:
+            log.add(record(0, i, t + i))
+            expected.append(("load", i))
+        if i == 20:
+            log.flush()  # two frames: a record-only run may start either
+    log.close()
+    assert [(line["event"], line["index"][1]) for line in read_kpi_lines(path)] == expected
+
+
 def test_a_line_cut_short_is_skipped(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "kpi.jsonl"
     log = KpiLog(path)
