@@ -42,8 +42,9 @@ fails its chunks with a :class:`~chunkpool.errors.ChunkDecodeError` saying so.
 carved out of files under ``/dev/shm``, which the pool alone creates, maps and
 unlinks. Local reads land there directly; other encoded bytes are copied there. Only
 references travel over a worker's pipe: (segment, size, offset, length) of the encoded
-bytes and of the buffer to decode into, taken from the pool's free list; the reply
-says the dtype, shape and memory order. ``ChunkLocation.data`` is then a read-only
+bytes and of the buffer to decode into, taken from the pool's free list; the reply, a
+fixed record (no pickle), says how the job went and the memory order (the worker has
+checked the dtype and shape: the level's). ``ChunkLocation.data`` is then a read-only
 view of that buffer, recycled by the pool's usual rule: it returns to the free list
 when the last array or view of it dies, and only then can it be given to a worker
 again. A worker writes into a buffer only between the job's sending and its reply
@@ -88,6 +89,7 @@ import pickle
 import secrets
 import select
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -125,6 +127,32 @@ _context_lock = threading.Lock()
 
 #: A reference to bytes in a segment: (name, segment size, offset, length).
 Ref = tuple[str, int, int, int]
+
+# The pipe's messages. To a worker: a 4-byte length, then a pickle of (jobs, segments
+# to forget, sources to forget). From a worker, per job: a fixed record (its kind, the
+# length of what follows it, the seconds the job took and when it ended, by
+# ``time.monotonic``, which every process shares), then that many bytes of an error's
+# message (none for a decoded chunk: its dtype and shape are the level's, checked by
+# the worker, so only its memory order is told). No pickle per chunk, one write each.
+_LENGTH = struct.Struct("!I")
+_REPLY = struct.Struct("<BxxxIdd")
+#: Reply kinds: decoded (in C order, in Fortran order), a ChunkDecodeError, another
+#: exception, out of memory (the worker exits after this reply).
+_OK_C, _OK_F, _ERROR, _FAILED, _EXIT = range(5)
+
+
+def _text(message: str) -> bytes:
+    """A message for a reply (any string: a path's undecodable bytes are escaped)."""
+    return message.encode(errors="backslashreplace")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the blocking descriptor ``fd``."""
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)
+        while n < len(data):
+            n += os.write(fd, view[n:])
 
 
 def decode_setup(
@@ -221,13 +249,17 @@ class SharedBuffers(BufferPool):
             callback(name)
 
     def ref(self, buffer: np.ndarray, nbytes: int) -> Ref | None:
-        """Where ``buffer`` (taken from this pool, or a view of one) is: its segment, the
-        segment's size and its offset there, with ``nbytes``; None if not shared."""
-        info = self._arenas.get(id(buffer.base))
-        if info is None:
-            return None
-        name, size, address = info
-        return name, size, _address(buffer) - address, nbytes
+        """Where ``buffer`` (taken from this pool) is: its segment, the segment's size
+        and its offset there, with ``nbytes``; None if not shared. Remembered on the
+        buffer, which is recycled: found again at no cost."""
+        place = buffer.__dict__.get("_place")
+        if place is None:
+            info = self._arenas.get(id(buffer.base))
+            if info is None:
+                return None
+            name, size, address = info
+            place = buffer.__dict__["_place"] = (name, size, _address(buffer) - address)
+        return (*place, nbytes)
 
     def close(self) -> None:
         """Unlink every segment and recycle nothing more."""
@@ -323,18 +355,24 @@ class _Worker:
         self.forget_specs: list[int] = []
         self.received = bytearray()  # replies read from the pipe, not yet taken
 
-    def reply(self) -> tuple | None:
-        """The next reply received, if a whole one is (in multiprocessing's framing:
-        a 4-byte length, then the pickle, as ``Connection.send`` writes it)."""
+    def send(self, message: tuple) -> None:
+        """Send a message of jobs (raises OSError or ValueError if the worker is gone)."""
+        blob = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        _write_all(self.conn.fileno(), _LENGTH.pack(len(blob)) + blob)
+
+    def reply(self) -> tuple[int, float, float, bytes] | None:
+        """The next reply received, if a whole one is: (kind, seconds the job took,
+        when it ended, what follows the record)."""
         received = self.received
-        if len(received) < 4:
+        if len(received) < _REPLY.size:
             return None
-        end = 4 + int.from_bytes(received[:4], "big", signed=True)
+        kind, extra, seconds, ended = _REPLY.unpack_from(received)
+        end = _REPLY.size + extra
         if len(received) < end:
             return None
-        reply = pickle.loads(received[4:end])
+        payload = bytes(received[_REPLY.size : end]) if extra else b""
         del received[:end]
-        return reply
+        return kind, seconds, ended, payload
 
     def end(self, timeout: float) -> str | None:
         """Close the pipe (an idle worker then exits), wait up to ``timeout`` for the
@@ -490,7 +528,7 @@ class DecodePipeline:
         forget_segments, worker.forget_segments = worker.forget_segments, []
         forget_specs, worker.forget_specs = worker.forget_specs, []
         try:
-            worker.conn.send((message, forget_segments, forget_specs))
+            worker.send((message, forget_segments, forget_specs))
         except (OSError, ValueError):  # it died: these jobs never reached it
             self._broken = True
             return
@@ -541,22 +579,24 @@ class DecodePipeline:
                 worker.received += data
                 continue
             took = True
+            kind, seconds, ended, extra = reply
             job = self._sent[0]
-            if reply[0] == "exit":  # it ran out of memory, replied, and exits
+            if kind == _EXIT:  # it ran out of memory, replied, and exits
                 processes._lose(worker)
-                self._lost(f"{reply[2]}; it is replaced", reply[2], settled=True)
+                reason = extra.decode()
+                self._lost(f"{reason}; it is replaced", reason, settled=True)
                 return took
             self._sent.popleft()
-            self._since = reply[-1]  # when it finished that job: it began the next
-            if reply[0] == "failed":
+            self._since = ended  # when it finished that job: it began the next
+            if kind == _FAILED:
                 worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
             try:
-                data = processes._result(job, reply)
+                data = processes._result(job, kind, extra)
             except ChunkDecodeError as err:
-                self._end(job, None, err, reply[1])
+                self._end(job, None, err, seconds)
                 continue
             job.out = None  # it is the result's now
-            self._end(job, data, None, reply[1])
+            self._end(job, data, None, seconds)
         return took
 
     def _lose_worker(self, killed: str | None) -> None:
@@ -668,7 +708,8 @@ class DecodeProcesses:
         job = _Job(key, source, index, raw)
         try:
             job.spec_id, job.spec = self._spec(source, index)
-            inp = None if raw.owner is None else buffers.ref(data, data.nbytes)
+            # (a read's bytes start at its buffer's start: _LocalReader.pread)
+            inp = None if raw.owner is None else buffers.ref(raw.owner, data.nbytes)
             if inp is None:  # not read into shared memory (a small read, a remote store)
                 job.copy = copy = buffers.take(transient_size(data.nbytes))
                 copy[: data.nbytes] = data
@@ -696,16 +737,17 @@ class DecodeProcesses:
             job.copy = None
         job.source.release(job.raw)
 
-    def _result(self, job: _Job, reply: tuple) -> np.ndarray:
+    def _result(self, job: _Job, kind: int, extra: bytes) -> np.ndarray:
         """The chunk a worker's reply describes, over ``job.out``; or its error, raised."""
         out = job.out
-        kind = reply[0]
-        if kind == "error":  # a ChunkDecodeError, as thread mode raises it
-            raise ChunkDecodeError(reply[2])
-        if kind == "failed":
-            raise ChunkDecodeError(f"{job.where}: in a decode process: {reply[2]}")
-        _, _, dtype_str, shape, order, _ = reply
-        dtype = np.dtype(dtype_str)
+        if kind == _ERROR:  # a ChunkDecodeError, as thread mode raises it
+            raise ChunkDecodeError(extra.decode())
+        if kind == _FAILED:
+            raise ChunkDecodeError(f"{job.where}: in a decode process: {extra.decode()}")
+        # the level's dtype and the chunk's shape (the worker checked), in its order
+        source = job.source
+        dtype, shape = source.scale.dtype, source.chunk_data_shape(job.index)
+        order = "C" if kind == _OK_C else "F"
         nbytes = math.prod(shape) * dtype.itemsize
         if out is None or nbytes > out.nbytes:
             if nbytes:
@@ -905,8 +947,8 @@ def _decode_job(
     out: Ref | None,
     segments: dict[str, mmap.mmap],
     buffers: _SlotBuffers,
-) -> tuple:
-    """Decode one chunk into the output buffer; the reply describing it."""
+) -> int:
+    """Decode one chunk into the output buffer; the reply's kind (the memory order)."""
     data = _view(segments, inp)
     data.flags.writeable = False
     slot = None if out is None else _view(segments, out)
@@ -917,19 +959,27 @@ def _decode_job(
         buffers.start(None)
     if arr.dtype.hasobject:
         raise ChunkDecodeError(f"{source.name}: chunks of objects cannot be shared")
-    order = "C"
+    # what the reply leaves out: the main process takes the level's dtype and the
+    # chunk's shape (ChunkSource.decode's own checks make another impossible)
+    shape = source.chunk_data_shape(index)
+    if arr.dtype != source.scale.dtype or arr.shape != shape:
+        raise ChunkDecodeError(
+            f"{_where(source, index)}: decoded to {arr.dtype} {arr.shape}, "
+            f"not {source.scale.dtype} {shape}"
+        )
+    kind = _OK_C
     if slot is None:
         if arr.nbytes:
             raise ChunkDecodeError(f"{source.name}: no buffer for {arr.nbytes} bytes")
     elif arr.nbytes > slot.nbytes:  # (the decode's own checks make this impossible)
         raise ChunkDecodeError(f"chunk decodes to {arr.nbytes} bytes, expected {slot.nbytes}")
-    elif _address(arr) == _address(slot) and arr.flags.c_contiguous:
-        pass  # decoded in place
-    elif _address(arr) == _address(slot) and arr.flags.f_contiguous:
-        order = "F"
-    else:  # decoded into memory of its own (zlib, a codec chain, a cropped edge chunk)
+    elif _address(arr) != _address(slot) or not (
+        arr.flags.c_contiguous or arr.flags.f_contiguous
+    ):  # decoded into memory of its own (zlib, a codec chain, a cropped edge chunk)
         np.copyto(slot[: arr.nbytes].view(arr.dtype).reshape(arr.shape), arr)
-    return ("ok", arr.dtype.str, arr.shape, order)
+    elif not arr.flags.c_contiguous:
+        kind = _OK_F  # decoded in place, in Fortran order
+    return kind
 
 
 def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
@@ -943,16 +993,37 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
     sources: dict[int, ChunkSource] = {}
     broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
+    fd = conn.fileno()
     inbox = select.poll()
-    inbox.register(conn.fileno(), select.POLLIN)
+    inbox.register(fd, select.POLLIN)
     wake_fd = wake.fileno()
     os.set_blocking(wake_fd, False)  # (a full pipe of wake-ups: one more is not needed)
-    perf_counter, monotonic = time.perf_counter, time.monotonic
+    perf_counter, monotonic, pack = time.perf_counter, time.monotonic, _REPLY.pack
+    received = bytearray()  # what was read from the pipe, from a message's start
+    worked = False  # whether it replied to a job since its last wake-up byte
     while True:
-        try:
-            jobs, forget_segments, forget_specs = conn.recv()
-        except (EOFError, OSError):
-            return
+        end = -1
+        if len(received) >= _LENGTH.size:
+            end = _LENGTH.size + _LENGTH.unpack_from(received)[0]
+        if end < 0 or len(received) < end:  # (every message is read in one go, mostly)
+            if worked and not inbox.poll(0):
+                worked = False
+                try:
+                    os.write(wake_fd, b"\0")
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            received += data
+            continue
+        jobs, forget_segments, forget_specs = pickle.loads(received[_LENGTH.size : end])
+        del received[:end]
         for name in forget_segments:
             segments.pop(name, None)
         for forgotten in forget_specs:
@@ -960,8 +1031,7 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
             broken.pop(forgotten, None)
         for spec_id, spec, index, inp, out in jobs:
             t0 = perf_counter()
-            exiting = False
-            reply: tuple
+            kind, extra = _EXIT, b""
             try:
                 if spec is not None:
                     broken.pop(spec_id, None)
@@ -971,37 +1041,25 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
                     except Exception as err:
                         broken[spec_id] = f"{type(err).__name__}: {' '.join(str(err).split())}"
                 if spec_id in broken:  # (later jobs of its message come without the spec)
-                    reply = ("failed", perf_counter() - t0, broken[spec_id])
+                    kind, extra = _FAILED, _text(broken[spec_id])
                 else:
-                    reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
-                    reply = (reply[0], perf_counter() - t0, *reply[1:])
+                    kind = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
             except ChunkDecodeError as err:
                 cause = err.__cause__
-                exiting = isinstance(cause, MemoryError)
-                reply = (
-                    ("exit", 0.0, f"ran out of memory (MemoryError: {cause})")
-                    if exiting
-                    else ("error", perf_counter() - t0, str(err))
-                )
+                if isinstance(cause, MemoryError):
+                    extra = _text(f"ran out of memory (MemoryError: {cause})")
+                else:
+                    kind, extra = _ERROR, _text(str(err))
             except MemoryError as err:
-                exiting = True
-                reply = ("exit", 0.0, f"ran out of memory (MemoryError: {err})")
+                extra = _text(f"ran out of memory (MemoryError: {err})")
             except Exception as err:
-                reply = (
-                    "failed",
-                    perf_counter() - t0,
-                    f"{type(err).__name__}: {' '.join(str(err).split())}",
-                )
+                kind = _FAILED
+                extra = _text(f"{type(err).__name__}: {' '.join(str(err).split())}")
+            t1 = perf_counter()
             try:
-                conn.send((*reply, monotonic()))
-            except (OSError, ValueError):
-                return
-            if exiting:
-                return
-        if not inbox.poll(0):
-            try:
-                os.write(wake_fd, b"\0")
-            except BlockingIOError:
-                pass
+                _write_all(fd, pack(kind, len(extra), t1 - t0, monotonic()) + extra)
             except OSError:
                 return
+            if kind == _EXIT:
+                return
+        worked = True

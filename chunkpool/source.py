@@ -125,7 +125,7 @@ class _Await:
 
 class _Bytes(NamedTuple):
     """What a read produced: the bytes as a uint8 array, and the recycled buffer that
-    holds them (to give back once used), if any."""
+    holds them from its start (to give back once used), if any."""
 
     data: np.ndarray
     owner: np.ndarray | None

@@ -139,6 +139,21 @@ def test_data_equals_zarr_read(ppools, tmp_path, layout):
     assert 1 <= len(pool._processes.pids) <= 2
 
 
+def test_a_big_endian_level_decodes_to_native_chunks(ppools, tmp_path):
+    """A level stored big-endian: its chunks come back in native byte order, the
+    level's dtype, as in thread mode (a worker's reply says only how a chunk lies in
+    its buffer: the main process knows the dtype and shape it must have)."""
+    data = ramp((80, 100)).astype(">u2")
+    arr = make_array(tmp_path / "a.zarr", data, (32, 32), zarr_format=2)
+    pool = ppools(arr)
+    assert pool.multiscale_info.levels[0].dtype == np.dtype("=u2")
+    for loc in load_all(pool):
+        assert loc.error is None, loc.error
+        assert loc.data.dtype == np.dtype("=u2") and loc.data.shape == data[loc.slices].shape
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+        assert in_shared_memory(loc.data), loc.index
+
+
 def test_held_data_is_never_rewritten(ppools, tmp_path):
     """A chunk's array stays what it was while anyone holds it, even after the pool let
     it go and recycled buffers went on to other chunks decoded by other processes."""
