@@ -40,9 +40,16 @@ fails its chunks with a :class:`~chunkpool.errors.ChunkDecodeError` saying so.
 
 **Memory.** In this mode the pool's recycled buffers (:class:`SharedBuffers`) are
 carved out of files under ``/dev/shm``, which the pool alone creates, maps and
-unlinks. Local reads land there directly; other encoded bytes are copied there. Only
-references travel over a worker's pipe: (segment, size, offset, length) of the encoded
-bytes and of the buffer to decode into, taken from the pool's free list; the reply, a
+unlinks. Only references travel over a worker's pipe: (segment, size, offset, length)
+of the encoded bytes (read there, or copied there: a remote store's) and of the buffer
+to decode into, taken from the pool's free list. A local store's chunk file (a plain
+file, not a link; not a shard's inner chunk) is not read by this process at all: it
+takes the file's ``lstat`` (its stamp, taken before the read, never of a later version
+than the one read; the directory's check of :mod:`chunkpool.links` included) and sends
+its key; the worker reads it with the same reader and rules (``O_NOFOLLOW``, each
+directory resolved inside the root), into memory of its own, a file gone meanwhile
+being a missing chunk. That moves the read's system calls and copy, and their GIL
+hand-offs, out of this process, whose threads share one GIL. The reply, a
 fixed record (no pickle), says how the job went and the memory order (the worker has
 checked the dtype and shape: the level's). ``ChunkLocation.data`` is then a read-only
 view of that buffer, recycled by the pool's usual rule: it returns to the free list
@@ -55,7 +62,9 @@ buffer whose worker may still run (killed but not seen to exit) is never reused.
 :class:`~chunkpool.errors.DecodeWorkerError` naming the store, the key, the worker's
 pid and its exit reason (``"killed by SIGSEGV"``, ``"exit code 3"``); a codec raising
 MemoryError fails its chunk the same way, and its worker exits after replying (its
-heap may be the problem). A decode running longer than ``timeout`` (default
+heap may be the problem); a worker's read that fails (a link out of the root, an OS
+error) fails its chunk with the :class:`~chunkpool.errors.ChunkReadError` thread mode
+raises. A decode running longer than ``timeout`` (default
 :data:`DECODE_TIMEOUT`, counted from the end of the job before it) is killed and fails
 its chunk. The jobs of the same pipeline that it had decoded keep their results; those
 queued behind it, never started, go to another worker (unless the dead one is not seen
@@ -104,8 +113,9 @@ import zarr
 from zarr.storage import MemoryStore, StorePath
 
 from .buffers import BufferPool, _Owner, transient_size
-from .errors import ChunkDecodeError, DecodeWorkerError
-from .source import MAX_CHUNK_BYTES, ChunkSource, RawChunk
+from .errors import ChunkDecodeError, ChunkReadError, DecodeWorkerError
+from .source import MAX_CHUNK_BYTES, ChunkSource, RawChunk, _LocalReader
+from .stores import describe_error
 
 __all__ = ["DECODE_TIMEOUT", "DecodeProcesses", "SharedBuffers", "decode_setup"]
 
@@ -137,8 +147,9 @@ Ref = tuple[str, int, int, int]
 _LENGTH = struct.Struct("!I")
 _REPLY = struct.Struct("<BxxxIdd")
 #: Reply kinds: decoded (in C order, in Fortran order), a ChunkDecodeError, another
-#: exception, out of memory (the worker exits after this reply).
-_OK_C, _OK_F, _ERROR, _FAILED, _EXIT = range(5)
+#: exception, out of memory (the worker exits after this reply); for a file the worker
+#: read: no such file (the chunk is missing), the read failed (the reason).
+_OK_C, _OK_F, _ERROR, _FAILED, _EXIT, _MISSING, _READ_ERROR = range(7)
 
 
 def _text(message: str) -> bytes:
@@ -418,7 +429,7 @@ class _Job:
         self.raw = raw
         self.spec_id = -1
         self.spec = b""
-        self.inp: Ref | None = None
+        self.inp: Ref | str | None = None  # (str: the key of a file the worker reads)
         self.out_ref: Ref | None = None
         self.copy: np.ndarray | None = None  # the encoded bytes' copy in shared memory
         self.out: np.ndarray | None = None  # the buffer the worker decodes into
@@ -517,7 +528,8 @@ class DecodePipeline:
         message = []
         for job in jobs:
             assert job.inp is not None
-            worker.mapped.add(job.inp[0])
+            if type(job.inp) is tuple:
+                worker.mapped.add(job.inp[0])
             if job.out_ref is not None:
                 worker.mapped.add(job.out_ref[0])
             known = job.spec_id in worker.specs
@@ -590,9 +602,12 @@ class DecodePipeline:
             self._since = ended  # when it finished that job: it began the next
             if kind == _FAILED:
                 worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
+            elif kind == _MISSING:  # its file is gone: the fill value, as in thread mode
+                self._end(job, job.source.decode(job.index, RawChunk(None, 0)), None, seconds)
+                continue
             try:
                 data = processes._result(job, kind, extra)
-            except ChunkDecodeError as err:
+            except (ChunkDecodeError, ChunkReadError) as err:
                 self._end(job, None, err, seconds)
                 continue
             job.out = None  # it is the result's now
@@ -708,8 +723,13 @@ class DecodeProcesses:
         job = _Job(key, source, index, raw)
         try:
             job.spec_id, job.spec = self._spec(source, index)
-            # (a read's bytes start at its buffer's start: _LocalReader.pread)
-            inp = None if raw.owner is None else buffers.ref(raw.owner, data.nbytes)
+            inp: Ref | str | None
+            if raw.unread is not None:  # a local file: the worker reads it
+                inp = raw.unread
+            elif raw.owner is not None:  # (its bytes start at its start: _LocalReader.pread)
+                inp = buffers.ref(raw.owner, data.nbytes)
+            else:
+                inp = None
             if inp is None:  # not read into shared memory (a small read, a remote store)
                 job.copy = copy = buffers.take(transient_size(data.nbytes))
                 copy[: data.nbytes] = data
@@ -744,6 +764,9 @@ class DecodeProcesses:
             raise ChunkDecodeError(extra.decode())
         if kind == _FAILED:
             raise ChunkDecodeError(f"{job.where}: in a decode process: {extra.decode()}")
+        if kind == _READ_ERROR:  # as thread mode's read raises it
+            reason = extra.decode()
+            raise ChunkReadError(f"{job.source.name}/{job.inp}: {reason}", reason=reason)
         # the level's dtype and the chunk's shape (the worker checked), in its order
         source = job.source
         dtype, shape = source.scale.dtype, source.chunk_data_shape(job.index)
@@ -775,7 +798,8 @@ class DecodeProcesses:
                 )
                 copy = dataclasses.replace(scale, array=zarr.Array(empty))
                 try:
-                    blob = pickle.dumps((copy, source.name), pickle.HIGHEST_PROTOCOL)
+                    root = None if source._local is None else source._local.root
+                    blob = pickle.dumps((copy, source.name, root), pickle.HIGHEST_PROTOCOL)
                 except Exception as err:
                     raise ChunkDecodeError(
                         f"{_where(source, index)}: its codecs cannot be sent to a decode process "
@@ -940,17 +964,53 @@ def _view(segments: dict[str, mmap.mmap], ref: Ref) -> np.ndarray:
     return np.frombuffer(mapping, np.uint8, nbytes, offset)
 
 
+class _ReadFailed(Exception):
+    """A worker's read of a local chunk file failed: ``reason`` (for ChunkReadError)."""
+
+
 def _decode_job(
     source: ChunkSource,
+    reader: _LocalReader | None,
     index: tuple[int, ...],
-    inp: Ref,
+    inp: Ref | str,
+    out: Ref | None,
+    segments: dict[str, mmap.mmap],
+    buffers: _SlotBuffers,
+    reads: BufferPool,
+) -> int:
+    """Decode one chunk into the output buffer (reading its file first if ``inp`` is
+    its key, with ``reader``, the level's, into a buffer of ``reads``: the same rules
+    as the pool's reads); the reply's kind (the memory order, or ``_MISSING``).
+    Raises :class:`_ReadFailed`."""
+    owner = None
+    if type(inp) is str:
+        assert reader is not None  # (the key of a local level's file)
+        try:
+            read, _ = reader.read_stamped(inp)
+        except Exception as err:
+            raise _ReadFailed(describe_error(err)) from None
+        if read is None:
+            return _MISSING
+        data, owner = read
+    else:
+        data = _view(segments, inp)  # type: ignore[arg-type]
+        data.flags.writeable = False
+    try:
+        return _decode_into(source, index, data, out, segments, buffers)
+    finally:
+        if owner is not None:  # (after the copy into the output: a codec may view it)
+            reads.give(owner)
+
+
+def _decode_into(
+    source: ChunkSource,
+    index: tuple[int, ...],
+    data: np.ndarray,
     out: Ref | None,
     segments: dict[str, mmap.mmap],
     buffers: _SlotBuffers,
 ) -> int:
-    """Decode one chunk into the output buffer; the reply's kind (the memory order)."""
-    data = _view(segments, inp)
-    data.flags.writeable = False
+    """Decode a chunk's bytes into the output buffer; the reply's kind."""
     slot = None if out is None else _view(segments, out)
     buffers.start(slot)
     try:
@@ -990,7 +1050,8 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.extend(p for p in sys_path if p not in sys.path)
     buffers = _SlotBuffers()
-    sources: dict[int, ChunkSource] = {}
+    reads = BufferPool(16 << 20)  # (not the output buffers': a read is no chunk's output)
+    sources: dict[int, tuple[ChunkSource, _LocalReader | None]] = {}
     broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
     fd = conn.fileno()
@@ -1036,14 +1097,18 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
                 if spec is not None:
                     broken.pop(spec_id, None)
                     try:
-                        scale, name = pickle.loads(spec)
-                        sources[spec_id] = ChunkSource(scale, buffers, name=name)
+                        scale, name, root = pickle.loads(spec)
+                        reader = None if root is None else _LocalReader(root, reads)
+                        sources[spec_id] = ChunkSource(scale, buffers, name=name), reader
                     except Exception as err:
                         broken[spec_id] = f"{type(err).__name__}: {' '.join(str(err).split())}"
                 if spec_id in broken:  # (later jobs of its message come without the spec)
                     kind, extra = _FAILED, _text(broken[spec_id])
                 else:
-                    kind = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
+                    source, reader = sources[spec_id]
+                    kind = _decode_job(source, reader, index, inp, out, segments, buffers, reads)
+            except _ReadFailed as err:
+                kind, extra = _READ_ERROR, _text(str(err))
             except ChunkDecodeError as err:
                 cause = err.__cause__
                 if isinstance(cause, MemoryError):

@@ -35,11 +35,13 @@ from chunkpool import (
     ChunkDecodeError,
     ChunkLoadError,
     ChunkPool,
+    ChunkReadError,
     ChunkState,
     DecodeWorkerError,
     procdecode,
     read_multiscales,
 )
+from chunkpool import source as source_module
 from chunkpool.procdecode import PROCESS_NAME, SEGMENT_PREFIX, SHM_DIR
 
 WAIT = 30.0  # generous deadline of every wait on a signal here
@@ -417,6 +419,99 @@ def test_a_grown_level_decodes_in_processes_too(ppools, tmp_path):
     new = pool.get_chunk(0, (2, 0), "t").wait()
     np.testing.assert_array_equal(new, data[:32, :32] + 1)
     assert in_shared_memory(new)
+
+
+def _chunk_file(root: Path, arr: zarr.Array, index: tuple[int, ...]) -> Path:
+    return root / arr.metadata.encode_chunk_key(index)
+
+
+def test_workers_read_the_chunk_files_and_a_rewritten_one_reloads(ppools, tmp_path, monkeypatch):
+    """This process reads no chunk file of a local level (the workers do): it takes
+    each file's lstat only, the stamp a refresh compares. With its reads made to fail,
+    every chunk loads; a chunk rewritten in place then reloads, alone."""
+    data = ramp((64, 64))
+    root = tmp_path / "a.zarr"
+    arr = make_array(root, data, (32, 32))
+
+    def no_read(*args: Any) -> None:
+        raise AssertionError("a chunk file read in the application's process")
+
+    monkeypatch.setattr(source_module._LocalReader, "pread", no_read)
+    pool = ppools(zarr.open_array(root, mode="r"))
+    locs = load_all(pool)
+    for loc in locs:
+        assert loc.error is None, loc.error
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+        assert in_shared_memory(loc.data)
+    assert pool.stats.bytes_fetched == sum(
+        os.path.getsize(_chunk_file(root, arr, loc.index)) for loc in locs
+    )
+
+    zarr.open_array(root, mode="r+")[:32, :32] = 4242
+    stored = _chunk_file(root, arr, (0, 0))
+    st = os.stat(stored)  # (a later mtime: the clock may give both writes one)
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert pool.refresh().rewritten == ((0, (0, 0)),)
+    pool.wait_for_chunks_to_load(WAIT)
+    assert (locs[0].data == 4242).all()
+    np.testing.assert_array_equal(locs[1].data, data[locs[1].slices])
+
+
+def test_a_file_gone_when_its_worker_reads_it_is_a_missing_chunk(ppools, tmp_path, monkeypatch):
+    """A chunk file deleted after this process saw it (lstat), before its worker read
+    it: the chunk is missing, the fill value, as in thread mode."""
+    data = ramp((64, 64))
+    root = tmp_path / "a.zarr"
+    arr = make_array(root, data, (32, 32), fill_value=9)
+    gone, kept = arr.metadata.encode_chunk_key((1, 1)), arr.metadata.encode_chunk_key((0, 0))
+    (root / gone).unlink()
+    status = source_module._LocalReader.status
+    monkeypatch.setattr(  # it was there when this process looked
+        source_module._LocalReader,
+        "status",
+        lambda self, key: status(self, kept if key == gone else key),
+    )
+    pool = ppools(zarr.open_array(root, mode="r"))
+    for loc in load_all(pool):
+        assert loc.error is None, loc.error
+        expected = np.full((32, 32), 9, data.dtype) if loc.index == (1, 1) else data[loc.slices]
+        np.testing.assert_array_equal(loc.data, expected)
+
+
+def test_a_chunk_linked_out_of_the_store_fails_also_when_its_worker_reads_it(
+    ppools, tmp_path, monkeypatch
+):
+    """A chunk file that is a link out of the store's root fails its chunk with the
+    ChunkReadError of thread mode, naming the link, not its target: seen as a link by
+    this process (which then reads it itself, as thread mode does), or become one
+    after this process saw a plain file there (the worker's read applies the same
+    rule)."""
+    data = ramp((64, 64))
+    root, outside = tmp_path / "a.zarr", tmp_path / "elsewhere"
+    arr = make_array(root, data, (32, 32))
+    decoy = make_array(outside / "decoy.zarr", data[::-1].copy(), (32, 32))
+    linked = arr.metadata.encode_chunk_key((1, 0))
+    (root / linked).unlink()
+    (root / linked).symlink_to(_chunk_file(outside / "decoy.zarr", decoy, (1, 0)))
+    plain = os.lstat(_chunk_file(root, arr, (0, 0)))
+
+    def check(pool: ChunkPool) -> None:
+        for loc in load_all(pool):
+            if loc.index != (1, 0):
+                np.testing.assert_array_equal(loc.data, data[loc.slices])
+                continue
+            assert isinstance(loc.error, ChunkReadError), loc.error
+            assert f"{linked!r} is a symbolic link out of the store; not followed" in str(loc.error)
+            assert "elsewhere" not in str(loc.error)
+
+    check(ppools(zarr.open_array(root, mode="r")))
+    status = source_module._LocalReader.status
+    monkeypatch.setattr(  # a plain file when this process looked
+        source_module._LocalReader,
+        "status",
+        lambda self, key: plain if key == linked else status(self, key),
+    )
+    check(ppools(zarr.open_array(root, mode="r")))
 
 
 def test_decode_mode_is_checked(tmp_path):
