@@ -41,6 +41,7 @@ from chunkpool import (
     procdecode,
     read_multiscales,
 )
+from chunkpool import scheduler as scheduler_module
 from chunkpool import source as source_module
 from chunkpool.procdecode import PROCESS_NAME, SEGMENT_PREFIX, SHM_DIR
 
@@ -339,6 +340,35 @@ def _one_worker_batches(ppools: Callable[..., ChunkPool], arr: zarr.Array) -> tu
         pool.wait_for_chunks_to_load()
         pool.drop_chunks(grid, "warm")
     return pool, store
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_batches_are_larger_in_process_mode(ppools, tmp_path, decode):
+    """A batch (one wait for its worker, one publication) takes at most MAX_BATCH page-
+    cached chunks in thread mode, and up to PROCESS_MAX_BATCH in process mode, where
+    each batch costs the worker and the thread a sleep and a wake-up."""
+    arr = make_array(tmp_path / "a.zarr", ramp((64, 64)), (8, 8))  # 64 chunks
+    kwargs = {"decode": "threads", "decode_processes": None} if decode == "threads" else {}
+    pool = ppools(arr, io_concurrency=1, cpu_workers=1, **kwargs)
+    grid = [(0, idx) for idx in np.ndindex(8, 8)]
+    scheduler = pool._scheduler
+    take, sizes = scheduler._take_batch, []
+
+    def recording() -> Any:
+        batch = take()
+        if batch is not None:
+            sizes.append(len(batch.pending))
+        return batch
+
+    scheduler._take_batch = recording
+    for _ in range(3):  # (the first loads measure the typical read and decode)
+        pool.get_chunks(grid, "t")
+        pool.wait_for_chunks_to_load(WAIT)
+        pool.drop_chunks(grid, "t")
+    if decode == "threads":
+        assert max(sizes) == scheduler_module.MAX_BATCH
+    else:
+        assert scheduler_module.MAX_BATCH < max(sizes) <= scheduler_module.PROCESS_MAX_BATCH
 
 
 def test_a_batch_is_read_while_its_worker_decodes_and_a_crash_fails_one_chunk(
