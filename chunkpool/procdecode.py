@@ -130,6 +130,11 @@ DECODE_TIMEOUT = 60.0
 EXIT_WAIT = 2.0
 #: Name of the worker processes (``multiprocessing.active_children()`` shows them).
 PROCESS_NAME = "chunkpool-decode"
+#: A pipeline's jobs whose files the worker reads go down its pipe in groups of this
+#: many (the first job at once): the thread's part of such a job is an ``lstat`` (~10
+#: µs), so a group is ready long before the worker is through the job before it, and
+#: each group costs one write here and one read there.
+SEND_GROUP = 4
 
 _segment_numbers = itertools.count()
 _swept = False
@@ -454,7 +459,8 @@ class DecodePipeline:
     the next ones (a scheduler batch's, or a single chunk).
 
     Each submitted job goes down the worker's pipe as soon as a worker is free (the
-    pipe queues them; until then they wait here, and the thread reads on), so the
+    pipe queues them; until then they wait here, and the thread reads on; jobs whose
+    files the worker reads go in groups of :data:`SEND_GROUP`), so the
     worker goes from one job to the next without waiting for this process, and this
     thread waits once, in :meth:`finish`, which reads the worker's replies (one per
     job, in order). A worker lost during a job fails that job only, with the worker's
@@ -486,13 +492,19 @@ class DecodePipeline:
                 self._worker = self._processes._acquire(wait=False)
             except _NoWorker:
                 return  # (finish tries again, and fails the jobs if it must)
-        if self._worker is not None and not self._broken:
+        if (
+            self._worker is not None
+            and not self._broken
+            and (not self._sent or raw.unread is None or len(self._unsent) >= SEND_GROUP)
+        ):
             self._send()
 
     def finish(self) -> list[Decoded]:
         """Wait for every submitted job (each at most the processes' ``timeout`` once
         its worker has it) and return their results, in order of completion."""
         processes = self._processes
+        if self._unsent and self._worker is not None and not self._broken:
+            self._send()  # (the rest of a group)
         while self._unsent or self._sent:
             if self._sent:
                 self._receive()
