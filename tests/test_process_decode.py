@@ -371,6 +371,30 @@ def test_batches_are_larger_in_process_mode(ppools, tmp_path, decode):
         assert scheduler_module.MAX_BATCH < max(sizes) <= scheduler_module.PROCESS_MAX_BATCH
 
 
+def test_jobs_whose_files_the_worker_reads_go_in_groups(ppools, tmp_path, monkeypatch):
+    """A batch's jobs whose files the worker reads go down its pipe in groups of
+    SEND_GROUP (the first at once, the last group's rest when the thread waits): fewer
+    messages than jobs, and every chunk loads."""
+    data = ramp((64, 64))
+    arr = make_array(tmp_path / "a.zarr", data, (8, 8))  # 64 chunks
+    sent: list[int] = []
+    send = procdecode._Worker.send
+
+    def counting(worker: Any, message: tuple) -> None:
+        sent.append(len(message[0]))
+        send(worker, message)
+
+    monkeypatch.setattr(procdecode._Worker, "send", counting)
+    pool = ppools(arr, io_concurrency=1, cpu_workers=1)
+    for _ in range(3):
+        locs = load_all(pool)
+        pool.drop_chunks([loc.key for loc in locs], "t")
+    for loc in load_all(pool):
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+    assert sum(sent) == 4 * 64 and max(sent) == procdecode.SEND_GROUP
+    assert len(sent) < 4 * 64 / 2
+
+
 def test_a_batch_is_read_while_its_worker_decodes_and_a_crash_fails_one_chunk(
     ppools, tmp_path, gate
 ):
