@@ -48,7 +48,10 @@ takes the file's ``lstat`` (its stamp, taken before the read, never of a later v
 than the one read; the directory's check of :mod:`chunkpool.links` included) and sends
 its key; the worker reads it with the same reader and rules (``O_NOFOLLOW``, each
 directory resolved inside the root), into memory of its own, a file gone meanwhile
-being a missing chunk. That moves the read's system calls and copy, and their GIL
+being a missing chunk; where thread mode reads and decodes full chunks natively
+(:mod:`chunkpool.native`: raw bytes, zstd), the worker does so too, straight into the
+output buffer (anything it leaves, the Python path reads and judges, as in threads).
+That moves the read's system calls and copy, and their GIL
 hand-offs, out of this process, whose threads share one GIL. The reply, a
 fixed record (no pickle), says how the job went and the memory order (the worker has
 checked the dtype and shape: the level's). ``ChunkLocation.data`` is then a read-only
@@ -112,6 +115,7 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore, StorePath
 
+from . import native
 from .buffers import BufferPool, _Owner, transient_size
 from .errors import ChunkDecodeError, ChunkReadError, DecodeWorkerError
 from .source import MAX_CHUNK_BYTES, ChunkSource, RawChunk, _LocalReader
@@ -980,9 +984,51 @@ class _ReadFailed(Exception):
     """A worker's read of a local chunk file failed: ``reason`` (for ChunkReadError)."""
 
 
+class _Level:
+    """A worker's side of one level: its source, its reader (a local store's) and how
+    :mod:`chunkpool.native` reads and decodes its full chunks there (True zstd, False
+    raw, None: it does not apply), as the pool's own threads would in thread mode."""
+
+    __slots__ = ("native", "order", "reader", "source")
+
+    def __init__(self, source: ChunkSource, reader: _LocalReader | None):
+        self.source = source
+        self.reader = reader
+        decoder = source._decode
+        self.native: bool | None = None
+        self.order = _OK_C
+        if (
+            reader is not None
+            and native.AVAILABLE
+            and source._plain_decode
+            and decoder.dtype == source.scale.dtype
+        ):
+            self.native = decoder.native_kind()
+            self.order = _OK_F if decoder._order == "F" else _OK_C
+
+
+def _read_natively(
+    level: _Level, index: tuple[int, ...], key: str, out: Ref | None, segments: dict
+) -> int | None:
+    """Read and decode a full chunk's file straight into the output buffer without
+    Python's read path (:mod:`chunkpool.native`: ``O_NOFOLLOW``, the directory checked
+    here first); the reply's kind, or None: the Python path reads it (and says what is
+    wrong, if anything: a link, an error, a frame of another size)."""
+    source = level.source
+    if out is None or source.chunk_data_shape(index) is not source.scale.chunk_shape:
+        return None
+    try:
+        path = os.fsencode(level.reader.checked_path(key))  # type: ignore[union-attr]
+    except Exception:  # (a link out of the root: the Python path says so)
+        return None
+    status = native.read_chunks([(path, -1, 0, _view(segments, out))], bool(level.native))
+    if status[0][0] == native.DONE:
+        return level.order
+    return _MISSING if status[0][0] == native.MISSING else None
+
+
 def _decode_job(
-    source: ChunkSource,
-    reader: _LocalReader | None,
+    level: _Level,
     index: tuple[int, ...],
     inp: Ref | str,
     out: Ref | None,
@@ -991,12 +1037,17 @@ def _decode_job(
     reads: BufferPool,
 ) -> int:
     """Decode one chunk into the output buffer (reading its file first if ``inp`` is
-    its key, with ``reader``, the level's, into a buffer of ``reads``: the same rules
-    as the pool's reads); the reply's kind (the memory order, or ``_MISSING``).
-    Raises :class:`_ReadFailed`."""
+    its key, with the level's reader, into a buffer of ``reads``: the same rules as
+    the pool's reads; or natively, where thread mode would); the reply's kind (the
+    memory order, or ``_MISSING``). Raises :class:`_ReadFailed`."""
+    source, reader = level.source, level.reader
     owner = None
     if type(inp) is str:
         assert reader is not None  # (the key of a local level's file)
+        if level.native is not None:
+            kind = _read_natively(level, index, inp, out, segments)
+            if kind is not None:
+                return kind
         try:
             read, _ = reader.read_stamped(inp)
         except Exception as err:
@@ -1063,7 +1114,7 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
     sys.path.extend(p for p in sys_path if p not in sys.path)
     buffers = _SlotBuffers()
     reads = BufferPool(16 << 20)  # (not the output buffers': a read is no chunk's output)
-    sources: dict[int, tuple[ChunkSource, _LocalReader | None]] = {}
+    sources: dict[int, _Level] = {}
     broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
     fd = conn.fileno()
@@ -1111,14 +1162,13 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
                     try:
                         scale, name, root = pickle.loads(spec)
                         reader = None if root is None else _LocalReader(root, reads)
-                        sources[spec_id] = ChunkSource(scale, buffers, name=name), reader
+                        sources[spec_id] = _Level(ChunkSource(scale, buffers, name=name), reader)
                     except Exception as err:
                         broken[spec_id] = f"{type(err).__name__}: {' '.join(str(err).split())}"
                 if spec_id in broken:  # (later jobs of its message come without the spec)
                     kind, extra = _FAILED, _text(broken[spec_id])
                 else:
-                    source, reader = sources[spec_id]
-                    kind = _decode_job(source, reader, index, inp, out, segments, buffers, reads)
+                    kind = _decode_job(sources[spec_id], index, inp, out, segments, buffers, reads)
             except _ReadFailed as err:
                 kind, extra = _READ_ERROR, _text(str(err))
             except ChunkDecodeError as err:
