@@ -38,28 +38,28 @@ forkserver imports as ``__mp_main__`` as multiprocessing always does (keep its w
 under ``if __name__ == "__main__":``). A codec that cannot be pickled or imported
 fails its chunks with a :class:`~chunkpool.errors.ChunkDecodeError` saying so.
 
-**Memory.** In this mode the pool's recycled buffers (:class:`SharedBuffers`) are
-carved out of files under ``/dev/shm``, which the pool alone creates, maps and
-unlinks. Only references travel over a worker's pipe: (segment, size, offset, length)
-of the encoded bytes (read there, or copied there: a remote store's) and of the buffer
-to decode into, taken from the pool's free list. A local store's chunk file (a plain
-file, not a link; not a shard's inner chunk) is not read by this process at all: it
-takes the file's ``lstat`` (its stamp, taken before the read, never of a later version
-than the one read; the directory's check of :mod:`chunkpool.links` included) and sends
-its key; the worker reads it with the same reader and rules (``O_NOFOLLOW``, each
-directory resolved inside the root), into memory of its own, a file gone meanwhile
-being a missing chunk; where thread mode reads and decodes full chunks natively
-(:mod:`chunkpool.native`: raw bytes, zstd), the worker does so too, straight into the
-output buffer (anything it leaves, the Python path reads and judges, as in threads).
-That moves the read's system calls and copy, and their GIL
-hand-offs, out of this process, whose threads share one GIL. The reply, a
-fixed record (no pickle), says how the job went and the memory order (the worker has
-checked the dtype and shape: the level's). ``ChunkLocation.data`` is then a read-only
-view of that buffer, recycled by the pool's usual rule: it returns to the free list
-when the last array or view of it dies, and only then can it be given to a worker
-again. A worker writes into a buffer only between the job's sending and its reply
-(or the worker's exit), and the buffer returns to the free list only after that; a
-buffer whose worker may still run (killed but not seen to exit) is never reused.
+**Memory.** In this mode the pool's recycled buffers (:class:`SharedBuffers`) are carved
+out of files under ``/dev/shm``, which the pool alone creates, maps and unlinks. Only
+references travel over a worker's pipe: (segment, size, offset, length) of the encoded
+bytes (read there, or copied there: a remote store's) and of the buffer to decode into,
+taken from the pool's free list. A local store's chunk file (a plain file, not a link;
+not a shard's inner chunk) is not read by this process at all: it takes the file's
+``lstat`` (its stamp, taken before the read, never of a later version than the one read;
+the directory's check of :mod:`chunkpool.links` included) and sends its key; the worker
+reads it with the same reader and rules (``O_NOFOLLOW``, each directory resolved inside
+the root), into memory of its own, a file gone meanwhile being a missing chunk; where
+thread mode reads and decodes full chunks natively (:mod:`chunkpool.native`: raw bytes,
+zstd), the worker does so too, straight into the output buffer (anything it leaves, the
+Python path reads and judges, as in threads). That moves the read's system calls and
+copy, and their GIL hand-offs, out of this process, whose threads share one GIL. The
+reply, a fixed record (no pickle), says how the job went and the memory order (the dtype
+and shape are the level's: checked by the worker, or by construction on the native
+path). ``ChunkLocation.data`` is then a read-only view of that buffer, recycled by the
+pool's usual rule: it returns to the free list when the last array or view of it dies,
+and only then can it be given to a worker again. A worker writes into a buffer only
+between the job's sending and its reply (or the worker's exit), and the buffer returns
+to the free list only after that; a buffer whose worker may still run (killed but not
+seen to exit) is never reused.
 
 **Failures.** A worker that dies while decoding fails that chunk with a
 :class:`~chunkpool.errors.DecodeWorkerError` naming the store, the key, the worker's
