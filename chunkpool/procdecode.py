@@ -38,23 +38,36 @@ forkserver imports as ``__mp_main__`` as multiprocessing always does (keep its w
 under ``if __name__ == "__main__":``). A codec that cannot be pickled or imported
 fails its chunks with a :class:`~chunkpool.errors.ChunkDecodeError` saying so.
 
-**Memory.** In this mode the pool's recycled buffers (:class:`SharedBuffers`) are
-carved out of files under ``/dev/shm``, which the pool alone creates, maps and
-unlinks. Local reads land there directly; other encoded bytes are copied there. Only
+**Memory.** In this mode the pool's recycled buffers (:class:`SharedBuffers`) are carved
+out of files under ``/dev/shm``, which the pool alone creates, maps and unlinks. Only
 references travel over a worker's pipe: (segment, size, offset, length) of the encoded
-bytes and of the buffer to decode into, taken from the pool's free list; the reply
-says the dtype, shape and memory order. ``ChunkLocation.data`` is then a read-only
-view of that buffer, recycled by the pool's usual rule: it returns to the free list
-when the last array or view of it dies, and only then can it be given to a worker
-again. A worker writes into a buffer only between the job's sending and its reply
-(or the worker's exit), and the buffer returns to the free list only after that; a
-buffer whose worker may still run (killed but not seen to exit) is never reused.
+bytes (read there, or copied there: a remote store's) and of the buffer to decode into,
+taken from the pool's free list. A local store's chunk file (a plain file, not a link;
+not a shard's inner chunk) is not read by this process at all: it takes the file's
+``lstat`` (its stamp, taken before the read, never of a later version than the one read;
+the directory's check of :mod:`chunkpool.links` included) and sends its key; the worker
+reads it with the same reader and rules (``O_NOFOLLOW``, each directory resolved inside
+the root), into memory of its own, a file gone meanwhile being a missing chunk; where
+thread mode reads and decodes full chunks natively (:mod:`chunkpool.native`: raw bytes,
+zstd), the worker does so too, straight into the output buffer (anything it leaves, the
+Python path reads and judges, as in threads). That moves the read's system calls and
+copy, and their GIL hand-offs, out of this process, whose threads share one GIL. The
+reply, a fixed record (no pickle), says how the job went and the memory order (the dtype
+and shape are the level's: checked by the worker, or by construction on the native
+path). ``ChunkLocation.data`` is then a read-only view of that buffer, recycled by the
+pool's usual rule: it returns to the free list when the last array or view of it dies,
+and only then can it be given to a worker again. A worker writes into a buffer only
+between the job's sending and its reply (or the worker's exit), and the buffer returns
+to the free list only after that; a buffer whose worker may still run (killed but not
+seen to exit) is never reused.
 
 **Failures.** A worker that dies while decoding fails that chunk with a
 :class:`~chunkpool.errors.DecodeWorkerError` naming the store, the key, the worker's
 pid and its exit reason (``"killed by SIGSEGV"``, ``"exit code 3"``); a codec raising
 MemoryError fails its chunk the same way, and its worker exits after replying (its
-heap may be the problem). A decode running longer than ``timeout`` (default
+heap may be the problem); a worker's read that fails (a link out of the root, an OS
+error) fails its chunk with the :class:`~chunkpool.errors.ChunkReadError` thread mode
+raises. A decode running longer than ``timeout`` (default
 :data:`DECODE_TIMEOUT`, counted from the end of the job before it) is killed and fails
 its chunk. The jobs of the same pipeline that it had decoded keep their results; those
 queued behind it, never started, go to another worker (unless the dead one is not seen
@@ -88,6 +101,7 @@ import pickle
 import secrets
 import select
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -101,9 +115,11 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore, StorePath
 
+from . import native
 from .buffers import BufferPool, _Owner, transient_size
-from .errors import ChunkDecodeError, DecodeWorkerError
-from .source import MAX_CHUNK_BYTES, ChunkSource, RawChunk
+from .errors import ChunkDecodeError, ChunkReadError, DecodeWorkerError
+from .source import MAX_CHUNK_BYTES, ChunkSource, RawChunk, _LocalReader
+from .stores import describe_error
 
 __all__ = ["DECODE_TIMEOUT", "DecodeProcesses", "SharedBuffers", "decode_setup"]
 
@@ -118,6 +134,11 @@ DECODE_TIMEOUT = 60.0
 EXIT_WAIT = 2.0
 #: Name of the worker processes (``multiprocessing.active_children()`` shows them).
 PROCESS_NAME = "chunkpool-decode"
+#: A pipeline's jobs whose files the worker reads go down its pipe in groups of this
+#: many (the first job at once): the thread's part of such a job is an ``lstat`` (~10
+#: µs), so a group is ready long before the worker is through the job before it, and
+#: each group costs one write here and one read there.
+SEND_GROUP = 4
 
 _segment_numbers = itertools.count()
 _swept = False
@@ -125,6 +146,33 @@ _context_lock = threading.Lock()
 
 #: A reference to bytes in a segment: (name, segment size, offset, length).
 Ref = tuple[str, int, int, int]
+
+# The pipe's messages. To a worker: a 4-byte length, then a pickle of (jobs, segments
+# to forget, sources to forget). From a worker, per job: a fixed record (its kind, the
+# length of what follows it, the seconds the job took and when it ended, by
+# ``time.monotonic``, which every process shares), then that many bytes of an error's
+# message (none for a decoded chunk: its dtype and shape are the level's, checked by
+# the worker, so only its memory order is told). No pickle per chunk, one write each.
+_LENGTH = struct.Struct("!I")
+_REPLY = struct.Struct("<BxxxIdd")
+#: Reply kinds: decoded (in C order, in Fortran order), a ChunkDecodeError, another
+#: exception, out of memory (the worker exits after this reply); for a file the worker
+#: read: no such file (the chunk is missing), the read failed (the reason).
+_OK_C, _OK_F, _ERROR, _FAILED, _EXIT, _MISSING, _READ_ERROR = range(7)
+
+
+def _text(message: str) -> bytes:
+    """A message for a reply (any string: a path's undecodable bytes are escaped)."""
+    return message.encode(errors="backslashreplace")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the blocking descriptor ``fd``."""
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)
+        while n < len(data):
+            n += os.write(fd, view[n:])
 
 
 def decode_setup(
@@ -221,13 +269,17 @@ class SharedBuffers(BufferPool):
             callback(name)
 
     def ref(self, buffer: np.ndarray, nbytes: int) -> Ref | None:
-        """Where ``buffer`` (taken from this pool, or a view of one) is: its segment, the
-        segment's size and its offset there, with ``nbytes``; None if not shared."""
-        info = self._arenas.get(id(buffer.base))
-        if info is None:
-            return None
-        name, size, address = info
-        return name, size, _address(buffer) - address, nbytes
+        """Where ``buffer`` (taken from this pool) is: its segment, the segment's size
+        and its offset there, with ``nbytes``; None if not shared. Remembered on the
+        buffer, which is recycled: found again at no cost."""
+        place = buffer.__dict__.get("_place")
+        if place is None:
+            info = self._arenas.get(id(buffer.base))
+            if info is None:
+                return None
+            name, size, address = info
+            place = buffer.__dict__["_place"] = (name, size, _address(buffer) - address)
+        return (*place, nbytes)
 
     def close(self) -> None:
         """Unlink every segment and recycle nothing more."""
@@ -323,18 +375,24 @@ class _Worker:
         self.forget_specs: list[int] = []
         self.received = bytearray()  # replies read from the pipe, not yet taken
 
-    def reply(self) -> tuple | None:
-        """The next reply received, if a whole one is (in multiprocessing's framing:
-        a 4-byte length, then the pickle, as ``Connection.send`` writes it)."""
+    def send(self, message: tuple) -> None:
+        """Send a message of jobs (raises OSError or ValueError if the worker is gone)."""
+        blob = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        _write_all(self.conn.fileno(), _LENGTH.pack(len(blob)) + blob)
+
+    def reply(self) -> tuple[int, float, float, bytes] | None:
+        """The next reply received, if a whole one is: (kind, seconds the job took,
+        when it ended, what follows the record)."""
         received = self.received
-        if len(received) < 4:
+        if len(received) < _REPLY.size:
             return None
-        end = 4 + int.from_bytes(received[:4], "big", signed=True)
+        kind, extra, seconds, ended = _REPLY.unpack_from(received)
+        end = _REPLY.size + extra
         if len(received) < end:
             return None
-        reply = pickle.loads(received[4:end])
+        payload = bytes(received[_REPLY.size : end]) if extra else b""
         del received[:end]
-        return reply
+        return kind, seconds, ended, payload
 
     def end(self, timeout: float) -> str | None:
         """Close the pipe (an idle worker then exits), wait up to ``timeout`` for the
@@ -380,7 +438,7 @@ class _Job:
         self.raw = raw
         self.spec_id = -1
         self.spec = b""
-        self.inp: Ref | None = None
+        self.inp: Ref | str | None = None  # (str: the key of a file the worker reads)
         self.out_ref: Ref | None = None
         self.copy: np.ndarray | None = None  # the encoded bytes' copy in shared memory
         self.out: np.ndarray | None = None  # the buffer the worker decodes into
@@ -405,7 +463,8 @@ class DecodePipeline:
     the next ones (a scheduler batch's, or a single chunk).
 
     Each submitted job goes down the worker's pipe as soon as a worker is free (the
-    pipe queues them; until then they wait here, and the thread reads on), so the
+    pipe queues them; until then they wait here, and the thread reads on; jobs whose
+    files the worker reads go in groups of :data:`SEND_GROUP`), so the
     worker goes from one job to the next without waiting for this process, and this
     thread waits once, in :meth:`finish`, which reads the worker's replies (one per
     job, in order). A worker lost during a job fails that job only, with the worker's
@@ -437,13 +496,19 @@ class DecodePipeline:
                 self._worker = self._processes._acquire(wait=False)
             except _NoWorker:
                 return  # (finish tries again, and fails the jobs if it must)
-        if self._worker is not None and not self._broken:
+        if (
+            self._worker is not None
+            and not self._broken
+            and (not self._sent or raw.unread is None or len(self._unsent) >= SEND_GROUP)
+        ):
             self._send()
 
     def finish(self) -> list[Decoded]:
         """Wait for every submitted job (each at most the processes' ``timeout`` once
         its worker has it) and return their results, in order of completion."""
         processes = self._processes
+        if self._unsent and self._worker is not None and not self._broken:
+            self._send()  # (the rest of a group)
         while self._unsent or self._sent:
             if self._sent:
                 self._receive()
@@ -479,7 +544,8 @@ class DecodePipeline:
         message = []
         for job in jobs:
             assert job.inp is not None
-            worker.mapped.add(job.inp[0])
+            if type(job.inp) is tuple:
+                worker.mapped.add(job.inp[0])
             if job.out_ref is not None:
                 worker.mapped.add(job.out_ref[0])
             known = job.spec_id in worker.specs
@@ -490,7 +556,7 @@ class DecodePipeline:
         forget_segments, worker.forget_segments = worker.forget_segments, []
         forget_specs, worker.forget_specs = worker.forget_specs, []
         try:
-            worker.conn.send((message, forget_segments, forget_specs))
+            worker.send((message, forget_segments, forget_specs))
         except (OSError, ValueError):  # it died: these jobs never reached it
             self._broken = True
             return
@@ -541,22 +607,27 @@ class DecodePipeline:
                 worker.received += data
                 continue
             took = True
+            kind, seconds, ended, extra = reply
             job = self._sent[0]
-            if reply[0] == "exit":  # it ran out of memory, replied, and exits
+            if kind == _EXIT:  # it ran out of memory, replied, and exits
                 processes._lose(worker)
-                self._lost(f"{reply[2]}; it is replaced", reply[2], settled=True)
+                reason = extra.decode()
+                self._lost(f"{reason}; it is replaced", reason, settled=True)
                 return took
             self._sent.popleft()
-            self._since = reply[-1]  # when it finished that job: it began the next
-            if reply[0] == "failed":
+            self._since = ended  # when it finished that job: it began the next
+            if kind == _FAILED:
                 worker.specs.discard(job.spec_id)  # (it may not have rebuilt the source)
+            elif kind == _MISSING:  # its file is gone: the fill value, as in thread mode
+                self._end(job, job.source.decode(job.index, RawChunk(None, 0)), None, seconds)
+                continue
             try:
-                data = processes._result(job, reply)
-            except ChunkDecodeError as err:
-                self._end(job, None, err, reply[1])
+                data = processes._result(job, kind, extra)
+            except (ChunkDecodeError, ChunkReadError) as err:
+                self._end(job, None, err, seconds)
                 continue
             job.out = None  # it is the result's now
-            self._end(job, data, None, reply[1])
+            self._end(job, data, None, seconds)
         return took
 
     def _lose_worker(self, killed: str | None) -> None:
@@ -668,7 +739,13 @@ class DecodeProcesses:
         job = _Job(key, source, index, raw)
         try:
             job.spec_id, job.spec = self._spec(source, index)
-            inp = None if raw.owner is None else buffers.ref(data, data.nbytes)
+            inp: Ref | str | None
+            if raw.unread is not None:  # a local file: the worker reads it
+                inp = raw.unread
+            elif raw.owner is not None:  # (its bytes start at its start: _LocalReader.pread)
+                inp = buffers.ref(raw.owner, data.nbytes)
+            else:
+                inp = None
             if inp is None:  # not read into shared memory (a small read, a remote store)
                 job.copy = copy = buffers.take(transient_size(data.nbytes))
                 copy[: data.nbytes] = data
@@ -696,16 +773,20 @@ class DecodeProcesses:
             job.copy = None
         job.source.release(job.raw)
 
-    def _result(self, job: _Job, reply: tuple) -> np.ndarray:
+    def _result(self, job: _Job, kind: int, extra: bytes) -> np.ndarray:
         """The chunk a worker's reply describes, over ``job.out``; or its error, raised."""
         out = job.out
-        kind = reply[0]
-        if kind == "error":  # a ChunkDecodeError, as thread mode raises it
-            raise ChunkDecodeError(reply[2])
-        if kind == "failed":
-            raise ChunkDecodeError(f"{job.where}: in a decode process: {reply[2]}")
-        _, _, dtype_str, shape, order, _ = reply
-        dtype = np.dtype(dtype_str)
+        if kind == _ERROR:  # a ChunkDecodeError, as thread mode raises it
+            raise ChunkDecodeError(extra.decode())
+        if kind == _FAILED:
+            raise ChunkDecodeError(f"{job.where}: in a decode process: {extra.decode()}")
+        if kind == _READ_ERROR:  # as thread mode's read raises it
+            reason = extra.decode()
+            raise ChunkReadError(f"{job.source.name}/{job.inp}: {reason}", reason=reason)
+        # the level's dtype and the chunk's shape (the worker checked), in its order
+        source = job.source
+        dtype, shape = source.scale.dtype, source.chunk_data_shape(job.index)
+        order = "C" if kind == _OK_C else "F"
         nbytes = math.prod(shape) * dtype.itemsize
         if out is None or nbytes > out.nbytes:
             if nbytes:
@@ -733,7 +814,8 @@ class DecodeProcesses:
                 )
                 copy = dataclasses.replace(scale, array=zarr.Array(empty))
                 try:
-                    blob = pickle.dumps((copy, source.name), pickle.HIGHEST_PROTOCOL)
+                    root = None if source._local is None else source._local.root
+                    blob = pickle.dumps((copy, source.name, root), pickle.HIGHEST_PROTOCOL)
                 except Exception as err:
                     raise ChunkDecodeError(
                         f"{_where(source, index)}: its codecs cannot be sent to a decode process "
@@ -898,17 +980,100 @@ def _view(segments: dict[str, mmap.mmap], ref: Ref) -> np.ndarray:
     return np.frombuffer(mapping, np.uint8, nbytes, offset)
 
 
+class _ReadFailed(Exception):
+    """A worker's read of a local chunk file failed: ``reason`` (for ChunkReadError)."""
+
+
+class _Level:
+    """A worker's side of one level: its source, its reader (a local store's) and how
+    :mod:`chunkpool.native` reads and decodes its full chunks there (True zstd, False
+    raw, None: it does not apply), as the pool's own threads would in thread mode."""
+
+    __slots__ = ("native", "order", "reader", "source")
+
+    def __init__(self, source: ChunkSource, reader: _LocalReader | None):
+        self.source = source
+        self.reader = reader
+        decoder = source._decode
+        self.native: bool | None = None
+        self.order = _OK_C
+        if (
+            reader is not None
+            and native.AVAILABLE
+            and source._plain_decode
+            and decoder.dtype == source.scale.dtype
+        ):
+            self.native = decoder.native_kind()
+            self.order = _OK_F if decoder._order == "F" else _OK_C
+
+
+def _read_natively(
+    level: _Level, index: tuple[int, ...], key: str, out: Ref | None, segments: dict
+) -> int | None:
+    """Read and decode a full chunk's file straight into the output buffer without
+    Python's read path (:mod:`chunkpool.native`: ``O_NOFOLLOW``, the directory checked
+    here first); the reply's kind, or None: the Python path reads it (and says what is
+    wrong, if anything: a link, an error, a frame of another size)."""
+    source = level.source
+    if out is None or source.chunk_data_shape(index) is not source.scale.chunk_shape:
+        return None
+    try:
+        path = os.fsencode(level.reader.checked_path(key))  # type: ignore[union-attr]
+    except Exception:  # (a link out of the root: the Python path says so)
+        return None
+    status = native.read_chunks([(path, -1, 0, _view(segments, out))], bool(level.native))
+    if status[0][0] == native.DONE:
+        return level.order
+    return _MISSING if status[0][0] == native.MISSING else None
+
+
 def _decode_job(
-    source: ChunkSource,
+    level: _Level,
     index: tuple[int, ...],
-    inp: Ref,
+    inp: Ref | str,
     out: Ref | None,
     segments: dict[str, mmap.mmap],
     buffers: _SlotBuffers,
-) -> tuple:
-    """Decode one chunk into the output buffer; the reply describing it."""
-    data = _view(segments, inp)
-    data.flags.writeable = False
+    reads: BufferPool,
+) -> int:
+    """Decode one chunk into the output buffer (reading its file first if ``inp`` is
+    its key, with the level's reader, into a buffer of ``reads``: the same rules as
+    the pool's reads; or natively, where thread mode would); the reply's kind (the
+    memory order, or ``_MISSING``). Raises :class:`_ReadFailed`."""
+    source, reader = level.source, level.reader
+    owner = None
+    if type(inp) is str:
+        assert reader is not None  # (the key of a local level's file)
+        if level.native is not None:
+            kind = _read_natively(level, index, inp, out, segments)
+            if kind is not None:
+                return kind
+        try:
+            read, _ = reader.read_stamped(inp)
+        except Exception as err:
+            raise _ReadFailed(describe_error(err)) from None
+        if read is None:
+            return _MISSING
+        data, owner = read
+    else:
+        data = _view(segments, inp)  # type: ignore[arg-type]
+        data.flags.writeable = False
+    try:
+        return _decode_into(source, index, data, out, segments, buffers)
+    finally:
+        if owner is not None:  # (after the copy into the output: a codec may view it)
+            reads.give(owner)
+
+
+def _decode_into(
+    source: ChunkSource,
+    index: tuple[int, ...],
+    data: np.ndarray,
+    out: Ref | None,
+    segments: dict[str, mmap.mmap],
+    buffers: _SlotBuffers,
+) -> int:
+    """Decode a chunk's bytes into the output buffer; the reply's kind."""
     slot = None if out is None else _view(segments, out)
     buffers.start(slot)
     try:
@@ -917,19 +1082,27 @@ def _decode_job(
         buffers.start(None)
     if arr.dtype.hasobject:
         raise ChunkDecodeError(f"{source.name}: chunks of objects cannot be shared")
-    order = "C"
+    # what the reply leaves out: the main process takes the level's dtype and the
+    # chunk's shape (ChunkSource.decode's own checks make another impossible)
+    shape = source.chunk_data_shape(index)
+    if arr.dtype != source.scale.dtype or arr.shape != shape:
+        raise ChunkDecodeError(
+            f"{_where(source, index)}: decoded to {arr.dtype} {arr.shape}, "
+            f"not {source.scale.dtype} {shape}"
+        )
+    kind = _OK_C
     if slot is None:
         if arr.nbytes:
             raise ChunkDecodeError(f"{source.name}: no buffer for {arr.nbytes} bytes")
     elif arr.nbytes > slot.nbytes:  # (the decode's own checks make this impossible)
         raise ChunkDecodeError(f"chunk decodes to {arr.nbytes} bytes, expected {slot.nbytes}")
-    elif _address(arr) == _address(slot) and arr.flags.c_contiguous:
-        pass  # decoded in place
-    elif _address(arr) == _address(slot) and arr.flags.f_contiguous:
-        order = "F"
-    else:  # decoded into memory of its own (zlib, a codec chain, a cropped edge chunk)
+    elif _address(arr) != _address(slot) or not (
+        arr.flags.c_contiguous or arr.flags.f_contiguous
+    ):  # decoded into memory of its own (zlib, a codec chain, a cropped edge chunk)
         np.copyto(slot[: arr.nbytes].view(arr.dtype).reshape(arr.shape), arr)
-    return ("ok", arr.dtype.str, arr.shape, order)
+    elif not arr.flags.c_contiguous:
+        kind = _OK_F  # decoded in place, in Fortran order
+    return kind
 
 
 def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
@@ -940,19 +1113,41 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.extend(p for p in sys_path if p not in sys.path)
     buffers = _SlotBuffers()
-    sources: dict[int, ChunkSource] = {}
+    reads = BufferPool(16 << 20)  # (not the output buffers': a read is no chunk's output)
+    sources: dict[int, _Level] = {}
     broken: dict[int, str] = {}  # sources that could not be rebuilt: why
     segments: dict[str, mmap.mmap] = {}
+    fd = conn.fileno()
     inbox = select.poll()
-    inbox.register(conn.fileno(), select.POLLIN)
+    inbox.register(fd, select.POLLIN)
     wake_fd = wake.fileno()
     os.set_blocking(wake_fd, False)  # (a full pipe of wake-ups: one more is not needed)
-    perf_counter, monotonic = time.perf_counter, time.monotonic
+    perf_counter, monotonic, pack = time.perf_counter, time.monotonic, _REPLY.pack
+    received = bytearray()  # what was read from the pipe, from a message's start
+    worked = False  # whether it replied to a job since its last wake-up byte
     while True:
-        try:
-            jobs, forget_segments, forget_specs = conn.recv()
-        except (EOFError, OSError):
-            return
+        end = -1
+        if len(received) >= _LENGTH.size:
+            end = _LENGTH.size + _LENGTH.unpack_from(received)[0]
+        if end < 0 or len(received) < end:  # (every message is read in one go, mostly)
+            if worked and not inbox.poll(0):
+                worked = False
+                try:
+                    os.write(wake_fd, b"\0")
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            received += data
+            continue
+        jobs, forget_segments, forget_specs = pickle.loads(received[_LENGTH.size : end])
+        del received[:end]
         for name in forget_segments:
             segments.pop(name, None)
         for forgotten in forget_specs:
@@ -960,48 +1155,38 @@ def _serve(conn: Any, wake: Any, sys_path: list[str]) -> None:
             broken.pop(forgotten, None)
         for spec_id, spec, index, inp, out in jobs:
             t0 = perf_counter()
-            exiting = False
-            reply: tuple
+            kind, extra = _EXIT, b""
             try:
                 if spec is not None:
                     broken.pop(spec_id, None)
                     try:
-                        scale, name = pickle.loads(spec)
-                        sources[spec_id] = ChunkSource(scale, buffers, name=name)
+                        scale, name, root = pickle.loads(spec)
+                        reader = None if root is None else _LocalReader(root, reads)
+                        sources[spec_id] = _Level(ChunkSource(scale, buffers, name=name), reader)
                     except Exception as err:
                         broken[spec_id] = f"{type(err).__name__}: {' '.join(str(err).split())}"
                 if spec_id in broken:  # (later jobs of its message come without the spec)
-                    reply = ("failed", perf_counter() - t0, broken[spec_id])
+                    kind, extra = _FAILED, _text(broken[spec_id])
                 else:
-                    reply = _decode_job(sources[spec_id], index, inp, out, segments, buffers)
-                    reply = (reply[0], perf_counter() - t0, *reply[1:])
+                    kind = _decode_job(sources[spec_id], index, inp, out, segments, buffers, reads)
+            except _ReadFailed as err:
+                kind, extra = _READ_ERROR, _text(str(err))
             except ChunkDecodeError as err:
                 cause = err.__cause__
-                exiting = isinstance(cause, MemoryError)
-                reply = (
-                    ("exit", 0.0, f"ran out of memory (MemoryError: {cause})")
-                    if exiting
-                    else ("error", perf_counter() - t0, str(err))
-                )
+                if isinstance(cause, MemoryError):
+                    extra = _text(f"ran out of memory (MemoryError: {cause})")
+                else:
+                    kind, extra = _ERROR, _text(str(err))
             except MemoryError as err:
-                exiting = True
-                reply = ("exit", 0.0, f"ran out of memory (MemoryError: {err})")
+                extra = _text(f"ran out of memory (MemoryError: {err})")
             except Exception as err:
-                reply = (
-                    "failed",
-                    perf_counter() - t0,
-                    f"{type(err).__name__}: {' '.join(str(err).split())}",
-                )
+                kind = _FAILED
+                extra = _text(f"{type(err).__name__}: {' '.join(str(err).split())}")
+            t1 = perf_counter()
             try:
-                conn.send((*reply, monotonic()))
-            except (OSError, ValueError):
-                return
-            if exiting:
-                return
-        if not inbox.poll(0):
-            try:
-                os.write(wake_fd, b"\0")
-            except BlockingIOError:
-                pass
+                _write_all(fd, pack(kind, len(extra), t1 - t0, monotonic()) + extra)
             except OSError:
                 return
+            if kind == _EXIT:
+                return
+        worked = True

@@ -89,6 +89,11 @@ _FAILED = object()
 #: 24 no more than 16.
 MAX_BATCH = 16
 BATCH_SECONDS = 0.002
+#: The same with decode="processes", where a batch's chunks go to one worker process,
+#: which sleeps between batches: a batch costs ~300 µs of CPU there in all (wake-ups of
+#: the worker and of the thread, publishing), ~30 µs per chunk at 5 chunks a batch.
+PROCESS_MAX_BATCH = 32
+PROCESS_BATCH_SECONDS = 0.008
 #: Batches are taken while a typical read takes at most this many typical decodes.
 BATCH_FETCH_RATIO = 2.0
 #: A batch's read that has lasted this long (seconds) is blocked: another IO thread may
@@ -673,7 +678,8 @@ class LoadScheduler:
         """Take a batch of the best waiting sync jobs of one window, if reads are fast
         (one thread per CPU slot keeps the slots busy: ``_wanted`` says so) and a CPU
         slot is free. It holds that slot and one unit of the decode backlog, and is as
-        large as ``BATCH_SECONDS`` of typical work allows, at most ``MAX_BATCH``, and
+        large as ``BATCH_SECONDS`` of typical work allows, at most ``MAX_BATCH`` (with
+        decode="processes": ``PROCESS_BATCH_SECONDS``, ``PROCESS_MAX_BATCH``), and
         leaves work for the other slots. Holds ``_lock``."""
         if (
             not self._batching
@@ -685,9 +691,13 @@ class LoadScheduler:
         window = self._sync_window()
         if window is None:
             return None
+        budget, most = BATCH_SECONDS, MAX_BATCH
+        first = window.peek()
+        if first is not None and first.source.processes is not None:
+            budget, most = PROCESS_BATCH_SECONDS, PROCESS_MAX_BATCH
         per_job = self._fetch_s + self._decode_s
-        size = 1 if per_job <= 0.0 else int(BATCH_SECONDS / per_job)  # (1: unmeasured)
-        size = max(1, min(size, MAX_BATCH, -(-window.queued // self._cpu_limit)))
+        size = 1 if per_job <= 0.0 else int(budget / per_job)  # (1: unmeasured)
+        size = max(1, min(size, most, -(-window.queued // self._cpu_limit)))
         heap = window.heap
         heappop = heapq.heappop
         jobs = []

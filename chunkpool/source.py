@@ -32,6 +32,7 @@ import errno
 import math
 import operator
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator
@@ -125,7 +126,7 @@ class _Await:
 
 class _Bytes(NamedTuple):
     """What a read produced: the bytes as a uint8 array, and the recycled buffer that
-    holds them (to give back once used), if any."""
+    holds them from its start (to give back once used), if any."""
 
     data: np.ndarray
     owner: np.ndarray | None
@@ -149,6 +150,14 @@ class RawChunk(NamedTuple):
     nbytes_fetched: int
     owner: np.ndarray | None = None
     stamp: Stamp | None = None
+    #: With decode="processes": the key of a local chunk file not read here (``data``
+    #: is then :data:`UNREAD`): the decode process reads it itself.
+    unread: str | None = None
+
+
+#: The ``data`` of a chunk whose file a decode process reads (``RawChunk.unread``).
+UNREAD = np.empty(0, np.uint8)
+UNREAD.flags.writeable = False
 
 
 #: A stored object's version: ``(size, mtime_ns)`` of a local file, ``(ETag,
@@ -330,7 +339,7 @@ class _LocalReader:
     holding chunk files is resolved once, and files are opened with ``O_NOFOLLOW``."""
 
     def __init__(self, root: str, buffers: BufferPool):
-        self._root = root
+        self.root = root  #: the store's directory
         self._root_slash = os.path.join(root, "")
         self._buffers = buffers
         self._store_root = StoreRoot(root)
@@ -399,6 +408,14 @@ class _LocalReader:
         owner = self._buffers.take(transient_size(length))
         n = os.preadv(fd, [memoryview(owner)[:length]], start)
         return _Bytes(owner[:n], owner)
+
+    def status(self, key: str) -> os.stat_result | None:
+        """``lstat`` of ``key`` (None if there is no such file), its directory checked
+        as :meth:`checked_path` checks it; a link is not followed (its own status)."""
+        try:
+            return os.lstat(self.checked_path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def checked_path(self, key: str) -> str:
         """The path of ``key``, its directory known to resolve inside the root (the
@@ -942,12 +959,23 @@ class ChunkSource:
         """The plan's common cases for local files, without its generator machinery
         (a few µs per chunk), stamped with ``fstat`` of the file read: a whole chunk
         file, or an inner chunk of a shard whose index is already cached. None means:
-        run the plan. A failure is a ChunkReadError naming the key."""
+        run the plan. A failure is a ChunkReadError naming the key.
+
+        With decode="processes" a whole chunk file (a plain file, not a link) is not
+        read here but by the decode process (``RawChunk.unread``), stamped with its
+        ``lstat``, taken before that read: never a later version than the one read."""
         local = self._local
         assert local is not None
         if self._sharding is None:
             key = self._key(index)
             try:
+                if self.processes is not None:  # a decode process reads a plain file
+                    st = local.status(key)
+                    if st is None:
+                        return RawChunk(None, 0, None, ABSENT)
+                    if stat.S_ISREG(st.st_mode):  # (a link: read here, as in thread mode)
+                        stamp = (st.st_size, st.st_mtime_ns)
+                        return RawChunk(UNREAD, st.st_size, None, stamp, key)
                 read, stamp = local.read_stamped(key)
             except Exception as err:
                 reason = describe_error(err)

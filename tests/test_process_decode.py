@@ -35,11 +35,14 @@ from chunkpool import (
     ChunkDecodeError,
     ChunkLoadError,
     ChunkPool,
+    ChunkReadError,
     ChunkState,
     DecodeWorkerError,
     procdecode,
     read_multiscales,
 )
+from chunkpool import scheduler as scheduler_module
+from chunkpool import source as source_module
 from chunkpool.procdecode import PROCESS_NAME, SEGMENT_PREFIX, SHM_DIR
 
 WAIT = 30.0  # generous deadline of every wait on a signal here
@@ -137,6 +140,21 @@ def test_data_equals_zarr_read(ppools, tmp_path, layout):
         assert not loc.data.flags.writeable
         assert in_shared_memory(loc.data), loc.index  # decoded there, not copied back
     assert 1 <= len(pool._processes.pids) <= 2
+
+
+def test_a_big_endian_level_decodes_to_native_chunks(ppools, tmp_path):
+    """A level stored big-endian: its chunks come back in native byte order, the
+    level's dtype, as in thread mode (a worker's reply says only how a chunk lies in
+    its buffer: the main process knows the dtype and shape it must have)."""
+    data = ramp((80, 100)).astype(">u2")
+    arr = make_array(tmp_path / "a.zarr", data, (32, 32), zarr_format=2)
+    pool = ppools(arr)
+    assert pool.multiscale_info.levels[0].dtype == np.dtype("=u2")
+    for loc in load_all(pool):
+        assert loc.error is None, loc.error
+        assert loc.data.dtype == np.dtype("=u2") and loc.data.shape == data[loc.slices].shape
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+        assert in_shared_memory(loc.data), loc.index
 
 
 def test_held_data_is_never_rewritten(ppools, tmp_path):
@@ -324,6 +342,59 @@ def _one_worker_batches(ppools: Callable[..., ChunkPool], arr: zarr.Array) -> tu
     return pool, store
 
 
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_batches_are_larger_in_process_mode(ppools, tmp_path, decode):
+    """A batch (one wait for its worker, one publication) takes at most MAX_BATCH page-
+    cached chunks in thread mode, and up to PROCESS_MAX_BATCH in process mode, where
+    each batch costs the worker and the thread a sleep and a wake-up."""
+    arr = make_array(tmp_path / "a.zarr", ramp((64, 64)), (8, 8))  # 64 chunks
+    kwargs = {"decode": "threads", "decode_processes": None} if decode == "threads" else {}
+    pool = ppools(arr, io_concurrency=1, cpu_workers=1, **kwargs)
+    grid = [(0, idx) for idx in np.ndindex(8, 8)]
+    scheduler = pool._scheduler
+    take, sizes = scheduler._take_batch, []
+
+    def recording() -> Any:
+        batch = take()
+        if batch is not None:
+            sizes.append(len(batch.pending))
+        return batch
+
+    scheduler._take_batch = recording
+    for _ in range(3):  # (the first loads measure the typical read and decode)
+        pool.get_chunks(grid, "t")
+        pool.wait_for_chunks_to_load(WAIT)
+        pool.drop_chunks(grid, "t")
+    if decode == "threads":
+        assert max(sizes) == scheduler_module.MAX_BATCH
+    else:
+        assert scheduler_module.MAX_BATCH < max(sizes) <= scheduler_module.PROCESS_MAX_BATCH
+
+
+def test_jobs_whose_files_the_worker_reads_go_in_groups(ppools, tmp_path, monkeypatch):
+    """A batch's jobs whose files the worker reads go down its pipe in groups of
+    SEND_GROUP (the first at once, the last group's rest when the thread waits): fewer
+    messages than jobs, and every chunk loads."""
+    data = ramp((64, 64))
+    arr = make_array(tmp_path / "a.zarr", data, (8, 8))  # 64 chunks
+    sent: list[int] = []
+    send = procdecode._Worker.send
+
+    def counting(worker: Any, message: tuple) -> None:
+        sent.append(len(message[0]))
+        send(worker, message)
+
+    monkeypatch.setattr(procdecode._Worker, "send", counting)
+    pool = ppools(arr, io_concurrency=1, cpu_workers=1)
+    for _ in range(3):
+        locs = load_all(pool)
+        pool.drop_chunks([loc.key for loc in locs], "t")
+    for loc in load_all(pool):
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+    assert sum(sent) == 4 * 64 and max(sent) == procdecode.SEND_GROUP
+    assert len(sent) < 4 * 64 / 2
+
+
 def test_a_batch_is_read_while_its_worker_decodes_and_a_crash_fails_one_chunk(
     ppools, tmp_path, gate
 ):
@@ -402,6 +473,99 @@ def test_a_grown_level_decodes_in_processes_too(ppools, tmp_path):
     new = pool.get_chunk(0, (2, 0), "t").wait()
     np.testing.assert_array_equal(new, data[:32, :32] + 1)
     assert in_shared_memory(new)
+
+
+def _chunk_file(root: Path, arr: zarr.Array, index: tuple[int, ...]) -> Path:
+    return root / arr.metadata.encode_chunk_key(index)
+
+
+def test_workers_read_the_chunk_files_and_a_rewritten_one_reloads(ppools, tmp_path, monkeypatch):
+    """This process reads no chunk file of a local level (the workers do): it takes
+    each file's lstat only, the stamp a refresh compares. With its reads made to fail,
+    every chunk loads; a chunk rewritten in place then reloads, alone."""
+    data = ramp((64, 64))
+    root = tmp_path / "a.zarr"
+    arr = make_array(root, data, (32, 32))
+
+    def no_read(*args: Any) -> None:
+        raise AssertionError("a chunk file read in the application's process")
+
+    monkeypatch.setattr(source_module._LocalReader, "pread", no_read)
+    pool = ppools(zarr.open_array(root, mode="r"))
+    locs = load_all(pool)
+    for loc in locs:
+        assert loc.error is None, loc.error
+        np.testing.assert_array_equal(loc.data, data[loc.slices])
+        assert in_shared_memory(loc.data)
+    assert pool.stats.bytes_fetched == sum(
+        os.path.getsize(_chunk_file(root, arr, loc.index)) for loc in locs
+    )
+
+    zarr.open_array(root, mode="r+")[:32, :32] = 4242
+    stored = _chunk_file(root, arr, (0, 0))
+    st = os.stat(stored)  # (a later mtime: the clock may give both writes one)
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert pool.refresh().rewritten == ((0, (0, 0)),)
+    pool.wait_for_chunks_to_load(WAIT)
+    assert (locs[0].data == 4242).all()
+    np.testing.assert_array_equal(locs[1].data, data[locs[1].slices])
+
+
+def test_a_file_gone_when_its_worker_reads_it_is_a_missing_chunk(ppools, tmp_path, monkeypatch):
+    """A chunk file deleted after this process saw it (lstat), before its worker read
+    it: the chunk is missing, the fill value, as in thread mode."""
+    data = ramp((64, 64))
+    root = tmp_path / "a.zarr"
+    arr = make_array(root, data, (32, 32), fill_value=9)
+    gone, kept = arr.metadata.encode_chunk_key((1, 1)), arr.metadata.encode_chunk_key((0, 0))
+    (root / gone).unlink()
+    status = source_module._LocalReader.status
+    monkeypatch.setattr(  # it was there when this process looked
+        source_module._LocalReader,
+        "status",
+        lambda self, key: status(self, kept if key == gone else key),
+    )
+    pool = ppools(zarr.open_array(root, mode="r"))
+    for loc in load_all(pool):
+        assert loc.error is None, loc.error
+        expected = np.full((32, 32), 9, data.dtype) if loc.index == (1, 1) else data[loc.slices]
+        np.testing.assert_array_equal(loc.data, expected)
+
+
+def test_a_chunk_linked_out_of_the_store_fails_also_when_its_worker_reads_it(
+    ppools, tmp_path, monkeypatch
+):
+    """A chunk file that is a link out of the store's root fails its chunk with the
+    ChunkReadError of thread mode, naming the link, not its target: seen as a link by
+    this process (which then reads it itself, as thread mode does), or become one
+    after this process saw a plain file there (the worker's read applies the same
+    rule)."""
+    data = ramp((64, 64))
+    root, outside = tmp_path / "a.zarr", tmp_path / "elsewhere"
+    arr = make_array(root, data, (32, 32))
+    decoy = make_array(outside / "decoy.zarr", data[::-1].copy(), (32, 32))
+    linked = arr.metadata.encode_chunk_key((1, 0))
+    (root / linked).unlink()
+    (root / linked).symlink_to(_chunk_file(outside / "decoy.zarr", decoy, (1, 0)))
+    plain = os.lstat(_chunk_file(root, arr, (0, 0)))
+
+    def check(pool: ChunkPool) -> None:
+        for loc in load_all(pool):
+            if loc.index != (1, 0):
+                np.testing.assert_array_equal(loc.data, data[loc.slices])
+                continue
+            assert isinstance(loc.error, ChunkReadError), loc.error
+            assert f"{linked!r} is a symbolic link out of the store; not followed" in str(loc.error)
+            assert "elsewhere" not in str(loc.error)
+
+    check(ppools(zarr.open_array(root, mode="r")))
+    status = source_module._LocalReader.status
+    monkeypatch.setattr(  # a plain file when this process looked
+        source_module._LocalReader,
+        "status",
+        lambda self, key: plain if key == linked else status(self, key),
+    )
+    check(ppools(zarr.open_array(root, mode="r")))
 
 
 def test_decode_mode_is_checked(tmp_path):
