@@ -9,7 +9,9 @@
  *
  * What it does is deliberately narrow (chunkpool/native.py decides when it applies):
  * for each item, open a file (O_NOFOLLOW: never a link; a link, and every other
- * surprise, is left to the Python path), take its size and mtime, read the whole file
+ * surprise, is left to the Python path; the file stays open for the next item that
+ * names it by the same path object: a shard's inner chunks), take its size and mtime
+ * (once per open), read the whole file
  * or a byte range of it, and either decode it with libzstd into the item's buffer,
  * which it must fill exactly, or (no decoder) read it straight into that buffer, whose
  * size it must have exactly. An item that does not end exactly so reports FALLBACK and
@@ -69,52 +71,68 @@ static long long read_at(int fd, char *buf, long long len, long long off) {
     return done;
 }
 
-static void run_item(item_t *x, void *dctx, decompress_fn decompress, is_error_fn is_error,
-                     char **scratch, long long *capacity) {
-    x->status = FALLBACK;
-    if (x->path == NULL) return;
+/* The file the item before read, kept open for the next item of the same path object
+   (the inner chunks of one shard): its descriptor and stamp. */
+typedef struct {
+    PyObject *path_object;
+    int fd;
+    long long size, mtime_ns;
+} open_file_t;
+
+static void close_file(open_file_t *f) {
+    if (f->fd >= 0) close(f->fd);
+    f->fd = -1;
+    f->path_object = NULL;
+}
+
+/* Open (or keep) x's file in f; 0, or -1 with x->status set. */
+static int open_file(item_t *x, open_file_t *f) {
+    if (f->fd >= 0 && f->path_object == x->path_object) return 0;
+    close_file(f);
     /* O_NONBLOCK: a FIFO in a chunk's place does not block the open (reads of
        regular files ignore it); it is then not a regular file, left to Python */
     int fd = open(x->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         if (errno == ENOENT || errno == ENOTDIR) x->status = MISSING;
-        return;
+        return -1;
     }
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        return;
+        return -1;
     }
-    x->size = (long long)st.st_size;
-    x->mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+    f->fd = fd;
+    f->path_object = x->path_object;
+    f->size = (long long)st.st_size;
+    f->mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+    return 0;
+}
+
+static void run_item(item_t *x, void *dctx, decompress_fn decompress, is_error_fn is_error,
+                     char **scratch, long long *capacity, open_file_t *file) {
+    x->status = FALLBACK;
+    if (x->path == NULL) return;
+    if (open_file(x, file) < 0) return;
+    x->size = file->size;
+    x->mtime_ns = file->mtime_ns;
     long long offset = x->offset < 0 ? 0 : x->offset;
     long long length = x->offset < 0 ? x->size : x->length;
-    if (length < 0 || length > MAX_READ) {
-        close(fd);
-        return;
-    }
+    if (length < 0 || length > MAX_READ) return;
     char *target;
     if (decompress == NULL) { /* raw bytes: exactly the buffer's size, read into it */
-        if (length != x->out_len) {
-            close(fd);
-            return;
-        }
+        if (length != x->out_len) return;
         target = x->out;
     } else {
         if (length > *capacity) {
             free(*scratch);
             *capacity = 0;
             *scratch = malloc(length > 0 ? (size_t)length : 1);
-            if (*scratch == NULL) {
-                close(fd);
-                return;
-            }
+            if (*scratch == NULL) return;
             *capacity = length;
         }
         target = *scratch;
     }
-    x->nread = read_at(fd, target, length, offset);
-    close(fd);
+    x->nread = read_at(file->fd, target, length, offset);
     x->fetched_ns = now_ns();
     if (x->nread != length) return;
     if (decompress == NULL) {
@@ -172,9 +190,11 @@ static PyObject *read_chunks(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     char *scratch = NULL;
     long long capacity = 0;
+    open_file_t file = {NULL, -1, 0, 0};
     for (Py_ssize_t i = 0; i < n; i++)
         run_item(&it[i], (void *)(uintptr_t)dctx, (decompress_fn)(uintptr_t)decompress,
-                 (is_error_fn)(uintptr_t)is_error, &scratch, &capacity);
+                 (is_error_fn)(uintptr_t)is_error, &scratch, &capacity, &file);
+    close_file(&file);
     free(scratch);
     Py_END_ALLOW_THREADS
     results = PyList_New(n);

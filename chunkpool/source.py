@@ -1024,6 +1024,12 @@ class ChunkSource:
         items: list[native.Item] = []
         where: list[int] = []  # the item of each chunk, or -1
         versions: list[Stamp | None] = []  # sharded: the version each index was read from
+        # sharded: the shard of the chunk before, and what was found for it (its
+        # index entry, its path: one bytes object per shard, which the extension
+        # reads through one open file)
+        last_shard: tuple[int, ...] | None = None
+        entry: tuple[Any, Stamp | None] | None = None
+        shard_path: bytes | None = None
         for index in indexes:
             where.append(-1)
             if self.chunk_data_shape(index) is not full:
@@ -1031,24 +1037,29 @@ class ChunkSource:
             if sharding:
                 per = self._chunks_per_shard
                 shard = tuple(map(operator.floordiv, index, per))
-                entry = self._shard_indexes.cached_entry((self.scale.level, shard))
-                if entry is None:
+                if shard != last_shard:
+                    last_shard, shard_path = shard, None
+                    entry = self._shard_indexes.cached_entry((self.scale.level, shard))
+                    if entry is not None:
+                        try:
+                            shard_path = os.fsencode(local.checked_path(self._key(shard)))
+                        except Exception:  # a link out of the root: Python says so
+                            shard_path = None
+                if entry is None or shard_path is None:
                     continue
                 offset, length = (
                     entry[0].offsets_and_lengths[tuple(map(operator.mod, index, per))].tolist()
                 )
                 if offset == _NO_CHUNK and length == _NO_CHUNK:
                     continue
-                key = self._key(shard)
+                path = shard_path
                 versions.append(entry[1])
             else:
-                key, offset, length = self._key(index), -1, 0
-            try:
-                path = os.fsencode(local.checked_path(key))
-            except Exception:  # a link out of the root: the Python path says so
-                if sharding:
-                    versions.pop()
-                continue
+                offset, length = -1, 0
+                try:
+                    path = os.fsencode(local.checked_path(self._key(index)))
+                except Exception:  # a link out of the root: the Python path says so
+                    continue
             where[-1] = len(items)
             items.append((path, offset, length, buffers.take(nbytes)))
         results: list[NativeResult | None] = [None] * len(indexes)
