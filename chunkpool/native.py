@@ -8,13 +8,14 @@ extension reads and decodes a whole batch in one call without the GIL, so that t
 threads of a batch-reading pool (:class:`~chunkpool.scheduler.LoadScheduler`) use every
 core, and Python is left with the bookkeeping.
 
-It applies only where it gives exactly the Python path's result
-(:meth:`ChunkSource.native_plan`): a local store, decode in threads, and chunks that
-are raw bytes or a single zstd frame set (``bytes`` + ``zstd``, or v2 with a zstd
-compressor) decoded straight into the chunk's buffer. Anything else the extension meets
-on the way (a link, a file that is not a regular file, a read cut short, a frame of the
-wrong size, a libzstd error) it does not judge: that chunk is read again by the Python
-path, which says what is wrong, so errors and their messages are the same either way.
+It applies only where it gives exactly the Python path's result (``ChunkSource.native``,
+``ChunkSource.fetch_decode_native``): a local store, and chunks that are raw bytes or
+a single zstd frame set (``bytes`` + ``zstd``, or v2 with a zstd compressor) decoded
+straight into the chunk's buffer, by the pool's threads or by a decode process.
+Anything else the extension meets on the way (a link, a file that is not a regular
+file, a read cut short, a frame of the wrong size, a libzstd error) it does not judge:
+that chunk is read again by the Python path, which says what is wrong, so errors and
+their messages are the same either way.
 A missing file is a missing chunk, as in Python.
 
 The extension is built when the package is installed (``pyproject.toml``; optional:

@@ -997,13 +997,9 @@ class _Level:
         decoder = source._decode
         self.native: bool | None = None
         self.order = _OK_C
-        if (
-            reader is not None
-            and native.AVAILABLE
-            and source._plain_decode
-            and decoder.dtype == source.scale.dtype
-        ):
-            self.native = decoder.native_kind()
+        kind = None if reader is None else source.native_kind()
+        if kind is not None and decoder.dtype == source.scale.dtype:
+            self.native = kind
             self.order = _OK_F if decoder._order == "F" else _OK_C
 
 

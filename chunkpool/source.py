@@ -739,14 +739,16 @@ class ChunkSource:
         )
         #: How :meth:`fetch_decode_native` decodes (True zstd, False raw), or None: it
         #: does not apply (not a local store, not decoded here, another codec).
-        self.native: bool | None = None
-        if (
-            native.AVAILABLE
-            and self._local is not None
-            and self.processes is None
-            and self._plain_decode
-        ):
-            self.native = decoder.native_kind()
+        self.native = (
+            self.native_kind() if self._local is not None and self.processes is None else None
+        )
+
+    def native_kind(self) -> bool | None:
+        """How :mod:`chunkpool.native` decodes this level's full chunks, wherever they
+        are read (True zstd, False raw bytes; None: it does not apply)."""
+        if not (native.AVAILABLE and self._plain_decode):
+            return None
+        return self._decode.native_kind()
 
     def _init_sharding(self, codec: ShardingCodec, config: Any) -> None:
         shard_shape = self._metadata.chunk_grid.chunk_shape
