@@ -56,9 +56,11 @@ __all__ = [
 logger = logging.getLogger("chunkpool")
 
 #: Records that wake the log's thread; it also hands them over every FLUSH_SECONDS.
-#: Few wake-ups (each takes the GIL from the loading threads), and a batch waits in
+#: About 25 wake-ups a second at the pool's fastest (each takes the GIL from the
+#: loading threads for a moment), frames of about 70 kB (one write into the writer's
+#: pipe), so that the writer formats while the pool loads, and a batch waits in
 #: memory at most a second.
-FLUSH_EVERY = 4096
+FLUSH_EVERY = 1024
 FLUSH_SECONDS = 1.0
 #: How long :meth:`KpiLog.close` waits for the writer thread, and then for the writer
 #: process; and :meth:`KpiLog.flush` for the process to have written.
@@ -142,8 +144,8 @@ class KpiLog:
         todo = self._todo
         if todo is not None:
             todo.append(record)
-            if len(todo) >= FLUSH_EVERY:
-                self._wake.set()
+            if len(todo) >= FLUSH_EVERY and not self._wake.is_set():
+                self._wake.set()  # (once: set() takes a lock, the adds go on meanwhile)
 
     def event(self, event: str, when: float | None = None, **fields: Any) -> None:
         """Log an application event (e.g. ``"drawn"`` with ``source``, ``level`` and

@@ -15,7 +15,7 @@ import zarr
 from conftest import make_array, ramp
 from support.teststores import GatedStore
 
-from chunkpool import ChunkLoadError, kpi
+from chunkpool import ChunkLoadError, kpi, kpiwriter
 from chunkpool.kpi import LINES_PER_WRITE, KpiLog, LoadRecord, read_kpi_lines
 from viewer import report
 
@@ -82,6 +82,47 @@ def test_records_and_events_are_written_in_the_order_they_came(tmp_path: pathlib
             log.flush()  # two frames: a record-only run may start either
     log.close()
     assert [(line["event"], line["index"][1]) for line in read_kpi_lines(path)] == expected
+
+
+# strings as orjson escapes them: quotes, backslashes, every control character, UTF-8
+AWKWARD = ["img.zarr", 'a"b\\c', "".join(map(chr, range(32))) + "\x7f", "données ✓ 𝄞", ""]
+
+
+def _awkward_records() -> list[LoadRecord]:
+    return [
+        LoadRecord(
+            text or "x", i, (0, i, -i), "loaded", i * 7, 1 << 40, 1000.0 + i * 1e-5,
+            None if i % 2 else 1000.25, 0.0, None, 1e6 + i, text or None,
+        )
+        for i, text in enumerate(AWKWARD)
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not kpiwriter.NATIVE_LINES, reason="chunkpool._kpilines not built")
+def test_the_c_formatter_writes_orjsons_bytes() -> None:
+    """Load records formatted in C are byte for byte those of the Python formatter
+    (orjson), for awkward strings, big and negative integers and missing steps; a run
+    with a value it leaves alone (a bool, a numpy integer, a lone surrogate) is
+    formatted in Python, the same bytes again."""
+    writer = kpiwriter.LineWriter.__new__(kpiwriter.LineWriter)  # (no file: lines only)
+    writer._epoch_us = 1764643012000000
+    records = _awkward_records()
+    columns = kpi._as_columns(records)[0]
+    python = [writer._load_line(r) for r in records]
+    assert kpiwriter._kpilines.load_lines(writer._epoch_us, columns).split(b"\n") == python
+    assert writer._load_lines(columns).split(b"\n") == python
+    for odd in [
+        records[0]._replace(level=True),
+        records[0]._replace(index=(np.int64(3), 1)),
+        records[0]._replace(error="\ud800"),
+    ]:
+        odd_columns = kpi._as_columns([odd])[0]
+        with pytest.raises((TypeError, ValueError)):
+            kpiwriter._kpilines.load_lines(writer._epoch_us, odd_columns)
+        if odd.error == "\ud800":
+            continue  # (orjson refuses it too: the Python formatter's rule)
+        assert writer._load_lines(odd_columns) == writer._load_line(odd)
+        assert json.loads(writer._load_lines(odd_columns))["level"] == odd.level
 
 
 def test_a_line_cut_short_is_skipped(tmp_path: pathlib.Path) -> None:
@@ -171,6 +212,9 @@ def test_a_pool_records_every_load_loaded_failed_and_cancelled(pools, tmp_path) 
     lines = [line for line in read_kpi_lines(path) if line["event"] == "load"]
     assert sorted(tuple(x["index"]) for x in lines) == sorted(by_index)
     assert all(x["source"] == "test" and x["level"] == 0 for x in lines)
+    if kpiwriter.NATIVE_LINES:  # every value of a pool's records is one C formats
+        columns = kpi._as_columns(pool.kpis.records())[0]
+        kpiwriter._kpilines.load_lines(0, columns)
 
 
 @pytest.mark.render
@@ -261,8 +305,9 @@ def test_a_writer_process_that_dies_or_hangs_hands_the_file_to_the_log(
     log.flush()
     os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     with caplog.at_level(logging.WARNING, logger="chunkpool"):
-        # (a batch larger than the pipe holds: a send that would block for good)
-        for _ in range(4096 if fault == "stuck, pipe full" else 1):
+        # (a batch larger than the pipe holds, ~70 bytes a record: a send that would
+        # block for good)
+        for _ in range(kpiwriter.PIPE_BYTES // 40 if fault == "stuck, pipe full" else 1):
             log.add(record(0, 1, t))
         log.flush()  # the process is found dead or silent here
         log.add(record(0, 2, t))

@@ -530,8 +530,9 @@ def kpi_overhead(argv: list[str] | None = None) -> list[tuple[str, float, tuple[
     their IO threads settle on batch sizes from their own first measurements, and two
     identical pools, no log in either, measured 0.92 and 0.96 of each other at 256²
     chunks (15 paired rounds each), more than the 2% this is to resolve. A logged
-    round ends when its records are handed to the writer process (the only part that
-    takes this process's time), which writes them, untimed, before the next round."""
+    round ends when its last records are handed to the writer process: the process
+    formats and writes the others (every ``FLUSH_EVERY``, 1024) while the round runs,
+    on the same two cores, and the last ones, untimed, before the next round."""
     parser = argparse.ArgumentParser(description=kpi_overhead.__doc__)
     parser.add_argument("--kpi", action="store_true")
     parser.add_argument("--rounds", type=int, default=21)
