@@ -664,7 +664,7 @@ def collect(quick: bool = False) -> list[Figure]:
                 f"{size}² uint16 zstd, page cache warm; raw: {threads} threads",
             )
             print(f"  {case.label}: {figures[-3].ratio:.2f} of tensorstore", flush=True)
-    kpi_rounds = 5 if quick else 41  # (a 2% effect: the A/A spread is as wide in 21)
+    kpi_rounds = 5 if quick else 81  # (a 2% effect: rounds spread by ±8%, A/A 0.97-1.02 in 41)
     for label, q2, spread in kpi_overhead(["--rounds", str(kpi_rounds), "--size", str(size)]):
         control = label.endswith("A/A")
         figures.append(
